@@ -1,0 +1,144 @@
+"""LLM decoder in the Llama / InternLM2 / Qwen2 family over one packed sequence [1, L, hidden].
+
+Packing: ``batch.cu_seqlens`` delimits the samples (attention never crosses them) and
+``batch.position_ids`` restart at 0 per sample (RoPE sees each sample from position 0).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.errors import DataError
+from omnibal_pl.model.attention import varlen_attention
+from omnibal_pl.model.block import TransformerBlock
+from omnibal_pl.model.config import LLMConfig, VLMConfig
+from omnibal_pl.model.norms import RMSNorm
+
+
+class TokenEmbed(nn.Module):
+    """Block ``llm.embed``: projector output [T, tokens_per_tile, hidden] -> hidden states [1, L, hidden].
+
+    Embeds ``batch.input_ids`` and overwrites the positions holding ``image_context_id`` with the
+    features of the tiles whose ``image_flags == 1``, in tile order.
+    """
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.image_context_id = cfg.image_context_id
+        self.tok = nn.Embedding(cfg.llm.vocab_size, cfg.llm.hidden)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        h = self.tok(batch.input_ids)
+        slots = batch.input_ids == self.image_context_id
+        feats = x[batch.image_flags.to(x.device) == 1].reshape(-1, x.shape[-1])
+        num_slots = int(slots.sum())
+        if num_slots != feats.shape[0]:
+            raise DataError(
+                f"llm.embed: input_ids hold {num_slots} image-context tokens (id {self.image_context_id}) but "
+                f"{int((batch.image_flags == 1).sum())} real tiles x {x.shape[1]} tokens per tile = {feats.shape[0]} "
+                f"features; the tokenizer/collate must insert tokens_per_tile context tokens per tile with "
+                f"image_flags == 1 and the model's image_context_id must match the tokenizer's"
+            )
+        h = h.masked_scatter(slots.unsqueeze(-1), feats.to(h.dtype))
+        # Dummy tiles (flag 0) still ran through the encoder: a zero-weighted term keeps every vision
+        # parameter in the autograd graph, so DDP and pipeline backward see the same graph each step.
+        return h + 0.0 * x.sum().to(h.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim] (float32) for positions [L], halves laid out as in HF's ``rotate_half``."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [L, heads, head_dim] by the per-token angles in cos/sin [L, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos[:, None] + rotated.float() * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE over the packed segments."""
+
+    def __init__(self, cfg: LLMConfig, backend: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        self.q = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, block: TransformerBlock) -> torch.Tensor:
+        length = x.shape[1]
+        hd = self.cfg.head_dim
+        q = self.q(x).view(length, self.cfg.heads, hd)
+        k = self.k(x).view(length, self.cfg.kv_heads, hd)
+        v = self.v(x).view(length, self.cfg.kv_heads, hd)
+        cos, sin = rope_cos_sin(batch.position_ids[0].to(x.device), hd, self.cfg.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = block.attention_core(self._core, q, k, v, batch.cu_seqlens.to(x.device), batch.max_seqlen)
+        return self.o(out.reshape(1, length, -1))
+
+    def _core(self, q, k, v, cu_seqlens, max_seqlen):
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.up = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(TransformerBlock):
+    """Block ``llm.layers.<i>``: pre-RMSNorm attention and SwiGLU; [1, L, hidden] -> same."""
+
+    def __init__(self, cfg: LLMConfig, backend: str) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.attn = Attention(cfg, backend)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def compute(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, self)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Head(nn.Module):
+    """Block ``llm.head``: final RMSNorm + output projection; [1, L, hidden] -> logits [1, L, vocab]."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.out = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return self.out(self.norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Container of ``embed``, ``layers`` (ModuleDict "0".."n-1") and ``head``.
+
+    With ``tie_embeddings`` the head's weight *is* the embedding matrix (one parameter, named
+    ``llm.embed.tok.weight``); both blocks must then live on the same pipeline stage or the strategy
+    must keep the two copies in sync.
+    """
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.embed = TokenEmbed(cfg)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg.llm, cfg.attention_backend) for i in range(cfg.llm.layers)})
+        self.head = Head(cfg.llm)
+        if cfg.llm.tie_embeddings:
+            self.head.out.weight = self.embed.tok.weight
