@@ -173,3 +173,14 @@ def test_unknown_model_type_and_missing_token_id(tmp_path):
     with pytest.raises(ConfigError, match="image-context token id"):
         vlm_config_from_hf(tmp_path)
     assert vlm_config_from_hf(tmp_path, image_context_id=7).image_context_id == 7
+
+
+@pytest.mark.parametrize("grid", [4, 8])
+def test_pixel_shuffle_matches_transformers_internvl(grid):
+    """Channel order of the pixel shuffle decides whether InternVL's mlp1 weights fit: compare with transformers'."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    from omnibal_pl.model.projector import pixel_shuffle
+
+    x = torch.randn(3, grid, grid, 5)
+    torch.testing.assert_close(pixel_shuffle(x), InternVLModel.pixel_shuffle(None, x, scale_factor=0.5), rtol=0, atol=0)

@@ -33,6 +33,7 @@ class TokenEmbed(nn.Module):
         h = self.tok(batch.input_ids)
         slots = batch.input_ids == self.image_context_id
         feats = x[batch.image_flags.to(x.device) == 1].reshape(-1, x.shape[-1])
+        # One host sync per step, the price of catching a tokenizer/collate mismatch before it corrupts training.
         num_slots = int(slots.sum())
         if num_slots != feats.shape[0]:
             raise DataError(
