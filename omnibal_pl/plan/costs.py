@@ -1,0 +1,142 @@
+"""Per-block costs: the only input the planner sees about the model and the device.
+
+A :class:`CostProfile` is a list of :class:`BlockCost`, one per block of the model's ``blocks()``
+sequence, in order, for one micro-batch shape. It comes from the block profiler (``source="profile"``),
+from the FLOPs cost model (``source="cost_model"``) or from a test generator (``source="synthetic"``).
+
+Units: seconds for times, bytes for memory, always per micro-batch and per block.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from omnibal_pl.errors import ConfigError, PlanError
+
+RECOMPUTE_MODES = ("none", "attention", "full")
+BLOCK_KINDS = ("vision_embed", "vision_block", "projector", "llm_embed", "llm_layer", "llm_head")
+SOURCES = ("profile", "cost_model", "synthetic")
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Costs of one block for one micro-batch.
+
+    ``act_*_bytes`` are the activation bytes the block keeps alive from its forward to its backward:
+    with no recomputation, with attention-only recomputation (the attention core's internals are dropped
+    and recomputed) and with full recomputation (only the block input is kept). ``recompute_*_s`` is the
+    time a backward gains under that mode (a repeated forward of the block or of its attention core).
+    ``param_bytes`` and ``grad_opt_bytes`` (gradients plus optimizer state) are static: held whatever the
+    schedule does.
+    """
+
+    name: str
+    kind: str
+    forward_s: float
+    backward_s: float
+    act_none_bytes: int
+    act_attention_bytes: int
+    act_full_bytes: int
+    recompute_attention_s: float
+    recompute_full_s: float
+    param_bytes: int
+    grad_opt_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in BLOCK_KINDS:
+            raise ConfigError(f"block {self.name!r}: kind {self.kind!r} is not one of {BLOCK_KINDS}")
+        for key, value in asdict(self).items():
+            if key in ("name", "kind"):
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"block {self.name!r}: {key}={value!r} must be a finite number >= 0")
+
+    def activation_bytes(self, mode: str) -> int:
+        """Bytes kept from forward to backward for one micro-batch under recompute ``mode``."""
+        return {"none": self.act_none_bytes, "attention": self.act_attention_bytes,
+                "full": self.act_full_bytes}[mode]
+
+    def recompute_s(self, mode: str) -> float:
+        """Seconds the backward gains under recompute ``mode`` (0 for ``none``)."""
+        return {"none": 0.0, "attention": self.recompute_attention_s, "full": self.recompute_full_s}[mode]
+
+    @property
+    def static_bytes(self) -> int:
+        """Parameters + gradients + optimizer state, in bytes."""
+        return self.param_bytes + self.grad_opt_bytes
+
+
+@dataclass
+class CostProfile:
+    """Block costs of one model on one device for one micro-batch shape.
+
+    ``micro_batch`` describes the shape the costs were measured or modelled for, e.g.
+    ``{"tiles": 8, "tokens": 4096, "dtype": "bfloat16"}``. Block names are unique.
+    """
+
+    blocks: list[BlockCost]
+    model: str
+    device: str
+    micro_batch: dict = field(default_factory=dict)
+    source: str = "profile"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"cost profile source {self.source!r} is not one of {SOURCES}")
+        if not self.blocks:
+            raise ConfigError(f"cost profile of {self.model!r} has no blocks")
+        seen: set[str] = set()
+        for block in self.blocks:
+            if block.name in seen:
+                raise ConfigError(f"cost profile of {self.model!r}: block name {block.name!r} appears twice")
+            seen.add(block.name)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def check_blocks(self, block_names: Sequence[str]) -> None:
+        """Raises :class:`PlanError` unless the profile covers exactly ``block_names``, in that order."""
+        names = self.names
+        if list(block_names) == names:
+            return
+        missing = [n for n in block_names if n not in set(names)]
+        extra = [n for n in names if n not in set(block_names)]
+        if missing or extra:
+            raise PlanError(
+                f"cost profile of {self.model!r} does not match the model: missing blocks {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unknown blocks {extra[:5]}"
+                f"{'...' if len(extra) > 5 else ''}; re-run the profiler for this model config"
+            )
+        raise PlanError(f"cost profile of {self.model!r} lists the model's blocks in a different order; "
+                        "re-run the profiler for this model config")
+
+    def save(self, path: str | Path) -> None:
+        """Writes the profile as JSON."""
+        data = {"version": _FORMAT_VERSION, "model": self.model, "device": self.device,
+                "micro_batch": self.micro_batch, "source": self.source,
+                "blocks": [asdict(b) for b in self.blocks]}
+        Path(path).write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostProfile":
+        """Reads a profile written by :meth:`save`; malformed files raise :class:`ConfigError`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read cost profile ({err}); re-run the profiler") from err
+        if data.get("version") != _FORMAT_VERSION:
+            raise ConfigError(f"{path}: cost profile version {data.get('version')!r}, expected "
+                              f"{_FORMAT_VERSION}; re-run the profiler")
+        blocks = []
+        for row, entry in enumerate(data.get("blocks", [])):
+            try:
+                blocks.append(BlockCost(**entry))
+            except TypeError as err:
+                raise ConfigError(f"{path}: block {row}: {err}; re-run the profiler") from err
+        return cls(blocks=blocks, model=data.get("model", ""), device=data.get("device", ""),
+                   micro_batch=data.get("micro_batch", {}), source=data.get("source", "profile"))

@@ -1,0 +1,145 @@
+"""Activation recomputation per pipeline stage: which blocks recompute (none | attention | full).
+
+A stage (or, with interleaving, all chunks of one rank) holds, at its peak, ``n_b`` micro-batches of the
+activations of each block ``b`` (the in-flight count of the block's stage under the schedule), on top of
+its static bytes. The adaptive choice picks one mode per block so that
+
+    sum_b n_b * act_b(mode_b) <= budget - static
+
+at the least total recompute seconds ``sum_b recompute_b(mode_b)``. That is a multiple-choice knapsack;
+:class:`RecomputeFrontier` solves it exactly by keeping the Pareto front of (kept bytes, recompute
+seconds) over the blocks added so far: any optimal choice restricted to a prefix of the blocks is on that
+prefix's front, so the best point under the capacity is optimal. The front of ``k`` identical blocks has
+O(k^2) points; heterogeneous blocks rarely give more in practice.
+
+Policies compared (all take the same inputs): ``adaptive`` (the knapsack), ``none_where_fits`` (per stage:
+nothing if it fits, else every block fully), and the global modes ``none``, ``attention``, ``full``.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
+
+POLICIES = ("adaptive", "none_where_fits", "none", "attention", "full")
+
+
+class _Point(NamedTuple):
+    kept_bytes: float
+    recompute_s: float
+    mode: int  # index into RECOMPUTE_MODES of the last block added; -1 at the root
+    parent: "_Point | None"
+
+
+_ROOT = _Point(0.0, 0.0, -1, None)
+
+
+class RecomputeFrontier:
+    """Pareto front of (kept activation bytes, recompute seconds) over the blocks added so far.
+
+    Immutable: :meth:`extend` returns a new front. ``max_bytes`` drops points that can never fit.
+    """
+
+    def __init__(self, points: tuple[_Point, ...] = (_ROOT,), max_bytes: float = float("inf")) -> None:
+        self.points = points  # kept_bytes ascending, recompute_s strictly descending
+        self.max_bytes = max_bytes
+        self._keys = [p.kept_bytes for p in points]
+
+    def extend(self, block: BlockCost, multiplier: float = 1.0) -> "RecomputeFrontier":
+        """The front after adding ``block``, whose activations count ``multiplier`` times."""
+        options = [(multiplier * block.activation_bytes(mode), block.recompute_s(mode), i)
+                   for i, mode in enumerate(RECOMPUTE_MODES)]
+        candidates = sorted(
+            ((p.kept_bytes + b, p.recompute_s + s, i, p)
+             for p in self.points for b, s, i in options if p.kept_bytes + b <= self.max_bytes),
+            key=lambda c: (c[0], c[1]),
+        )
+        front = []
+        for kept, secs, mode, parent in candidates:
+            if not front or secs < front[-1].recompute_s:
+                front.append(_Point(kept, secs, mode, parent))
+        return RecomputeFrontier(tuple(front), self.max_bytes)
+
+    def best(self, capacity_bytes: float) -> tuple[float, float, tuple[str, ...]] | None:
+        """``(recompute_s, kept_bytes, modes)`` of the cheapest choice keeping at most
+        ``capacity_bytes``, modes in the order blocks were added; None when nothing fits."""
+        i = bisect_right(self._keys, capacity_bytes) - 1
+        if i < 0:
+            return None
+        point = self.points[i]
+        modes = []
+        node = point
+        while node.parent is not None:
+            modes.append(RECOMPUTE_MODES[node.mode])
+            node = node.parent
+        return point.recompute_s, point.kept_bytes, tuple(reversed(modes))
+
+
+@dataclass(frozen=True)
+class RecomputeChoice:
+    """Modes for a run of blocks, their total added recompute seconds (per micro-batch) and the peak
+    activation bytes they hold: ``sum_b n_b * act_b(mode_b)``."""
+
+    modes: tuple[str, ...]
+    recompute_s: float
+    activation_bytes: float
+
+
+def _uniform(blocks: Sequence[BlockCost], multipliers: Sequence[float], mode: str) -> RecomputeChoice:
+    return RecomputeChoice(
+        modes=(mode,) * len(blocks),
+        recompute_s=sum(b.recompute_s(mode) for b in blocks),
+        activation_bytes=sum(n * b.activation_bytes(mode) for b, n in zip(blocks, multipliers)),
+    )
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ConfigError(f"recompute policy {policy!r} is not one of {POLICIES}")
+
+
+def apply_policy(policy: str, capacity_bytes: float, uniform: Callable[[str], RecomputeChoice],
+                 knapsack: Callable[[], RecomputeChoice | None]) -> RecomputeChoice | None:
+    """The choice of ``policy`` that keeps at most ``capacity_bytes``, or None. ``uniform(mode)`` gives
+    every block ``mode``; ``knapsack()`` gives the least-recompute choice that fits."""
+    check_policy(policy)
+    if policy in RECOMPUTE_MODES:
+        choice = uniform(policy)
+        return choice if choice.activation_bytes <= capacity_bytes else None
+    nothing = uniform("none")
+    if nothing.activation_bytes <= capacity_bytes:
+        return nothing
+    if policy == "none_where_fits":
+        choice = uniform("full")
+        return choice if choice.activation_bytes <= capacity_bytes else None
+    return knapsack()
+
+
+def knapsack_choice(front: RecomputeFrontier, capacity_bytes: float) -> RecomputeChoice | None:
+    found = front.best(capacity_bytes)
+    if found is None:
+        return None
+    secs, kept, modes = found
+    return RecomputeChoice(modes=modes, recompute_s=secs, activation_bytes=kept)
+
+
+def choose_recompute(blocks: Sequence[BlockCost], multipliers: Sequence[float], capacity_bytes: float,
+                     policy: str = "adaptive") -> RecomputeChoice | None:
+    """Recompute modes for ``blocks`` whose activations count ``multipliers[b]`` times, keeping at most
+    ``capacity_bytes`` (the budget minus static bytes); None when no choice of ``policy`` fits."""
+
+    def knapsack() -> RecomputeChoice | None:
+        front = RecomputeFrontier(max_bytes=capacity_bytes)
+        for block, n in zip(blocks, multipliers):
+            front = front.extend(block, n)
+        return knapsack_choice(front, capacity_bytes)
+
+    return apply_policy(policy, capacity_bytes, lambda mode: _uniform(blocks, multipliers, mode), knapsack)
+
+
+def least_activation_bytes(block: BlockCost) -> int:
+    """The fewest activation bytes ``block`` can keep per micro-batch, over all modes."""
+    return min(block.activation_bytes(mode) for mode in RECOMPUTE_MODES)
