@@ -1,0 +1,256 @@
+// `balanced`: our grouping. Every group is filled to the tile cap exactly and to the token cap as
+// closely as the data allow, so groups are near-equal in both dimensions and any DP ranks that
+// receive groups of one step carry near-equal work.
+//
+// Samples are bucketed by tile count and sorted by tokens inside a bucket. A group starts from a
+// random unused sample (a new grouping per seed); then, while tiles remain, it either
+//   - closes: takes, from the bucket of exactly the remaining tiles, the largest sample that fits
+//     the remaining tokens, when that leaves at most `close_slack` tokens unused (or nothing else fits);
+//   - or grows: picks a tile count v at random, weighted by what is left of each bucket (so buckets
+//     drain in proportion and the mix stays stable to the end), among counts whose leftover tile
+//     remainder can still be filled exactly; then takes the sample of v tiles whose tokens are closest
+//     to v * (remaining tokens / remaining tiles), keeping the group on the cap's token-per-tile ratio.
+// Bucket look-ups ("largest unused <= x", "smallest unused >= x") use path-compressed skip lists, so
+// the whole grouping is O(n log n) for the sort plus near-constant work per sample.
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+#include "grouping.h"
+#include "rng.h"
+
+namespace omnibal {
+namespace {
+
+// Availability of a bucket's slots (sorted by tokens) as a Fenwick tree: counts and order
+// statistics over the unused samples in O(log n).
+class Fenwick {
+ public:
+  explicit Fenwick(size_t n) : tree_(n + 1, 0) {
+    for (size_t i = 1; i <= n; ++i) {
+      tree_[i] += 1;
+      size_t up = i + (i & (~i + 1));
+      if (up <= n) tree_[up] += tree_[i];
+    }
+    top_ = 1;
+    while (top_ * 2 <= n) top_ *= 2;
+  }
+  // Unused slots among the first k.
+  int64_t prefix(size_t k) const {
+    int64_t s = 0;
+    for (; k > 0; k -= k & (~k + 1)) s += tree_[k];
+    return s;
+  }
+  void remove(size_t slot) {  // 0-based
+    for (size_t i = slot + 1; i < tree_.size(); i += i & (~i + 1)) tree_[i] -= 1;
+  }
+  // 0-based slot of the k-th unused slot (k >= 1, k <= unused count).
+  size_t kth(int64_t k) const {
+    size_t pos = 0;
+    for (size_t step = top_; step > 0; step >>= 1) {
+      if (pos + step < tree_.size() && tree_[pos + step] < k) {
+        pos += step;
+        k -= tree_[pos];
+      }
+    }
+    return pos;
+  }
+
+ private:
+  std::vector<int32_t> tree_;  // int32: half the cache footprint of int64
+  size_t top_ = 1;
+};
+
+struct Bucket {
+  std::vector<int64_t> items;   // sample indices, ascending tokens
+  std::vector<int32_t> tokens;  // tokens of items, ascending
+  Fenwick unused{0};
+  std::vector<char> taken;
+  int64_t left = 0, first = 0, last = -1;
+  bool extremes_changed = false;  // the last take() changed min_tokens(), max_tokens() or emptied it
+
+  void init() {
+    unused = Fenwick(items.size());
+    taken.assign(items.size(), 0);
+    left = static_cast<int64_t>(items.size());
+    first = 0;
+    last = left - 1;
+  }
+  int64_t count_below(int64_t x) const {  // unused with tokens < x
+    return unused.prefix(std::lower_bound(tokens.begin(), tokens.end(), x) - tokens.begin());
+  }
+  int64_t count_at_most(int64_t x) const {
+    return unused.prefix(std::upper_bound(tokens.begin(), tokens.end(), x) - tokens.begin());
+  }
+  // Slot of the largest unused item with tokens <= x, or -1.
+  int64_t largest_at_most(int64_t x) const {
+    int64_t c = count_at_most(x);
+    return c == 0 ? -1 : static_cast<int64_t>(unused.kth(c));
+  }
+  // Slot of the smallest unused item with tokens >= x, or -1.
+  int64_t smallest_at_least(int64_t x) const {
+    int64_t c = count_below(x);
+    return c == left ? -1 : static_cast<int64_t>(unused.kth(c + 1));
+  }
+  // Slot of an unused item drawn uniformly among those with tokens in [lo, hi], or -1.
+  int64_t uniform_between(int64_t lo, int64_t hi, SplitMix64& rng) const {
+    if (lo > hi) return -1;
+    int64_t a = count_below(lo), b = count_at_most(hi);
+    if (b <= a) return -1;
+    return static_cast<int64_t>(unused.kth(a + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(b - a)))));
+  }
+  // Weight of this bucket in a growing move: its size, sharpened by how much of it is left, so
+  // buckets that closing moves drain faster (small tile counts) are spared by growing moves and all
+  // buckets empty together; otherwise the pool ends with tile counts that cannot fill a group exactly.
+  double drain_weight() const {
+    const double frac = static_cast<double>(left) / static_cast<double>(items.size());
+    const double f2 = frac * frac, f4 = f2 * f2;
+    return static_cast<double>(left) * f4 * f4;
+  }
+  int64_t take(int64_t slot) {
+    unused.remove(static_cast<size_t>(slot));
+    taken[slot] = 1;
+    --left;
+    // Items only ever leave, so the smallest / largest unused slot only moves inwards.
+    const int64_t was_first = first, was_last = last;
+    while (left > 0 && taken[first]) ++first;
+    while (left > 0 && taken[last]) --last;
+    extremes_changed = left == 0 || first != was_first || last != was_last;
+    return items[slot];
+  }
+  int32_t min_tokens() const { return tokens[first]; }  // requires left > 0
+  int32_t max_tokens() const { return tokens[last]; }   // requires left > 0
+};
+
+}  // namespace
+
+Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t seed, Oversize policy) {
+  Groups out;
+  std::vector<int64_t> order = split_oversize(len, vit_cap, token_cap, policy, out);
+  if (order.empty()) return out;
+  SplitMix64 rng(seed);
+  rng.shuffle(order);
+
+  int32_t vmax = 0;
+  for (int64_t i : order) vmax = std::max(vmax, len.vit[i]);
+  std::vector<Bucket> buckets(vmax + 1);
+  for (int64_t i : order) buckets[len.vit[i]].items.push_back(i);
+  std::vector<int64_t> slot_of(static_cast<size_t>(len.n), -1);  // position of a sample in its bucket
+  for (auto& b : buckets) {
+    // Stable: equal token counts keep their shuffled order, so ties are broken at random.
+    std::stable_sort(b.items.begin(), b.items.end(),
+                     [&](int64_t a, int64_t c) { return len.tokens[a] < len.tokens[c]; });
+    for (size_t k = 0; k < b.items.size(); ++k) {
+      b.tokens.push_back(len.tokens[b.items[k]]);
+      slot_of[b.items[k]] = static_cast<int64_t>(k);
+    }
+    b.init();
+  }
+
+  // Token bounds of an exact fill: lo[r] / hi[r] = fewest / most tokens with which r tiles can be
+  // filled from the unused samples (each bucket's current smallest / largest, counts ignored);
+  // kNone where r tiles cannot be filled exactly.
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::vector<int64_t> lo(vit_cap + 1), hi(vit_cap + 1), bucket_min(vmax + 1), bucket_max(vmax + 1);
+  int64_t bounds_upto = -1;  // lo/hi are valid for r <= bounds_upto until an extreme changes
+  auto fill_bounds = [&](int64_t rmax) {
+    if (rmax <= bounds_upto) return;
+    bounds_upto = vit_cap;
+    for (int32_t v = 1; v <= vmax; ++v) {
+      if (buckets[v].left > 0) {
+        bucket_min[v] = buckets[v].min_tokens();
+        bucket_max[v] = buckets[v].max_tokens();
+      }
+    }
+    lo[0] = hi[0] = 0;
+    for (int64_t r = 1; r <= vit_cap; ++r) {
+      lo[r] = kNone;
+      hi[r] = 0;
+      for (int32_t v = 1; v <= std::min<int64_t>(r, vmax); ++v) {
+        if (buckets[v].left == 0 || lo[r - v] == kNone) continue;
+        lo[r] = std::min(lo[r], lo[r - v] + bucket_min[v]);
+        hi[r] = std::max(hi[r], hi[r - v] + bucket_max[v]);
+      }
+    }
+  };
+
+  const int64_t close_slack = std::max<int64_t>(1, token_cap / 200);
+  std::vector<char> used(static_cast<size_t>(len.n), 0);
+  std::vector<int32_t> grow;  // candidate tile counts for a growing move
+  std::vector<double> grow_weight;
+  int64_t vit = 0, tok = 0;
+  auto add = [&](int32_t v, int64_t pos) {
+    int64_t i = buckets[v].take(pos);
+    if (buckets[v].extremes_changed) bounds_upto = -1;
+    used[i] = 1;
+    vit += len.vit[i];
+    tok += len.tokens[i];
+    out.indices.push_back(i);
+  };
+
+  for (int64_t seed_sample : order) {
+    if (used[seed_sample]) continue;
+    vit = tok = 0;
+    add(len.vit[seed_sample], slot_of[seed_sample]);
+
+    while (vit < vit_cap) {
+      const int64_t rv = vit_cap - vit, rt = token_cap - tok;
+      int64_t close_pos = rv <= vmax && buckets[rv].left > 0 ? buckets[rv].largest_at_most(rt) : -1;
+      if (close_pos >= 0 && rt - buckets[rv].tokens[close_pos] <= close_slack) {
+        add(static_cast<int32_t>(rv), close_pos);
+        break;
+      }
+      fill_bounds(rv - 1);
+      grow.clear();
+      grow_weight.clear();
+      double weight = 0;
+      for (int32_t v = 1; v <= std::min<int64_t>(rv - 1, vmax); ++v) {
+        const int64_t rest = rv - v;
+        if (buckets[v].left == 0 || lo[rest] == kNone) continue;
+        // The pick must leave tokens that the remaining tiles can use exactly.
+        if (bucket_min[v] > rt - lo[rest] || bucket_max[v] < rt - hi[rest]) continue;
+        grow.push_back(v);
+        grow_weight.push_back(buckets[v].drain_weight());
+        weight += grow_weight.back();
+      }
+      int64_t pick_pos = -1;
+      int32_t pick_v = 0;
+      while (pick_pos < 0 && !grow.empty()) {
+        double r = weight * (static_cast<double>(rng.next() >> 11) * 0x1.0p-53);
+        size_t c = grow.size() - 1;
+        for (size_t k = 0; k < grow.size(); ++k) {
+          if ((r -= grow_weight[k]) < 0) {
+            c = k;
+            break;
+          }
+        }
+        pick_v = grow[c];
+        Bucket& b = buckets[pick_v];
+        const int64_t rest = rv - pick_v, t_lo = rt - hi[rest], t_hi = rt - lo[rest];
+        pick_pos = b.uniform_between(std::max<int64_t>(t_lo, 1), t_hi, rng);
+        if (pick_pos < 0) {  // no sample of this tile count fits the window: drop the candidate
+          weight -= grow_weight[c];
+          grow.erase(grow.begin() + static_cast<int64_t>(c));
+          grow_weight.erase(grow_weight.begin() + static_cast<int64_t>(c));
+        }
+      }
+      if (pick_pos >= 0) {
+        add(pick_v, pick_pos);
+      } else if (close_pos >= 0) {
+        add(static_cast<int32_t>(rv), close_pos);
+        break;
+      } else {
+        // No exact fill is possible (a token-heavy sample, or the pool's end): add what still fits,
+        // most tiles first, so the group ends as full as it can.
+        int32_t v = static_cast<int32_t>(std::min<int64_t>(rv, vmax));
+        while (v > 0 && (buckets[v].left == 0 || bucket_min[v] > rt)) --v;
+        if (v == 0) break;
+        add(v, buckets[v].uniform_between(1, rt, rng));
+      }
+    }
+    out.close_group();
+  }
+  return out;
+}
+
+}  // namespace omnibal

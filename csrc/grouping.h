@@ -1,0 +1,43 @@
+// Shared types of the grouping algorithms: input columns, oversize policy and CSR output.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace omnibal {
+
+enum class Oversize { kError, kSolo };
+
+// Groups in compressed form: group g holds indices[offsets[g] .. offsets[g + 1]).
+struct Groups {
+  std::vector<int64_t> indices;
+  std::vector<int64_t> offsets{0};
+  int64_t oversize = 0;  // samples placed alone because they exceed a cap (policy kSolo)
+
+  void close_group() { offsets.push_back(static_cast<int64_t>(indices.size())); }
+  size_t size() const { return offsets.size() - 1; }
+};
+
+struct Lengths {
+  const int32_t* vit;
+  const int32_t* tokens;
+  int64_t n;
+};
+
+// Thrown when a sample exceeds a cap under Oversize::kError; mapped to omnibal_pl.BalanceError.
+struct OversizeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Splits samples into those within both caps (returned) and oversize ones, which become solo
+// groups in `out` (kSolo) or raise OversizeError naming the first one (kError).
+std::vector<int64_t> split_oversize(const Lengths& len, int32_t vit_cap, int32_t token_cap, Oversize policy,
+                                    Groups& out);
+
+Groups isf(const Lengths& len, int32_t vit_cap, int32_t token_cap, int64_t token_threshold, int iterations,
+           uint64_t seed, Oversize policy);
+
+Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t seed, Oversize policy);
+
+}  // namespace omnibal

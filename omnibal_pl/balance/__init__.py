@@ -1,0 +1,24 @@
+"""Data balance: grouping samples into balanced micro-batches, steps, metrics and argument search."""
+from omnibal_pl.balance.config import ALGORITHMS, BalanceConfig
+from omnibal_pl.balance.grouping import Grouping, group_samples
+from omnibal_pl.balance.isf_reference import isf_reference
+from omnibal_pl.balance.metrics import balance_metrics, dist_ratio, pad_ratio, per_source
+from omnibal_pl.balance.search import CapSearch, evaluate, resolve_caps
+from omnibal_pl.balance.steps import Steps, form_steps
+
+__all__ = [
+    "ALGORITHMS",
+    "BalanceConfig",
+    "CapSearch",
+    "Grouping",
+    "Steps",
+    "balance_metrics",
+    "dist_ratio",
+    "evaluate",
+    "form_steps",
+    "group_samples",
+    "isf_reference",
+    "pad_ratio",
+    "per_source",
+    "resolve_caps",
+]

@@ -1,0 +1,62 @@
+"""Configuration of the data balance: which algorithm, which caps, how many DP ranks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from omnibal_pl.errors import ConfigError
+
+ALGORITHMS = ("balanced", "isf", "random", "length_grouped")
+STEP_ORDERS = ("auto", "matched", "megatron", "sequential")
+OVERSIZE_POLICIES = ("solo", "error")
+
+
+@dataclass
+class BalanceConfig:
+    """How samples are grouped into micro-batches and micro-batches into steps.
+
+    Units: ``vit_cap`` in tiles (Q_v), ``token_cap`` and ``token_threshold`` in LLM tokens (Q_t).
+    A cap left ``None`` is chosen by the algorithm's argument search for ``dp`` and ``samples_per_group``.
+    """
+
+    algorithm: str = "balanced"
+    dp: int = 8  # data-parallel ranks that share each step
+    micro_batches: int = 1  # groups per DP rank per step (gradient accumulation / pipeline micro-batches)
+    samples_per_group: int = 4  # wanted samples per group: searched caps give [m, m + 1] on average
+    vit_cap: Optional[int] = None
+    token_cap: Optional[int] = None
+    token_threshold: Optional[int] = None  # ISF: keep groups with at least this many tokens (None: token_cap - 128)
+    iterations: int = 50  # ISF passes
+    seed: int = 0
+    oversize: str = "solo"  # a sample over a cap: "solo" (its own group, counted) or "error"
+    step_order: str = "auto"  # matched (ours), megatron (published ISF sampler), sequential; auto: per algorithm
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` for a value outside its range."""
+        choices = (("algorithm", ALGORITHMS), ("step_order", STEP_ORDERS), ("oversize", OVERSIZE_POLICIES))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"balance.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("dp", "micro_batches", "samples_per_group", "iterations"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"balance.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("vit_cap", "token_cap"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"balance.{name}={v}: must be >= 1 (or null to search it)")
+        if self.seed < 0:
+            raise ConfigError(f"balance.seed={self.seed}: must be >= 0")
+
+    @property
+    def resolved_step_order(self) -> str:
+        """``matched`` for ``balanced``, the published Megatron sampler for ``isf``, else sequential."""
+        if self.step_order != "auto":
+            return self.step_order
+        return {"balanced": "matched", "isf": "megatron"}.get(self.algorithm, "sequential")
+
+    @property
+    def groups_per_step(self) -> int:
+        return self.dp * self.micro_batches
