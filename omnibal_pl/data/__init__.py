@@ -1,0 +1,33 @@
+"""Datasets, tiling, tokenisation, length statistics and packing: samples in, packed micro-batches out."""
+from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.data.collate import PackingCollate, unpack
+from omnibal_pl.data.datasets import ConversationDataset, InternVLDataset, LlavaDataset, Sample, SkipReport
+from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
+from omnibal_pl.data.stats import compute_lengths
+from omnibal_pl.data.synthetic import SyntheticDataset
+from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
+from omnibal_pl.data.tiling import TilingConfig, count_tiles, tile_grid, tile_image
+
+__all__ = [
+    "ChatTokenizer",
+    "ConversationDataset",
+    "InternVLDataset",
+    "LlavaDataset",
+    "PackedBatch",
+    "PackingCollate",
+    "Record",
+    "Sample",
+    "SkipReport",
+    "SyntheticDataset",
+    "TemplateConfig",
+    "TextTokenizer",
+    "TilingConfig",
+    "compute_lengths",
+    "count_tiles",
+    "load_tokenizer",
+    "read_annotation",
+    "read_internvl_meta",
+    "tile_grid",
+    "tile_image",
+    "unpack",
+]

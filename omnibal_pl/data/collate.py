@@ -1,0 +1,151 @@
+"""Packing collate: one balanced group of samples -> one :class:`PackedBatch` (varlen, fixed shapes).
+
+Samples are laid end to end in group order: tokens along one sequence (``cu_seqlens`` marks where each
+sample starts, ``position_ids`` restart per sample), tiles along the tile dimension. The token dimension
+is padded per ``pad_to``; the tile dimension to ``tile_cap`` with zero tiles of flag 0. Labels stay
+aligned with ``input_ids`` (unshifted, HF convention); every sample starts with an unsupervised token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.data.datasets import Sample
+from omnibal_pl.data.templates import IGNORE_INDEX
+from omnibal_pl.errors import ConfigError, DataError
+
+PAD_MODES = ("cap", "multiple", "none")
+LOSS_WEIGHTINGS = ("token", "sample", "square")
+
+
+@dataclass
+class PackingCollate:
+    """Packs a group (a list of :class:`Sample`) into a :class:`PackedBatch`.
+
+    ``token_cap``/``tile_cap``: the group caps (Q_t tokens, Q_v tiles); a group over either raises
+    :class:`DataError`. ``pad_to``: ``cap`` (L = token_cap), ``multiple`` (L = the group's tokens rounded
+    up to ``multiple``, at most token_cap) or ``none`` (L = the group's tokens). ``loss_weighting``:
+    per supervised token 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``), n = supervised
+    tokens of its sample; the loss divides by the global weight sum. ``image_context_id`` and
+    ``tokens_per_tile``, when both given, check that each sample has ``tokens_per_tile`` image tokens per
+    flagged tile (the contract the model relies on).
+    """
+
+    token_cap: int
+    tile_cap: int
+    pad_to: str = "cap"
+    multiple: int = 64
+    loss_weighting: str = "token"
+    pad_token_id: int = 0
+    image_context_id: int | None = None
+    tokens_per_tile: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_to not in PAD_MODES:
+            raise ConfigError(f"pad_to={self.pad_to!r}: expected one of {PAD_MODES}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting={self.loss_weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+        if self.token_cap < 1 or self.tile_cap < 1 or self.multiple < 1:
+            raise ConfigError(f"token_cap={self.token_cap}, tile_cap={self.tile_cap}, multiple={self.multiple}: must be >= 1")
+
+    def __call__(self, samples: Sequence[Sample]) -> PackedBatch:
+        if not samples:
+            raise DataError("packing an empty group: the sampler yielded a group with no samples")
+        lengths = [s.num_tokens for s in samples]
+        n_tokens, n_tiles = sum(lengths), sum(s.num_tiles for s in samples)
+        ids = [s.sample_id for s in samples]
+        if n_tokens > self.token_cap:
+            raise DataError(f"group {ids} has {n_tokens} tokens > token cap {self.token_cap}; the grouping must respect "
+                            "the token cap (or raise it)")
+        if n_tiles > self.tile_cap:
+            raise DataError(f"group {ids} has {n_tiles} tiles > tile cap {self.tile_cap}; the grouping must respect "
+                            "the tile cap (or raise it)")
+        self._check_image_tokens(samples)
+        length = self._padded_length(n_tokens)
+        pad = length - n_tokens
+
+        input_ids = torch.full((length,), self.pad_token_id, dtype=torch.int64)
+        labels = torch.full((length,), IGNORE_INDEX, dtype=torch.int64)
+        position_ids = torch.zeros(length, dtype=torch.int64)
+        loss_weight = torch.zeros(length, dtype=torch.float32)
+        segments = lengths + ([pad] if pad else [])
+        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(segments), 0)
+        for k, s in enumerate(samples):
+            a, b = int(cu[k]), int(cu[k + 1])
+            input_ids[a:b] = s.input_ids
+            labels[a:b] = s.labels
+            supervised = s.labels != IGNORE_INDEX
+            loss_weight[a:b] = supervised * self._weight(int(supervised.sum()))
+        for k, n in enumerate(segments):
+            position_ids[int(cu[k]) : int(cu[k + 1])] = torch.arange(n)
+
+        first = samples[0].pixel_values
+        pixel_values = first.new_zeros(self.tile_cap, *first.shape[1:])
+        image_flags = torch.zeros(self.tile_cap, dtype=torch.int64)
+        pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
+        image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
+        return PackedBatch(
+            input_ids=input_ids[None],
+            labels=labels[None],
+            position_ids=position_ids[None],
+            cu_seqlens=cu,
+            max_seqlen=max(segments),
+            pixel_values=pixel_values,
+            image_flags=image_flags,
+            loss_weight=loss_weight[None],
+            sample_ids=torch.tensor(ids, dtype=torch.int64),
+            num_samples=len(samples),
+        )
+
+    def _padded_length(self, n_tokens: int) -> int:
+        if self.pad_to == "cap":
+            return self.token_cap
+        if self.pad_to == "multiple":
+            return min(math.ceil(n_tokens / self.multiple) * self.multiple, self.token_cap)
+        return n_tokens
+
+    def _weight(self, n: int) -> float:
+        if n == 0 or self.loss_weighting == "token":
+            return 1.0
+        return 1.0 / n if self.loss_weighting == "sample" else 1.0 / math.sqrt(n)
+
+    def _check_image_tokens(self, samples: Sequence[Sample]) -> None:
+        if self.image_context_id is None or self.tokens_per_tile is None:
+            return
+        for s in samples:
+            have = int((s.input_ids == self.image_context_id).sum())
+            want = int(s.image_flags.sum()) * self.tokens_per_tile
+            if have != want:
+                raise DataError(f"sample {s.sample_id}: {have} image-context tokens but {int(s.image_flags.sum())} real "
+                                f"tiles x {self.tokens_per_tile} tokens_per_tile = {want}; dataset and model disagree "
+                                "on tokens_per_tile or image_context_id")
+
+
+def unpack(batch: PackedBatch, image_context_id: int, tokens_per_tile: int) -> list[Sample]:
+    """The samples of a packed batch, in packing order: tokens and labels exactly, and each sample's
+    real (flagged) tiles; a sample without real tiles gets one zero dummy tile with flag 0.
+
+    Real tiles are assigned to samples by their image-context tokens (``tokens_per_tile`` per tile);
+    unflagged tiles carry no features, so which sample a dummy tile came from is not recorded.
+    """
+    real_tiles = batch.pixel_values[batch.image_flags == 1]
+    out: list[Sample] = []
+    next_tile = 0
+    for k in range(batch.num_samples):
+        a, b = int(batch.cu_seqlens[k]), int(batch.cu_seqlens[k + 1])
+        ids = batch.input_ids[0, a:b].clone()
+        n = int((ids == image_context_id).sum()) // tokens_per_tile
+        if n:
+            pixels = real_tiles[next_tile : next_tile + n].clone()
+            flags = torch.ones(n, dtype=torch.int64)
+        else:
+            pixels = batch.pixel_values.new_zeros(1, *batch.pixel_values.shape[1:])
+            flags = torch.zeros(1, dtype=torch.int64)
+        next_tile += n
+        out.append(Sample(ids, batch.labels[0, a:b].clone(), pixels, flags, int(batch.sample_ids[k])))
+    return out

@@ -1,0 +1,251 @@
+"""Conversation datasets (LLaVA-1.5 and InternVL formats) producing :class:`Sample` s.
+
+Row ``i`` of a dataset is one sample: its tiles (images tiled per :class:`TilingConfig`; a text-only
+sample gets one zero dummy tile with flag 0) and its tokens (chat template, each ``<image>`` expanded to
+``tokens_per_tile x tiles`` image-context tokens).
+
+Token cap (``max_tokens``, usually the balance token cap) with policy ``overlong``:
+``error`` (raise, naming the samples), ``truncate`` (drop text tokens from the end, never image
+tokens) or ``skip`` (leave the sample out; :attr:`ConversationDataset.skip_report` says which).
+Skipping changes the row numbering, so it is applied by :meth:`~ConversationDataset.apply_token_cap`
+(called by :meth:`~ConversationDataset.lengths`) before samples are read.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
+from omnibal_pl.data.stats import compute_lengths
+from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
+from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, tile_image
+from omnibal_pl.errors import ConfigError, DataError
+from omnibal_pl.lengths import LengthTable
+
+OVERLONG_POLICIES = ("error", "skip", "truncate")
+
+
+@dataclass
+class Sample:
+    """One training sample. ``n`` tokens, ``t`` tiles (``t >= 1``; ``image_flags`` marks real tiles).
+
+    The ``image_context_id`` positions of ``input_ids`` hold ``tokens_per_tile`` features of each
+    flagged tile, in tile order. ``labels`` is -100 where no loss is taken.
+    """
+
+    input_ids: torch.Tensor  # [n] int64
+    labels: torch.Tensor  # [n] int64
+    pixel_values: torch.Tensor  # [t, 3, H, W] float32
+    image_flags: torch.Tensor  # [t] int64
+    sample_id: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass
+class SkipReport:
+    """Samples left out, by reason: ``{reason: [record keys]}``."""
+
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def __str__(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        return "; ".join(f"{len(keys)} skipped ({reason}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                         for reason, keys in self.skipped.items())
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Samples from annotation records: images tiled, conversation tokenised (see the module docstring)."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        sources: list[str],
+        tokenizer: str | Path | TextTokenizer,
+        template: TemplateConfig,
+        tiling: TilingConfig,
+        max_tokens: int | None = None,
+        overlong: str = "error",
+    ) -> None:
+        if not records:
+            raise DataError(f"dataset {sources}: no samples; check the annotation files (and repeat_time)")
+        if overlong not in OVERLONG_POLICIES:
+            raise ConfigError(f"overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"max_tokens={max_tokens}: must be >= 1 or null")
+        self.records = records
+        self.sources = list(sources)
+        tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+        self.chat = ChatTokenizer(tok, template)
+        self.tiling = tiling
+        self.max_tokens = max_tokens
+        self.overlong = overlong
+        self.index = np.arange(len(records))  # dataset row -> record
+        self.skip_report = SkipReport()
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def num_records(self) -> int:
+        return len(self.records)
+
+    def record_lengths(self, r: int) -> tuple[int, int, int, int]:
+        """``(vit, tokens, image_flag, source)`` of record ``r``, uncapped, reading image headers only."""
+        rec = self.records[r]
+        tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
+        ids, _ = self.chat(rec.conversations, tiles, rec.origin)
+        return max(1, sum(tiles)), len(ids), sum(tiles), rec.source
+
+    def raw_lengths(self, num_workers: int = 0, progress: bool = False) -> LengthTable:
+        """Uncapped statistics, one row per record (what ``omnibal-stats`` writes)."""
+        return compute_lengths(self, num_workers=num_workers, progress=progress)
+
+    def apply_token_cap(self, raw: LengthTable) -> LengthTable:
+        """Applies ``max_tokens``/``overlong`` to the records' raw statistics; returns the table of the rows.
+
+        Under ``skip`` the dataset's rows become the records that fit (see :attr:`skip_report`).
+        """
+        if len(raw) != self.num_records:
+            raise DataError(f"statistics have {len(raw)} rows but the dataset has {self.num_records} records; "
+                            "they belong to other data: recompute them (omnibal-stats)")
+        self.index = np.arange(self.num_records)
+        self.skip_report = SkipReport()
+        cap = self.max_tokens
+        over = np.flatnonzero(raw.tokens > cap) if cap is not None else np.empty(0, np.int64)
+        if over.size == 0:
+            return raw
+        keys = [self.records[r].key for r in over]
+        shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
+        if self.overlong == "error":
+            raise DataError(f"{len(keys)} samples are longer than max_tokens={cap}: {shown}; raise max_tokens "
+                            "or set overlong=skip or overlong=truncate")
+        if self.overlong == "truncate":
+            untouchable = raw.image_flag[over] * self.chat.cfg.tokens_per_tile + 1
+            if (untouchable > cap).any():
+                r = int(over[np.argmax(untouchable > cap)])
+                raise DataError(f"sample {self.records[r].key}: its image tokens alone exceed max_tokens={cap}; "
+                                "truncation never cuts image tokens: raise max_tokens or lower tiling.max_tiles")
+            return LengthTable(raw.vit, np.minimum(raw.tokens, cap), raw.image_flag, raw.source, raw.sources)
+        keep = np.setdiff1d(np.arange(self.num_records), over)
+        if keep.size == 0:
+            raise DataError(f"every sample is longer than max_tokens={cap}: nothing left to train on")
+        self.index = keep
+        self.skip_report.skipped[f"longer than max_tokens={cap}"] = keys
+        return raw.subset(keep)
+
+    def lengths(self, num_workers: int = 0, progress: bool = False) -> LengthTable:
+        """Statistics of the dataset's rows, cap policy applied: row ``i`` matches ``self[i]``."""
+        return self.apply_token_cap(self.raw_lengths(num_workers, progress))
+
+    # ------------------------------------------------------------------ samples
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[int(self.index[i])]
+        pixels = [tile_image(_load_image(p, rec.origin), self.tiling, len(rec.images)) for p in rec.images]
+        ids, labels = self.chat(rec.conversations, [p.shape[0] for p in pixels], rec.origin)
+        ids, labels = self._fit_cap(ids, labels, rec)
+        if pixels:
+            pixel_values = torch.cat(pixels)
+            flags = torch.ones(pixel_values.shape[0], dtype=torch.int64)
+        else:
+            pixel_values = dummy_tiles(1, self.tiling)
+            flags = torch.zeros(1, dtype=torch.int64)
+        return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, flags, int(i))
+
+    def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
+        return [count_tiles(w, h, self.tiling, len(sizes)) for w, h in sizes]
+
+    def _fit_cap(self, ids: np.ndarray, labels: np.ndarray, rec: Record) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.max_tokens
+        if cap is None or len(ids) <= cap:
+            return ids, labels
+        if self.overlong != "truncate":
+            hint = "it should have been skipped: call lengths() or apply_token_cap() first" if self.overlong == "skip" else \
+                "raise max_tokens or set overlong=skip or overlong=truncate"
+            raise DataError(f"{rec.origin} (id {rec.key}): {len(ids)} tokens > max_tokens={cap}; {hint}")
+        image = np.isin(ids, self.chat.image_token_ids)
+        budget = cap - int(image.sum())
+        if budget < 1:
+            raise DataError(f"{rec.origin} (id {rec.key}): its image tokens alone exceed max_tokens={cap}; "
+                            "truncation never cuts image tokens: raise max_tokens or lower tiling.max_tiles")
+        keep = image | (np.cumsum(~image) <= budget)  # all image tokens, the first `budget` text tokens
+        return ids[keep], labels[keep]
+
+
+class LlavaDataset(ConversationDataset):
+    """LLaVA-1.5 format: a JSON list (or ``.jsonl``) of ``{id, image (path | [paths]), conversations}``.
+
+    Image paths are relative to ``image_root`` (default: the annotation's folder).
+    """
+
+    def __init__(
+        self,
+        annotation: str | Path,
+        tokenizer: str | Path | TextTokenizer,
+        template: TemplateConfig,
+        tiling: TilingConfig,
+        image_root: str | Path | None = None,
+        max_tokens: int | None = None,
+        overlong: str = "error",
+    ) -> None:
+        records = read_annotation(annotation, image_root)
+        super().__init__(records, [Path(annotation).stem], tokenizer, template, tiling, max_tokens, overlong)
+
+
+class InternVLDataset(ConversationDataset):
+    """InternVL format: a meta JSON ``{name: {root, annotation (JSONL), repeat_time, length}}``.
+
+    Each name is one source of the length table; ``seed`` fixes the subsample of fractional repeat_time.
+    """
+
+    def __init__(
+        self,
+        meta: str | Path,
+        tokenizer: str | Path | TextTokenizer,
+        template: TemplateConfig,
+        tiling: TilingConfig,
+        max_tokens: int | None = None,
+        overlong: str = "error",
+        seed: int = 0,
+    ) -> None:
+        records, names = read_internvl_meta(meta, seed)
+        super().__init__(records, names, tokenizer, template, tiling, max_tokens, overlong)
+
+
+def _image_size(path: Path, origin: str) -> tuple[int, int]:
+    """(width, height) from the file header; no pixel decoding."""
+    with _image_errors(path, origin), Image.open(path) as im:
+        return im.size
+
+
+def _load_image(path: Path, origin: str) -> Image.Image:
+    with _image_errors(path, origin), Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@contextmanager
+def _image_errors(path: Path, origin: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{origin}: image file {path} not found; fix the path or the image root") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{origin}: image file {path} is corrupt or unreadable ({e}); replace or remove it") from e

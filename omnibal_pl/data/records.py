@@ -1,0 +1,127 @@
+"""Annotation files -> :class:`Record` lists: LLaVA-1.5 JSON / JSONL and InternVL meta files.
+
+A record is one sample as written in the annotation: its conversation and image paths, plus where
+it came from (``origin``, "file:line" or "file[item]") for error messages. Nothing is decoded here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omnibal_pl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One annotated sample. ``key``: its ``id`` field (or ``origin`` when it has none)."""
+
+    key: str
+    origin: str
+    images: tuple[Path, ...]
+    conversations: list
+    source: int = 0
+
+
+def read_annotation(path: str | Path, image_root: str | Path | None = None, source: int = 0) -> list[Record]:
+    """Records of a LLaVA-style annotation: a JSON list, or JSONL (one object per line) for ``.jsonl``.
+
+    Image paths are resolved against ``image_root`` (default: the annotation's folder).
+    Raises :class:`DataError` with file:line on malformed JSON and with the item on a malformed record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such annotation file")
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix == ".jsonl":
+        items = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    items.append((f"{path}:{lineno}", _parse(line, str(path), lineno)))
+    else:
+        data = _parse(path.read_text(encoding="utf-8"), str(path))
+        if not isinstance(data, list):
+            raise DataError(f"{path}: top level is {type(data).__name__}; a LLaVA annotation is a JSON list of samples "
+                            "(use the .jsonl suffix for one sample per line)")
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
+    return [_record(item, origin, root, source) for origin, item in items]
+
+
+def read_internvl_meta(
+    meta: str | Path, seed: int = 0
+) -> tuple[list[Record], list[str]]:
+    """Records and source names of an InternVL meta JSON ``{name: {root, annotation, repeat_time, length}}``.
+
+    ``repeat_time`` r: ``floor(r)`` full copies plus a deterministic (per ``seed`` and name) subsample of
+    ``(r - floor(r)) x len`` records, kept in file order; so r < 1 subsamples and r > 1 repeats.
+    ``length``, when given, must match the annotation's line count (a warning otherwise).
+    Relative ``root``/``annotation`` paths are resolved against the meta file's folder.
+    """
+    meta = Path(meta)
+    if not meta.is_file():
+        raise DataError(f"{meta}: no such meta file")
+    data = _parse(meta.read_text(encoding="utf-8"), str(meta))
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{meta}: expected a non-empty JSON object mapping names to {{root, annotation, repeat_time, length}}")
+    records: list[Record] = []
+    names = list(data)
+    for source, (name, entry) in enumerate(data.items()):
+        if not isinstance(entry, dict) or "annotation" not in entry:
+            raise DataError(f"{meta}: entry {name!r} needs an 'annotation' (JSONL path) and a 'root' (image folder)")
+        ann = _resolve(meta.parent, entry["annotation"])
+        part = read_annotation(ann, _resolve(meta.parent, entry.get("root", ".")), source)
+        if "length" in entry and entry["length"] != len(part):
+            log.warning("%s: entry %r says length=%s but %s has %d samples; using the file", meta, name, entry["length"], ann, len(part))
+        repeat = entry.get("repeat_time", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or repeat < 0:
+            raise DataError(f"{meta}: entry {name!r}: repeat_time={repeat!r} must be a number >= 0")
+        records.extend(repeat_records(part, float(repeat), seed + zlib.crc32(name.encode())))
+    return records, names
+
+
+def repeat_records(records: list[Record], repeat_time: float, seed: int) -> list[Record]:
+    """``floor(repeat_time)`` copies, then a deterministic subsample for the fractional part."""
+    whole = int(repeat_time)
+    extra = int(len(records) * (repeat_time - whole))
+    picked = np.sort(np.random.default_rng(seed).permutation(len(records))[:extra])
+    return records * whole + [records[i] for i in picked]
+
+
+def _resolve(base: Path, p: str) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else base / p
+
+
+def _parse(text: str, file: str, lineno: int | None = None):
+    """Parses JSON; ``lineno`` is the line of ``text`` in ``file`` (JSONL), else the error's own position."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{file}:{lineno}" if lineno is not None else f"{file}:{e.lineno}:{e.colno}"
+        raise DataError(f"{where}: malformed JSON ({e.msg}); fix or remove this entry") from e
+
+
+def _record(item, origin: str, root: Path, source: int) -> Record:
+    if not isinstance(item, dict):
+        raise DataError(f"{origin}: a sample must be an object, found {type(item).__name__}")
+    conv = item.get("conversations")
+    if not isinstance(conv, list):
+        raise DataError(f"{origin}: field 'conversations' must be a list of {{from, value}} turns")
+    image = item.get("image")
+    if image is None:
+        images = ()
+    elif isinstance(image, str):
+        images = (root / image,)
+    elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+        images = tuple(root / p for p in image)
+    else:
+        raise DataError(f"{origin}: field 'image' must be a path or a list of paths, found {image!r}")
+    key = str(item["id"]) if "id" in item else origin
+    return Record(key=key, origin=origin, images=images, conversations=conv, source=source)

@@ -1,0 +1,134 @@
+"""Image preprocessing: InternVL dynamic tiling and LLaVA-1.5 pad-to-square, both normalised.
+
+A *tile* is one ``image_size x image_size`` crop that goes through the vision encoder. The number of
+tiles depends only on the image's (width, height), so :func:`count_tiles` answers it from the file
+header alone (``PIL.Image.open(path).size``); :func:`tile_image` produces exactly that many tiles.
+
+- ``internvl``: pick the grid (cols x rows) whose aspect ratio is closest to the image's among all grids
+  with ``min_tiles..max_tiles`` tiles; on a tie the larger grid wins when the image has more than half
+  its pixels (InternVL's rule). The image is resized to the grid and cut into tiles row by row, then a
+  thumbnail of the whole image is appended when the grid has more than one tile.
+- ``llava``: pad the image to a square with the mean colour, resize to ``image_size``: one tile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omnibal_pl.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MODES = ("internvl", "llava")
+
+
+@dataclass
+class TilingConfig:
+    """How images become tiles.
+
+    ``mode``: ``internvl`` (dynamic tiles, ImageNet normalisation) or ``llava`` (one padded tile, CLIP
+    normalisation). ``image_size``: tile side in pixels (448 for InternVL, 336 for LLaVA-1.5).
+    ``min_tiles``/``max_tiles``: tile-count range of the grid (``internvl`` only); a sample with ``k``
+    images gives each at most ``max(1, max_tiles // k)`` tiles, as InternVL does.
+    ``use_thumbnail``: append a whole-image thumbnail tile when the grid has more than one tile.
+    """
+
+    mode: str = "internvl"
+    image_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 6
+    use_thumbnail: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ConfigError(f"tiling.mode={self.mode!r}: expected one of {_MODES}")
+        if self.image_size < 1:
+            raise ConfigError(f"tiling.image_size={self.image_size}: must be >= 1 pixel")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}..{self.max_tiles}")
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return IMAGENET_MEAN if self.mode == "internvl" else CLIP_MEAN
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return IMAGENET_STD if self.mode == "internvl" else CLIP_STD
+
+    def tile_range(self, num_images: int) -> tuple[int, int]:
+        """(min, max) tiles of one image's grid in a sample with ``num_images`` images."""
+        hi = max(1, self.max_tiles // max(1, num_images))
+        return min(self.min_tiles, hi), hi
+
+
+@lru_cache(maxsize=None)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, fewest tiles first."""
+    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles}
+    return tuple(sorted(grids, key=lambda g: (g[0] * g[1], g[0])))
+
+
+def tile_grid(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> tuple[int, int]:
+    """The (cols, rows) grid for an image of ``width x height`` pixels (``(1, 1)`` in ``llava`` mode)."""
+    if cfg.mode == "llava":
+        return 1, 1
+    lo, hi = cfg.tile_range(num_images)
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidate_grids(lo, hi):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * cfg.image_size**2 * cols * rows:
+            # same aspect ratio, bigger grid: worth it only if the image has the pixels to fill it
+            best = (cols, rows)
+    return best
+
+
+def count_tiles(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> int:
+    """Tiles :func:`tile_image` makes for an image of this size, without touching pixels."""
+    cols, rows = tile_grid(width, height, cfg, num_images)
+    n = cols * rows
+    return n + 1 if n > 1 and cfg.use_thumbnail else n
+
+
+def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> torch.Tensor:
+    """Normalised tiles of one image: float32 ``[count_tiles(...), 3, image_size, image_size]``."""
+    image = image.convert("RGB")
+    s = cfg.image_size
+    if cfg.mode == "llava":
+        return _normalise([_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC)], cfg)
+    cols, rows = tile_grid(image.width, image.height, cfg, num_images)
+    resized = image.resize((cols * s, rows * s), Image.BICUBIC)
+    tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1 and cfg.use_thumbnail:
+        tiles.append(image.resize((s, s), Image.BICUBIC))
+    return _normalise(tiles, cfg)
+
+
+def dummy_tiles(n: int, cfg: TilingConfig) -> torch.Tensor:
+    """``n`` zero tiles ``[n, 3, image_size, image_size]`` (text-only samples, padding)."""
+    return torch.zeros(n, 3, cfg.image_size, cfg.image_size)
+
+
+def _pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def _normalise(tiles: list[Image.Image], cfg: TilingConfig) -> torch.Tensor:
+    x = np.stack([np.asarray(t, dtype=np.float32) for t in tiles]) / 255.0  # [t, H, W, 3]
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
