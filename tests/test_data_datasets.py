@@ -8,7 +8,7 @@ from omnibal_pl.data import InternVLDataset, LlavaDataset, SyntheticDataset, loa
 from omnibal_pl.data.templates import IGNORE_INDEX
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
-from test_data_common import (
+from tests.test_data_common import (
     INTERNVL_TEMPLATE,
     INTERNVL_TILING,
     LLAVA_TEMPLATE,
@@ -231,3 +231,15 @@ def test_synthetic_supervises_some_tokens_and_rejects_impossible_rows():
     assert ds[1].image_flags.tolist() == [1, 1, 0]
     with pytest.raises(DataError, match="row 1"):
         SyntheticDataset(table, tokens_per_tile=9, image_size=8)
+
+
+def test_fingerprint_follows_the_data(tmp_path, tok):
+    recs = llava_records(tmp_path / "imgs")
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    meta = write_json(tmp_path / "meta.json", {"d": {"root": "imgs", "annotation": "a.jsonl", "repeat_time": 0.5}})
+    base = internvl(meta, tok).fingerprint()
+    assert internvl(meta, tok).fingerprint() == base
+    assert internvl(meta, tok, seed=5).fingerprint() != base  # another subsample
+    assert InternVLDataset(meta, tok, INTERNVL_TEMPLATE, LLAVA_TILING).fingerprint() != base
+    write_jsonl(tmp_path / "a.jsonl", recs + recs[:1])
+    assert internvl(meta, tok).fingerprint() != base

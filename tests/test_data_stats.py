@@ -8,7 +8,7 @@ import pytest
 from omnibal_pl.data import InternVLDataset, LlavaDataset, compute_lengths, load_tokenizer
 from omnibal_pl.errors import DataError
 from omnibal_pl.lengths import load_lengths
-from test_data_common import (
+from tests.test_data_common import (
     INTERNVL_TEMPLATE,
     INTERNVL_TILING,
     LLAVA_TEMPLATE,

@@ -3,7 +3,7 @@ import pytest
 from omnibal_pl.data import ChatTokenizer, TemplateConfig, load_tokenizer
 from omnibal_pl.data.templates import IGNORE_INDEX
 from omnibal_pl.errors import ConfigError, DataError
-from test_data_common import INTERNVL_TEMPLATE, LLAVA_TEMPLATE, conversation, make_tokenizer
+from tests.test_data_common import INTERNVL_TEMPLATE, LLAVA_TEMPLATE, conversation, make_tokenizer
 
 
 @pytest.fixture(scope="module")

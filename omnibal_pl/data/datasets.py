@@ -12,10 +12,11 @@ Skipping changes the row numbering, so it is applied by :meth:`~ConversationData
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +73,11 @@ class SkipReport:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Samples from annotation records: images tiled, conversation tokenised (see the module docstring)."""
+    """Samples from annotation records: images tiled, conversation tokenised (see the module docstring).
+
+    ``sources``: names indexed by ``Record.source``; ``files``: the annotation files the records came
+    from (for :meth:`fingerprint`).
+    """
 
     def __init__(
         self,
@@ -83,6 +88,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         tiling: TilingConfig,
         max_tokens: int | None = None,
         overlong: str = "error",
+        files: Sequence[Path] = (),
     ) -> None:
         if not records:
             raise DataError(f"dataset {sources}: no samples; check the annotation files (and repeat_time)")
@@ -92,6 +98,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise ConfigError(f"max_tokens={max_tokens}: must be >= 1 or null")
         self.records = records
         self.sources = list(sources)
+        self.files = [Path(f) for f in files]
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
         self.chat = ChatTokenizer(tok, template)
         self.tiling = tiling
@@ -111,6 +118,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
         ids, _ = self.chat(rec.conversations, tiles, rec.origin)
         return max(1, sum(tiles)), len(ids), sum(tiles), rec.source
+
+    def fingerprint(self) -> str:
+        """A short hash of what the statistics depend on: the annotation ``files`` (path, size, mtime), which
+        records were taken (repeat_time subsamples), the tokenizer file, template and tiling. Key a
+        statistics cache with it. Image files are not included
+        (checking them costs as much as recomputing): replacing an image in place needs a manual rebuild.
+        """
+        h = hashlib.sha256()
+        for f in [*self.files, Path(self.chat.tokenizer.origin)]:
+            st = f.stat() if f.is_file() else None
+            h.update(f"{f.resolve()}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+        h.update("\n".join(r.origin for r in self.records).encode())
+        h.update(repr((self.chat.cfg, self.tiling)).encode())
+        return h.hexdigest()[:16]
 
     def raw_lengths(self, num_workers: int = 0, progress: bool = False) -> LengthTable:
         """Uncapped statistics, one row per record (what ``omnibal-stats`` writes)."""
@@ -207,7 +228,7 @@ class LlavaDataset(ConversationDataset):
         overlong: str = "error",
     ) -> None:
         records = read_annotation(annotation, image_root)
-        super().__init__(records, [Path(annotation).stem], tokenizer, template, tiling, max_tokens, overlong)
+        super().__init__(records, [Path(annotation).stem], tokenizer, template, tiling, max_tokens, overlong, [Path(annotation)])
 
 
 class InternVLDataset(ConversationDataset):
@@ -226,8 +247,8 @@ class InternVLDataset(ConversationDataset):
         overlong: str = "error",
         seed: int = 0,
     ) -> None:
-        records, names = read_internvl_meta(meta, seed)
-        super().__init__(records, names, tokenizer, template, tiling, max_tokens, overlong)
+        records, names, files = read_internvl_meta(meta, seed)
+        super().__init__(records, names, tokenizer, template, tiling, max_tokens, overlong, files)
 
 
 def _image_size(path: Path, origin: str) -> tuple[int, int]:

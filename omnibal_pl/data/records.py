@@ -54,10 +54,8 @@ def read_annotation(path: str | Path, image_root: str | Path | None = None, sour
     return [_record(item, origin, root, source) for origin, item in items]
 
 
-def read_internvl_meta(
-    meta: str | Path, seed: int = 0
-) -> tuple[list[Record], list[str]]:
-    """Records and source names of an InternVL meta JSON ``{name: {root, annotation, repeat_time, length}}``.
+def read_internvl_meta(meta: str | Path, seed: int = 0) -> tuple[list[Record], list[str], list[Path]]:
+    """Records, source names and annotation files of an InternVL meta JSON ``{name: {root, annotation, repeat_time, length}}``.
 
     ``repeat_time`` r: ``floor(r)`` full copies plus a deterministic (per ``seed`` and name) subsample of
     ``(r - floor(r)) x len`` records, kept in file order; so r < 1 subsamples and r > 1 repeats.
@@ -71,19 +69,20 @@ def read_internvl_meta(
     if not isinstance(data, dict) or not data:
         raise DataError(f"{meta}: expected a non-empty JSON object mapping names to {{root, annotation, repeat_time, length}}")
     records: list[Record] = []
-    names = list(data)
+    files = [meta]
     for source, (name, entry) in enumerate(data.items()):
         if not isinstance(entry, dict) or "annotation" not in entry:
             raise DataError(f"{meta}: entry {name!r} needs an 'annotation' (JSONL path) and a 'root' (image folder)")
         ann = _resolve(meta.parent, entry["annotation"])
         part = read_annotation(ann, _resolve(meta.parent, entry.get("root", ".")), source)
+        files.append(ann)
         if "length" in entry and entry["length"] != len(part):
             log.warning("%s: entry %r says length=%s but %s has %d samples; using the file", meta, name, entry["length"], ann, len(part))
         repeat = entry.get("repeat_time", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or repeat < 0:
             raise DataError(f"{meta}: entry {name!r}: repeat_time={repeat!r} must be a number >= 0")
         records.extend(repeat_records(part, float(repeat), seed + zlib.crc32(name.encode())))
-    return records, names
+    return records, list(data), files
 
 
 def repeat_records(records: list[Record], repeat_time: float, seed: int) -> list[Record]:
