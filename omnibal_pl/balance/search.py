@@ -27,7 +27,7 @@ from omnibal_pl.balance.steps import form_steps
 from omnibal_pl.errors import BalanceError
 from omnibal_pl.lengths import LengthTable
 
-BALANCED_TOKEN_SLACKS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.06)
+BALANCED_TOKEN_SLACKS = (0.01, 0.02, 0.03, 0.05)
 ISF_MAX_EVALUATIONS = 200
 FILLABLE_GROUP_EXCESS = 1.01  # groups / lower bound under which a cap pair counts as fillable
 

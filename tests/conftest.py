@@ -1,0 +1,18 @@
+"""Shared fixtures: the real statistics in ../shared (CI has them beside the clone)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omnibal_pl.lengths import LengthTable, load_lengths
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_LENGTH_FILES = sorted((SHARED_DATA / "omnibal_lengths").glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def real_lengths() -> LengthTable:
+    if len(REAL_LENGTH_FILES) != 4:
+        pytest.skip(f"the four real statistics files are not in {SHARED_DATA / 'omnibal_lengths'}")
+    return load_lengths(REAL_LENGTH_FILES)

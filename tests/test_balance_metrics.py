@@ -1,0 +1,88 @@
+"""Metric definitions on hand-made cases, step formation, and the argument searches on the real data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omnibal_pl.balance import BalanceConfig, Grouping, balance_metrics, dist_ratio, form_steps, pad_ratio, resolve_caps
+from omnibal_pl.balance.search import evaluate
+from omnibal_pl.lengths import LengthTable
+
+
+def test_dist_ratio_hand_cases():
+    assert dist_ratio(np.array([[4, 4, 4, 4]])) == 0.0
+    # step 1: max 4, waste (0 + 2 + 4 + 4) / (4 * 4) = 0.625; step 2: perfect -> mean 0.3125
+    assert dist_ratio(np.array([[4, 2, 0, 0], [3, 3, 3, 3]])) == pytest.approx(0.3125)
+    assert dist_ratio(np.array([[0, 0]])) == 0.0
+
+
+def test_pad_ratio_hand_case():
+    # two ranks, one micro-batch: lengths 100 and 60 padded to 100 -> 40 / 200
+    assert pad_ratio(np.array([[[100], [60]]])) == pytest.approx(0.2)
+    # two steps: (100, 60) and (50, 50): pad 40 of 300
+    assert pad_ratio(np.array([[[100], [60]], [[50], [50]]])) == pytest.approx(40 / 300)
+
+
+def test_balance_metrics_on_a_tiny_grouping():
+    table = LengthTable.from_arrays([2, 2, 1, 3, 1, 1], [10, 20, 30, 40, 5, 5])
+    g = Grouping(np.array([0, 1, 2, 3, 4, 5]), np.array([0, 2, 3, 4, 6]), vit_cap=4, token_cap=40, algorithm="x")
+    steps = form_steps(*g.sums(table), dp=2, micro_batches=1, order="sequential", seed=0)
+    m = balance_metrics(table, g, steps)
+    # group sums: tiles (4, 1, 3, 2), tokens (30, 30, 40, 10); steps: (g0, g1), (g2, g3)
+    assert m["vit_dist_ratio"] == pytest.approx(((4 - 1) / 8 + (3 - 2) / 6) / 2)
+    assert m["llm_dist_ratio"] == pytest.approx((0 + 30 / 80) / 2)
+    assert m["pad_ratio"] == pytest.approx(30 / 140)
+    assert m["vit_fill"] == pytest.approx(10 / 16) and m["token_fill"] == pytest.approx(110 / 160)
+    assert m["samples_lost"] == 0 and m["groups"] == 4 and m["avg_group_size"] == 1.5
+
+
+def test_lost_samples_are_counted():
+    table = LengthTable.from_arrays([1, 1, 1], [1, 1, 1])
+    g = Grouping(np.array([0, 2]), np.array([0, 2]), 2, 2, "x")
+    m = balance_metrics(table, g, form_steps(*g.sums(table), 1, 1, "sequential", 0))
+    assert m["samples_lost"] == 1 and m["samples_grouped"] == 2
+
+
+@pytest.mark.parametrize("order", ["matched", "megatron", "sequential"])
+@pytest.mark.parametrize("dp, micro", [(1, 1), (3, 1), (4, 2), (8, 3)])
+def test_steps_cover_every_group_once(order, dp, micro):
+    rng = np.random.default_rng(dp * 10 + micro)
+    n = 101
+    steps = form_steps(rng.integers(1, 20, n), rng.integers(1, 5000, n), dp, micro, order, seed=3)
+    assert steps.groups.shape[1:] == (dp, micro)
+    used = np.concatenate([steps.groups.ravel(), steps.leftover])
+    np.testing.assert_array_equal(np.sort(used), np.arange(n))
+    assert len(steps.leftover) == n % (dp * micro)
+
+
+def test_matched_steps_balance_rank_totals_with_micro_batches():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1000, 5000, 4096)
+    steps = form_steps(np.full(4096, 10), tokens, dp=8, micro_batches=4, order="matched", seed=0)
+    per_rank = tokens[steps.groups].sum(axis=2)
+    assert dist_ratio(per_rank) < 0.01
+    random_steps = form_steps(np.full(4096, 10), tokens, dp=8, micro_batches=4, order="megatron", seed=0)
+    assert dist_ratio(tokens[random_steps.groups].sum(axis=2)) > 0.1
+
+
+def test_isf_search_reproduces_published_choice(real_lengths):
+    cfg = BalanceConfig(algorithm="isf", dp=8, samples_per_group=4)
+    caps = resolve_caps(real_lengths, cfg)
+    assert (caps.vit_cap, caps.token_cap) == (18, 6016)
+    m = evaluate(real_lengths, cfg, caps.vit_cap, caps.token_cap)
+    # published: 15,524 groups, 4.55 per group, vit dist 0.000, llm dist 0.069
+    assert abs(m["groups"] - 15524) < 100 and m["avg_group_size"] == pytest.approx(4.55, abs=0.03)
+    assert m["vit_dist_ratio"] < 0.002 and m["llm_dist_ratio"] == pytest.approx(0.069, abs=0.01)
+    d = evaluate(real_lengths, cfg, 9, 4096)  # published defaults: 0.293 / 0.328
+    assert d["vit_dist_ratio"] == pytest.approx(0.293, abs=0.01) and d["llm_dist_ratio"] == pytest.approx(0.328, abs=0.01)
+
+
+def test_balanced_search_reaches_the_issue_figures(real_lengths):
+    cfg = BalanceConfig(algorithm="balanced", dp=8, samples_per_group=4)
+    caps = resolve_caps(real_lengths, cfg)
+    m = evaluate(real_lengths, cfg, caps.vit_cap, caps.token_cap)
+    assert 4 <= m["avg_group_size"] <= 5
+    assert m["vit_dist_ratio"] <= 0.005 and m["llm_dist_ratio"] <= 0.005
+    assert m["vit_fill"] >= 0.95 and m["token_fill"] >= 0.95
+    assert m["groups_vs_lower_bound"] <= 1.01
+    assert m["samples_lost"] == 0
