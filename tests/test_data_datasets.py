@@ -16,7 +16,6 @@ from tests.test_data_common import (
     TILE,
     conversation,
     llava_records,
-    make_image,
     make_tokenizer,
     write_json,
     write_jsonl,
