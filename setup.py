@@ -6,6 +6,7 @@ core = Pybind11Extension(
     "omnibal_pl.balance._core",
     sources=["csrc/bindings.cpp", "csrc/isf.cpp", "csrc/balanced.cpp"],
     include_dirs=["csrc"],
+    depends=["csrc/rng.h", "csrc/grouping.h"],
     cxx_std=17,
     extra_compile_args=["-O3"],
 )

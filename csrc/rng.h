@@ -18,8 +18,8 @@ class SplitMix64 {
     return z ^ (z >> 31);
   }
 
-  // Uniform integer in [0, n); the modulo bias (< n / 2^64) is irrelevant here and keeps parity simple.
-  uint64_t below(uint64_t n) { return next() % n; }
+  // Integer in [0, n) by multiply-high (Lemire): no division, and the bias (< n / 2^64) is irrelevant here.
+  uint64_t below(uint64_t n) { return static_cast<uint64_t>((static_cast<unsigned __int128>(next()) * n) >> 64); }
 
   // Fisher-Yates from the back: for i = n-1 .. 1, swap v[i] with v[below(i + 1)].
   template <typename T>

@@ -21,8 +21,8 @@ class SplitMix64:
         return z ^ (z >> 31)
 
     def below(self, n: int) -> int:
-        """Integer in [0, n) (modulo reduction, as in C++)."""
-        return self.next() % n
+        """Integer in [0, n) by multiply-high, as in C++."""
+        return (self.next() * n) >> 64
 
     def shuffle(self, items: MutableSequence) -> None:
         """In-place Fisher-Yates from the back, the order ``csrc/rng.h`` uses."""
