@@ -10,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.model.sparsify import SparsifyConfig
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 VISION_ACTIVATIONS = ("gelu", "quick_gelu")
@@ -190,6 +191,7 @@ class VLMConfig:
             ``<image>`` = 32000 for llava-hf LLaVA-1.5).
         attention_backend: varlen attention of the LLM: ``auto`` (flash on CUDA when available, else
             SDPA per segment), ``flash``, ``flex`` or ``sdpa`` (see :mod:`omnibal_pl.model.attention`).
+        sparsify: Dynamic-LLaVA token sparsification (off by default; see :mod:`omnibal_pl.model.sparsify`).
     """
 
     name: str
@@ -198,10 +200,13 @@ class VLMConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     image_context_id: int = 0
     attention_backend: str = "auto"
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                  f"{self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        _require(not self.sparsify.enabled or self.sparsify.sparse_layer < self.llm.layers, "sparsify.sparse_layer",
+                 f"{self.sparsify.sparse_layer} is not a layer of the {self.llm.layers}-layer LLM")
         _require(0 <= self.image_context_id < self.llm.vocab_size, "image_context_id",
                  f"{self.image_context_id} is outside the vocabulary [0, {self.llm.vocab_size})")
         if self.projector.kind == "pixel_shuffle_mlp":
@@ -217,7 +222,8 @@ class VLMConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "VLMConfig":
         """Build from a plain nested mapping (e.g. a loaded ``conf/model/*.yaml``)."""
         data = dict(data)
-        for key, sub in (("vision", VisionConfig), ("llm", LLMConfig), ("projector", ProjectorConfig)):
+        for key, sub in (("vision", VisionConfig), ("llm", LLMConfig), ("projector", ProjectorConfig),
+                         ("sparsify", SparsifyConfig)):
             if key in data and not isinstance(data[key], sub):
                 data[key] = _build(sub, data[key], key)
         return _build(cls, data, "model")

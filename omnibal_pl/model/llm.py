@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnibal_pl.data.batch import PackedBatch
-from omnibal_pl.errors import DataError
+from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.model.attention import varlen_attention
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import LLMConfig, VLMConfig
 from omnibal_pl.model.norms import RMSNorm
+from omnibal_pl.model.sparsify import Sparsifier, masked_varlen_attention
 
 
 class TokenEmbed(nn.Module):
@@ -75,7 +76,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, block: TransformerBlock) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: PackedBatch, block: TransformerBlock,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` [L] (0/1 keep mask of the keys, Dynamic-LLaVA): use the masked eager path."""
         length = x.shape[1]
         hd = self.cfg.head_dim
         q = self.q(x).view(length, self.cfg.heads, hd)
@@ -83,7 +86,11 @@ class Attention(nn.Module):
         v = self.v(x).view(length, self.cfg.kv_heads, hd)
         cos, sin = rope_cos_sin(batch.position_ids[0].to(x.device), hd, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = block.attention_core(self._core, q, k, v, batch.cu_seqlens.to(x.device), batch.max_seqlen)
+        cu_seqlens = batch.cu_seqlens.to(x.device)
+        if keep is None:
+            out = block.attention_core(self._core, q, k, v, cu_seqlens, batch.max_seqlen)
+        else:
+            out = block.attention_core(masked_varlen_attention, q, k, v, keep, cu_seqlens)
         return self.o(out.reshape(1, length, -1))
 
     def _core(self, q, k, v, cu_seqlens, max_seqlen):
@@ -102,30 +109,59 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(TransformerBlock):
-    """Block ``llm.layers.<i>``: pre-RMSNorm attention and SwiGLU; [1, L, hidden] -> same."""
+    """Block ``llm.layers.<i>``: pre-RMSNorm attention and SwiGLU; [1, L, hidden] -> same.
+
+    With Dynamic-LLaVA sparsification (:mod:`omnibal_pl.model.sparsify`) layer ``sparse_layer`` owns the
+    ``sparsifier`` that makes the keep mask from its input, and every layer from it on (``masked``) uses
+    the masked attention path and outputs [1, L, hidden + 1], the mask riding as the last channel.
+    """
 
     def __init__(self, cfg: LLMConfig, backend: str) -> None:
         super().__init__()
+        self.hidden = cfg.hidden
         self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.attn = Attention(cfg, backend)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = SwiGLU(cfg)
+        self.masked = False
+        self.sparsifier: Sparsifier | None = None
 
     def compute(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, self)
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.masked:
+            x = x + self.attn(self.attn_norm(x), batch, self)
+            return x + self.mlp(self.mlp_norm(x))
+        if self.sparsifier is not None:
+            keep = self.sparsifier(x, batch)
+        elif x.shape[-1] == self.hidden + 1:
+            x, keep = x[..., :-1], x[0, :, -1]
+        else:
+            raise ConfigError(
+                f"a sparsified decoder layer got {x.shape[-1]} channels, expected hidden {self.hidden} + 1 keep-mask "
+                f"channel from the layers before it; run the layers from sparsify.sparse_layer on in order"
+            )
+        x = x + self.attn(self.attn_norm(x), batch, self, keep)
+        x = x + self.mlp(self.mlp_norm(x))
+        return torch.cat([x, keep.to(x.dtype).view(1, -1, 1)], dim=-1)
 
 
 class Head(nn.Module):
-    """Block ``llm.head``: final RMSNorm + output projection; [1, L, hidden] -> logits [1, L, vocab]."""
+    """Block ``llm.head``: final RMSNorm + output projection; [1, L, hidden] -> logits [1, L, vocab].
+
+    With sparsification (``keep_channel``): [1, L, hidden + 1] -> [1, L, vocab + 1], the keep mask
+    passed through as the last column (split it with :func:`omnibal_pl.model.sparsify.split_output`).
+    """
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.out = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.keep_channel = False
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        return self.out(self.norm(x))
+        if not self.keep_channel:
+            return self.out(self.norm(x))
+        logits = self.out(self.norm(x[..., :-1]))
+        return torch.cat([logits, x[..., -1:].to(logits.dtype)], dim=-1)
 
 
 class LanguageModel(nn.Module):
@@ -143,3 +179,21 @@ class LanguageModel(nn.Module):
         self.head = Head(cfg.llm)
         if cfg.llm.tie_embeddings:
             self.head.out.weight = self.embed.tok.weight
+        if cfg.sparsify.enabled:
+            self.install_sparsifier(cfg)
+
+    def install_sparsifier(self, cfg: VLMConfig) -> None:
+        """Add fresh predictors to layer ``cfg.sparsify.sparse_layer`` and mask the layers from it on.
+
+        Called at construction when ``cfg.sparsify.enabled``, or on a loaded model (before blocks are
+        deleted for a pipeline stage) to start Dynamic-LLaVA training from a fine-tuned checkpoint.
+        """
+        sparse = cfg.sparsify
+        if sparse.sparse_layer >= cfg.llm.layers:
+            raise ConfigError(f"model config: sparsify.sparse_layer {sparse.sparse_layer} is not a layer of this "
+                              f"{cfg.llm.layers}-layer LLM; pick one in [0, {cfg.llm.layers})")
+        cut = self.layers[str(sparse.sparse_layer)]
+        cut.sparsifier = Sparsifier(sparse, cfg.llm.hidden, cfg.image_context_id, cfg.attention_backend).to(cut.attn.q.weight)
+        for i, layer in self.layers.items():
+            layer.masked = int(i) >= sparse.sparse_layer
+        self.head.keep_channel = True

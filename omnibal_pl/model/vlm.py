@@ -19,6 +19,7 @@ parameter names never change, so checkpoints can be re-partitioned.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -31,6 +32,7 @@ from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.llm import LanguageModel
 from omnibal_pl.model.norms import RMSNorm
 from omnibal_pl.model.projector import Projector
+from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.model.vision import VisionEncoder
 
 
@@ -68,6 +70,16 @@ class VLM(nn.Module):
         for _, block in self.blocks():
             x = block(x, batch)
         return x
+
+    def enable_sparsify(self, sparsify: SparsifyConfig) -> None:
+        """Turn Dynamic-LLaVA sparsification on for a built (e.g. checkpoint-loaded) model: fresh predictors
+        on layer ``sparsify.sparse_layer`` (same device and dtype), masked layers from it on."""
+        if self.cfg.sparsify.enabled:
+            raise ConfigError("enable_sparsify: sparsification is already on; build the model from a config instead")
+        if not sparsify.enabled:
+            raise ConfigError("enable_sparsify: the given SparsifyConfig has enabled: false")
+        self.cfg = dataclasses.replace(self.cfg, sparsify=sparsify)
+        self.llm.install_sparsifier(self.cfg)
 
     def set_recompute(self, mode: str, names: Iterable[str] | None = None) -> None:
         """Set ``recompute`` to ``mode`` on the named transformer blocks (all of them when ``names`` is None)."""
