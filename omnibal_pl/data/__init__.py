@@ -1,10 +1,12 @@
 """Datasets, tiling, tokenisation, length statistics and packing: samples in, packed micro-batches out."""
 from omnibal_pl.data.batch import PackedBatch
 from omnibal_pl.data.collate import PackingCollate, unpack
+from omnibal_pl.data.datamodule import LoaderConfig, ModelSpec, OmniBalDataModule, PackingConfig
 from omnibal_pl.data.datasets import ConversationDataset, InternVLDataset, LlavaDataset, Sample, SkipReport
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
 from omnibal_pl.data.stats import compute_lengths
 from omnibal_pl.data.synthetic import SyntheticDataset
+from omnibal_pl.data.synthetic_lengths import adapt_to_model, synthetic_lengths
 from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
 from omnibal_pl.data.tiling import TilingConfig, count_tiles, tile_grid, tile_image
 
@@ -13,8 +15,12 @@ __all__ = [
     "ConversationDataset",
     "InternVLDataset",
     "LlavaDataset",
+    "LoaderConfig",
+    "ModelSpec",
+    "OmniBalDataModule",
     "PackedBatch",
     "PackingCollate",
+    "PackingConfig",
     "Record",
     "Sample",
     "SkipReport",
@@ -22,11 +28,13 @@ __all__ = [
     "TemplateConfig",
     "TextTokenizer",
     "TilingConfig",
+    "adapt_to_model",
     "compute_lengths",
     "count_tiles",
     "load_tokenizer",
     "read_annotation",
     "read_internvl_meta",
+    "synthetic_lengths",
     "tile_grid",
     "tile_image",
     "unpack",

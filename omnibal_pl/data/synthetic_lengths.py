@@ -45,3 +45,21 @@ def synthetic_lengths(samples: int = EMBEDDED_SAMPLES, seed: int = 0, max_tokens
         top = (cells[:, 2].max() + 1) * TOKEN_BIN
         tokens = np.maximum(1, tokens * max_tokens // top)
     return LengthTable(vit, tokens, flag, np.zeros(samples, np.int16), ["synthetic"])
+
+
+SOURCE_TOKENS_PER_TILE = 256  # LLM tokens per tile behind the embedded statistics (InternVL-Chat-V1.5)
+
+
+def adapt_to_model(table: LengthTable, tokens_per_tile: int, text_scale: float = 1.0,
+                   source_tokens_per_tile: int = SOURCE_TOKENS_PER_TILE) -> LengthTable:
+    """The same samples for a model with ``tokens_per_tile`` LLM tokens per tile.
+
+    Image tokens become ``image_flag x tokens_per_tile``; text tokens (the rest) are scaled by
+    ``text_scale`` and kept >= 1. Identity for ``tokens_per_tile = 256`` and ``text_scale = 1``.
+    """
+    if tokens_per_tile < 1 or text_scale <= 0:
+        raise ConfigError(f"tokens_per_tile={tokens_per_tile}, text_scale={text_scale}: both must be positive")
+    image = table.image_flag.astype(np.int64)
+    text = np.maximum(table.tokens.astype(np.int64) - image * source_tokens_per_tile, 1)
+    text = np.maximum(np.rint(text * text_scale).astype(np.int64), 1)
+    return LengthTable(table.vit, image * tokens_per_tile + text, table.image_flag, table.source, table.sources)

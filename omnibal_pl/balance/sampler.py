@@ -1,0 +1,175 @@
+"""Per-epoch, per-DP-rank balanced micro-batches for a DataLoader, resumable mid-epoch.
+
+Every DP rank builds the same epoch plan from (seed, epoch, dp size): group the epoch's samples with
+the configured algorithm and caps, arrange the groups into steps of ``dp x micro_batches`` groups
+(:func:`~omnibal_pl.balance.steps.form_steps`), then yield its own ``micro_batches`` groups of every
+step. So all ranks yield the same number of micro-batches (no collective can hang) and the ranks of one
+step carry near-equal work.
+
+Nothing is lost: groups that cannot fill a whole step are carried into the next epoch (their samples
+join that epoch's grouping); after the last epoch they are reported by :meth:`BalancedSampler.leftover`.
+Epoch ``e``'s plan depends on epoch ``e - 1``'s carry, so plans are built in order from epoch 0 and
+cached.
+
+Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on
+a batch sampler itself: hence two classes, :class:`BalancedSampler` (the epoch plan, ``set_epoch``,
+state) and :class:`BalancedBatchSampler` (what the DataLoader iterates), the first reachable as the
+second's ``.sampler``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.grouping import Grouping, group_samples
+from omnibal_pl.balance.metrics import balance_metrics
+from omnibal_pl.balance.steps import Steps, form_steps
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.lengths import LengthTable
+
+
+@dataclass
+class EpochPlan:
+    """One epoch: groups of dataset indices and their arrangement into steps."""
+
+    epoch: int
+    grouping: Grouping  # indices are dataset sample ids
+    steps: Steps
+    carried_in: np.ndarray  # sample ids carried from the previous epoch's tail
+    leftover: np.ndarray  # sample ids of groups in no full step (carried to the next epoch)
+
+    def rank_groups(self, dp_rank: int) -> np.ndarray:
+        """Group ids this DP rank runs, in order: step by step, micro-batch by micro-batch."""
+        return self.steps.groups[:, dp_rank, :].reshape(-1)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The grouping seed of an epoch (distinct streams per epoch, same on every rank)."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
+
+
+class BalancedSampler(Sampler[int]):
+    """The epoch plan of one DP rank; iterating it gives the rank's sample ids in training order.
+
+    ``cfg`` must have both caps set (resolve them once with
+    :func:`~omnibal_pl.balance.search.resolve_caps` and pass the resolved config): every rank and every
+    epoch use the same shapes. ``dp_rank``/``dp_size`` are the data-parallel ones; with pipeline
+    parallelism all ranks of one pipeline share a DP rank and so get the same micro-batches.
+    """
+
+    def __init__(self, lengths: LengthTable, cfg: BalanceConfig, dp_rank: int = 0, dp_size: int | None = None) -> None:
+        dp_size = cfg.dp if dp_size is None else dp_size
+        if not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"DP rank {dp_rank} is outside [0, {dp_size}); check the strategy's DP size")
+        if cfg.algorithm in ("balanced", "isf") and (cfg.vit_cap is None or cfg.token_cap is None):
+            raise ConfigError("BalancedSampler needs resolved caps: pass the config returned with "
+                              "balance.vit_cap/token_cap set (see omnibal_pl.balance.resolve_caps)")
+        self.lengths = lengths
+        self.cfg = replace(cfg, dp=dp_size)
+        self.dp_rank = dp_rank
+        self.epoch = 0
+        self._plans: dict[int, EpochPlan] = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, micro-batches already consumed)
+
+    @property
+    def dp_size(self) -> int:
+        return self.cfg.dp
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch to iterate (Lightning calls this at every epoch start)."""
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The plan of ``epoch`` (default: the current one), built after all earlier ones."""
+        epoch = self.epoch if epoch is None else epoch
+        start = max((e for e in self._plans if e <= epoch), default=-1)
+        for e in range(start + 1, epoch + 1):
+            carried = self._plans[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
+            self._plans[e] = self._build(e, carried)
+            self._plans.pop(e - 2, None)  # keep memory bounded: only the last two plans are needed
+        return self._plans[epoch]
+
+    def _build(self, epoch: int, carried: np.ndarray) -> EpochPlan:
+        pool = np.concatenate([np.arange(len(self.lengths), dtype=np.int64), carried])
+        table = self.lengths.subset(pool)
+        seed = epoch_seed(self.cfg.seed, epoch)
+        local = group_samples(table, self.cfg, seed=seed)
+        grouping = replace(local, indices=pool[local.indices])
+        steps = form_steps(*local.sums(table), self.cfg.dp, self.cfg.micro_batches, self.cfg.resolved_step_order, seed)
+        leftover = np.concatenate([grouping.group(g) for g in steps.leftover]) if len(steps.leftover) else np.zeros(0, np.int64)
+        return EpochPlan(epoch, grouping, steps, carried, leftover)
+
+    def micro_batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Micro-batches every rank yields in ``epoch`` (equal on all ranks)."""
+        plan = self.plan(epoch)
+        return plan.steps.num_steps * self.cfg.micro_batches
+
+    def leftover(self, epoch: int | None = None) -> np.ndarray:
+        """Sample ids that ``epoch`` could not place in a full step: trained next epoch, or never if it is the last."""
+        return self.plan(epoch).leftover
+
+    def report(self, epoch: int | None = None) -> dict[str, Any]:
+        """Balance metrics of the epoch's grouping and steps (all ranks), plus carry-over counts."""
+        plan = self.plan(epoch)
+        table = self.lengths.subset(plan.grouping.indices)  # one row per grouped sample (carried ones too)
+        local = replace(plan.grouping, indices=np.arange(len(table), dtype=np.int64))
+        out = balance_metrics(table, local, plan.steps)
+        out.update(epoch=plan.epoch, samples_carried_in=int(len(plan.carried_in)),
+                   samples_carried_out=int(len(plan.leftover)), dp_rank=self.dp_rank)
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Rank-independent position: seed, epoch and micro-batches consumed in it (by every rank)."""
+        return {"seed": int(self.cfg.seed), "epoch": int(self.epoch), "batches_done": int(batches_done),
+                "dp_size": int(self.cfg.dp)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iteration of ``state['epoch']`` skips the micro-batches already consumed."""
+        if int(state["seed"]) != self.cfg.seed or int(state.get("dp_size", self.cfg.dp)) != self.cfg.dp:
+            raise ConfigError(f"sampler state is for seed {state['seed']} and DP size {state.get('dp_size')}, "
+                              f"this run has seed {self.cfg.seed} and DP size {self.cfg.dp}: resume with the same "
+                              "balance.seed and data-parallel size, or start a new run")
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["batches_done"]))
+
+    def take_skip(self) -> int:
+        """Micro-batches to skip at the start of the current epoch (once, after a resume)."""
+        if self._resume is None or self._resume[0] != self.epoch:
+            return 0
+        skip = self._resume[1]
+        self._resume = None
+        return skip
+
+    def __iter__(self) -> Iterator[int]:
+        plan = self.plan()
+        for g in plan.rank_groups(self.dp_rank):
+            yield from plan.grouping.group(g).tolist()
+
+    def __len__(self) -> int:
+        plan = self.plan()
+        return int(plan.grouping.sizes()[plan.rank_groups(self.dp_rank)].sum())
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Yields this DP rank's micro-batches (lists of dataset indices) for the current epoch.
+
+    ``len()`` is the full epoch, also after a mid-epoch resume (Lightning counts the skipped batches
+    as done). Use with ``DataLoader(dataset, batch_sampler=...)`` and ``Trainer(use_distributed_sampler=False)``.
+    """
+
+    def __init__(self, sampler: BalancedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self.sampler.plan()
+        skip = self.sampler.take_skip()
+        for g in plan.rank_groups(self.sampler.dp_rank)[skip:]:
+            yield plan.grouping.group(g).tolist()
+
+    def __len__(self) -> int:
+        return self.sampler.micro_batches_per_epoch()
