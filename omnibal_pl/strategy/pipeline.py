@@ -1,0 +1,203 @@
+"""One training step of a pipeline x data parallel model with ``torch.distributed.pipelining``.
+
+How a step runs (:meth:`PipelineRunner.train_step`), on every rank with the ``m`` micro-batches of its
+pipeline (all ranks of one pipeline get the same ones; DP replicas get different ones):
+
+- Metadata: every stage module gets the step's list of :class:`PackedBatch` es, and the schedule hands
+  each stage the micro-batch index ``k`` as the keyword argument ``mb_index`` (``step`` chunks the
+  tensor ``arange(m)`` along dim 0, and keyword arguments reach every stage). The one tensor crossing
+  stages is the blocks' ``x``; the first stage's input is the micro-batches' ``pixel_values``,
+  concatenated and chunked back by the schedule.
+- Loss: on the last stage, ``loss_fn(logits, batch) -> scalar`` per micro-batch (the schedule's
+  target is the micro-batch index). The step's loss and gradient are the *mean* over the step's
+  ``m x dp`` micro-batches (the schedule divides gradients by ``m``, the DP all-reduce by ``dp``);
+  a loss normalised by a global token count must fold that count into ``loss_fn``.
+- Gradients: accumulate into ``.grad`` over the micro-batches with no communication; after the last
+  micro-batch one flat all-reduce per dtype averages them over the "dp" mesh dimension. They are not
+  zeroed here: zero them before each step, as with ``loss.backward()``.
+- The step's loss is broadcast from the last stage and averaged over DP: every rank returns it.
+
+Shapes are static: the pipeline fixes the token cap (``input_ids`` length L) and tile cap
+(``pixel_values`` tiles T) at the first step; a micro-batch of another shape raises :class:`DataError`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.errors import ConfigError, DataError
+from omnibal_pl.model import VLMConfig
+from omnibal_pl.strategy.stage import PipelineLayout, StageModule, build_stage, check_layout
+
+LossFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
+
+
+class _MicroBatchLoss:
+    """The schedule's ``loss_fn(output, target)``: ``target`` is the micro-batch index."""
+
+    def __init__(self, loss_fn: LossFn, stage: StageModule) -> None:
+        self.loss_fn = loss_fn
+        self.stage = stage
+
+    def __call__(self, logits: torch.Tensor, mb_index: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, self.stage.micro_batches[int(mb_index)])
+
+
+def _unique_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
+    """Average ``params``' gradients over ``dp_group``: one flat all-reduce per dtype.
+
+    A parameter without a gradient gets zeros, so every replica runs the same collectives.
+    """
+    size = dist.get_world_size(dp_group)
+    if size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=dp_group)
+        flat.div_(size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm over all pipeline stages is at most ``max_norm``.
+
+    ``params`` are this rank's (all its stages); gradients must already be averaged over DP (then they
+    are equal across replicas, so only the pipeline group reduces). Same formula as
+    ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32, on every rank).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squares += g.detach().float().pow(2).sum()
+    dist.all_reduce(squares, group=pp_group)
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype))
+    return total
+
+
+class PipelineRunner:
+    """Runs training steps of this rank's pipeline stages (see the module docstring).
+
+    ``stages`` are this rank's :class:`StageModule` s (one, or several for interleaved 1F1B), in stage
+    order; ``num_stages`` is the pipeline's total; ``mesh`` the ("pp", "dp") mesh.
+    """
+
+    def __init__(self, stages: Sequence[StageModule], num_stages: int, mesh: DeviceMesh, loss_fn: LossFn,
+                 micro_batches: int, schedule: str = "1f1b", device: torch.device | str = "cpu") -> None:
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"pipeline schedule {schedule!r} is not one of {SCHEDULES}")
+        if len(stages) > 1 and schedule != "interleaved":
+            raise ConfigError(f"{len(stages)} stages per pipeline rank need schedule 'interleaved', got {schedule!r}")
+        if micro_batches < num_stages:
+            if schedule == "1f1b":
+                raise ConfigError(
+                    f"1F1B needs at least as many micro-batches per step as stages: {micro_batches} < {num_stages}; "
+                    f"raise the sampler's micro_batches or use schedule 'gpipe'"
+                )
+            warnings.warn(f"{micro_batches} micro-batches for {num_stages} pipeline stages: most of the step is "
+                          f"pipeline bubble; use at least {num_stages} micro-batches per step", stacklevel=2)
+        self.modules = list(stages)
+        self.mesh = mesh
+        self.device = torch.device(device)
+        self.micro_batches = micro_batches
+        self.pp_group = mesh["pp"].get_group()
+        self.dp_group = mesh["dp"].get_group()
+        self.shape: tuple[int, int] | None = None  # (tokens L, tiles T) fixed at the first step
+        pipe_stages = [PipelineStage(s, s.stage_index, num_stages, self.device, group=self.pp_group) for s in stages]
+        self.has_first = pipe_stages[0].is_first
+        self.has_last = pipe_stages[-1].is_last
+        self.last_rank = (num_stages - 1) % mesh["pp"].size()
+        loss = _MicroBatchLoss(loss_fn, self.modules[-1])
+        try:
+            if schedule == "interleaved":
+                self.schedule = ScheduleInterleaved1F1B(pipe_stages, micro_batches, loss_fn=loss)
+            else:
+                cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+                self.schedule = cls(pipe_stages[0], micro_batches, loss_fn=loss)
+        except ValueError as e:
+            raise ConfigError(f"pipeline schedule {schedule!r} with {micro_batches} micro-batches: {e}") from e
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (all its stages), each once: what its optimizer gets."""
+        return iter(_unique_parameters(self.modules))
+
+    def check_shapes(self, micro_batches: Sequence[PackedBatch]) -> None:
+        """Raise :class:`DataError` unless there are ``micro_batches`` micro-batches of the pipeline's shape."""
+        if len(micro_batches) != self.micro_batches:
+            raise DataError(f"pipeline step: got {len(micro_batches)} micro-batches, the schedule runs "
+                            f"{self.micro_batches}; the sampler's micro_batches must match the pipeline's")
+        if self.shape is None:
+            self.shape = (micro_batches[0].input_ids.shape[1], micro_batches[0].pixel_values.shape[0])
+        tokens, tiles = self.shape
+        for k, mb in enumerate(micro_batches):
+            if mb.input_ids.shape[1] != tokens:
+                raise DataError(
+                    f"pipeline step: micro-batch {k} has {mb.input_ids.shape[1]} tokens, but pipeline stages run "
+                    f"at a fixed {tokens} tokens (the token cap, fixed by the first micro-batch); pad every "
+                    f"micro-batch to the token cap (collate pad_to: cap)")
+            if mb.pixel_values.shape[0] != tiles:
+                raise DataError(
+                    f"pipeline step: micro-batch {k} has {mb.pixel_values.shape[0]} tiles, but pipeline stages run "
+                    f"at a fixed {tiles} tiles (the tile cap, fixed by the first micro-batch); pad every "
+                    f"micro-batch's tiles to the tile cap")
+
+    def train_step(self, micro_batches: Sequence[PackedBatch]) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches, then the DP gradient average.
+
+        Returns the step's loss (mean over the ``m x dp`` micro-batches, detached fp32 scalar) on
+        every rank. The optimizer step, clipping (:func:`clip_grad_norm_`) and zeroing are the caller's.
+        """
+        self.check_shapes(micro_batches)
+        batches = [mb.to(self.device) for mb in micro_batches]
+        for module in self.modules:
+            module.micro_batches = batches
+        index = torch.arange(len(batches))
+        args = (torch.cat([mb.pixel_values for mb in batches]),) if self.has_first else ()
+        losses: list[torch.Tensor] | None = [] if self.has_last else None
+        try:
+            self.schedule.step(*args, target=index if self.has_last else None, losses=losses,
+                               return_outputs=False, mb_index=index)
+        finally:
+            for module in self.modules:
+                module.micro_batches = []
+        all_reduce_grads(list(self.parameters()), self.dp_group)
+        loss = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
+        dist.broadcast(loss, group=self.pp_group, group_src=self.last_rank)
+        dist.all_reduce(loss, group=self.dp_group)
+        return loss / dist.get_world_size(self.dp_group)
+
+
+def build_pipeline(cfg: VLMConfig, layout: PipelineLayout, mesh: DeviceMesh, full_state: Mapping[str, torch.Tensor],
+                   loss_fn: LossFn, micro_batches: int, schedule: str = "1f1b",
+                   device: torch.device | str = "cpu") -> PipelineRunner:
+    """This rank's stages of ``layout`` (checked against ``cfg``), filled from ``full_state``, ready to step."""
+    pp = mesh["pp"].size()
+    check_layout(layout, cfg, pp)
+    indices = layout.stages_of_rank(mesh["pp"].get_local_rank(), pp)
+    stages = [build_stage(cfg, layout, s, device, full_state) for s in indices]
+    return PipelineRunner(stages, len(layout.stages), mesh, loss_fn, micro_batches, schedule, device)

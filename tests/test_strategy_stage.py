@@ -1,0 +1,126 @@
+"""Stage construction in one process: layout checks, the stage's slice, recompute per plan, sizes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from omnibal_pl.errors import ConfigError, PlanError
+from omnibal_pl.model import VLM, VLMConfig, dummy_batch
+from omnibal_pl.strategy import PipelineLayout, block_names, build_stage, check_layout, check_sizes
+from omnibal_pl.strategy import initial_state_dict, load_stage_state
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+@pytest.fixture(scope="module")
+def cfg() -> VLMConfig:
+    return VLMConfig.from_dict(yaml.safe_load((CONF / "tiny.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def names(cfg) -> list[str]:
+    return block_names(cfg)
+
+
+def test_initial_state_is_the_single_process_init_and_leaves_the_rng_alone(cfg):
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    full = initial_state_dict(cfg, seed=7)
+    assert torch.equal(torch.rand(3), before)
+    torch.manual_seed(7)
+    ref = VLM(cfg).state_dict()
+    assert sorted(full) == sorted(ref) and all(torch.equal(full[k], ref[k]) for k in ref)
+
+
+def test_stage_holds_only_its_blocks_with_model_names_and_exact_values(cfg, names):
+    layout = PipelineLayout([names[:3], names[3:6], names[6:]])
+    full = initial_state_dict(cfg, seed=0)
+    owned = set()
+    for s in range(3):
+        stage = build_stage(cfg, layout, s, "cpu", full)
+        assert stage.block_names == layout.stages[s]
+        state = stage.model.state_dict()
+        assert all(torch.equal(v, full[k]) for k, v in state.items())
+        assert not any(p.is_meta for p in stage.parameters())
+        assert not owned & set(state)
+        owned |= set(state)
+    assert owned == set(full)  # the stages partition the parameters
+
+
+def test_stages_chained_compute_the_full_model(cfg, names):
+    layout = PipelineLayout([names[:4], names[4:]])
+    full = initial_state_dict(cfg, seed=0)
+    torch.manual_seed(0)
+    model = VLM(cfg)
+    batch = dummy_batch(cfg, [5, 7], [1, 2], token_cap=40, tile_cap=3)
+    x = batch.pixel_values
+    for s in range(2):
+        stage = build_stage(cfg, layout, s, "cpu", full)
+        stage.micro_batches = [batch]
+        x = stage(x, torch.tensor([0]))
+    torch.testing.assert_close(x, model(batch), rtol=0, atol=0)
+
+
+def test_recompute_follows_the_plan(cfg, names):
+    recompute = {"vision.blocks.0": "full", "llm.layers.1": "attention", "projector": "full", "llm.head": "none"}
+    layout = PipelineLayout([names[:4], names[4:]], recompute)
+    full = initial_state_dict(cfg, seed=0)
+    first, last = (build_stage(cfg, layout, s, "cpu", full) for s in range(2))
+    modes = {n: b.recompute for st in (first, last) for n, b in st.model.blocks() if hasattr(b, "recompute")}
+    assert modes == {"vision.blocks.0": "full", "vision.blocks.1": "none", "llm.layers.0": "none",
+                     "llm.layers.1": "attention"}
+    assert first.checkpointed == {"projector"} and last.checkpointed == frozenset()
+
+
+def test_load_stage_state_names_missing_keys(cfg, names):
+    full = initial_state_dict(cfg, seed=0)
+    stage = build_stage(cfg, PipelineLayout([names]), 0, "cpu", full)
+    del full["llm.layers.1.mlp.up.weight"]
+    with pytest.raises(ConfigError, match=r"missing \['llm.layers.1.mlp.up.weight'\]"):
+        load_stage_state(stage, full)
+
+
+@pytest.mark.parametrize("stages, match", [
+    (lambda n: [n[:4], n[4:] + ["llm.layers.9"]], r"\['llm.layers.9'\] are not blocks"),
+    (lambda n: [n[:4], n[5:]], r"missing \['llm.embed'\]"),
+    (lambda n: [n[:5], n[4:]], r"repeated \['llm.embed'\]"),
+    (lambda n: [n[4:], n[:4]], "exactly once, in order"),
+    (lambda n: [n, []], r"empty: \[1\]"),
+    (lambda n: [n[:2], n[2:4], n[4:]], "multiple of pp"),
+])
+def test_bad_layouts_are_plan_errors(cfg, names, stages, match):
+    with pytest.raises(PlanError, match=match):
+        check_layout(PipelineLayout(stages(names)), cfg, pp=2)
+
+
+@pytest.mark.parametrize("recompute", [{"llm.layers.7": "full"}, {"llm.layers.0": "sometimes"},
+                                       {"projector": "attention"}])
+def test_bad_recompute_entries_are_plan_errors(cfg, names, recompute):
+    with pytest.raises(PlanError, match="bad recompute entries"):
+        check_layout(PipelineLayout([names[:4], names[4:]], recompute), cfg, pp=2)
+
+
+def test_more_ranks_than_blocks_is_a_config_error(cfg, names):
+    with pytest.raises(ConfigError, match="pp=9 pipeline ranks but model 'tiny' has only 8 blocks"):
+        check_layout(PipelineLayout([[n] for n in names] + [[]]), cfg, pp=9)
+
+
+def test_tied_embeddings_must_share_a_stage(cfg, names):
+    tied = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_embeddings=True))
+    with pytest.raises(PlanError, match="tie_embeddings: false"):
+        check_layout(PipelineLayout([names[:5], names[5:]]), tied, pp=2)
+    layout = PipelineLayout([names[:4], names[4:]])
+    check_layout(layout, tied, pp=2)
+    stage = build_stage(tied, layout, 1, "cpu", initial_state_dict(tied, seed=0))
+    assert stage.model.llm.head.out.weight is stage.model.llm.embed.tok.weight
+
+
+def test_world_size_must_be_pp_times_dp():
+    check_sizes(2, 2, 4)
+    with pytest.raises(ConfigError, match="pp=2 x dp=3 = 6 processes, but the world has 4"):
+        check_sizes(2, 3, 4)
