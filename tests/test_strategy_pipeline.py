@@ -7,6 +7,7 @@ on all of the step's micro-batches at once with the mean micro-batch loss.
 from __future__ import annotations
 
 import datetime
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import yaml
 
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.model import VLM, TransformerBlock, VLMConfig, dummy_batch
-from omnibal_pl.strategy import PipelineLayout, block_names, build_mesh, build_pipeline, clip_grad_norm_
+from omnibal_pl.strategy import PipelineLayout, block_names, build_mesh, build_pipeline
 from omnibal_pl.strategy import gather_full_state_dict, initial_state_dict
 
 pytestmark = pytest.mark.distributed
@@ -29,8 +30,10 @@ MAX_NORM = 0.1  # small enough that every step clips
 LR = 0.5  # SGD with momentum: linear in the gradients, so fp32 differences stay fp32-sized
 
 
-def tiny() -> VLMConfig:
-    return VLMConfig.from_dict(yaml.safe_load((CONF / "tiny.yaml").read_text()))
+def tiny(tied: bool = False) -> VLMConfig:
+    data = yaml.safe_load((CONF / "tiny.yaml").read_text())
+    data["llm"]["tie_embeddings"] = tied
+    return VLMConfig.from_dict(data)
 
 
 def packed_loss(logits: torch.Tensor, batch) -> torch.Tensor:
@@ -127,9 +130,10 @@ class RecomputeCounter:
             c.update(forward=0, mlp=0, core=0)
 
 
-def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dict[str, str], m: int) -> dict:
+def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dict[str, str], m: int,
+                 tied: bool = False) -> dict:
     """Three steps of ``m`` micro-batches per DP replica; counts recomputation during step 2."""
-    cfg = tiny()
+    cfg = tiny(tied)
     mesh, dims = build_mesh(pp)
     runner = build_pipeline(cfg, PipelineLayout(stages, recompute), mesh, initial_state_dict(cfg, 0), packed_loss,
                             m, schedule)
@@ -143,7 +147,7 @@ def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dic
         batches = step_batches(cfg, step, dims.dp * m)
         mine = batches[dims.dp_rank * m:(dims.dp_rank + 1) * m]
         losses.append(float(runner.train_step(mine)))
-        norms.append(float(clip_grad_norm_(params, MAX_NORM, runner.pp_group)))
+        norms.append(float(runner.clip_grad_norm_(MAX_NORM)))
         opt.step()
         if step == 1:
             counts = {k: dict(v) for k, v in counter.counts.items()}
@@ -151,8 +155,8 @@ def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dic
     return {"losses": losses, "norms": norms, "counts": counts, "state": state, "dims": dims}
 
 
-def check_against_reference(results: list[dict], count: int) -> None:
-    ref_losses, ref_norms, ref_state = reference_run(tiny(), count)
+def check_against_reference(results: list[dict], count: int, tied: bool = False) -> None:
+    ref_losses, ref_norms, ref_state = reference_run(tiny(tied), count)
     for r in results:
         torch.testing.assert_close(r["losses"], ref_losses, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["norms"], ref_norms, rtol=1e-5, atol=1e-5)
@@ -192,6 +196,16 @@ def test_pp2_other_schedules_match_single_process(tmp_path, schedule, stages):
     check_against_reference(results, count=4)
 
 
+@pytest.mark.timeout(120)
+def test_pp2_tied_embedding_across_ranks_matches_single_process(tmp_path):
+    """llm.embed on rank 0, llm.head on rank 1: two copies whose gradients are summed each step."""
+    results = spawn(train_worker, 2, tmp_path, 2, "1f1b", [NAMES[:5], NAMES[5:]], {}, 2, True)
+    check_against_reference(results, count=2, tied=True)
+    for r in results:
+        torch.testing.assert_close(r["state"]["llm.head.out.weight"], r["state"]["llm.embed.tok.weight"],
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.timeout(180)
 def test_pp2_dp2_matches_single_process(tmp_path):
     results = spawn(train_worker, 4, tmp_path, 2, "1f1b", [NAMES[:5], NAMES[5:]], {"llm.layers.0": "full"}, 2)
@@ -208,8 +222,16 @@ def bad_input_worker() -> dict:
     except ConfigError as e:
         errors["world"] = str(e)
     mesh, _ = build_mesh(2)
-    runner = build_pipeline(cfg, PipelineLayout([NAMES[:4], NAMES[4:]]), mesh, initial_state_dict(cfg, 0),
-                            packed_loss, 2)
+    layout, full = PipelineLayout([NAMES[:4], NAMES[4:]]), initial_state_dict(cfg, 0)
+    try:
+        build_pipeline(cfg, layout, mesh, full, packed_loss, 1, "1f1b")
+    except ConfigError as e:
+        errors["1f1b"] = str(e)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_pipeline(cfg, layout, mesh, full, packed_loss, 1, "gpipe")
+    errors["bubble"] = " ".join(str(w.message) for w in caught)
+    runner = build_pipeline(cfg, layout, mesh, full, packed_loss, 2)
     runner.train_step(step_batches(cfg, 0, 2))
     try:
         runner.train_step(step_batches(cfg, 1, 2, tokens=64))
@@ -224,8 +246,10 @@ def bad_input_worker() -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_bad_world_size_and_micro_batch_shapes_are_clear_errors(tmp_path):
+def test_bad_sizes_and_micro_batch_shapes_are_clear_errors(tmp_path):
     for errors in spawn(bad_input_worker, 2, tmp_path):
         assert "pp=2 x dp=2 = 4 processes, but the world has 2" in errors["world"]
+        assert "1F1B needs at least as many micro-batches per step as stages: 1 < 2" in errors["1f1b"]
+        assert "1 micro-batches for 2 pipeline stages" in errors["bubble"]
         assert "has 64 tokens" in errors["tokens"] and "token cap" in errors["tokens"]
         assert "has 4 tiles" in errors["tiles"] and "tile cap" in errors["tiles"]

@@ -110,14 +110,16 @@ def test_more_ranks_than_blocks_is_a_config_error(cfg, names):
         check_layout(PipelineLayout([[n] for n in names] + [[]]), cfg, pp=9)
 
 
-def test_tied_embeddings_must_share_a_stage(cfg, names):
+def test_tied_embeddings_share_one_parameter_on_one_stage_and_are_copies_across_stages(cfg, names):
     tied = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_embeddings=True))
-    with pytest.raises(PlanError, match="tie_embeddings: false"):
-        check_layout(PipelineLayout([names[:5], names[5:]]), tied, pp=2)
-    layout = PipelineLayout([names[:4], names[4:]])
-    check_layout(layout, tied, pp=2)
-    stage = build_stage(tied, layout, 1, "cpu", initial_state_dict(tied, seed=0))
+    full = initial_state_dict(tied, seed=0)
+    stage = build_stage(tied, PipelineLayout([names[:4], names[4:]]), 1, "cpu", full)
     assert stage.model.llm.head.out.weight is stage.model.llm.embed.tok.weight
+    split = PipelineLayout([names[:5], names[5:]])
+    check_layout(split, tied, pp=2)
+    embed, head = (build_stage(tied, split, s, "cpu", full) for s in range(2))
+    assert torch.equal(embed.model.llm.embed.tok.weight, head.model.llm.head.out.weight)
+    assert set(head.model.state_dict()) >= {"llm.head.out.weight"} and "llm.embed.tok.weight" not in head.model.state_dict()
 
 
 def test_world_size_must_be_pp_times_dp():

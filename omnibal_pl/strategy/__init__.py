@@ -18,6 +18,7 @@ from omnibal_pl.strategy.stage import (
     initial_state_dict,
     load_stage_state,
 )
+from omnibal_pl.strategy.tied import TiedCopy, tie_embeddings
 
 __all__ = [
     "LossFn",
@@ -26,6 +27,7 @@ __all__ = [
     "PipelineRunner",
     "SCHEDULES",
     "StageModule",
+    "TiedCopy",
     "all_reduce_grads",
     "block_names",
     "build_mesh",
@@ -37,4 +39,5 @@ __all__ = [
     "gather_full_state_dict",
     "initial_state_dict",
     "load_stage_state",
+    "tie_embeddings",
 ]

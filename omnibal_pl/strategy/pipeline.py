@@ -13,8 +13,9 @@ pipeline (all ranks of one pipeline get the same ones; DP replicas get different
   ``m x dp`` micro-batches (the schedule divides gradients by ``m``, the DP all-reduce by ``dp``);
   a loss normalised by a global token count must fold that count into ``loss_fn``.
 - Gradients: accumulate into ``.grad`` over the micro-batches with no communication; after the last
-  micro-batch one flat all-reduce per dtype averages them over the "dp" mesh dimension. They are not
-  zeroed here: zero them before each step, as with ``loss.backward()``.
+  micro-batch one flat all-reduce per dtype averages them over the "dp" mesh dimension, then a tied
+  embedding split across ranks sums its two partial gradients (:mod:`omnibal_pl.strategy.tied`).
+  They are not zeroed here: zero them before each step, as with ``loss.backward()``.
 - The step's loss is broadcast from the last stage and averaged over DP: every rank returns it.
 
 Shapes are static: the pipeline fixes the token cap (``input_ids`` length L) and tile cap
@@ -35,6 +36,7 @@ from omnibal_pl.data.batch import PackedBatch
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.strategy.stage import PipelineLayout, StageModule, build_stage, check_layout
+from omnibal_pl.strategy.tied import TiedCopy, tie_embeddings
 
 LossFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
@@ -80,23 +82,27 @@ def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup
             g.copy_(part.view_as(g))
 
 
-def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup) -> torch.Tensor:
+def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+                    not_counted: Sequence[nn.Parameter] = ()) -> torch.Tensor:
     """Scale the gradients so their global L2 norm over all pipeline stages is at most ``max_norm``.
 
     ``params`` are this rank's (all its stages); gradients must already be averaged over DP (then they
-    are equal across replicas, so only the pipeline group reduces). Same formula as
+    are equal across replicas, so only the pipeline group reduces). ``not_counted`` (copies of a weight
+    counted on another rank) are scaled but left out of the norm. Same formula as
     ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32, on every rank).
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
+    with_grad = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in not_counted}
+    device = with_grad[0].device if with_grad else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        squares += g.detach().float().pow(2).sum()
+    for p in with_grad:
+        if id(p) not in skip:
+            squares += p.grad.detach().float().pow(2).sum()
     dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.dtype))
+    for p in with_grad:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
     return total
 
 
@@ -104,11 +110,13 @@ class PipelineRunner:
     """Runs training steps of this rank's pipeline stages (see the module docstring).
 
     ``stages`` are this rank's :class:`StageModule` s (one, or several for interleaved 1F1B), in stage
-    order; ``num_stages`` is the pipeline's total; ``mesh`` the ("pp", "dp") mesh.
+    order; ``num_stages`` is the pipeline's total; ``mesh`` the ("pp", "dp") mesh; ``tied`` this rank's
+    copy of an embedding tied across ranks, if any.
     """
 
     def __init__(self, stages: Sequence[StageModule], num_stages: int, mesh: DeviceMesh, loss_fn: LossFn,
-                 micro_batches: int, schedule: str = "1f1b", device: torch.device | str = "cpu") -> None:
+                 micro_batches: int, schedule: str = "1f1b", device: torch.device | str = "cpu",
+                 tied: TiedCopy | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"pipeline schedule {schedule!r} is not one of {SCHEDULES}")
         if len(stages) > 1 and schedule != "interleaved":
@@ -125,6 +133,7 @@ class PipelineRunner:
         self.mesh = mesh
         self.device = torch.device(device)
         self.micro_batches = micro_batches
+        self.tied = tied
         self.pp_group = mesh["pp"].get_group()
         self.dp_group = mesh["dp"].get_group()
         self.shape: tuple[int, int] | None = None  # (tokens L, tiles T) fixed at the first step
@@ -145,6 +154,11 @@ class PipelineRunner:
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (all its stages), each once: what its optimizer gets."""
         return iter(_unique_parameters(self.modules))
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """:func:`clip_grad_norm_` over all stages, a tied embedding counted once; the norm before clipping."""
+        duplicate = [self.tied.param] if self.tied is not None and self.tied.duplicate else []
+        return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group, not_counted=duplicate)
 
     def check_shapes(self, micro_batches: Sequence[PackedBatch]) -> None:
         """Raise :class:`DataError` unless there are ``micro_batches`` micro-batches of the pipeline's shape."""
@@ -170,7 +184,7 @@ class PipelineRunner:
         """Forward and backward of the step's micro-batches, then the DP gradient average.
 
         Returns the step's loss (mean over the ``m x dp`` micro-batches, detached fp32 scalar) on
-        every rank. The optimizer step, clipping (:func:`clip_grad_norm_`) and zeroing are the caller's.
+        every rank. The optimizer step, clipping (:meth:`clip_grad_norm_`) and zeroing are the caller's.
         """
         self.check_shapes(micro_batches)
         batches = [mb.to(self.device) for mb in micro_batches]
@@ -186,6 +200,8 @@ class PipelineRunner:
             for module in self.modules:
                 module.micro_batches = []
         all_reduce_grads(list(self.parameters()), self.dp_group)
+        if self.tied is not None:
+            self.tied.sync_grad()
         loss = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
         dist.broadcast(loss, group=self.pp_group, group_src=self.last_rank)
         dist.all_reduce(loss, group=self.dp_group)
@@ -200,4 +216,5 @@ def build_pipeline(cfg: VLMConfig, layout: PipelineLayout, mesh: DeviceMesh, ful
     check_layout(layout, cfg, pp)
     indices = layout.stages_of_rank(mesh["pp"].get_local_rank(), pp)
     stages = [build_stage(cfg, layout, s, device, full_state) for s in indices]
-    return PipelineRunner(stages, len(layout.stages), mesh, loss_fn, micro_batches, schedule, device)
+    tied = tie_embeddings(cfg, layout, mesh, stages)
+    return PipelineRunner(stages, len(layout.stages), mesh, loss_fn, micro_batches, schedule, device, tied)

@@ -12,9 +12,9 @@ bitwise-equal to the single-process model. It holds one full model in host memor
 moment: fine for tests and benchmarks; instruct-tuning starts from a pretrained checkpoint anyway,
 whose full state dict is passed instead.
 
-Tied embeddings (``llm.tie_embeddings``) are supported only when ``llm.embed`` and ``llm.head`` are on
-the same stage; :func:`check_layout` raises :class:`PlanError` otherwise (untie, or keep the LLM's
-embed..head on one stage). Keeping two copies in sync across stages is not implemented.
+Tied embeddings (``llm.tie_embeddings``): a stage holding both ``llm.embed`` and ``llm.head`` shares
+one parameter; a stage holding one of them gets its own copy under its own name, kept in sync by
+:mod:`omnibal_pl.strategy.tied`.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def check_layout(layout: PipelineLayout, cfg: VLMConfig, pp: int) -> None:
 
     :class:`ConfigError` for ``pp`` larger than the number of blocks; :class:`PlanError` for names that
     are not blocks, blocks missing, repeated or out of order, empty stages, a stage count that is not a
-    multiple of ``pp``, bad recompute entries, and tied embeddings split across stages.
+    multiple of ``pp`` and bad recompute entries.
     """
     blocks = _meta_blocks(cfg)
     names = [name for name, _ in blocks]
@@ -99,15 +99,6 @@ def check_layout(layout: PipelineLayout, cfg: VLMConfig, pp: int) -> None:
             f"plan: bad recompute entries {bad}: keys must be block names of {cfg.name!r}, modes one of "
             f"{RECOMPUTE_MODES}, and 'attention' only for transformer blocks (vision.blocks.<i>, llm.layers.<i>)"
         )
-    if cfg.llm.tie_embeddings:
-        stage_of = {n: s for s, stage in enumerate(layout.stages) for n in stage}
-        if stage_of["llm.embed"] != stage_of["llm.head"]:
-            raise PlanError(
-                f"plan: model {cfg.name!r} ties llm.embed and llm.head weights, but llm.embed is on stage "
-                f"{stage_of['llm.embed']} and llm.head on stage {stage_of['llm.head']}; tied weights across "
-                f"stages are not supported: set llm.tie_embeddings: false (the head starts as a copy of the "
-                f"embedding when loading a tied checkpoint) or put llm.embed..llm.head on one stage"
-            )
 
 
 class StageModule(nn.Module):
