@@ -41,6 +41,13 @@ class EpochPlan:
     steps: Steps
     carried_in: np.ndarray  # sample ids carried from the previous epoch's tail
     leftover: np.ndarray  # sample ids of groups in no full step (carried to the next epoch)
+    vit_sums: np.ndarray  # tiles per group
+    token_sums: np.ndarray  # tokens per group
+
+    def step_loads(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles and tokens of each DP rank in ``step`` ([dp] each)."""
+        groups = self.steps.groups[step]
+        return self.vit_sums[groups].sum(axis=1), self.token_sums[groups].sum(axis=1)
 
     def rank_groups(self, dp_rank: int) -> np.ndarray:
         """Group ids this DP rank runs, in order: step by step, micro-batch by micro-batch."""
@@ -99,9 +106,10 @@ class BalancedSampler(Sampler[int]):
         seed = epoch_seed(self.cfg.seed, epoch)
         local = group_samples(table, self.cfg, seed=seed)
         grouping = replace(local, indices=pool[local.indices])
-        steps = form_steps(*local.sums(table), self.cfg.dp, self.cfg.micro_batches, self.cfg.resolved_step_order, seed)
+        vit_sums, token_sums = local.sums(table)
+        steps = form_steps(vit_sums, token_sums, self.cfg.dp, self.cfg.micro_batches, self.cfg.resolved_step_order, seed)
         leftover = np.concatenate([grouping.group(g) for g in steps.leftover]) if len(steps.leftover) else np.zeros(0, np.int64)
-        return EpochPlan(epoch, grouping, steps, carried, leftover)
+        return EpochPlan(epoch, grouping, steps, carried, leftover, vit_sums, token_sums)
 
     def micro_batches_per_epoch(self, epoch: int | None = None) -> int:
         """Micro-batches every rank yields in ``epoch`` (equal on all ranks)."""
@@ -119,7 +127,8 @@ class BalancedSampler(Sampler[int]):
         local = replace(plan.grouping, indices=np.arange(len(table), dtype=np.int64))
         out = balance_metrics(table, local, plan.steps)
         out.update(epoch=plan.epoch, samples_carried_in=int(len(plan.carried_in)),
-                   samples_carried_out=int(len(plan.leftover)), dp_rank=self.dp_rank)
+                   samples_carried_out=int(len(plan.leftover)), dp_rank=self.dp_rank, dp_size=self.cfg.dp,
+                   micro_batches=self.cfg.micro_batches)
         return out
 
     # ------------------------------------------------------------------ resume

@@ -2,8 +2,12 @@
 
 Row ``i``: ``vit[i]`` tiles, the first ``image_flag[i]`` flagged real (random normal pixels), the rest
 zero dummies; ``tokens[i]`` tokens laid out as ``[t0, <ctx> x image_flag[i]*tokens_per_tile, t1..]``
-with random text tokens (never ``image_context_id``), the last half of the text supervised and the first
+with text tokens never equal to ``image_context_id``, the last half of the text supervised and the first
 token never. Content is a pure function of ``(seed, i)``.
+
+Text is a noisy bigram chain: a random first token, then each token is ``(MULT * prev + 1) mod V``
+with probability ``1 - TEXT_NOISE`` and uniform otherwise. So a model has something to learn (the
+loss falls from ln V towards the chain's entropy) while every token id stays equally frequent.
 """
 from __future__ import annotations
 
@@ -16,6 +20,23 @@ from omnibal_pl.data.datasets import Sample
 from omnibal_pl.data.templates import IGNORE_INDEX
 from omnibal_pl.errors import DataError
 from omnibal_pl.lengths import LengthTable, load_lengths
+
+
+MULT = 31
+TEXT_NOISE = 0.1
+
+
+def bigram_chain(rng: np.random.Generator, n: int, vocab: int) -> np.ndarray:
+    """``n`` token ids in [0, vocab): a noisy deterministic bigram chain (see the module docstring)."""
+    noise = rng.integers(0, vocab, size=n)
+    follow = rng.random(n) >= TEXT_NOISE
+    out = np.empty(n, np.int64)
+    prev = int(noise[0])
+    out[0] = prev
+    for k in range(1, n):
+        prev = (MULT * prev + 1) % vocab if follow[k] else int(noise[k])
+        out[k] = prev
+    return out
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -62,7 +83,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         vit, tokens, real = int(self.table.vit[i]), int(self.table.tokens[i]), int(self.table.image_flag[i])
         n_image = real * self.tokens_per_tile
         n_text = tokens - n_image
-        text = rng.integers(0, self.vocab_size - 1, size=n_text)
+        text = bigram_chain(rng, n_text, self.vocab_size - 1)
         text[text >= self.image_context_id] += 1  # skip the image-context id
         ids = np.concatenate([text[:1], np.full(n_image, self.image_context_id), text[1:]])
         labels = np.full(tokens, IGNORE_INDEX, np.int64)
