@@ -356,7 +356,8 @@ def load_hf_weights(model: VLM, path: str | Path, layout: Layout | None = None) 
             if tuple(t.shape) != tuple(params[name].shape):
                 raise ConfigError(f"{path}: {rule.theirs} gives {name} shape {tuple(t.shape)}, model wants {tuple(params[name].shape)}")
             loaded[name] = t.to(params[name].dtype)
-    not_loaded = sorted(set(params) - set(loaded))
+    # Dynamic-LLaVA's predictors are new: they keep their initialisation
+    not_loaded = sorted(n for n in set(params) - set(loaded) if ".sparsifier." not in n)
     if not_loaded:
         raise ConfigError(f"{path}: no checkpoint tensor for parameters {not_loaded}")
     model.load_state_dict(loaded, strict=False, assign=True)

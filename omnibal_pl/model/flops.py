@@ -1,0 +1,74 @@
+"""Forward FLOPs of each block of a :class:`VLMConfig` for one packed micro-batch (2 FLOPs per multiply-add).
+
+Attention-aware, as training cost really is: linear layers cost in proportion to tokens, attention to
+the sum over packed sequences of s^2 (never the square of the sum):
+
+- vision block, per tile of S tokens: 2 S (4 w^2 + 2 w m) linear + 4 S^2 w attention (bidirectional);
+- LLM layer over L tokens with packed lengths s_i: 2 L (d (d + 2 kv hd) + d^2 + 3 d f) linear +
+  2 sum_i s_i^2 d attention (causal: half of the 4 s^2 d of a full score matrix);
+- head: 2 L d V; embeddings and norms are negligible and counted as 0.
+
+Training costs about 3x forward (backward = 2x forward); recomputation adds forward work again.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.model.config import VLMConfig
+
+
+def block_kind(name: str) -> str:
+    """The kind of a block from its name in ``VLM.blocks()``."""
+    if name == "vision.embed":
+        return "vision_embed"
+    if name.startswith("vision.blocks."):
+        return "vision_block"
+    if name == "projector":
+        return "projector"
+    if name == "llm.embed":
+        return "llm_embed"
+    if name.startswith("llm.layers."):
+        return "llm_layer"
+    if name == "llm.head":
+        return "llm_head"
+    raise ConfigError(f"{name!r} is not a block name of VLM.blocks()")
+
+
+def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
+    """Forward FLOPs of one block of ``kind`` for ``tiles`` tiles and packed LLM sequences ``seqlens``.
+
+    ``seqlens`` are the segment lengths of the micro-batch (padding included where it is computed).
+    """
+    v, llm = cfg.vision, cfg.llm
+    s = v.seq_len  # tokens per tile inside the encoder
+    tokens = int(sum(seqlens))
+    if kind == "vision_embed":
+        return 2.0 * tiles * v.num_patches * 3 * v.patch_size**2 * v.width
+    if kind == "vision_block":
+        return tiles * (2.0 * s * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + 4.0 * s * s * v.width)
+    if kind == "projector":
+        width_in = v.width * cfg.projector.merge
+        rows = tiles * cfg.tokens_per_tile
+        return 2.0 * rows * (width_in * llm.hidden + llm.hidden**2)
+    if kind == "llm_embed":
+        return 0.0
+    if kind == "llm_layer":
+        d, hd = llm.hidden, llm.head_dim
+        linear = 2.0 * tokens * (d * (d + 2 * llm.kv_heads * hd) + d * d + 3 * d * llm.intermediate)
+        return linear + 2.0 * d * sum(int(x) ** 2 for x in seqlens)
+    if kind == "llm_head":
+        return 2.0 * tokens * llm.hidden * llm.vocab_size
+    raise ConfigError(f"unknown block kind {kind!r}")
+
+
+def model_forward_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> float:
+    """Forward FLOPs of the whole model for one micro-batch."""
+    counts = {"vision_embed": 1, "vision_block": cfg.vision.num_blocks, "projector": 1, "llm_embed": 1,
+              "llm_layer": cfg.llm.layers, "llm_head": 1}
+    return sum(n * block_forward_flops(cfg, kind, tiles, seqlens) for kind, n in counts.items())
+
+
+def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> float:
+    """Forward + backward FLOPs of one micro-batch (3x forward), without recomputation."""
+    return 3.0 * model_forward_flops(cfg, tiles, seqlens)
