@@ -4,11 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from omnibal_pl.lengths import LengthTable, load_lengths
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_LENGTH_FILES = sorted((SHARED_DATA / "omnibal_lengths").glob("*.json"))
+
+# Tests run two at a time (xdist) on a small shared machine: intra-op threads beyond one spin-wait
+# against each other and make small matmuls tens of times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
