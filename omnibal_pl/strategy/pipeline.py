@@ -130,9 +130,8 @@ class PipelineRunner:
             warnings.warn(f"{micro_batches} micro-batches for {num_stages} pipeline stages: most of the step is "
                           f"pipeline bubble; use at least {num_stages} micro-batches per step", stacklevel=2)
         self.modules = list(stages)
-        self.mesh = mesh
         self.device = torch.device(device)
-        self.micro_batches = micro_batches
+        self.num_micro_batches = micro_batches
         self.tied = tied
         self.pp_group = mesh["pp"].get_group()
         self.dp_group = mesh["dp"].get_group()
@@ -161,10 +160,10 @@ class PipelineRunner:
         return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group, not_counted=duplicate)
 
     def check_shapes(self, micro_batches: Sequence[PackedBatch]) -> None:
-        """Raise :class:`DataError` unless there are ``micro_batches`` micro-batches of the pipeline's shape."""
-        if len(micro_batches) != self.micro_batches:
+        """Raise :class:`DataError` unless there are ``num_micro_batches`` micro-batches of the pipeline's shape."""
+        if len(micro_batches) != self.num_micro_batches:
             raise DataError(f"pipeline step: got {len(micro_batches)} micro-batches, the schedule runs "
-                            f"{self.micro_batches}; the sampler's micro_batches must match the pipeline's")
+                            f"{self.num_micro_batches}; the sampler's micro_batches must match the pipeline's")
         if self.shape is None:
             self.shape = (micro_batches[0].input_ids.shape[1], micro_batches[0].pixel_values.shape[0])
         tokens, tiles = self.shape
