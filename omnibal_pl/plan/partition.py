@@ -205,10 +205,16 @@ def exact_partition(profile: CostProfile, config: PipelineConfig, policy: str = 
     paths = _path_counts(config.schedule, config.pp, m) if config.virtual_stages == 1 else None
     suffix_work = [costs.forward_s(i, n) + costs.backward_s(i, n) for i in range(n + 1)]
 
-    def lower_bound(k: int, j: int, before: float, f: float, b: float) -> float:
+    def lower_bound(k: int, j: int, times: tuple[float, ...], f: float, b: float) -> float:
         t = f + b
+        before = sum(times)
         base = before + 2 * k * hop
         lb = base + m * t
+        # rank r runs every op of its fixed chunks, after micro-batch 0 reaches its first chunk and
+        # before the last gradient leaves it; and some rank works at least the average
+        r = k % config.pp
+        lb = max(lb, sum(times[:r]) + 2 * r * hop + m * (sum(times[r::config.pp]) + t),
+                 m * (before + t + suffix_work[j]) / config.pp)
         if k + 1 < S:
             lb = max(lb, before + t + 2 * (k + 1) * hop + m * table[k + 1][j])
         if paths is not None and k + 1 < S:
@@ -219,19 +225,20 @@ def exact_partition(profile: CostProfile, config: PipelineConfig, policy: str = 
                 lb = max(lb, base + f + 2 * d + mf * f + mb * b + b)
         return lb
 
-    stack = [(0, 0, 0.0, (0,))]
+    stack: list[tuple[int, int, tuple[float, ...], tuple[int, ...]]] = [(0, 0, (), (0,))]
     while stack:
-        k, i, before, bounds = stack.pop()
+        k, i, times, bounds = stack.pop()
+        before = sum(times)
         last = n if k == S - 1 else n - (S - 1 - k)
         for j in range(n if k == S - 1 else i + 1, last + 1):
             t = costs.time(i, j, k)
             if t == INF or before + 2 * k * hop + m * t >= best_step:
                 break  # both only grow with j
             f = costs.forward_s(i, j)
-            if lower_bound(k, j, before, f, t - f) >= best_step:
+            if lower_bound(k, j, times, f, t - f) >= best_step:
                 continue
             if k + 1 < S:
-                stack.append((k + 1, j, before + t, bounds + (j,)))
+                stack.append((k + 1, j, times + (t,), bounds + (j,)))
                 continue
             full = bounds + (j,)
             step, _ = _score(costs, full)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from operator import itemgetter
+from typing import Callable, Sequence
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
@@ -27,14 +28,11 @@ from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
 POLICIES = ("adaptive", "none_where_fits", "none", "attention", "full")
 
 
-class _Point(NamedTuple):
-    kept_bytes: float
-    recompute_s: float
-    mode: int  # index into RECOMPUTE_MODES of the last block added; -1 at the root
-    parent: "_Point | None"
-
-
-_ROOT = _Point(0.0, 0.0, -1, None)
+# A front point is a plain tuple (kept bytes, recompute seconds, index into RECOMPUTE_MODES of the last
+# block's mode or -1 at the root, parent point): millions are made in a search, so no NamedTuple.
+_Point = tuple
+_ROOT: _Point = (0.0, 0.0, -1, None)
+_by_bytes_then_seconds = itemgetter(0, 1)
 
 
 class RecomputeFrontier:
@@ -46,21 +44,20 @@ class RecomputeFrontier:
     def __init__(self, points: tuple[_Point, ...] = (_ROOT,), max_bytes: float = float("inf")) -> None:
         self.points = points  # kept_bytes ascending, recompute_s strictly descending
         self.max_bytes = max_bytes
-        self._keys = [p.kept_bytes for p in points]
+        self._keys = [p[0] for p in points]
 
     def extend(self, block: BlockCost, multiplier: float = 1.0) -> "RecomputeFrontier":
         """The front after adding ``block``, whose activations count ``multiplier`` times."""
-        options = [(multiplier * block.activation_bytes(mode), block.recompute_s(mode), i)
-                   for i, mode in enumerate(RECOMPUTE_MODES)]
-        candidates = sorted(
-            ((p.kept_bytes + b, p.recompute_s + s, i, p)
-             for p in self.points for b, s, i in options if p.kept_bytes + b <= self.max_bytes),
-            key=lambda c: (c[0], c[1]),
-        )
+        candidates = []
+        for i, mode in enumerate(RECOMPUTE_MODES):
+            kept, secs = multiplier * block.activation_bytes(mode), block.recompute_s(mode)
+            # each run is sorted by kept bytes already, so the sort below is a cheap merge
+            candidates += [(p[0] + kept, p[1] + secs, i, p) for p in self.points if p[0] + kept <= self.max_bytes]
+        candidates.sort(key=_by_bytes_then_seconds)
         front = []
-        for kept, secs, mode, parent in candidates:
-            if not front or secs < front[-1].recompute_s:
-                front.append(_Point(kept, secs, mode, parent))
+        for point in candidates:
+            if not front or point[1] < front[-1][1]:
+                front.append(point)
         return RecomputeFrontier(tuple(front), self.max_bytes)
 
     def best(self, capacity_bytes: float) -> tuple[float, float, tuple[str, ...]] | None:
@@ -69,13 +66,12 @@ class RecomputeFrontier:
         i = bisect_right(self._keys, capacity_bytes) - 1
         if i < 0:
             return None
-        point = self.points[i]
+        point = node = self.points[i]
         modes = []
-        node = point
-        while node.parent is not None:
-            modes.append(RECOMPUTE_MODES[node.mode])
-            node = node.parent
-        return point.recompute_s, point.kept_bytes, tuple(reversed(modes))
+        while node[3] is not None:
+            modes.append(RECOMPUTE_MODES[node[2]])
+            node = node[3]
+        return point[1], point[0], tuple(reversed(modes))
 
 
 @dataclass(frozen=True)

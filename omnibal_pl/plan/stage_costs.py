@@ -36,6 +36,8 @@ class StageCosts:
         self._static = _prefix([b.static_bytes for b in blocks])
         self._act = {m: _prefix([b.activation_bytes(m) for b in blocks]) for m in RECOMPUTE_MODES}
         self._rec = {m: _prefix([b.recompute_s(m) for b in blocks]) for m in RECOMPUTE_MODES}
+        # no stage keeps more than a whole budget per micro-batch: prune front points beyond it
+        self._max_kept = max(config.budget(r) for r in range(config.pp))
         self._fronts: dict[tuple[int, int], RecomputeFrontier] = {}
         self._choices: dict[tuple[int, int, int, float], RecomputeChoice | None] = {}
 
@@ -56,7 +58,7 @@ class StageCosts:
         start = j
         while start > i and (i, start) not in self._fronts:
             start -= 1
-        front = self._fronts.get((i, start), RecomputeFrontier())
+        front = self._fronts.get((i, start), RecomputeFrontier(max_bytes=self._max_kept))
         for end in range(start + 1, j + 1):
             front = self._fronts[(i, end)] = front.extend(self.profile.blocks[end - 1])
         return front
