@@ -1,27 +1,19 @@
-"""omnibal-eval file handling (LLaVA layouts, chunks, merge) and the sparsify config group composition."""
+"""omnibal-eval: file handling (LLaVA layouts, chunks, merge), statistics and input errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from hydra import compose, initialize_config_dir
 
 from omnibal_pl.cli.eval import answer_questions, get_chunk, load_sparsify, main, prompt_batch, read_questions, write_answers
 from omnibal_pl.errors import DataError
-from omnibal_pl.model import VLM, VLMConfig
-from omnibal_pl.model.sparsify import SparsifyConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from omnibal_pl.model import VLM
+from tests.test_sparsify_model import tiny_cfg
 
 
 @pytest.fixture
 def tiny():
-    data = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
-    data["sparsify"] = {**yaml.safe_load((ROOT / "conf/model/sparsify/dynamic_llava.yaml").read_text()),
-                        "sparse_layer": 1, "predictor_dim": 32, "predictor_heads": 4, "predictor_mlp_dim": 64}
     torch.manual_seed(0)
-    return VLM(VLMConfig.from_dict(data)).eval()
+    return VLM(tiny_cfg()).eval()
 
 
 def test_eval_file_round_trip_with_chunks_and_merge(tiny, tmp_path, capsys):
@@ -66,22 +58,3 @@ def test_eval_input_errors(tmp_path):
         load_sparsify("nonexistent")
     assert load_sparsify("dynamic_llava").enabled and not load_sparsify("off").enabled
 
-
-def test_sparsify_group_composes_with_any_model_and_the_experiment(tmp_path):
-    (tmp_path / "root.yaml").write_text(
-        "defaults:\n  - model: tiny\n  - model/sparsify: \"off\"\n  - _self_\n"
-        f"hydra:\n  searchpath:\n    - file://{ROOT / 'conf'}\n")
-    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        off = compose("root")
-        on = compose("root", overrides=["model/sparsify=dynamic_llava", "model=internvl2_2b"])
-        exp = compose("root", overrides=["+experiment=dynamic_llava_7b"])
-    assert VLMConfig.from_dict(off.model).sparsify == SparsifyConfig()
-    assert VLMConfig.from_dict(on.model).sparsify == SparsifyConfig(enabled=True)
-    model = VLMConfig.from_dict(exp.model)
-    assert model.name == "llava_1_5_7b" and model.sparsify.enabled and model.sparsify.vision_keep_rate == 0.2
-    assert exp.optim.lr == 5e-6 and exp.optim.predictor_lr == 2e-4 and list(exp.optim.freeze) == ["vision"]
-    assert exp.trainer.max_epochs == 1 and exp.data.global_batch_size == 64
-    # every knob of the dataclass is exposed in both options
-    knobs = {f for f in SparsifyConfig.__dataclass_fields__}
-    for option in ("off", "dynamic_llava"):
-        assert set(yaml.safe_load((ROOT / f"conf/model/sparsify/{option}.yaml").read_text())) == knobs

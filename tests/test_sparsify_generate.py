@@ -1,36 +1,16 @@
 """KV-cache generation with Dynamic-LLaVA's prefill removal and decoding cache admission."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from omnibal_pl.errors import DataError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.model.generate import generate, kv_cache_bytes, prefill, prefill_flops
-from omnibal_pl.model.sparsify import Sparsifier, split_output
+from omnibal_pl.model.sparsify import split_output
+from tests.test_sparsify_model import bias_predictors, tiny_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
-def tiny_cfg(sparsify: bool = True, **knobs) -> VLMConfig:
-    data = yaml.safe_load((CONF / "tiny.yaml").read_text())
-    data["llm"]["layers"] = 3
-    data["attention_backend"] = "sdpa"
-    data["sparsify"] = {"enabled": sparsify, "sparse_layer": 1, "predictor_dim": 32, "predictor_heads": 4,
-                        "predictor_mlp_dim": 64, **knobs}
-    return VLMConfig.from_dict(data)
-
-
-def bias_predictors(model: VLM, keep: bool) -> None:
-    """Make every predictor keep (or drop) every token."""
-    for m in model.modules():
-        if isinstance(m, Sparsifier):
-            for predictor in (m.vision, m.output_text, m.instruct_text):
-                if predictor is not None:
-                    last = [p for p in predictor.modules() if isinstance(p, torch.nn.Linear)][-1]
-                    last.bias.data = torch.tensor([100.0, -100.0] if keep else [-100.0, 100.0])
+LAYERS = 3  # layer 0 dense, layers 1 and 2 sparsified
 
 
 def prompt(cfg: VLMConfig, text: int = 9, tiles: int = 3):
@@ -41,8 +21,8 @@ def prompt(cfg: VLMConfig, text: int = 9, tiles: int = 3):
 @pytest.fixture
 def models():
     torch.manual_seed(0)
-    plain = VLM(tiny_cfg(sparsify=False)).eval()
-    sparse = VLM(tiny_cfg(vision_keep_rate=0.5, instruct_text_predictor=True)).eval()
+    plain = VLM(tiny_cfg(sparsify=False, layers=LAYERS)).eval()
+    sparse = VLM(tiny_cfg(layers=LAYERS, vision_keep_rate=0.5, instruct_text_predictor=True)).eval()
     sparse.load_state_dict(plain.state_dict(), strict=False)
     return plain, sparse
 
@@ -80,7 +60,7 @@ def test_prefill_removal_matches_the_masked_forward(models):
 
 def test_generation_is_equal_with_and_without_pruning_when_everything_is_kept(models):
     plain, _ = models
-    keep_all = VLM(tiny_cfg(vision_keep_rate=1.0, instruct_text_predictor=True, instruct_text_keep_rate=1.0)).eval()
+    keep_all = VLM(tiny_cfg(layers=LAYERS, vision_keep_rate=1.0, instruct_text_predictor=True, instruct_text_keep_rate=1.0)).eval()
     keep_all.load_state_dict(plain.state_dict(), strict=False)
     bias_predictors(keep_all, keep=True)
     batch = prompt(plain.cfg)

@@ -11,29 +11,32 @@ from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch, varlen_attention
 from omnibal_pl.model.sparsify import (
     KEEP, GumbelTemperature, Sparsifier, SparsifyConfig, boundary_width, find_spans, gumbel_keep, gumbel_tau,
-    keep_rate_loss, masked_varlen_attention, param_groups, set_temperature, split_output,
+    keep_rate_loss, masked_varlen_attention, set_temperature, split_output,
 )
+from omnibal_pl.module import OptimConfig, param_groups
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SMALL_PREDICTOR = dict(sparse_layer=1, predictor_dim=32, predictor_heads=4, predictor_mlp_dim=64)
 
 
-def tiny_cfg(sparsify: bool = True, **knobs) -> VLMConfig:
-    """The tiny model (2 LLM layers), sparsified from layer 1 with small predictors unless ``sparsify`` is False."""
+def tiny_cfg(sparsify: bool = True, layers: int = 2, **knobs) -> VLMConfig:
+    """The tiny model with ``layers`` LLM layers, sparsified from layer 1 with small predictors unless
+    ``sparsify`` is False; ``knobs`` override the sparsify config."""
     data = yaml.safe_load((CONF / "tiny.yaml").read_text())
+    data["llm"]["layers"] = layers
     data["attention_backend"] = "sdpa"
     data["sparsify"] = {"enabled": sparsify, **SMALL_PREDICTOR, **knobs}
     return VLMConfig.from_dict(data)
 
 
-def keep_everything(model: VLM) -> None:
-    """Bias every predictor's last layer so that it keeps every token (Gumbel noise cannot flip it)."""
+def bias_predictors(model: VLM, keep: bool) -> None:
+    """Bias every predictor's last layer so that it keeps (or drops) every token (Gumbel noise cannot flip it)."""
     for m in model.modules():
         if isinstance(m, Sparsifier):
             for predictor in (m.vision, m.output_text, m.instruct_text):
                 if predictor is not None:
                     last = [p for p in predictor.modules() if isinstance(p, torch.nn.Linear)][-1]
-                    last.bias.data = torch.tensor([100.0, -100.0])
+                    last.bias.data = torch.tensor([100.0, -100.0] if keep else [-100.0, 100.0])
 
 
 def test_temperature_schedule_values():
@@ -99,13 +102,24 @@ def test_lm_loss_alone_gives_the_predictors_gradient():
     torch.manual_seed(0)
     cfg = tiny_cfg(output_text_len_for_training=2)
     model = VLM(cfg).train()
+    sparsifier = model.llm.layers["1"].sparsifier
+    vision_logits = []
+
+    def capture(module, args, out: torch.Tensor) -> None:
+        out.retain_grad()
+        vision_logits.append(out)
+
+    sparsifier.vision.register_forward_hook(capture)
     batch = dummy_batch(cfg, [6, 9], [3, 2], token_cap=48, tile_cap=6)
     logits, keep = split_output(model(batch), cfg.sparsify)
     assert keep.shape == (1, 48) and logits.shape == (1, 48, cfg.llm.vocab_size)
     spans = find_spans(batch, cfg.image_context_id)
-    assert (keep[0, spans.vision] == 0).any()  # some image token is dropped
+    dropped = keep[0, spans.vision].detach() == 0
+    assert dropped.any() and not dropped.all()
     torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch.input_ids[0, 1:]).backward()
-    sparsifier = model.llm.layers["1"].sparsifier
+    # through the masked attention and the straight-through estimator, every dropped image token's logits
+    # get a gradient (an additive -inf mask would give none)
+    assert (vision_logits[0].grad[dropped].abs().sum(dim=-1) > 0).all()
     assert sparsifier.vision.out[-1].weight.grad.abs().sum() > 0
     assert sparsifier.vision.embed[1].weight.grad.abs().sum() > 0
     assert sparsifier.output_text.net[-1].weight.grad.abs().sum() > 0
@@ -118,7 +132,7 @@ def test_all_keep_masked_model_equals_the_plain_model():
     masked = VLM(cfg).train()
     missing = masked.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(".sparsifier." in n for n in missing)
-    keep_everything(masked)
+    bias_predictors(masked, keep=True)
     batch = dummy_batch(cfg, [6, 9, 4], [3, 0, 2], token_cap=56, tile_cap=6)
     logits, keep = split_output(masked(batch), cfg.sparsify)
     assert bool((keep == 1).all())
@@ -198,18 +212,24 @@ def test_spans_inside_a_packed_micro_batch():
 
 
 def test_param_groups_and_freezing():
+    """The training module's optimiser groups: predictors apart at their own lr / weight decay, vision frozen."""
     cfg = tiny_cfg()
     model = VLM(cfg)
-    groups = param_groups(model, lr=5e-6, weight_decay=0.1, cfg=cfg.sparsify, freeze=["vision"])
+    sp = cfg.sparsify
+    groups = param_groups(model, OptimConfig(lr=5e-6, weight_decay=0.1, freeze=["vision"]), sp.predictor_lr, sp.predictor_weight_decay)
     by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"predictors", "predictors_no_decay", "projector", "projector_no_decay", "llm", "llm_no_decay"}
     assert by_name["predictors"]["lr"] == 2e-4 and by_name["predictors"]["weight_decay"] == 0.0
-    assert by_name["rest"]["lr"] == 5e-6 and by_name["rest"]["weight_decay"] == 0.1
+    assert by_name["llm"]["lr"] == 5e-6 and by_name["llm"]["weight_decay"] == 0.1
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(".sparsifier." in names[id(p)] for p in by_name["predictors"]["params"])
+    predictors = [id(p) for g in groups if g["name"].startswith("predictors") for p in g["params"]]
+    assert sorted(predictors) == sorted(id(p) for n, p in model.named_parameters() if ".sparsifier." in n)
     assert not any(names[id(p)].startswith("vision.") for g in groups for p in g["params"])
     assert not any(p.requires_grad for p in model.vision.parameters())
-    with pytest.raises(ConfigError, match="valid parts"):
-        param_groups(model, 1e-5, 0.0, cfg.sparsify, freeze=["vit"])
+    decayed = param_groups(VLM(cfg), OptimConfig(), predictor_lr=1e-3, predictor_weight_decay=0.01)
+    assert {g["name"]: (g["lr"], g["weight_decay"]) for g in decayed}["predictors"] == (1e-3, 0.01)
+    with pytest.raises(ConfigError, match="optim.freeze"):
+        OptimConfig(freeze=["vit"])
 
 
 def test_config_round_trip_and_errors():

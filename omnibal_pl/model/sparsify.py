@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -60,7 +60,8 @@ class SparsifyConfig:
         predictor_blocks: transformer blocks of the vision predictor.
         tau_start / tau_end: Gumbel-softmax temperature at step 0 and at the last step.
         mask_loss_weight: weight of each keep-rate penalty.
-        predictor_lr / predictor_weight_decay: optimiser settings of the predictor parameters.
+        predictor_lr / predictor_weight_decay: optimiser settings of the predictor parameters, which get
+            their own AdamW groups (:func:`omnibal_pl.module.param_groups`).
     """
 
     enabled: bool = False
@@ -461,29 +462,3 @@ def boundary_width(name: str, hidden: int, vocab_size: int, cfg: SparsifyConfig)
         return hidden
     raise ConfigError(f"boundary_width: {name!r} is not an LLM block (llm.embed, llm.layers.<i>, llm.head)")
 
-
-# ------------------------------------------------------------------------------------- optimiser
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, cfg: SparsifyConfig,
-                 freeze: Iterable[str] = ("vision",)) -> list[dict]:
-    """Optimiser parameter groups: predictors at ``cfg.predictor_lr`` / ``cfg.predictor_weight_decay``,
-    the rest at ``lr`` / ``weight_decay``. Parameters under a frozen prefix (``vision``, ``projector``,
-    ``llm``: top-level module names) get ``requires_grad = False`` and no group. Empty groups are left out.
-    """
-    freeze = tuple(freeze)
-    tops = {name.split(".", 1)[0] for name, _ in model.named_parameters()}
-    unknown = [f for f in freeze if f not in tops]
-    if unknown:
-        raise ConfigError(f"optim.freeze: {unknown} name no part of the model; valid parts are {sorted(tops)}")
-    predictors, rest = [], []
-    for name, p in model.named_parameters():
-        if name.split(".", 1)[0] in freeze:
-            p.requires_grad_(False)
-        elif ".sparsifier." in name:
-            predictors.append(p)
-        else:
-            rest.append(p)
-    groups = [{"name": "predictors", "params": predictors, "lr": cfg.predictor_lr, "weight_decay": cfg.predictor_weight_decay},
-              {"name": "rest", "params": rest, "lr": lr, "weight_decay": weight_decay}]
-    return [g for g in groups if g["params"]]
