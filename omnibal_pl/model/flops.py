@@ -35,6 +35,16 @@ def block_kind(name: str) -> str:
     raise ConfigError(f"{name!r} is not a block name of VLM.blocks()")
 
 
+def attention_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
+    """The attention-core part (softmax(QK^T)V, the s^2 terms) of :func:`block_forward_flops`; 0 for
+    blocks without attention."""
+    if kind == "vision_block":
+        return tiles * 4.0 * cfg.vision.seq_len**2 * cfg.vision.width
+    if kind == "llm_layer":
+        return 2.0 * cfg.llm.hidden * sum(int(x) ** 2 for x in seqlens)
+    return 0.0
+
+
 def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
     """Forward FLOPs of one block of ``kind`` for ``tiles`` tiles and packed LLM sequences ``seqlens``.
 
@@ -46,7 +56,7 @@ def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence
     if kind == "vision_embed":
         return 2.0 * tiles * v.num_patches * 3 * v.patch_size**2 * v.width
     if kind == "vision_block":
-        return tiles * (2.0 * s * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + 4.0 * s * s * v.width)
+        return tiles * 2.0 * s * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + attention_forward_flops(cfg, kind, tiles, seqlens)
     if kind == "projector":
         width_in = v.width * cfg.projector.merge
         rows = tiles * cfg.tokens_per_tile
@@ -56,7 +66,7 @@ def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence
     if kind == "llm_layer":
         d, hd = llm.hidden, llm.head_dim
         linear = 2.0 * tokens * (d * (d + 2 * llm.kv_heads * hd) + d * d + 3 * d * llm.intermediate)
-        return linear + 2.0 * d * sum(int(x) ** 2 for x in seqlens)
+        return linear + attention_forward_flops(cfg, kind, tiles, seqlens)
     if kind == "llm_head":
         return 2.0 * tokens * llm.hidden * llm.vocab_size
     raise ConfigError(f"unknown block kind {kind!r}")

@@ -140,3 +140,51 @@ class CostProfile:
                 raise ConfigError(f"{path}: block {row}: {err}; re-run the profiler") from err
         return cls(blocks=blocks, model=data.get("model", ""), device=data.get("device", ""),
                    micro_batch=data.get("micro_batch", {}), source=data.get("source", "profile"))
+
+
+def training_static_bytes(num_params: int, element_bytes: int, optimizer_shards: int = 1) -> tuple[int, int]:
+    """``(param_bytes, grad_opt_bytes)`` of ``num_params`` parameters stored with ``element_bytes`` each,
+    trained with AdamW: gradients in the parameter dtype, the two moments in fp32 and, for 16-bit
+    parameters, an fp32 master copy (the usual 2 + 2 + 12 = 16 bytes per bf16 parameter, 4 + 4 + 8 for
+    fp32). The fp32 optimizer state is divided over ``optimizer_shards`` ranks (ZeRO-1 over data
+    parallelism; 1 = not sharded)."""
+    if optimizer_shards < 1:
+        raise ConfigError(f"optimizer_shards={optimizer_shards} must be >= 1")
+    state = 8 + (4 if element_bytes < 4 else 0)
+    return num_params * element_bytes, num_params * element_bytes + (num_params * state) // optimizer_shards
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """The fixed shape of one micro-batch, as the data balance pads it: ``tiles`` through the vision
+    encoder (Q_v), ``tokens`` through the LLM (Q_t), packed as ``samples`` equal-length samples (the
+    attention s^2 terms depend on how the tokens split into samples); see :meth:`sample_tiles`.
+    """
+
+    tiles: int
+    tokens: int
+    samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tiles < 1 or self.samples < 1 or self.tokens < self.samples:
+            raise ConfigError(f"micro-batch shape tiles={self.tiles}, tokens={self.tokens}, samples={self.samples}: "
+                              "need tiles >= 1, samples >= 1 and tokens >= samples")
+
+    @property
+    def seqlens(self) -> list[int]:
+        """Packed sample lengths in tokens (they differ by at most one and sum to ``tokens``)."""
+        q, r = divmod(self.tokens, self.samples)
+        return [q + (k < r) for k in range(self.samples)]
+
+    def sample_tiles(self, tokens_per_tile: int) -> list[int]:
+        """Real tiles of each sample: its share of ``tiles``, at most as many as fit in its length beside
+        one text token (the rest of the tiles are padding tiles)."""
+        q, r = divmod(self.tiles, self.samples)
+        return [min(q + (k < r), (n - 1) // tokens_per_tile) for k, n in enumerate(self.seqlens)]
+
+    def image_tokens(self, tokens_per_tile: int) -> list[int]:
+        """Image tokens of each sample in the LLM sequence."""
+        return [t * tokens_per_tile for t in self.sample_tiles(tokens_per_tile)]
+
+    def as_dict(self) -> dict:
+        return {"tiles": self.tiles, "tokens": self.tokens, "samples": self.samples}

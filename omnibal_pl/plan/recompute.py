@@ -10,17 +10,18 @@ at the least total recompute seconds ``sum_b recompute_b(mode_b)``. That is a mu
 :class:`RecomputeFrontier` solves it exactly by keeping the Pareto front of (kept bytes, recompute
 seconds) over the blocks added so far: any optimal choice restricted to a prefix of the blocks is on that
 prefix's front, so the best point under the capacity is optimal. The front of ``k`` identical blocks has
-O(k^2) points; heterogeneous blocks rarely give more in practice.
+O(k^2) points; heterogeneous blocks rarely give more in practice. Fronts are numpy arrays, so one
+extension is a handful of vectorised passes.
 
 Policies compared (all take the same inputs): ``adaptive`` (the knapsack), ``none_where_fits`` (per stage:
 nothing if it fits, else every block fully), and the global modes ``none``, ``attention``, ``full``.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Callable, Sequence
+
+import numpy as np
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
@@ -28,50 +29,55 @@ from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
 POLICIES = ("adaptive", "none_where_fits", "none", "attention", "full")
 
 
-# A front point is a plain tuple (kept bytes, recompute seconds, index into RECOMPUTE_MODES of the last
-# block's mode or -1 at the root, parent point): millions are made in a search, so no NamedTuple.
-_Point = tuple
-_ROOT: _Point = (0.0, 0.0, -1, None)
-_by_bytes_then_seconds = itemgetter(0, 1)
-
-
 class RecomputeFrontier:
     """Pareto front of (kept activation bytes, recompute seconds) over the blocks added so far.
 
-    Immutable: :meth:`extend` returns a new front. ``max_bytes`` drops points that can never fit.
+    Immutable: :meth:`extend` returns a new front that links back to this one. Points are held as numpy
+    arrays (``kept`` ascending, ``secs`` strictly descending) with, per point, the mode of the last block
+    and the index of the point it extends in the previous front; ``max_bytes`` drops points that can
+    never fit.
     """
 
-    def __init__(self, points: tuple[_Point, ...] = (_ROOT,), max_bytes: float = float("inf")) -> None:
-        self.points = points  # kept_bytes ascending, recompute_s strictly descending
+    def __init__(self, max_bytes: float = float("inf")) -> None:
+        self.kept = np.zeros(1)
+        self.secs = np.zeros(1)
+        self.modes = np.full(1, -1)
+        self.parents = np.full(1, -1)
+        self.previous: RecomputeFrontier | None = None
         self.max_bytes = max_bytes
-        self._keys = [p[0] for p in points]
 
     def extend(self, block: BlockCost, multiplier: float = 1.0) -> "RecomputeFrontier":
         """The front after adding ``block``, whose activations count ``multiplier`` times."""
-        candidates = []
-        for i, mode in enumerate(RECOMPUTE_MODES):
-            kept, secs = multiplier * block.activation_bytes(mode), block.recompute_s(mode)
-            # each run is sorted by kept bytes already, so the sort below is a cheap merge
-            candidates += [(p[0] + kept, p[1] + secs, i, p) for p in self.points if p[0] + kept <= self.max_bytes]
-        candidates.sort(key=_by_bytes_then_seconds)
-        front = []
-        for point in candidates:
-            if not front or point[1] < front[-1][1]:
-                front.append(point)
-        return RecomputeFrontier(tuple(front), self.max_bytes)
+        n = len(self.kept)
+        kept = np.concatenate([self.kept + multiplier * block.activation_bytes(m) for m in RECOMPUTE_MODES])
+        secs = np.concatenate([self.secs + block.recompute_s(m) for m in RECOMPUTE_MODES])
+        modes = np.repeat(np.arange(len(RECOMPUTE_MODES)), n)
+        parents = np.tile(np.arange(n), len(RECOMPUTE_MODES))
+        fits = kept <= self.max_bytes
+        kept, secs, modes, parents = kept[fits], secs[fits], modes[fits], parents[fits]
+        order = np.lexsort((secs, kept))  # by bytes, then seconds; stable, so "none" wins exact ties
+        kept, secs = kept[order], secs[order]
+        # a point is on the front iff it needs strictly less time than every point keeping no more bytes
+        on_front = np.ones(len(kept), dtype=bool)
+        on_front[1:] = secs[1:] < np.minimum.accumulate(secs)[:-1]
+        front = RecomputeFrontier(self.max_bytes)
+        front.kept, front.secs = kept[on_front], secs[on_front]
+        front.modes, front.parents = modes[order][on_front], parents[order][on_front]
+        front.previous = self
+        return front
 
     def best(self, capacity_bytes: float) -> tuple[float, float, tuple[str, ...]] | None:
         """``(recompute_s, kept_bytes, modes)`` of the cheapest choice keeping at most
         ``capacity_bytes``, modes in the order blocks were added; None when nothing fits."""
-        i = bisect_right(self._keys, capacity_bytes) - 1
+        i = int(np.searchsorted(self.kept, capacity_bytes, side="right")) - 1
         if i < 0:
             return None
-        point = node = self.points[i]
         modes = []
-        while node[3] is not None:
-            modes.append(RECOMPUTE_MODES[node[2]])
-            node = node[3]
-        return point[1], point[0], tuple(reversed(modes))
+        front, j = self, i
+        while front.previous is not None:
+            modes.append(RECOMPUTE_MODES[front.modes[j]])
+            front, j = front.previous, front.parents[j]
+        return float(self.secs[i]), float(self.kept[i]), tuple(reversed(modes))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""The searched plan beside the baselines, as printed by ``omnibal-plan`` and ``scripts/bench_plan.py``.
+
+Baselines (each scored by the same simulator and memory model): the uniform, parameter-balanced and
+torchtitan partitions, each with global full recomputation (how those frameworks are run when memory is
+tight), and the searched partition with global full recompute and with none-where-fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omnibal_pl.errors import PlanError
+from omnibal_pl.plan.baselines import parameter_partition, torchtitan_partition, uniform_partition
+from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition
+from omnibal_pl.plan.plan_file import PlanInputs
+
+GIB = 2**30
+
+
+@dataclass
+class Row:
+    """One compared plan: its scored partition, or why it does not fit."""
+
+    name: str
+    scored: ScoredPartition | None
+    error: str = ""
+
+
+def _row(name: str, inputs: PlanInputs, bounds: tuple[int, ...], policy: str) -> Row:
+    try:
+        return Row(name, evaluate_partition(inputs.profile, inputs.config, bounds, policy))
+    except PlanError as err:
+        return Row(name, None, str(err).splitlines()[0])
+
+
+def compare(inputs: PlanInputs, searched: ScoredPartition, exact: ScoredPartition | None = None) -> list[Row]:
+    """Rows: the searched plan, the exact optimum (when given), then the baselines."""
+    n = inputs.config.num_stages
+    rows = [Row("searched (adaptive recompute)", searched)]
+    if exact is not None:
+        rows.append(Row("exact optimum (adaptive recompute)", exact))
+    rows += [
+        _row("searched + recompute everything", inputs, searched.bounds, "full"),
+        _row("searched + none where it fits", inputs, searched.bounds, "none_where_fits"),
+        _row("uniform + full recompute", inputs, uniform_partition(inputs.profile, n), "full"),
+        _row("parameters + full recompute", inputs, parameter_partition(inputs.profile, n), "full"),
+        _row("torchtitan + full recompute", inputs, torchtitan_partition(inputs.profile, n), "full"),
+    ]
+    return rows
+
+
+def format_comparison(rows: list[Row]) -> str:
+    """A table of step time, the first row's speedup over each, bubble, peak memory and blocks per stage."""
+    reference = rows[0].scored.step_s if rows[0].scored is not None else None
+    lines = [f"{'plan':36s} {'step s':>9s} {'speedup':>8s} {'bubble':>7s} {'max GiB':>8s}  blocks per stage"]
+    for row in rows:
+        if row.scored is None:
+            lines.append(f"{row.name:36s} {'-':>9s} {'-':>8s} {'-':>7s} {'-':>8s}  does not fit: {row.error}")
+            continue
+        s = row.scored
+        speedup = f"{s.step_s / reference:.3f}x" if reference else "-"
+        sizes = [b - a for a, b in zip(s.bounds, s.bounds[1:])]
+        lines.append(f"{row.name:36s} {s.step_s:9.4f} {speedup:>8s} {s.sim.bubble_fraction:7.1%} "
+                     f"{max(s.sim.peak_memory_bytes) / GIB:8.2f}  {sizes}")
+    return "\n".join(lines)
+
+
+def format_stages(inputs: PlanInputs, scored: ScoredPartition) -> str:
+    """One line per stage: rank, blocks, forward and backward (with recompute) ms per micro-batch, the
+    recompute chosen, micro-batches in flight and memory."""
+    names = inputs.profile.names
+    cfg = inputs.config
+    lines = [f"{'stage':>5s} {'rank':>4s} {'blocks':40s} {'fwd ms':>8s} {'bwd ms':>8s} {'rec ms':>7s} "
+             f"{'recompute':>18s} {'n':>3s} {'act GiB':>8s} {'static':>7s} {'peak GiB':>8s} {'budget':>7s}"]
+    modes = iter(scored.modes)
+    for s, (i, j) in enumerate(zip(scored.bounds, scored.bounds[1:])):
+        stage_modes = [next(modes) for _ in range(i, j)]
+        n = scored.sim.peak_in_flight[s]
+        chosen = f"{stage_modes.count('attention')} attn {stage_modes.count('full')} full"
+        peak = scored.static_bytes[s] + n * scored.activation_bytes[s]
+        lines.append(
+            f"{s:5d} {cfg.rank_of(s):4d} {f'{names[i]} .. {names[j - 1]} ({j - i})':40s} "
+            f"{scored.forward_s[s] * 1e3:8.2f} {scored.backward_s[s] * 1e3:8.2f} {scored.recompute_s[s] * 1e3:7.2f} "
+            f"{chosen:>18s} {n:3d} {scored.activation_bytes[s] / GIB:8.3f} {scored.static_bytes[s] / GIB:7.2f} "
+            f"{peak / GIB:8.2f} {cfg.budget(cfg.rank_of(s)) / GIB:7.1f}")
+    return "\n".join(lines)
