@@ -1,0 +1,132 @@
+"""The plan file (save/load/validation), make_plan on the published configs, and the omnibal-plan CLI."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from omnibal_pl.errors import ConfigError, PlanError
+from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.plan import Plan, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str) -> VLMConfig:
+    return VLMConfig.from_dict(yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+
+
+def small_plan(**changes) -> Plan:
+    fields = dict(model="tiny", stages=(("vision.embed", "vision.blocks.0"), ("vision.blocks.1", "projector", "llm.embed"),
+                                        ("llm.layers.0", "llm.layers.1", "llm.head")),
+                  recompute={"vision.blocks.0": "full", "llm.layers.1": "attention"}, schedule="1f1b", pp=3,
+                  micro_batches=4, vit_cap=4, token_cap=128, predicted_step_s=0.01, stage_memory_bytes=(1e6, 2e6, 3e6),
+                  source="profile")
+    fields.update(changes)
+    return Plan(**fields)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    plan = small_plan()
+    plan.save(tmp_path / "plan.yaml")
+    loaded = Plan.load(tmp_path / "plan.yaml")
+    assert loaded == plan
+    assert loaded.mode("vision.blocks.0") == "full" and loaded.mode("llm.head") == "none"
+    plan.check_model([n for n, _ in VLM(load("tiny")).blocks()])
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"stages": (("vision.embed",), ())}, "every stage needs at least one block"),
+    ({"pp": 2}, "do not divide evenly over pp=2"),
+    ({"recompute": {"llm.head": "full"}}, "cannot recompute"),
+    ({"recompute": {"llm.layers.0": "half"}}, "not among"),
+    ({"recompute": {"llm.layers.7": "full"}}, "no stage holds"),
+    ({"schedule": "zb"}, "schedule 'zb'"),
+    ({"stage_memory_bytes": (1.0,)}, "1 stage_memory_bytes for 3 stages"),
+    ({"stages": (("vision.embed",), ("vision.embed",), ("llm.head",))}, "more than once"),
+])
+def test_bad_plans_are_refused(changes, message) -> None:
+    with pytest.raises(PlanError, match=message):
+        small_plan(**changes)
+
+
+def test_plan_whose_names_do_not_match_the_model() -> None:
+    names = [n for n, _ in VLM(load("tiny")).blocks()]
+    with pytest.raises(PlanError, match=r"missing from the plan \['llm.layers.1'\].*does not have \['llm.layers.9'\]"):
+        small_plan(stages=(("vision.embed", "vision.blocks.0"), ("vision.blocks.1", "projector", "llm.embed"),
+                           ("llm.layers.0", "llm.layers.9", "llm.head")), recompute={}).check_model(names)
+    with pytest.raises(PlanError, match="out of order: position 3 holds 'llm.embed'"):
+        small_plan(stages=(("vision.embed", "vision.blocks.0"), ("vision.blocks.1", "llm.embed", "projector"),
+                           ("llm.layers.0", "llm.layers.1", "llm.head"))).check_model(names)
+
+
+def test_load_reports_bad_files(tmp_path) -> None:
+    path = tmp_path / "plan.yaml"
+    with pytest.raises(PlanError, match="cannot read the plan"):
+        Plan.load(path)
+    data = small_plan().to_dict()
+    del data["pp"]
+    data["colour"] = "blue"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match=r"unknown keys \['colour'\], missing keys \['pp'\]"):
+        Plan.load(path)
+    data = small_plan().to_dict()
+    data["micro_batches"] = 0
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match=f"{path}.*micro_batches=0"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("name,pp", [("internvl_chat_v1_5", 4), ("internvl2_8b", 2), ("llava_1_5_7b", 4)])
+def test_make_plan_for_published_models_without_hardware(name: str, pp: int) -> None:
+    cfg = load(name)
+    plan = make_plan(cfg, pp, 8, 18, 5280, dp=8, optimizer_shards=8)
+    plan.check_model([n for s in plan.stages for n in s])
+    assert len(plan.stages) == pp and plan.source == "cost_model" and plan.predicted_step_s > 0
+    assert max(plan.stage_memory_bytes) <= plan.memory_budget_bytes
+    assert plan.memory_budget_bytes == pytest.approx(0.9 * 81559 * 2**20)
+
+
+def test_make_plan_interleaved_and_errors() -> None:
+    cfg = load("internvl2_8b")
+    plan = make_plan(cfg, 2, 8, 18, 5280, dp=8, optimizer_shards=8, schedule="interleaved")
+    assert len(plan.stages) == 4 and plan.virtual_stages == 2
+    with pytest.raises(PlanError, match="pp=") as err:  # a 26B model on 2 ranks with unsharded Adam
+        make_plan(load("internvl_chat_v1_5"), 2, 8, 18, 5280)
+    assert "stage" in str(err.value) and "budget" in str(err.value)
+    with pytest.raises(ConfigError, match="source"):
+        make_plan(cfg, 2, 8, 18, 5280, source="guess")
+
+
+def test_dynamic_llava_plan_costs_more_to_train() -> None:
+    off = load("llava_1_5_7b")
+    on = dataclasses.replace(off, sparsify=dataclasses.replace(off.sparsify, enabled=True))
+    step = {c.sparsify.enabled: make_plan(c, 4, 8, 4, 2800, dp=8, optimizer_shards=8).predicted_step_s for c in (off, on)}
+    assert step[True] > step[False]
+
+
+def test_cli_writes_a_valid_plan_for_the_tiny_model_from_a_cpu_profile(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "omnibal_pl.cli.plan", "model=tiny", "plan.source=profile", "plan.device=local",
+           "plan.pp=2", "plan.micro_batches=4", "plan.threads=1", f"plan.profile_cache={tmp_path / 'cache'}",
+           "balance.vit_cap=4", "balance.token_cap=128", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    for row in ("searched (adaptive recompute)", "uniform + full recompute", "parameters + full recompute",
+                "torchtitan + full recompute", "searched + recompute everything", "searched + none where it fits"):
+        assert row in out.stdout
+    plan = Plan.load(run_dir / "plan.yaml")
+    plan.check_model([n for n, _ in VLM(load("tiny")).blocks()])
+    assert plan.source == "profile" and plan.pp == 2 and plan.vit_cap == 4 and plan.token_cap == 128
+    assert (run_dir / "gantt.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "cache").glob("tiny-cpu-*.json"))
+
+    bad = subprocess.run([*cmd[:-1], "plan.pp=9", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode == 2 and "9 pipeline stages" in bad.stderr and "only 8 blocks" in bad.stderr
