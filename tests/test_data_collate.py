@@ -38,7 +38,8 @@ def test_pack_unpack_round_trip_and_invariants(data, pad_to, weighting):
 
     L = {"cap": token_cap, "multiple": min(math.ceil(n_tokens / 16) * 16, token_cap), "none": n_tokens}[pad_to]
     assert b.input_ids.shape == b.labels.shape == b.position_ids.shape == b.loss_weight.shape == (1, L)
-    assert b.pixel_values.shape == (tile_cap, 3, 6, 6) and b.image_flags.shape == (tile_cap,)
+    T = tile_cap if pad_to == "cap" else n_tiles
+    assert b.pixel_values.shape == (T, 3, 6, 6) and b.image_flags.shape == (T,)
     cu = b.cu_seqlens
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == L and (cu[1:] > cu[:-1]).all()
     assert len(cu) == n + 1 + (L > n_tokens) and b.num_samples == n and b.num_tokens == n_tokens

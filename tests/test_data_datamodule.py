@@ -142,3 +142,17 @@ def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
         OmniBalDataModule(cfg, balance, spec).prepare_data()
     new = list(root.glob("train.json.lengths-*.obl"))
     assert len(new) == 1 and new != caches
+
+
+def test_synthetic_samples_longer_than_the_token_cap_are_truncated_not_failed():
+    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, samples_per_group=1, vit_cap=40, token_cap=50), SPEC)
+    dm.setup("fit")
+    assert int(dm.lengths.tokens.max()) == 50
+    longest = int(np.argmax(dm.lengths.tokens))
+    assert dm.dataset[longest].num_tokens == 50
+
+
+def test_a_tile_cap_below_the_largest_sample_fails_at_setup():
+    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, vit_cap=3, token_cap=4096), SPEC)
+    with pytest.raises(ConfigError, match="more tiles than balance.vit_cap=3"):
+        dm.setup("fit")

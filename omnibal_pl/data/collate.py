@@ -2,7 +2,8 @@
 
 Samples are laid end to end in group order: tokens along one sequence (``cu_seqlens`` marks where each
 sample starts, ``position_ids`` restart per sample), tiles along the tile dimension. The token dimension
-is padded per ``pad_to``; the tile dimension to ``tile_cap`` with zero tiles of flag 0. Labels stay
+is padded per ``pad_to``; the tile dimension to ``tile_cap`` with zero tiles of flag 0 when ``pad_to`` is
+``cap`` (static shapes), else not at all (padding tiles would cost a full ViT pass each). Labels stay
 aligned with ``input_ids`` (unshifted, HF convention); every sample starts with an unsupervised token.
 """
 from __future__ import annotations
@@ -85,8 +86,9 @@ class PackingCollate:
             position_ids[int(cu[k]) : int(cu[k + 1])] = torch.arange(n)
 
         first = samples[0].pixel_values
-        pixel_values = first.new_zeros(self.tile_cap, *first.shape[1:])
-        image_flags = torch.zeros(self.tile_cap, dtype=torch.int64)
+        n_tile_rows = self.tile_cap if self.pad_to == "cap" else n_tiles
+        pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
+        image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
         pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
         image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
         return PackedBatch(

@@ -38,7 +38,7 @@ from omnibal_pl.balance.search import resolve_caps
 from omnibal_pl.data.collate import PackingCollate
 from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.data.synthetic import SyntheticDataset
-from omnibal_pl.data.synthetic_lengths import adapt_to_model
+from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable, load_lengths
 
@@ -113,6 +113,8 @@ class OmniBalDataModule(L.LightningDataModule):
             lengths = adapt_to_model(dataset_lengths(self.dataset_cfg), spec.tokens_per_tile,
                                      float(self.dataset_cfg.get("text_scale", 1.0)))
             caps = resolve_caps(lengths, self.balance)
+            if caps.token_cap:
+                lengths = truncate_text(lengths, caps.token_cap, spec.tokens_per_tile)
             dataset = SyntheticDataset(lengths, spec.vocab_size, spec.image_size, spec.tokens_per_tile,
                                        spec.image_context_id, seed=int(self.dataset_cfg.get("seed", 0)))
         else:
@@ -123,6 +125,11 @@ class OmniBalDataModule(L.LightningDataModule):
                 dataset.max_tokens = caps.token_cap
             lengths = dataset.apply_token_cap(raw)
         self.balance = replace(self.balance, vit_cap=caps.vit_cap or None, token_cap=caps.token_cap or None)
+        if caps.vit_cap and int(lengths.vit.max()) > caps.vit_cap:
+            # such a sample gets a group of its own that no micro-batch of the cap's shape can hold
+            over = int((lengths.vit > caps.vit_cap).sum())
+            raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={caps.vit_cap} (largest: "
+                              f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
         self.dataset, self.lengths = dataset, lengths
         rank, size = self._dp_rank_and_size()
         self.sampler = BalancedSampler(lengths, self.balance, rank, size)

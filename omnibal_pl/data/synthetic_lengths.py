@@ -63,3 +63,14 @@ def adapt_to_model(table: LengthTable, tokens_per_tile: int, text_scale: float =
     text = np.maximum(table.tokens.astype(np.int64) - image * source_tokens_per_tile, 1)
     text = np.maximum(np.rint(text * text_scale).astype(np.int64), 1)
     return LengthTable(table.vit, image * tokens_per_tile + text, table.image_flag, table.source, table.sources)
+
+
+def truncate_text(table: LengthTable, token_cap: int, tokens_per_tile: int) -> LengthTable:
+    """The same samples with their text cut so none is longer than ``token_cap`` tokens (image tokens are
+    never cut), as a real dataset's ``overlong=truncate`` does; keeps at least one text token."""
+    image = table.image_flag.astype(np.int64) * tokens_per_tile
+    if (image + 1 > token_cap).any():
+        worst = int(image.max())
+        raise ConfigError(f"a synthetic sample has {worst} image tokens, more than the token cap {token_cap} allows; "
+                          "raise balance.token_cap or use a model with fewer tokens per tile")
+    return LengthTable(table.vit, np.minimum(table.tokens, token_cap), table.image_flag, table.source, table.sources)
