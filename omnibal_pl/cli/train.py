@@ -196,7 +196,7 @@ def write_artifacts(module: OmniBalModule, datamodule: OmniBalDataModule, run_di
     write_json(summary, run_dir / "summary.json")
     rows = [("steps", f"{summary['steps']}"), ("loss start -> end", f"{summary['loss_start']:.4f} -> {summary['loss_end']:.4f}"),
             ("tokens/s", f"{summary['tokens_per_s']:,.0f}"), ("samples/s", f"{summary['samples_per_s']:,.1f}"),
-            ("tiles/s", f"{summary['tiles_per_s']:,.1f}"), ("MFU", f"{summary['mfu']:.3f}"),
+            ("tiles/s", f"{summary['tiles_per_s']:,.1f}"), ("MFU", f"{summary['mfu']:.3f}" if summary["mfu"] == summary["mfu"] else "n/a (cluster.peak_tflops unset)"),
             ("balance", f"{summary['algorithm']} caps {summary['vit_cap']} tiles / {summary['token_cap']} tokens"),
             ("vit / llm dist ratio", f"{summary['vit_dist_ratio']:.4f} / {summary['llm_dist_ratio']:.4f}"),
             ("vit / token fill", f"{summary['vit_fill']:.3f} / {summary['token_fill']:.3f}"),
