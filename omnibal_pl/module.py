@@ -21,19 +21,24 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from omnibal_pl.balance.metrics import dist_ratio
 from omnibal_pl.data.batch import PackedBatch
-from omnibal_pl.errors import ConfigError
+from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.model import VLM, VLMConfig, load_hf_weights
 from omnibal_pl.model.flops import train_flops
 from omnibal_pl.model.sparsify import keep_rate_loss, split_output
+from omnibal_pl.strategy.pipeline import PipelineRunner
+
+if TYPE_CHECKING:
+    from omnibal_pl.strategy.lightning import OmniBalStrategy
 
 IGNORE_INDEX = -100
 LOSS_SCALE = 1024.0  # keeps the per-micro-batch loss near 1 before the global normalisation
@@ -72,12 +77,15 @@ def no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or name.startswith("llm.embed") or name.endswith((".cls", ".pos"))
 
 
-def param_groups(model: nn.Module, optim: OptimConfig, predictor_lr: float, predictor_weight_decay: float) -> list[dict]:
-    """AdamW groups keyed by (part, decay); freezes the parts in ``optim.freeze``."""
+def param_groups(model: nn.Module | Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, predictor_lr: float,
+                 predictor_weight_decay: float) -> list[dict]:
+    """AdamW groups keyed by (part, decay) over a module's (or given) named parameters; freezes the parts in
+    ``optim.freeze``."""
     lrs = {"vision": optim.vision_lr or optim.lr, "projector": optim.projector_lr or optim.lr, "llm": optim.lr,
            "predictors": predictor_lr}
     groups: dict[tuple[str, bool], dict] = {}
-    for name, p in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, nn.Module) else model
+    for name, p in named:
         part = part_of(name)
         if part in optim.freeze:
             p.requires_grad_(False)
@@ -100,6 +108,12 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def token_weights(batch: PackedBatch) -> torch.Tensor:
+    """Per next-token prediction weights [1, L - 1]: the packing's ``loss_weight``, 0 where no loss is taken."""
+    labels = batch.labels[:, 1:]
+    return batch.loss_weight[:, 1:].float() * (labels != IGNORE_INDEX)
+
+
 def packed_loss_sum(logits: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_t w_t * CE_t, sum_t w_t) over next-token predictions of a packed micro-batch.
 
@@ -107,7 +121,7 @@ def packed_loss_sum(logits: torch.Tensor, batch: PackedBatch) -> tuple[torch.Ten
     unsupervised token, so no prediction crosses a sample boundary.
     """
     labels = batch.labels[:, 1:]
-    weights = batch.loss_weight[:, 1:].float() * (labels != IGNORE_INDEX)
+    weights = token_weights(batch)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten().clamp(min=0), reduction="none")
     return (ce * weights.flatten()).sum(), weights.sum()
 
@@ -122,71 +136,104 @@ class OmniBalModule(L.LightningModule):
         self.model_cfg = model if isinstance(model, VLMConfig) else VLMConfig.from_dict(model)
         self.optim = optim or OptimConfig()
         self.peak_tflops = peak_tflops
+        self.seed, self.init_from = seed, init_from
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": vars(self.optim),
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.model = VLM(self.model_cfg)
-        if init_from is not None:
-            load_hf_weights(self.model, init_from)
-        self._step = {"loss": 0.0, "weight": 0.0, "tokens": 0, "samples": 0, "tiles": 0, "flops": 0.0, "aux": 0.0}
+        self.model: VLM | None = self._initial_model()
+        self._step = self._empty_step()
         self._step_start: float | None = None
         self.losses: list[float] = []  # global loss of every optimizer step of this process's fit
+
+    def build_model(self) -> VLM:
+        """The whole model: ``torch.manual_seed(seed); VLM(cfg)``, then ``init_from``'s weights if given."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = VLM(self.model_cfg)
+        if self.init_from is not None:
+            load_hf_weights(model, self.init_from)
+        return model
+
+    def _initial_model(self) -> VLM | None:
+        return self.build_model()
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(model name, parameter) of everything this process optimises, each parameter once."""
+        return list(self.model.named_parameters())
+
+    @staticmethod
+    def _empty_step() -> dict[str, float]:
+        return {"loss": 0.0, "weight": 0.0, "tokens": 0.0, "samples": 0.0, "tiles": 0.0, "flops": 0.0, "aux": 0.0,
+                "micro_batches": 0.0}
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         return self.model(batch)
 
-    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        if self._step_start is None:
-            self._step_start = time.perf_counter()
-        out = self.model(batch)
+    def objective(self, out: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective, sum_t w_t * CE_t, sum_t w_t) of one micro-batch from the model's output.
+
+        The objective is the weighted CE sum plus, with sparsification, the keep-rate penalty weighted by the
+        micro-batch's share of the supervised weight (so the step-end division by the global weight W cancels).
+        """
         logits, keep = split_output(out, self.model_cfg.sparsify)
         loss_sum, weight = packed_loss_sum(logits, batch)
-        loss = loss_sum / LOSS_SCALE
+        objective = loss_sum
         if keep is not None:
-            # The keep-rate penalty is per micro-batch; weighting it by the micro-batch's share of the
-            # step's supervised weight (~ weight / W) makes the step-end scaling by 1 / W cancel out.
             aux = keep_rate_loss(keep, batch, self.model_cfg.sparsify, self.model_cfg.image_context_id)
-            loss = loss + aux.loss * weight.detach() / LOSS_SCALE
+            objective = objective + aux.loss * weight.detach()
             self._step["aux"] += float(aux.loss.detach())
-        seqlens = torch.diff(batch.cu_seqlens).tolist()
+        return objective, loss_sum, weight
+
+    def _account(self, batch: PackedBatch) -> None:
+        """Add a micro-batch's tokens, samples, tiles and training FLOPs to the step's totals."""
         s = self._step
-        s["loss"] += float(loss_sum.detach())
-        s["weight"] += float(weight.detach())
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
         s["tokens"] += batch.num_tokens
         s["samples"] += batch.num_samples
         s["tiles"] += batch.num_tiles
-        s["flops"] += train_flops(self.model_cfg, int(batch.pixel_values.shape[0]), seqlens)
-        return loss
+        s["flops"] += train_flops(self.model_cfg, int(batch.pixel_values.shape[0]), torch.diff(batch.cu_seqlens).tolist())
+        s["micro_batches"] += 1
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self._account(batch)
+        objective, loss_sum, weight = self.objective(self.model(batch), batch)
+        self._step["loss"] += float(loss_sum.detach())
+        self._step["weight"] += float(weight.detach())
+        return objective / LOSS_SCALE
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         s = self._step
         stats = torch.tensor([s["loss"], s["weight"], s["tokens"], s["samples"], s["tiles"], s["flops"]],
                              dtype=torch.float64, device=self.device)
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        total_weight = float(stats[1])
-        dp = self.trainer.world_size
-        accumulate = self.trainer.accumulate_grad_batches
-        scale = LOSS_SCALE * accumulate * dp / max(total_weight, 1e-12)
+        total_weight = max(float(stats[1]), 1e-12)
+        scale = LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size / total_weight
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        loss = float(stats[0]) / max(total_weight, 1e-12)
+        self._log_step(float(stats[0]) / total_weight, stats[2:].tolist(), optimizer)
+
+    def _log_step(self, loss: float, totals: list[float], optimizer: torch.optim.Optimizer) -> None:
+        """Record and log one optimizer step; ``totals``: the step's global tokens, samples, tiles, FLOPs."""
+        s = self._step
+        tokens, samples, tiles, flops = totals
         self.losses.append(loss)
         now = time.perf_counter()
         seconds = max(now - (self._step_start or now), 1e-9)
-        metrics = {"train/loss": loss, "train/tokens_per_s": float(stats[2]) / seconds,
-                   "train/samples_per_s": float(stats[3]) / seconds, "train/tiles_per_s": float(stats[4]) / seconds,
-                   "train/step_s": seconds, "train/lr": optimizer.param_groups[-1]["lr"]}
+        sched = self.lr_schedulers()
+        lr = self.optim.lr * sched.lr_lambdas[0](sched.last_epoch)  # the LLM's rate now, the same on every rank
+        metrics = {"train/loss": loss, "train/tokens_per_s": tokens / seconds, "train/samples_per_s": samples / seconds,
+                   "train/tiles_per_s": tiles / seconds, "train/step_s": seconds, "train/lr": lr}
         if self.peak_tflops:
-            metrics["train/mfu"] = float(stats[5]) / seconds / (self.peak_tflops * 1e12 * dp)
+            metrics["train/mfu"] = flops / seconds / (self.peak_tflops * 1e12 * self.trainer.world_size)
         if s["aux"]:
-            metrics["train/keep_rate_loss"] = s["aux"] / accumulate
+            metrics["train/keep_rate_loss"] = s["aux"] / max(s["micro_batches"], 1)
         metrics.update(self._balance_metrics())
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        self.log("loss", loss, on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
-        self._step = {k: 0.0 if isinstance(v, float) else 0 for k, v in s.items()}
+        # every value is global (reduced or broadcast), so every rank logs it for its callbacks
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
+        self._step = self._empty_step()
         self._step_start = None
 
     def _balance_metrics(self) -> dict[str, float]:
@@ -203,7 +250,7 @@ class OmniBalModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         sp = self.model_cfg.sparsify
-        groups = param_groups(self.model, self.optim, sp.predictor_lr, sp.predictor_weight_decay)
+        groups = param_groups(self.named_trainable_parameters(), self.optim, sp.predictor_lr, sp.predictor_weight_decay)
         if not groups:
             raise ConfigError("optim.freeze leaves no trainable parameter; unfreeze a part")
         opt = torch.optim.AdamW(groups, betas=tuple(self.optim.betas), eps=self.optim.eps)
@@ -212,3 +259,96 @@ class OmniBalModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, total, warmup, self.optim.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class OmniBalPipelineModule(OmniBalModule):
+    """:class:`OmniBalModule` trained by :class:`~omnibal_pl.strategy.OmniBalStrategy`: pipeline stages x DP.
+
+    The Trainer runs with ``accumulate_grad_batches = micro_batches``, so one optimizer step still spans
+    ``micro_batches`` loader batches (the sampler's per-rank micro-batches) and the step counts, logging,
+    schedule and checkpoint positions are the non-pipeline module's. ``training_step`` collects the step's
+    micro-batches and, on the last one, runs the pipeline schedule's forward and backward over all of them
+    (returning a zero placeholder before): gradients are zeroed right before the schedule runs (Lightning's zero_grad is
+    a no-op here) and the strategy skips Lightning's backward. The loss and gradients equal the
+    non-pipeline module's: each micro-batch's objective is multiplied by ``m x dp / W`` (W: the step's
+    global supervised weight, one all-reduce over "dp" before the schedule), and the runner's mean over
+    ``m`` micro-batches and ``dp`` replicas leaves sum(objective) / W. Clipping uses the norm over all stages.
+
+    Only this rank's stages exist (``configure_model``, called by the Trainer once processes are up).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runner: PipelineRunner | None = None
+        self.stages: nn.ModuleList | None = None
+        self._pending: list[PackedBatch] = []
+        self._loss_scale = 1.0  # m x dp / W of the running step
+        self._step_loss = 0.0
+        self._totals = [0.0] * 4  # the running step's global tokens, samples, tiles, FLOPs
+
+    def _initial_model(self) -> None:
+        return None  # the stages come from the strategy in configure_model
+
+    def _strategy(self) -> "OmniBalStrategy":
+        from omnibal_pl.strategy.lightning import OmniBalStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, OmniBalStrategy):
+            raise ConfigError(f"OmniBalPipelineModule runs under OmniBalStrategy (cluster.strategy=omnibal), not "
+                              f"{type(strategy).__name__}; use OmniBalModule for data-parallel training")
+        return strategy
+
+    def configure_model(self) -> None:
+        if self.runner is not None:
+            return
+        with torch.device("cpu"):  # the full state only seeds the stages; keep it off the accelerator
+            full = self.build_model().state_dict()
+        self.runner = self._strategy().build_runner(self.model_cfg, full, self._micro_batch_loss)
+        self.stages = nn.ModuleList(self.runner.modules)
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for p, name in self._strategy().optimizer_names().items()]
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        raise ConfigError("a pipelined model has no single-process forward: each rank holds only its stages; "
+                          "gather a checkpoint into one VLM to run it whole")
+
+    def _micro_batch_loss(self, out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return self.objective(out, batch)[0] * self._loss_scale
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self._account(batch)
+        self._pending.append(batch)
+        if len(self._pending) < self.runner.num_micro_batches:
+            return torch.zeros((), device=self.device)  # nothing ran yet (Lightning needs a tensor in DDP-like runs)
+        batches, self._pending = self._pending, []
+        s = self._step
+        weight = sum(float(token_weights(b).sum()) for b in batches)
+        totals = torch.tensor([weight, s["tokens"], s["samples"], s["tiles"], s["flops"]], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.runner.dp_group)  # the ranks of one pipeline hold the same batches
+        dp = dist.get_world_size(self.runner.dp_group)
+        self._loss_scale = len(batches) * dp / max(float(totals[0]), 1e-12)
+        self._totals = totals[1:].tolist()
+        for p in self.runner.parameters():
+            p.grad = None
+        loss = self.runner.train_step(batches)
+        self._step_loss = float(loss)
+        return loss
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        pass  # training_step zeroes the gradients right before the schedule runs
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError(f"pipeline training clips by global norm only, not {gradient_clip_algorithm!r}")
+            self.runner.clip_grad_norm_(float(gradient_clip_val))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._log_step(self._step_loss, self._totals, optimizer)
+
+    def on_train_epoch_end(self) -> None:
+        if self._pending:
+            raise DataError(f"the epoch ended {len(self._pending)} micro-batches into a step of "
+                            f"{self.runner.num_micro_batches}: the sampler must yield whole steps")

@@ -17,8 +17,10 @@ from omnibal_pl.strategy.stage import (
     gather_full_state_dict,
     initial_state_dict,
     load_stage_state,
+    uniform_layout,
 )
 from omnibal_pl.strategy.tied import TiedCopy, tie_embeddings
+from omnibal_pl.strategy.lightning import OmniBalStrategy
 
 __all__ = [
     "LossFn",
@@ -40,4 +42,6 @@ __all__ = [
     "initial_state_dict",
     "load_stage_state",
     "tie_embeddings",
+    "uniform_layout",
+    "OmniBalStrategy",
 ]

@@ -63,6 +63,18 @@ def block_names(cfg: VLMConfig) -> list[str]:
     return [name for name, _ in _meta_blocks(cfg)]
 
 
+def uniform_layout(cfg: VLMConfig, num_stages: int) -> PipelineLayout:
+    """Equal block counts per stage (earlier stages one longer when uneven), no recompute: the layout
+    without a plan, as DeepSpeed's ``uniform`` partition. ``num_stages`` may exceed ``pp`` (interleaved)."""
+    names = block_names(cfg)
+    if not 1 <= num_stages <= len(names):
+        raise ConfigError(f"{num_stages} pipeline stages for model {cfg.name!r} with {len(names)} blocks; "
+                          f"use between 1 and {len(names)} stages")
+    q, r = divmod(len(names), num_stages)
+    bounds = [k * q + min(k, r) for k in range(num_stages + 1)]
+    return PipelineLayout([names[a:b] for a, b in zip(bounds, bounds[1:])])
+
+
 def check_layout(layout: PipelineLayout, cfg: VLMConfig, pp: int) -> None:
     """Raise unless ``layout`` splits exactly this model's blocks into contiguous stages for ``pp`` ranks.
 

@@ -1,0 +1,109 @@
+"""Distributed checkpoints of a pipeline x data parallel run, keyed by the model's own names.
+
+A checkpoint is a folder written by ``torch.distributed.checkpoint`` (every rank writes its stage's
+tensors; DP replicas hold equal tensors under equal keys, which DCP saves once) plus ``meta.pt``,
+Lightning's rank-independent rest (loops, sampler position, callbacks), written by global rank 0.
+
+Keys never mention the pipeline layout, so a checkpoint loads into any other layout or PP size:
+
+- ``state_dict.model.<name>``: parameters and buffers, ``<name>`` as in ``VLM.state_dict()``
+  (a tied embedding split across ranks appears as both ``llm.embed.tok.weight`` and ``llm.head.out.weight``);
+- ``optimizer_0.state.<name>.<key>``: the optimizer's per-parameter state (AdamW: ``step``, ``exp_avg``,
+  ``exp_avg_sq``);
+- ``optimizer_0.group.<name>.<key>``: the hyperparameters of the parameter's group (``lr``,
+  ``initial_lr``, ``weight_decay``, ...), so groups need not line up across layouts.
+
+``<name>`` in the optimizer keys is the parameter's single-process name: the head's copy of a tied
+embedding is named ``llm.embed.tok.weight`` there (both copies have the same state).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from omnibal_pl.errors import ConfigError
+
+MODEL_KEY = "state_dict"
+OPTIMIZER_KEY = "optimizer_0"
+META_FILE = "meta.pt"
+
+
+def model_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """``{"model.<name>": tensor}`` of every stage's pruned VLM (``module.model``); tensors share storage."""
+    return {f"model.{k}": v for m in modules for k, v in m.model.state_dict().items()}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Parameter, str]) -> dict[str, Any]:
+    """The optimizer's state flattened to ``state.<name>.<key>`` and ``group.<name>.<key>`` entries."""
+    out: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            name = names[p]
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"state.{name}.{k}"] = v
+            for k, v in hyper.items():
+                out[f"group.{name}.{k}"] = v
+    return out
+
+
+def save(path: Path, model: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any], meta: dict[str, Any],
+         is_global_zero: bool) -> None:
+    """Collective: write ``model`` and ``optimizer`` (this rank's entries) and, from rank 0, ``meta``."""
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save({MODEL_KEY: dict(model), OPTIMIZER_KEY: dict(optimizer)}, checkpoint_id=path)
+    if is_global_zero:
+        torch.save(meta, path / META_FILE)
+
+
+def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
+         names: Mapping[nn.Parameter, str]) -> dict[str, Any]:
+    """Collective: fill this rank's stages (and ``optimizer``) from ``path``; return ``meta``.
+
+    Raises :class:`ConfigError` when ``path`` is not such a checkpoint or lacks an entry this rank needs
+    (a different model, or a checkpoint saved without optimizer state).
+    """
+    if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
+        raise ConfigError(f"checkpoint {path}: not a distributed checkpoint of the omnibal strategy (a folder with "
+                          f".metadata and {META_FILE}); resume pipeline runs from their own checkpoints/ folder")
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    model = model_state(modules)
+    wanted = {f"{MODEL_KEY}.{k}" for k in model}
+    flat: dict[str, Any] = {}
+    if optimizer is not None:
+        # hyperparameters load over their current values; state tensors into buffers of the stored shapes
+        flat = {k: v for k, v in optimizer_state(optimizer, names).items() if k.startswith("group.")}
+        wanted |= {f"{OPTIMIZER_KEY}.{k}" for k in flat}
+        for p, name in names.items():
+            for key, meta in stored.items():
+                if key.startswith(f"{OPTIMIZER_KEY}.state.{name}.") and isinstance(meta, TensorStorageMetadata):
+                    flat[key[len(OPTIMIZER_KEY) + 1:]] = torch.empty(
+                        meta.size, dtype=meta.properties.dtype, device=p.device if len(meta.size) else "cpu")
+    missing = sorted(wanted - set(stored))
+    if missing:
+        raise ConfigError(f"checkpoint {path}: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; it was "
+                          "saved from another model config or without optimizer state")
+    state = {MODEL_KEY: model, OPTIMIZER_KEY: flat}
+    dcp.load(state, checkpoint_id=path)
+    if optimizer is not None:
+        _apply_optimizer_state(optimizer, names, state[OPTIMIZER_KEY])
+    return torch.load(path / META_FILE, weights_only=False)
+
+
+def _apply_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Parameter, str],
+                           flat: Mapping[str, Any]) -> None:
+    for group in optimizer.param_groups:
+        first = names[group["params"][0]]
+        for k in group:
+            if k != "params" and f"group.{first}.{k}" in flat:
+                group[k] = flat[f"group.{first}.{k}"]
+        for p in group["params"]:
+            prefix = f"state.{names[p]}."
+            state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            if state:
+                optimizer.state[p] = state
