@@ -1,6 +1,7 @@
 """Partition search, exact optimum and per-stage recompute against brute force; bad inputs."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from itertools import combinations, product
 
@@ -10,21 +11,25 @@ import pytest
 from omnibal_pl.errors import PlanError
 from omnibal_pl.plan.baselines import parameter_partition, torchtitan_partition, uniform_partition
 from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost, CostProfile
-from omnibal_pl.plan.partition import evaluate_partition, exact_partition, search_partition
+from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition, exact_partition, search_partition
 from omnibal_pl.plan.recompute import choose_recompute
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
 from omnibal_pl.plan.synthetic import GIB, synthetic_profile
 
 
-def brute_force(profile: CostProfile, config: PipelineConfig, policy: str = "adaptive") -> float:
-    """Least simulated step over every contiguous partition (inf when none fits)."""
-    n, best = len(profile.blocks), float("inf")
+def brute_force(profile: CostProfile, config: PipelineConfig, policy: str = "adaptive"
+                ) -> tuple[float, ScoredPartition | None]:
+    """Least simulated step over every contiguous partition (inf when none fits), and the worst
+    partition that fits: an incumbent that leaves all the work to the exact search."""
+    n, best, worst = len(profile.blocks), float("inf"), None
     for cuts in combinations(range(1, n), config.num_stages - 1):
         try:
-            best = min(best, evaluate_partition(profile, config, (0, *cuts, n), policy).step_s)
+            scored = evaluate_partition(profile, config, (0, *cuts, n), policy)
         except PlanError:
-            pass
-    return best
+            continue
+        best = min(best, scored.step_s)
+        worst = scored if worst is None or scored.step_s > worst.step_s else worst
+    return best, worst
 
 
 def least_need(profile: CostProfile, config: PipelineConfig) -> float:
@@ -64,14 +69,31 @@ def test_exact_matches_brute_force(vision, llm, pp, m, schedule, v, seed, tight)
     if tight:
         config = PipelineConfig(pp=pp, micro_batches=m, schedule=schedule, virtual_stages=v, hop_s=1e-4,
                                 memory_budget_bytes=least_need(profile, config))
-    expected = brute_force(profile, config)
+    expected, worst = brute_force(profile, config)
     assert expected < float("inf")
     exact = exact_partition(profile, config)
     assert exact.step_s == pytest.approx(expected, rel=1e-12)
+    assert exact_partition(profile, config, incumbent=worst).step_s == pytest.approx(expected, rel=1e-12)
     search = search_partition(profile, config)
     assert search.step_s >= expected * (1 - 1e-12)
     if tight:  # the budget really binds: the best plan recomputes something
         assert set(exact.modes) != {"none"}
+
+
+def test_exact_matches_brute_force_on_random_cases() -> None:
+    rng = np.random.default_rng(1)
+    for case in range(16):
+        pp = int(rng.integers(2, 4))
+        schedule = str(rng.choice(["1f1b", "gpipe", "interleaved"]))
+        v = 2 if schedule == "interleaved" else 1
+        m = pp * int(rng.integers(1, 4)) if v == 2 else int(rng.integers(1, 9))
+        profile = synthetic_profile(int(rng.integers(1, 4)), int(rng.integers(2, 5)) + (2 * v), seed=100 + case,
+                                    jitter=0.6, vision_cost=float(rng.uniform(0.2, 2.0)))
+        hop = float(rng.choice([0.0, 1e-3, 5e-3]))
+        config = PipelineConfig(pp=pp, micro_batches=m, schedule=schedule, virtual_stages=v, hop_s=hop)
+        config = dataclasses.replace(config, memory_budget_bytes=least_need(profile, config) * float(rng.uniform(1, 2)))
+        expected, worst = brute_force(profile, config)
+        assert exact_partition(profile, config, incumbent=worst).step_s == pytest.approx(expected, rel=1e-12), case
 
 
 def test_search_within_one_percent_of_exact_on_random_cases() -> None:
