@@ -61,6 +61,7 @@ def format_comparison(rows: list[Row]) -> str:
         sizes = [b - a for a, b in zip(s.bounds, s.bounds[1:])]
         lines.append(f"{row.name:36s} {s.step_s:9.4f} {speedup:>8s} {s.sim.bubble_fraction:7.1%} "
                      f"{max(s.sim.peak_memory_bytes) / GIB:8.2f}  {sizes}")
+    lines.append(f"speedup: a row's simulated step time over the {rows[0].name}'s")
     return "\n".join(lines)
 
 
