@@ -5,13 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from omnibal_pl.data.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch, varlen_attention
 from omnibal_pl.model.sparsify import (
-    KEEP, GumbelTemperature, Sparsifier, SparsifyConfig, boundary_width, find_spans, gumbel_keep, gumbel_tau,
-    keep_rate_loss, masked_varlen_attention, set_temperature, split_output,
+    KEEP, GumbelTemperature, Sparsifier, SparsifyConfig, TextPredictor, VisionPredictor, boundary_width, find_spans,
+    gumbel_keep, gumbel_tau, keep_rate_loss, masked_varlen_attention, predictor_flops, set_temperature, split_output,
 )
 from omnibal_pl.module import OptimConfig, param_groups
 
@@ -231,6 +232,17 @@ def test_param_groups_and_freezing():
     with pytest.raises(ConfigError, match="optim.freeze"):
         OptimConfig(freeze=["vit"])
 
+
+
+def test_predictor_flops_match_torch_flop_counter():
+    cfg = SparsifyConfig(**SMALL_PREDICTOR)
+    vision, text = VisionPredictor(48, cfg, "sdpa"), TextPredictor(48, cfg)
+    with FlopCounterMode(display=False) as counter:  # two samples with 7 and 5 image tokens, 9 text tokens
+        vision(torch.randn(12, 48), torch.tensor([0] * 7 + [2] * 5), 3)
+        text(torch.randn(9, 48))
+    assert predictor_flops(48, cfg, [7, 5], 9) == counter.get_total_flops()
+    no_vision = SparsifyConfig(**SMALL_PREDICTOR, vision_predictor=False)
+    assert predictor_flops(48, no_vision, [7, 5], 9) == predictor_flops(48, cfg, [], 9)
 
 def test_config_round_trip_and_errors():
     cfg = tiny_cfg(vision_keep_rate=0.3)

@@ -402,6 +402,25 @@ def masked_attention_cost(heads: int, head_dim: int, seqlens: Sequence[int]) -> 
     return MaskedAttentionCost(extra_flops=extra, saved_bytes=3.0 * 4 * heads * squares)
 
 
+def predictor_flops(hidden: int, cfg: SparsifyConfig, image_seqlens: Sequence[int], text_tokens: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of the predictors for one micro-batch or prompt.
+
+    ``image_seqlens``: image tokens of each sample (the vision predictor's blocks attend within a sample;
+    ignored when ``cfg.vision_predictor`` is off); ``text_tokens``: tokens scored by the text predictors in
+    all (answer and instruction spans in training, one per decoded token at inference). Matrix products
+    only: norms, GELUs and the pooling are not counted (well under 1% here).
+    """
+    d, blocks = cfg.predictor_dim, cfg.predictor_blocks
+    head = d * (d // 2) + (d // 2) * (d // 4) + (d // 4) * 2  # the shared d -> d/2 -> d/4 -> 2 MLP
+    text = 2.0 * text_tokens * (hidden * d + head)
+    if not cfg.vision_predictor:
+        return text
+    n = sum(image_seqlens)
+    linear = 2.0 * n * (hidden * d + blocks * (4 * d * d + 2 * d * cfg.predictor_mlp_dim) + head)
+    attention = blocks * 4.0 * d * sum(s * s for s in image_seqlens)  # bidirectional: QK^T and PV
+    return linear + attention + text
+
+
 # -------------------------------------------------------------------------- loss and outputs
 
 
