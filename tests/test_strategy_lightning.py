@@ -238,3 +238,53 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         assert "1F1B needs at least as many micro-batches per step as stages: 1 < 2" in errors["one_f_one_b"]
         assert errors["bubble"] == "ran" and "1 micro-batches for 2 pipeline stages" in errors["bubble_warnings"]
         assert errors["shape"].startswith("DataError") and "token cap" in errors["shape"]
+
+
+# ---------------------------------------------------------------- omnibal-train integration
+
+def test_cli_pipeline_settings_fail_at_start(tmp_path):
+    from omnibal_pl.cli.train import parse
+    from omnibal_pl.plan import Plan
+    from tests.test_train import cfg_of
+
+    cases = [(["cluster.pp=2"], ConfigError, "cluster.strategy=omnibal"),
+             (["cluster=cpu_pp2", "cluster.pp=3"], ConfigError, "pp x dp must equal the world size"),
+             (["cluster=cpu_pp2", "cluster.devices=9", "cluster.pp=9"], ConfigError, "only 8 blocks"),
+             (["cluster=cpu_pp2", "packing.pad_to=multiple"], ConfigError, "packing.pad_to=cap")]
+    plan = Plan(model="tiny", stages=(tuple(NAMES[:3]), tuple(NAMES[4:])), recompute={}, schedule="1f1b", pp=2,
+                micro_batches=4, vit_cap=20, token_cap=256, predicted_step_s=1.0, stage_memory_bytes=(1.0, 1.0),
+                source="cost_model")
+    plan.save(tmp_path / "missing.yaml")
+    cases.append(([f"plan={tmp_path / 'missing.yaml'}"], PlanError, "blocks missing from the plan \\['projector'\\]"))
+    plan = Plan(**{**vars(plan), "stages": (tuple(NAMES[:4]), tuple(NAMES[4:])), "micro_batches": 8})
+    plan.save(tmp_path / "other.yaml")
+    cases.append(([f"plan={tmp_path / 'other.yaml'}"], ConfigError, "balance.micro_batches=4"))
+    for overrides, error, message in cases:
+        overrides = overrides if overrides[0].startswith("cluster") else ["cluster=cpu_pp2", *overrides]
+        with pytest.raises(error, match=message):
+            parse(cfg_of(*overrides))
+
+
+@pytest.mark.timeout(180)
+def test_cli_plan_auto_trains_like_one_process(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from omnibal_pl.plan import Plan
+
+    common = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "dataset.generator.samples=600",
+              "trainer.max_steps=3", "balance.micro_batches=4"]
+    runs = {"pp": ["cluster=cpu_pp2", "plan=auto"], "one": []}
+    losses = {}
+    for name, extra in runs.items():
+        out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *extra, *common,
+                              f"hydra.run.dir={tmp_path / name}"], capture_output=True, text=True, timeout=170)
+        assert out.returncode == 0, out.stderr[-3000:]
+        with open(tmp_path / name / "metrics.csv") as f:
+            losses[name] = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    plan = Plan.load(tmp_path / "pp" / "plan.yaml")
+    assert plan.pp == 2 and plan.source == "profile" and plan.micro_batches == 4
+    assert (tmp_path / "pp" / "checkpoints" / "last.ckpt" / ".metadata").is_file()
+    assert len(losses["pp"]) == 3
+    torch.testing.assert_close(losses["pp"], losses["one"], rtol=1e-5, atol=1e-6)

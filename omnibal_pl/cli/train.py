@@ -5,10 +5,19 @@
     omnibal-train model=llava_1_5_7b init_from=/ckpts/llava-v1.5-7b dataset=llava ...  # start from HF weights
     omnibal-train ckpt_path=outputs/train/<date>/<time>/checkpoints/last.ckpt
     omnibal-train -m balance.algorithm=balanced,random trainer.max_steps=50
+    omnibal-train cluster=cpu_pp2                    # 2 pipeline stages on 2 CPU processes (omnibal strategy)
+    omnibal-train cluster=gpu8 cluster.strategy=omnibal cluster.pp=4 plan=plans/internvl2_2b.yaml
 
 Each run directory holds the resolved config (``config.yaml``), ``metrics.csv`` (every logged value),
 ``balance_report.json`` and ``balance.png`` (the first epoch's grouping), ``loss.png``,
 ``summary.json`` and ``checkpoints/`` (``last.ckpt`` plus every ``checkpoint_every_n_steps``).
+
+Pipeline parallelism (``cluster.strategy=omnibal``, ``cluster.pp`` stages, DP = processes / pp): the
+stages come from ``plan``: ``auto`` runs the planner for this model, cluster and the data's caps
+(``plan_source``: ``profile`` measures the blocks on this machine, ``cost_model`` uses the
+``cluster.device`` preset, ``auto`` profiles models under 1B parameters); ``uniform`` splits the
+blocks evenly without recompute; a path loads a plan file. The plan the run uses is written to
+``plan.yaml`` (a uniform split: none); checkpoints are distributed-checkpoint folders.
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import lightning as L
@@ -34,8 +43,10 @@ from omnibal_pl.cli.conf import conf_dir
 from omnibal_pl.config import to_dataclass
 from omnibal_pl.data.datamodule import LoaderConfig, ModelSpec, OmniBalDataModule, PackingConfig
 from omnibal_pl.errors import ConfigError, OmniBalError
-from omnibal_pl.model import VLMConfig
-from omnibal_pl.module import OmniBalModule, OptimConfig
+from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.module import OmniBalModule, OmniBalPipelineModule, OptimConfig
+from omnibal_pl.plan import Plan, make_plan
+from omnibal_pl.strategy import SCHEDULES, OmniBalStrategy, PipelineLayout, block_names, uniform_layout
 
 
 @dataclass
@@ -50,7 +61,9 @@ class ClusterConfig:
     precision: str = "32-true"
     threads: int | None = None
     peak_tflops: float | None = None
-    pp: int = 1
+    pp: int = 1  # pipeline stages (cluster.strategy=omnibal); DP = devices x num_nodes / pp
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | gpipe | interleaved
+    device: str | None = None  # cost-model preset for plan_source=cost_model (h100_80gb, h200, a100_80gb)
 
 
 @dataclass
@@ -82,6 +95,8 @@ class RunConfig:
     seed: int
     init_from: str | None
     ckpt_path: str | None
+    plan: str = "auto"
+    plan_source: str = "auto"
 
 
 def parse(cfg: DictConfig) -> RunConfig:
@@ -91,10 +106,7 @@ def parse(cfg: DictConfig) -> RunConfig:
         model_cfg = VLMConfig.from_dict(model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    if cfg.cluster.pp != 1:
-        raise ConfigError(f"cluster.pp={cfg.cluster.pp}: pipeline parallelism needs the omnibal strategy, "
-                          "which this version does not ship yet; use cluster.pp=1")
-    return RunConfig(
+    run = RunConfig(
         model=model_cfg,
         balance=to_dataclass(cfg.balance, BalanceConfig, "balance"),
         cluster=to_dataclass(cfg.cluster, ClusterConfig, "cluster"),
@@ -106,7 +118,85 @@ def parse(cfg: DictConfig) -> RunConfig:
         seed=int(cfg.seed),
         init_from=cfg.get("init_from"),
         ckpt_path=cfg.get("ckpt_path"),
+        plan=str(cfg.get("plan") or "auto"),
+        plan_source=str(cfg.get("plan_source") or "auto"),
     )
+    check_pipeline(run)
+    return run
+
+
+def check_pipeline(run: RunConfig) -> None:
+    """Pipeline settings that cannot work, caught before any process starts."""
+    c = run.cluster
+    if c.strategy != "omnibal":
+        if c.pp != 1:
+            raise ConfigError(f"cluster.pp={c.pp}: pipeline parallelism runs under cluster.strategy=omnibal")
+        return
+    world = int(c.devices) * int(c.num_nodes)
+    blocks = len(block_names(run.model))
+    if c.pp < 1 or world % c.pp:
+        raise ConfigError(f"cluster.pp={c.pp} does not divide the {world} processes (cluster.devices x num_nodes): "
+                          f"pp x dp must equal the world size; pick pp among the divisors of {world}")
+    if c.pp > blocks:
+        raise ConfigError(f"cluster.pp={c.pp} pipeline stages but model {run.model.name!r} has only {blocks} blocks; "
+                          f"use cluster.pp <= {blocks}")
+    if c.schedule not in SCHEDULES:
+        raise ConfigError(f"cluster.schedule={c.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if run.packing.pad_to != "cap":
+        raise ConfigError(f"packing.pad_to={run.packing.pad_to!r}: pipeline stages need static micro-batch shapes; "
+                          "use packing.pad_to=cap (every micro-batch padded to the token and tile caps)")
+    if run.plan_source not in ("auto", "profile", "cost_model"):
+        raise ConfigError(f"plan_source={run.plan_source!r}: choose auto, profile or cost_model")
+    if run.plan not in ("auto", "uniform"):
+        load_plan(run)  # a bad plan file fails here, before training starts
+
+
+def load_plan(run: RunConfig) -> Plan:
+    """The plan file ``run.plan``, checked against the model, ``cluster.pp``, schedule and micro-batches."""
+    plan = Plan.load(run.plan)
+    plan.check_model(block_names(run.model))
+    c, m = run.cluster, run.balance.micro_batches
+    if (plan.pp, plan.schedule, plan.micro_batches) != (c.pp, c.schedule, m):
+        raise ConfigError(f"plan {run.plan}: made for pp={plan.pp}, schedule {plan.schedule}, {plan.micro_batches} "
+                          f"micro-batches; the run has cluster.pp={c.pp}, cluster.schedule={c.schedule}, "
+                          f"balance.micro_batches={m}; make a plan for this run or use plan=auto")
+    return plan
+
+
+def plan_layout(run: RunConfig, run_dir: Path, datamodule: OmniBalDataModule) -> Callable[[], PipelineLayout]:
+    """The strategy's layout source: the plan (made, or loaded) once the data's caps are known; written to
+    ``run_dir/plan.yaml``. Runs on global rank 0 only (the strategy broadcasts the layout)."""
+    c = run.cluster
+
+    def resolve() -> PipelineLayout:
+        if run.plan == "uniform":
+            return uniform_layout(run.model, c.pp * (2 if c.schedule == "interleaved" else 1))
+        if run.plan != "auto":
+            plan = load_plan(run)
+        else:
+            vit_cap, token_cap = datamodule.balance.vit_cap, datamodule.balance.token_cap
+            if not vit_cap or not token_cap:
+                raise ConfigError(f"plan=auto plans for the micro-batch caps, but balance.algorithm="
+                                  f"{run.balance.algorithm} has none; set balance.vit_cap and token_cap, or give a plan")
+            source = run.plan_source
+            if source == "auto":
+                source = "profile" if parameter_count(run.model) < 1e9 else "cost_model"
+            if source == "cost_model" and not c.device:
+                raise ConfigError("plan_source=cost_model needs cluster.device (a preset: h100_80gb, h200, a100_80gb)")
+            world = int(c.devices) * int(c.num_nodes)
+            plan = make_plan(run.model, c.pp, run.balance.micro_batches, int(vit_cap), int(token_cap),
+                             dp=world // c.pp, schedule=c.schedule, device=c.device or "local", source=source,
+                             profile_cache=str(run_dir / "plan_profile"))
+        plan.save(run_dir / "plan.yaml")
+        return PipelineLayout(plan.stages, plan.recompute)
+
+    return resolve
+
+
+def parameter_count(cfg: VLMConfig) -> int:
+    """Parameters of the model (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VLM(cfg).parameters())
 
 
 def build(run: RunConfig, run_dir: Path) -> tuple[L.Trainer, OmniBalModule, OmniBalDataModule]:
@@ -117,7 +207,14 @@ def build(run: RunConfig, run_dir: Path) -> tuple[L.Trainer, OmniBalModule, Omni
     m = run.model
     spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id)
     datamodule = OmniBalDataModule(run.dataset, run.balance, spec, run.packing, run.loader)
-    module = OmniBalModule(m, run.optim, run.cluster.peak_tflops, seed=run.seed, init_from=run.init_from)
+    c = run.cluster
+    strategy: str | OmniBalStrategy = c.strategy
+    module_cls = OmniBalModule
+    if c.strategy == "omnibal":
+        strategy = OmniBalStrategy(pp=c.pp, layout=plan_layout(run, run_dir, datamodule),
+                                   micro_batches=run.balance.micro_batches, schedule=c.schedule)
+        module_cls = OmniBalPipelineModule
+    module = module_cls(m, run.optim, c.peak_tflops, seed=run.seed, init_from=run.init_from)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.trainer.checkpoint_every_n_steps,
                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
     callbacks = [checkpoint, *(instantiate(c) for c in run.trainer.callbacks)]
@@ -129,7 +226,7 @@ def build(run: RunConfig, run_dir: Path) -> tuple[L.Trainer, OmniBalModule, Omni
         accelerator=run.cluster.accelerator,
         devices=run.cluster.devices,
         num_nodes=run.cluster.num_nodes,
-        strategy=run.cluster.strategy,
+        strategy=strategy,
         precision=run.cluster.precision,
         max_steps=run.trainer.max_steps,
         max_epochs=run.trainer.max_epochs,
