@@ -169,7 +169,8 @@ def main() -> None:
     ]
     print(f"{'metric':<32}{'off':>12}{'on':>12}{'on/off':>10}")
     for name, a, b in rows:
-        print(f"{name:<32}{a:>12.4g}{b:>12.4g}{b / a if a else float('nan'):>10.3f}")
+        ratio = f"{b / a:>10.3f}" if a else f"{'-':>10}"
+        print(f"{name:<32}{a:>12.4g}{b:>12.4g}{ratio}")
     print(f"train GFLOPs on = off + 3 x (masked attention path, +{masked.extra_flops / 1e9:.3g} GFLOPs forward in each of "
           f"{cfg.llm.layers - sp.sparse_layer} layers, {masked.saved_bytes / 2**20:.0f} MiB of float32 scores kept for backward "
           f"per layer + predictors); prefill s includes the vision encoder and, when on, the predictors; "
