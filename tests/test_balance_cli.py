@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REAL_LENGTH_FILES, SHARED_DATA
+from tests.conftest import REAL_LENGTH_FILES
 
 REPORT_KEYS = {"algorithm", "samples", "samples_grouped", "samples_lost", "groups", "avg_group_size", "vit_cap",
                "token_cap", "vit_dist_ratio", "llm_dist_ratio", "pad_ratio", "vit_fill", "token_fill",

@@ -114,9 +114,10 @@ def test_dataset_configs_instantiate(tmp_path, tok_dir, name):
 
 
 def test_cli_without_conf_folder_says_so(monkeypatch, tmp_path):
+    import omnibal_pl.cli.conf as conf
     import omnibal_pl.cli.stats as cli
     from omnibal_pl.errors import ConfigError
 
-    monkeypatch.setattr(cli, "CONF_DIR", tmp_path / "conf")
-    with pytest.raises(ConfigError, match="stats.yaml not found"):
+    monkeypatch.setattr(conf, "CONF_DIR", tmp_path / "conf")
+    with pytest.raises(ConfigError, match="config tree not found"):
         cli.main()

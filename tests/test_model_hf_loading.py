@@ -154,7 +154,7 @@ def test_internlm2_wqkv_grouping_matches_the_reference_rearrange():
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
     model = _internvl_model("InternLM2ForCausalLM")
-    layout = _write_internvl(model, tmp_path, "InternLM2ForCausalLM", shards=1)
+    _write_internvl(model, tmp_path, "InternLM2ForCausalLM", shards=1)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     del index["weight_map"]["mlp1.1.bias"]
     index["weight_map"]["language_model.model.extra.weight"] = next(iter(index["weight_map"].values()))

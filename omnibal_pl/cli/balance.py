@@ -7,19 +7,16 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.report import format_table, plot_balance, run_balance, write_json
-from omnibal_pl.cli.conf import conf_dir
+from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.config import to_dataclass
 from omnibal_pl.data.length_source import dataset_lengths
-from omnibal_pl.errors import OmniBalError
 
 
 def balance(cfg: DictConfig) -> dict:
@@ -39,18 +36,7 @@ def balance(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="omnibal_balance")
-def _app(cfg: DictConfig) -> None:
-    try:
-        balance(cfg)
-    except OmniBalError as e:
-        print(f"omnibal-balance: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    _app()
-
+main = hydra_app("omnibal_balance", "omnibal-balance", balance)
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path

@@ -11,21 +11,19 @@ The run directory gets ``plan.yaml`` (the strategy's input), ``gantt.png`` and `
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.search import resolve_caps
-from omnibal_pl.cli.conf import conf_dir
+from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.config import to_dataclass
 from omnibal_pl.data.length_source import dataset_lengths
-from omnibal_pl.errors import ConfigError, OmniBalError
+from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.plan import Plan, exact_partition, plan_from_partition, planning_inputs, save_gantt, search_partition
 from omnibal_pl.plan.report import GIB, compare, format_comparison, format_stages
@@ -99,18 +97,12 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     return plan
 
 
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="omnibal_plan")
-def _app(cfg: DictConfig) -> None:
-    try:
-        run_plan(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except OmniBalError as e:
-        print(f"omnibal-plan: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def plan_app(cfg: DictConfig) -> Plan:
+    """``run_plan`` writing into Hydra's run directory."""
+    return run_plan(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def main() -> None:
-    _app()
-
+main = hydra_app("omnibal_plan", "omnibal-plan", plan_app)
 
 if __name__ == "__main__":
     main()

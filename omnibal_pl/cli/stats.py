@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def run(cfg: DictConfig) -> Path:
@@ -29,12 +28,7 @@ def run(cfg: DictConfig) -> Path:
     return path
 
 
-def main() -> None:
-    if not (CONF_DIR / "stats.yaml").is_file():
-        raise ConfigError(f"{CONF_DIR / 'stats.yaml'} not found: omnibal-stats reads the repository's conf/ folder; "
-                          "install omnibal_pl from a checkout (pip install -e .)")
-    hydra.main(config_path=str(CONF_DIR), config_name="stats", version_base="1.3")(run)()
-
+main = hydra_app("stats", "omnibal-stats", run)
 
 if __name__ == "__main__":
     main()

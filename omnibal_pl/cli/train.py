@@ -22,13 +22,11 @@ blocks evenly without recompute; a path loads a plan file. The plan the run uses
 from __future__ import annotations
 
 import csv
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -39,10 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.report import plot_balance, write_json
-from omnibal_pl.cli.conf import conf_dir
+from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.config import to_dataclass
 from omnibal_pl.data.datamodule import LoaderConfig, ModelSpec, OmniBalDataModule, PackingConfig
-from omnibal_pl.errors import ConfigError, OmniBalError
+from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.module import OmniBalModule, OmniBalPipelineModule, OptimConfig
 from omnibal_pl.plan import Plan, make_plan
@@ -337,18 +335,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     return write_artifacts(module, datamodule, run_dir, seconds)
 
 
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
-def _app(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except OmniBalError as e:
-        print(f"omnibal-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    _app()
-
+main = hydra_app("train", "omnibal-train", train)
 
 if __name__ == "__main__":
     main()

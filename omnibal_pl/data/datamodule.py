@@ -144,7 +144,7 @@ class OmniBalDataModule(L.LightningDataModule):
             # Lightning sizes the epoch (len) before it calls set_epoch; an epoch's micro-batch count
             # depends on its grouping, so select the epoch first or the epoch would be cut short.
             self.sampler.set_epoch(self.trainer.current_epoch)
-        spec, cfg = self.model_spec, self.balance
+        spec = self.model_spec
         vit_cap, token_cap = self._shape_caps()
         collate = PackingCollate(token_cap, vit_cap, self.packing.pad_to, self.packing.multiple,
                                  self.packing.loss_weighting, image_context_id=spec.image_context_id,
