@@ -13,9 +13,10 @@ What the strategy owns (Lightning's split, as in ``ModelParallelStrategy``):
   so a run resumes into any layout or PP size;
 - evaluation: not pipelined here; sanity validation is switched off and a ``validation_step`` is refused.
 
-What the module owns (:class:`omnibal_pl.module.OmniBalPipelineModule`): the loss, manual optimisation
-(one optimizer step per ``micro_batches`` loader batches, the pipeline's forward+backward inside the
-training step), clipping through the runner, logging.
+What the module owns (:class:`omnibal_pl.module.OmniBalPipelineModule`): the loss, the pipeline's
+forward+backward inside the training step of the last of ``micro_batches`` loader batches (automatic
+optimisation with ``accumulate_grad_batches = micro_batches``, Lightning's own backward skipped by
+:meth:`OmniBalStrategy.backward`), clipping through the runner, logging.
 
 The layout is a :class:`PipelineLayout` or a function returning one (a planner that needs the data's
 caps, known once the DataModule is set up); a function runs on global rank 0 only and its layout is
