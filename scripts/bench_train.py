@@ -8,8 +8,8 @@ forward + backward in turn and is timed; the step's time is the slowest rank's (
 data-parallel step waits for), the ideal is the mean rank's (perfect balance of the same work).
 Printed per sampler: mean step time, the ideal, idle fraction (1 - ideal / step), LLM tokens and
 samples per step, throughput of the whole simulated DP group in tokens/s and samples/s, and the
-speedup in tokens/s over ``random`` (samplers put different amounts of work in a step, so step times
-alone do not compare). The ideal tokens/s (mean-rank time) is the limit balance can reach.
+speedup over ``random`` in samples/s, i.e. in epoch time (samplers put different amounts of work in a
+step, so step times alone do not compare). The ideal (mean-rank time) is the limit balance can reach.
 
 Timing: each micro-batch runs ``--reps`` times and its fastest run counts; on a shared machine that is
 the least disturbed one (the median still carries other processes' load).
@@ -96,13 +96,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
             samples += sum(b.num_samples for b in step)
         rows[algo] = (step_s, ideal_s, tokens, samples)
     n = args.steps
-    base = rows["random"][2] / rows["random"][0] if "random" in rows else None
+    base = rows["random"][3] / rows["random"][0] if "random" in rows else None
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
           f"{n} steps, {device.type}")
     print(f"{'sampler':<10}{'step s':>9}{'ideal s':>9}{'idle':>7}{'tok/step':>10}{'smp/step':>10}"
           f"{'tokens/s':>10}{'ideal':>10}{'samples/s':>11}{'vs random':>11}")
     for algo, (step, ideal, tokens, samples) in rows.items():
-        speedup = f"{tokens / step / base:.2f}x" if base else "-"
+        speedup = f"{samples / step / base:.2f}x" if base else "-"
         print(f"{algo:<10}{step / n:>9.3f}{ideal / n:>9.3f}{1 - ideal / step:>7.1%}{tokens / n:>10,.0f}"
               f"{samples / n:>10.1f}{tokens / step:>10,.0f}{tokens / ideal:>10,.0f}{samples / step:>11.1f}{speedup:>11}")
 
