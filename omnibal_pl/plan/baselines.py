@@ -14,7 +14,7 @@ from omnibal_pl.plan.stage_costs import bottleneck_bounds, min_bottleneck
 _VISION_KINDS = ("vision_embed", "vision_block", "projector")
 
 
-def _even(n_items: int, n_stages: int, offset: int = 0) -> list[int]:
+def even_bounds(n_items: int, n_stages: int, offset: int = 0) -> list[int]:
     """Bounds of ``n_items`` split into ``n_stages`` runs differing by at most one, longer runs first."""
     if n_stages > n_items:
         raise PlanError(f"cannot split {n_items} blocks into {n_stages} non-empty stages; use at most {n_items}")
@@ -24,7 +24,7 @@ def _even(n_items: int, n_stages: int, offset: int = 0) -> list[int]:
 
 def uniform_partition(profile: CostProfile, n_stages: int) -> tuple[int, ...]:
     """Equal block counts per stage (DeepSpeed's ``uniform``, Megatron without manual first/last counts)."""
-    return tuple(_even(len(profile.blocks), n_stages))
+    return tuple(even_bounds(len(profile.blocks), n_stages))
 
 
 def parameter_partition(profile: CostProfile, n_stages: int) -> tuple[int, ...]:
@@ -45,5 +45,5 @@ def torchtitan_partition(profile: CostProfile, n_stages: int) -> tuple[int, ...]
     n_vision = 0
     while n_vision < len(profile.blocks) and profile.blocks[n_vision].kind in _VISION_KINDS:
         n_vision += 1
-    llm = _even(len(profile.blocks) - n_vision, n_stages, offset=n_vision)
+    llm = even_bounds(len(profile.blocks) - n_vision, n_stages, offset=n_vision)
     return (0, *llm[1:])

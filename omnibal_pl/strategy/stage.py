@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from omnibal_pl.data.batch import PackedBatch
 from omnibal_pl.errors import ConfigError, PlanError
 from omnibal_pl.model import RECOMPUTE_MODES, VLM, TransformerBlock, VLMConfig
+from omnibal_pl.plan.baselines import even_bounds
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,7 @@ def uniform_layout(cfg: VLMConfig, num_stages: int) -> PipelineLayout:
     if not 1 <= num_stages <= len(names):
         raise ConfigError(f"{num_stages} pipeline stages for model {cfg.name!r} with {len(names)} blocks; "
                           f"use between 1 and {len(names)} stages")
-    q, r = divmod(len(names), num_stages)
-    bounds = [k * q + min(k, r) for k in range(num_stages + 1)]
+    bounds = even_bounds(len(names), num_stages)
     return PipelineLayout([names[a:b] for a, b in zip(bounds, bounds[1:])])
 
 
