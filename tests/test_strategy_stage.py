@@ -11,7 +11,7 @@ import yaml
 from omnibal_pl.errors import ConfigError, PlanError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.strategy import PipelineLayout, block_names, build_stage, check_layout, check_sizes
-from omnibal_pl.strategy import initial_state_dict, load_stage_state
+from omnibal_pl.strategy import initial_state_dict, load_stage_state, uniform_layout
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -126,3 +126,13 @@ def test_world_size_must_be_pp_times_dp():
     check_sizes(2, 2, 4)
     with pytest.raises(ConfigError, match="pp=2 x dp=3 = 6 processes, but the world has 4"):
         check_sizes(2, 3, 4)
+
+
+def test_uniform_layout_splits_block_counts_evenly(cfg, names):
+    layout = uniform_layout(cfg, 3)  # tiny: 8 blocks -> 3, 3, 2
+    assert [n for stage in layout.stages for n in stage] == names
+    sizes = [len(s) for s in layout.stages]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    check_layout(layout, cfg, pp=3)
+    with pytest.raises(ConfigError, match="stages for model"):
+        uniform_layout(cfg, len(names) + 1)
