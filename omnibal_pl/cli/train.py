@@ -41,9 +41,10 @@ from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.config import to_dataclass
 from omnibal_pl.data.datamodule import LoaderConfig, ModelSpec, OmniBalDataModule, PackingConfig
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.model import VLMConfig
 from omnibal_pl.module import OmniBalModule, OmniBalPipelineModule, OptimConfig
 from omnibal_pl.plan import Plan, make_plan
+from omnibal_pl.plan.cost_model import block_parameters
 from omnibal_pl.strategy import SCHEDULES, OmniBalStrategy, PipelineLayout, block_names, uniform_layout
 
 
@@ -178,7 +179,7 @@ def plan_layout(run: RunConfig, run_dir: Path, datamodule: OmniBalDataModule) ->
                                   f"{run.balance.algorithm} has none; set balance.vit_cap and token_cap, or give a plan")
             source = run.plan_source
             if source == "auto":
-                source = "profile" if parameter_count(run.model) < 1e9 else "cost_model"
+                source = "profile" if sum(n for _, n in block_parameters(run.model)) < 1e9 else "cost_model"
             if source == "cost_model" and not c.device:
                 raise ConfigError("plan_source=cost_model needs cluster.device (a preset: h100_80gb, h200, a100_80gb)")
             world = int(c.devices) * int(c.num_nodes)
@@ -189,12 +190,6 @@ def plan_layout(run: RunConfig, run_dir: Path, datamodule: OmniBalDataModule) ->
         return PipelineLayout(plan.stages, plan.recompute)
 
     return resolve
-
-
-def parameter_count(cfg: VLMConfig) -> int:
-    """Parameters of the model (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in VLM(cfg).parameters())
 
 
 def build(run: RunConfig, run_dir: Path) -> tuple[L.Trainer, OmniBalModule, OmniBalDataModule]:
