@@ -9,7 +9,7 @@ an LLM with heavier layers and a large-vocabulary head), so block counts and blo
 Steps: profile every block here (the planner's ``profile`` source, one thread per process as the
 pipeline ranks run), search the partition (:func:`omnibal_pl.plan.search_partition`), score the uniform
 split (equal block counts, DeepSpeed's ``uniform``) with the same simulator, then time both layouts
-with the real runtime: ``pp`` gloo processes, :func:`omnibal_pl.strategy.build_pipeline`, one
+with the real runtime: ``pp`` gloo processes, :func:`omnibal_pl.parallel.build_pipeline`, one
 ``train_step`` + SGD step per step; the step time is the slowest rank's median over the timed steps.
 The simulator assumes no cost between stages (``hop_s = 0`` on one machine); the gloo send/recv cost
 shows up in the prediction error.
@@ -34,9 +34,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnibal_pl.model import VLMConfig, dummy_batch  # noqa: E402
-from omnibal_pl.module import packed_loss_sum  # noqa: E402
+from omnibal_pl.train.module import packed_loss_sum  # noqa: E402
 from omnibal_pl.plan import evaluate_partition, plan_from_partition, planning_inputs, search_partition  # noqa: E402
-from omnibal_pl.strategy import PipelineLayout, build_mesh, build_pipeline, initial_state_dict  # noqa: E402
+from omnibal_pl.parallel import PipelineLayout, build_mesh, build_pipeline, initial_state_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

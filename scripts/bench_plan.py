@@ -21,9 +21,9 @@ import yaml
 from omnibal_pl.balance import BalanceConfig, resolve_caps
 from omnibal_pl.lengths import load_lengths
 from omnibal_pl.model import VLMConfig
+from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.plan import (PipelineConfig, exact_partition, make_plan, planning_inputs, search_partition)
 from omnibal_pl.plan.cost_model import cost_model_profile, total_forward_flops
-from omnibal_pl.plan.costs import MicroBatchShape
 from omnibal_pl.plan.report import compare
 from omnibal_pl.plan.synthetic import GIB, synthetic_profile
 

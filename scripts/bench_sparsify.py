@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.model.flops import train_flops
 from omnibal_pl.model.generate import GenerationResult, generate

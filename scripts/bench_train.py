@@ -30,10 +30,10 @@ import yaml
 
 from omnibal_pl.balance import BalanceConfig
 from omnibal_pl.data import ModelSpec, OmniBalDataModule
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.data.datamodule import PackingConfig
 from omnibal_pl.model import VLM, VLMConfig
-from omnibal_pl.module import packed_loss_sum
+from omnibal_pl.train.module import packed_loss_sum
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALGORITHMS = ("balanced", "isf", "random")

@@ -1,15 +1,12 @@
 """Shared fixtures: the real statistics in ../shared (CI has them beside the clone)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from omnibal_pl.lengths import LengthTable, load_lengths
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_LENGTH_FILES = sorted((SHARED_DATA / "omnibal_lengths").glob("*.json"))
+from tests.helpers import REAL_LENGTH_FILES, SHARED_DATA
 
 # Tests run two at a time (xdist) on a small shared machine: intra-op threads beyond one spin-wait
 # against each other and make small matmuls tens of times slower.

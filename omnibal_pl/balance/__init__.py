@@ -2,7 +2,7 @@
 from omnibal_pl.balance.config import ALGORITHMS, BalanceConfig
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.isf_reference import isf_reference
-from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler, EpochPlan
+from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler, EpochArrangement
 from omnibal_pl.balance.metrics import balance_metrics, dist_ratio, pad_ratio, per_source
 from omnibal_pl.balance.search import CapSearch, evaluate, resolve_caps
 from omnibal_pl.balance.steps import Steps, form_steps
@@ -13,7 +13,7 @@ __all__ = [
     "BalancedBatchSampler",
     "BalancedSampler",
     "CapSearch",
-    "EpochPlan",
+    "EpochArrangement",
     "Grouping",
     "Steps",
     "balance_metrics",

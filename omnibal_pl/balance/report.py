@@ -12,7 +12,7 @@ import numpy as np
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.metrics import balance_metrics, per_source
-from omnibal_pl.balance.search import resolve_caps
+from omnibal_pl.balance.search import resolve_shape
 from omnibal_pl.balance.steps import Steps, form_steps
 from omnibal_pl.lengths import LengthTable
 
@@ -42,9 +42,9 @@ TABLE_ROWS = (
 
 def run_balance(table: LengthTable, cfg: BalanceConfig) -> tuple[dict[str, Any], Grouping, Steps]:
     """Resolves the caps (searching if unset), groups, forms steps and measures; returns the report."""
-    caps = resolve_caps(table, cfg)
+    cfg, caps = resolve_shape(table, cfg)
     start = time.perf_counter()
-    grouping = group_samples(table, cfg, caps.vit_cap or None, caps.token_cap or None)
+    grouping = group_samples(table, cfg)
     seconds_grouping = time.perf_counter() - start
     vit_sums, tok_sums = grouping.sums(table)
     steps = form_steps(vit_sums, tok_sums, cfg.dp, cfg.micro_batches, cfg.resolved_step_order, cfg.seed)

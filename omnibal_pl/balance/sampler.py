@@ -1,6 +1,6 @@
 """Per-epoch, per-DP-rank balanced micro-batches for a DataLoader, resumable mid-epoch.
 
-Every DP rank builds the same epoch plan from (seed, epoch, dp size): group the epoch's samples with
+Every DP rank builds the same epoch arrangement from (seed, epoch, dp size): group the epoch's samples with
 the configured algorithm and caps, arrange the groups into steps of ``dp x micro_batches`` groups
 (:func:`~omnibal_pl.balance.steps.form_steps`), then yield its own ``micro_batches`` groups of every
 step. So all ranks yield the same number of micro-batches (no collective can hang) and the ranks of one
@@ -8,11 +8,11 @@ step carry near-equal work.
 
 Nothing is lost: groups that cannot fill a whole step are carried into the next epoch (their samples
 join that epoch's grouping); after the last epoch they are reported by :meth:`BalancedSampler.leftover`.
-Epoch ``e``'s plan depends on epoch ``e - 1``'s carry, so plans are built in order from epoch 0 and
+Epoch ``e``'s arrangement depends on epoch ``e - 1``'s carry, so arrangements are built in order from epoch 0 and
 cached.
 
 Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on
-a batch sampler itself: hence two classes, :class:`BalancedSampler` (the epoch plan, ``set_epoch``,
+a batch sampler itself: hence two classes, :class:`BalancedSampler` (the epoch arrangement, ``set_epoch``,
 state) and :class:`BalancedBatchSampler` (what the DataLoader iterates), the first reachable as the
 second's ``.sampler``.
 """
@@ -33,7 +33,7 @@ from omnibal_pl.lengths import LengthTable
 
 
 @dataclass
-class EpochPlan:
+class EpochArrangement:
     """One epoch: groups of dataset indices and their arrangement into steps."""
 
     epoch: int
@@ -60,7 +60,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class BalancedSampler(Sampler[int]):
-    """The epoch plan of one DP rank; iterating it gives the rank's sample ids in training order.
+    """The epoch arrangement of one DP rank; iterating it gives the rank's sample ids in training order.
 
     ``cfg`` must have both caps set (resolve them once with
     :func:`~omnibal_pl.balance.search.resolve_caps` and pass the resolved config): every rank and every
@@ -79,7 +79,7 @@ class BalancedSampler(Sampler[int]):
         self.cfg = replace(cfg, dp=dp_size)
         self.dp_rank = dp_rank
         self.epoch = 0
-        self._plans: dict[int, EpochPlan] = {}
+        self._arrangements: dict[int, EpochArrangement] = {}
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batches already consumed)
 
     @property
@@ -90,17 +90,17 @@ class BalancedSampler(Sampler[int]):
         """Selects the epoch to iterate (Lightning calls this at every epoch start)."""
         self.epoch = int(epoch)
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
-        """The plan of ``epoch`` (default: the current one), built after all earlier ones."""
+    def arrangement(self, epoch: int | None = None) -> EpochArrangement:
+        """The arrangement of ``epoch`` (default: the current one), built after all earlier ones."""
         epoch = self.epoch if epoch is None else epoch
-        start = max((e for e in self._plans if e <= epoch), default=-1)
+        start = max((e for e in self._arrangements if e <= epoch), default=-1)
         for e in range(start + 1, epoch + 1):
-            carried = self._plans[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
-            self._plans[e] = self._build(e, carried)
-            self._plans.pop(e - 2, None)  # keep memory bounded: only the last two plans are needed
-        return self._plans[epoch]
+            carried = self._arrangements[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
+            self._arrangements[e] = self._build(e, carried)
+            self._arrangements.pop(e - 2, None)  # keep memory bounded: only the last two are needed
+        return self._arrangements[epoch]
 
-    def _build(self, epoch: int, carried: np.ndarray) -> EpochPlan:
+    def _build(self, epoch: int, carried: np.ndarray) -> EpochArrangement:
         pool = np.concatenate([np.arange(len(self.lengths), dtype=np.int64), carried])
         table = self.lengths.subset(pool)
         seed = epoch_seed(self.cfg.seed, epoch)
@@ -109,25 +109,25 @@ class BalancedSampler(Sampler[int]):
         vit_sums, token_sums = local.sums(table)
         steps = form_steps(vit_sums, token_sums, self.cfg.dp, self.cfg.micro_batches, self.cfg.resolved_step_order, seed)
         leftover = np.concatenate([grouping.group(g) for g in steps.leftover]) if len(steps.leftover) else np.zeros(0, np.int64)
-        return EpochPlan(epoch, grouping, steps, carried, leftover, vit_sums, token_sums)
+        return EpochArrangement(epoch, grouping, steps, carried, leftover, vit_sums, token_sums)
 
     def micro_batches_per_epoch(self, epoch: int | None = None) -> int:
         """Micro-batches every rank yields in ``epoch`` (equal on all ranks)."""
-        plan = self.plan(epoch)
-        return plan.steps.num_steps * self.cfg.micro_batches
+        arr = self.arrangement(epoch)
+        return arr.steps.num_steps * self.cfg.micro_batches
 
     def leftover(self, epoch: int | None = None) -> np.ndarray:
         """Sample ids that ``epoch`` could not place in a full step: trained next epoch, or never if it is the last."""
-        return self.plan(epoch).leftover
+        return self.arrangement(epoch).leftover
 
     def report(self, epoch: int | None = None) -> dict[str, Any]:
         """Balance metrics of the epoch's grouping and steps (all ranks), plus carry-over counts."""
-        plan = self.plan(epoch)
-        table = self.lengths.subset(plan.grouping.indices)  # one row per grouped sample (carried ones too)
-        local = replace(plan.grouping, indices=np.arange(len(table), dtype=np.int64))
-        out = balance_metrics(table, local, plan.steps)
-        out.update(epoch=plan.epoch, samples_carried_in=int(len(plan.carried_in)),
-                   samples_carried_out=int(len(plan.leftover)), dp_rank=self.dp_rank, dp_size=self.cfg.dp,
+        arr = self.arrangement(epoch)
+        table = self.lengths.subset(arr.grouping.indices)  # one row per grouped sample (carried ones too)
+        local = replace(arr.grouping, indices=np.arange(len(table), dtype=np.int64))
+        out = balance_metrics(table, local, arr.steps)
+        out.update(epoch=arr.epoch, samples_carried_in=int(len(arr.carried_in)),
+                   samples_carried_out=int(len(arr.leftover)), dp_rank=self.dp_rank, dp_size=self.cfg.dp,
                    micro_batches=self.cfg.micro_batches)
         return out
 
@@ -155,30 +155,41 @@ class BalancedSampler(Sampler[int]):
         return skip
 
     def __iter__(self) -> Iterator[int]:
-        plan = self.plan()
-        for g in plan.rank_groups(self.dp_rank):
-            yield from plan.grouping.group(g).tolist()
+        arr = self.arrangement()
+        for g in arr.rank_groups(self.dp_rank):
+            yield from arr.grouping.group(g).tolist()
 
     def __len__(self) -> int:
-        plan = self.plan()
-        return int(plan.grouping.sizes()[plan.rank_groups(self.dp_rank)].sum())
+        arr = self.arrangement()
+        return int(arr.grouping.sizes()[arr.rank_groups(self.dp_rank)].sum())
 
 
-class BalancedBatchSampler(Sampler[list[int]]):
-    """Yields this DP rank's micro-batches (lists of dataset indices) for the current epoch.
+class BalancedBatchSampler(Sampler[list]):
+    """Yields this DP rank's micro-batches (lists of dataset indices) for the current epoch, one per item;
+    with ``micro_batches_per_item = m`` (the sampler's ``micro_batches``) one item is the list of a step's
+    ``m`` micro-batches.
 
-    ``len()`` is the full epoch, also after a mid-epoch resume (Lightning counts the skipped batches
-    as done). Use with ``DataLoader(dataset, batch_sampler=...)`` and ``Trainer(use_distributed_sampler=False)``.
+    ``len()`` is the full epoch in items, also after a mid-epoch resume (Lightning counts the skipped
+    items as done). Use with ``DataLoader(dataset, batch_sampler=...)`` and
+    ``Trainer(use_distributed_sampler=False)``.
     """
 
-    def __init__(self, sampler: BalancedSampler) -> None:
+    def __init__(self, sampler: BalancedSampler, micro_batches_per_item: int = 1) -> None:
+        if micro_batches_per_item not in (1, sampler.cfg.micro_batches):
+            raise ConfigError(f"micro_batches_per_item={micro_batches_per_item}: an item is one micro-batch or one "
+                              f"step of {sampler.cfg.micro_batches}")
         self.sampler = sampler
+        self.per_item = micro_batches_per_item
 
-    def __iter__(self) -> Iterator[list[int]]:
-        plan = self.sampler.plan()
+    def __iter__(self) -> Iterator[list]:
+        arrangement = self.sampler.arrangement()
         skip = self.sampler.take_skip()
-        for g in plan.rank_groups(self.sampler.dp_rank)[skip:]:
-            yield plan.grouping.group(g).tolist()
+        groups = [arrangement.grouping.group(g).tolist() for g in arrangement.rank_groups(self.sampler.dp_rank)[skip:]]
+        if self.per_item == 1:
+            yield from groups
+        else:
+            for k in range(0, len(groups), self.per_item):
+                yield groups[k : k + self.per_item]
 
     def __len__(self) -> int:
-        return self.sampler.micro_batches_per_epoch()
+        return self.sampler.micro_batches_per_epoch() // self.per_item

@@ -24,7 +24,8 @@ from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.grouping import group_samples
 from omnibal_pl.balance.metrics import balance_metrics
 from omnibal_pl.balance.steps import form_steps
-from omnibal_pl.errors import BalanceError
+from omnibal_pl.batch import MicroBatchShape
+from omnibal_pl.errors import BalanceError, ConfigError
 from omnibal_pl.lengths import LengthTable
 
 BALANCED_TOKEN_SLACKS = (0.01, 0.02, 0.03, 0.05)
@@ -64,6 +65,24 @@ def resolve_caps(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
         return CapSearch(0, 0, 0.0)
     found.seconds = time.perf_counter() - start
     return found
+
+
+def resolve_shape(table: LengthTable, cfg: BalanceConfig) -> tuple[BalanceConfig, CapSearch]:
+    """``cfg`` with its caps resolved, and how: the one caps path of every command.
+
+    Caps set in ``cfg`` are kept; the others are searched on ``table`` for ``cfg.dp`` data-parallel ranks
+    (give the run's real DP size). Cap-free algorithms (``random``, ``length_grouped``) keep None.
+    """
+    found = resolve_caps(table, cfg)
+    return replace(cfg, vit_cap=found.vit_cap or None, token_cap=found.token_cap or None), found
+
+
+def micro_batch_shape(cfg: BalanceConfig) -> MicroBatchShape:
+    """The fixed micro-batch shape of a resolved config (see :func:`resolve_shape`)."""
+    if cfg.vit_cap is None or cfg.token_cap is None:
+        raise ConfigError(f"balance.algorithm={cfg.algorithm} has no caps, so micro-batches have no fixed shape; set "
+                          "balance.vit_cap and balance.token_cap, or use balance=balanced")
+    return MicroBatchShape(int(cfg.vit_cap), int(cfg.token_cap), cfg.samples_per_group)
 
 
 def _score(m: dict[str, Any]) -> float:

@@ -1,25 +1,15 @@
-"""Hydra app plumbing shared by the console scripts: where ``conf/`` is, and one entry-point wrapper."""
+"""Hydra app plumbing shared by the console scripts: one entry-point wrapper over the packaged config tree."""
 from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig
 
-from omnibal_pl.errors import ConfigError, OmniBalError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def conf_dir() -> str:
-    """Absolute path of ``conf/``; the package must be installed from a checkout (``pip install -e .``)."""
-    if not CONF_DIR.is_dir():
-        raise ConfigError(f"config tree not found at {CONF_DIR}; install omnibal_pl from a checkout "
-                          "(bash scripts/setup.sh) so conf/ sits next to the package")
-    return str(CONF_DIR)
+from omnibal_pl.conf import HYDRA_PATH
+from omnibal_pl.errors import OmniBalError
 
 
 def hydra_app(config_name: str, prog: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -38,6 +28,6 @@ def hydra_app(config_name: str, prog: str, task: Callable[[DictConfig], Any]) ->
             sys.exit(2)
 
     def main() -> None:
-        hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(guarded)()
+        hydra.main(version_base="1.3", config_path=HYDRA_PATH, config_name=config_name)(guarded)()
 
     return main

@@ -25,13 +25,14 @@ from typing import Callable, Iterable, Sequence
 import torch
 import yaml
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
+from omnibal_pl.conf import CONF_DIR
 from omnibal_pl.errors import DataError, OmniBalError
 from omnibal_pl.model.generate import GenerationResult, generate
 from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.model.vlm import VLM
 
-SPARSIFY_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "sparsify"
+SPARSIFY_DIR = CONF_DIR / "model" / "sparsify"
 
 
 def read_questions(path: str | Path) -> list[dict]:

@@ -1,17 +1,18 @@
 """``omnibal-plan``: the searched pipeline plan of a VLM for the balanced micro-batch shape, beside the baselines.
 
     omnibal-plan                                                  # InternVL-Chat-V1.5, 4 x H100 stages
-    omnibal-plan model=internvl2_8b plan.pp=2 plan.device=a100_80gb
-    omnibal-plan model=tiny plan.source=profile plan.device=local balance.vit_cap=4 balance.token_cap=128
-    omnibal-plan model=llava_1_5_7b model/sparsify=dynamic_llava plan.pp=4
+    omnibal-plan model=internvl2_8b cluster.pp=2 cluster.device=a100_80gb
+    omnibal-plan model=tiny plan.source=profile cluster.device=local balance.vit_cap=4 balance.token_cap=128
+    omnibal-plan model=llava_1_5_7b model/sparsify=dynamic_llava cluster.pp=4
 
 The micro-batch shape is ``balance.vit_cap`` tiles x ``balance.token_cap`` tokens, packed as
-``balance.samples_per_group`` samples; caps left null are found by the balance core on ``dataset``.
+``balance.samples_per_group`` samples; caps left null are found by the balance core on ``dataset`` for
+``cluster.dp`` ranks (the same caps path as ``omnibal-train``).
 The run directory gets ``plan.yaml`` (the strategy's input), ``gantt.png`` and ``cost_profile.json``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,44 +20,32 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnibal_pl.balance.config import BalanceConfig
-from omnibal_pl.balance.search import resolve_caps
+from omnibal_pl.balance.search import micro_batch_shape, resolve_shape
 from omnibal_pl.cli.conf import hydra_app
-from omnibal_pl.config import to_dataclass
+from omnibal_pl.config import ClusterConfig, PlanSettings, check_keys, to_dataclass
 from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.plan import Plan, exact_partition, plan_from_partition, planning_inputs, save_gantt, search_partition
+from omnibal_pl.plan.make import resolve_source
 from omnibal_pl.plan.report import GIB, compare, format_comparison, format_stages
 
 
 @dataclass
-class PlanAppConfig:
-    """The ``plan`` node of ``conf/omnibal_plan.yaml`` (see the comments there)."""
+class PlanAppSettings(PlanSettings):
+    """The ``plan`` node of ``conf/omnibal_plan.yaml``: :class:`PlanSettings` plus ``exact`` (also find the
+    exact optimum by branch and bound and print it)."""
 
-    pp: int = 4
-    dp: int = 8
-    micro_batches: int = 8
-    schedule: str = "1f1b"
-    virtual_stages: int = 2
-    source: str = "cost_model"
-    device: str = "h100_80gb"
-    memory_fraction: float = 0.9
-    optimizer_shards: int = 1
-    profile_cache: str | None = None
     exact: bool = False
-    threads: int | None = None
 
 
-def caps(cfg: DictConfig, balance: BalanceConfig) -> tuple[int, int, str]:
-    """``(vit_cap, token_cap, where they came from)``: the given caps, or the balance core's search."""
+def resolved_caps(cfg: DictConfig, balance: BalanceConfig) -> tuple[BalanceConfig, str]:
+    """``balance`` with its caps resolved on the ``dataset`` statistics when not given, and where they came from."""
     if balance.vit_cap is not None and balance.token_cap is not None:
-        return int(balance.vit_cap), int(balance.token_cap), "given"
-    if balance.algorithm not in ("balanced", "isf"):
-        raise ConfigError(f"balance.algorithm={balance.algorithm!r} has no caps; set balance.vit_cap and "
-                          "balance.token_cap, or use balance=balanced")
+        return balance, "given"
     table = dataset_lengths(OmegaConf.to_container(cfg.dataset, resolve=True))
-    found = resolve_caps(table, balance)
-    return found.vit_cap, found.token_cap, f"{balance.algorithm} search on {cfg.dataset.name} ({len(table):,} samples)"
+    resolved, _ = resolve_shape(table, balance)
+    return resolved, f"{balance.algorithm} search on {cfg.dataset.name} ({len(table):,} samples)"
 
 
 def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
@@ -65,15 +54,20 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         model = VLMConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    settings = to_dataclass(OmegaConf.to_container(cfg.plan, resolve=True), PlanAppConfig, "plan")
-    balance = to_dataclass(OmegaConf.to_container(cfg.balance, resolve=True), BalanceConfig, "balance")
+    check_keys(cfg, ["model", "dataset", "balance", "cluster", "plan"], "omnibal-plan")
+    settings = to_dataclass(cfg.plan, PlanAppSettings, "plan")
+    cluster = to_dataclass(cfg.cluster, ClusterConfig, "cluster")
+    balance = to_dataclass(cfg.balance, BalanceConfig, "balance")
+    if cluster.dp is None:
+        raise ConfigError("omnibal-plan plans for cluster.dp data-parallel ranks; set cluster.dp")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    vit_cap, token_cap, origin = caps(cfg, balance)
+    balance, origin = resolved_caps(cfg, replace(balance, dp=cluster.dp))
+    shape = micro_batch_shape(balance)
     inputs = planning_inputs(
-        model, settings.pp, settings.micro_batches, vit_cap, token_cap, dp=settings.dp, schedule=settings.schedule,
-        device=settings.device, source=settings.source, profile_cache=settings.profile_cache,
-        samples=balance.samples_per_group, virtual_stages=settings.virtual_stages,
+        model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
+        schedule=cluster.schedule, device=cluster.device or "local", source=resolve_source(model, settings.source),
+        profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
         memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards)
     searched = search_partition(inputs.profile, inputs.config)
     exact = exact_partition(inputs.profile, inputs.config, incumbent=searched) if settings.exact else None
@@ -81,7 +75,7 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
 
     c = inputs.config
     print(f"model {model.name} ({len(inputs.profile.blocks)} blocks), sparsify {'on' if model.sparsify.enabled else 'off'}; "
-          f"micro-batch {vit_cap} tiles x {token_cap} tokens in {balance.samples_per_group} samples ({origin})")
+          f"micro-batch {shape.vit_cap} tiles x {shape.token_cap} tokens in {shape.samples} samples ({origin})")
     print(f"pp={c.pp} x dp={c.dp}, {c.schedule}{f' v={c.virtual_stages}' if c.virtual_stages > 1 else ''}, "
           f"{c.micro_batches} micro-batches; costs: {inputs.profile.source} on {inputs.profile.device}; "
           f"budget {c.budget(0) / GIB:.1f} GiB per rank, hop {c.hop_s * 1e3:.2f} ms")

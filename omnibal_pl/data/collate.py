@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
 from omnibal_pl.data.datasets import Sample
-from omnibal_pl.data.templates import IGNORE_INDEX
 from omnibal_pl.errors import ConfigError, DataError
 
 PAD_MODES = ("cap", "multiple", "none")
@@ -126,6 +126,30 @@ class PackingCollate:
                 raise DataError(f"sample {s.sample_id}: {have} image-context tokens but {int(s.image_flags.sum())} real "
                                 f"tiles x {self.tokens_per_tile} tokens_per_tile = {want}; dataset and model disagree "
                                 "on tokens_per_tile or image_context_id")
+
+
+class GroupsDataset(Dataset):
+    """``dataset`` indexed by a whole group: ``groups[[3, 7, 9]]`` is the list of those samples. Lets a
+    DataLoader whose batch sampler yields a step's groups (lists of lists) fetch them group by group."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, group: Sequence[int]) -> list[Sample]:
+        return [self.dataset[i] for i in group]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class StepCollate:
+    """Collates a step's groups (from :class:`GroupsDataset`) into its list of packed micro-batches."""
+
+    def __init__(self, collate: PackingCollate) -> None:
+        self.collate = collate
+
+    def __call__(self, groups: Sequence[Sequence[Sample]]) -> list[PackedBatch]:
+        return [self.collate(group) for group in groups]
 
 
 def unpack(batch: PackedBatch, image_context_id: int, tokens_per_tile: int) -> list[Sample]:

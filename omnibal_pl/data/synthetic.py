@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from omnibal_pl.data.datasets import Sample
-from omnibal_pl.data.templates import IGNORE_INDEX
+from omnibal_pl.batch import IGNORE_INDEX
 from omnibal_pl.errors import DataError
 from omnibal_pl.lengths import LengthTable, load_lengths
 

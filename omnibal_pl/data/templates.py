@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from omnibal_pl.batch import IGNORE_INDEX
 from omnibal_pl.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
 

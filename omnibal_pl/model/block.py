@@ -2,7 +2,7 @@
 
 Every block of :meth:`omnibal_pl.model.VLM.blocks` is called as ``block(x, batch) -> Tensor``: ``x``
 is the one tensor that crosses a pipeline-stage boundary, ``batch`` the micro-batch's
-:class:`~omnibal_pl.data.batch.PackedBatch` (every stage has it).
+:class:`~omnibal_pl.batch.PackedBatch` (every stage has it).
 
 Transformer blocks derive from :class:`TransformerBlock` and carry ``recompute``:
 ``none`` keeps all activations, ``full`` recomputes the whole block in backward
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 
-RECOMPUTE_MODES = ("none", "full", "attention")
+RECOMPUTE_MODES = ("none", "attention", "full")  # from least to most recomputed (the planner indexes them)
 
 
 class TransformerBlock(nn.Module):

@@ -10,12 +10,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.model.sparsify import SparsifyConfig
+from omnibal_pl.model.sparsify.config import SparsifyConfig
 
 NORM_TYPES = ("layernorm", "rmsnorm")
 VISION_ACTIVATIONS = ("gelu", "quick_gelu")
 PROJECTOR_KINDS = ("pixel_shuffle_mlp", "mlp2x_gelu")
 ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
+TRANSFORMER_BLOCK_PREFIXES = ("vision.blocks.", "llm.layers.")  # blocks that can recompute their attention only
 
 
 def _require(ok: bool, where: str, message: str) -> None:
@@ -217,6 +218,12 @@ class VLMConfig:
     def tokens_per_tile(self) -> int:
         """LLM tokens of one tile after the projector (256 for InternVL 448 px, 576 for LLaVA-1.5)."""
         return self.vision.num_patches // self.projector.merge
+
+    def block_names(self) -> list[str]:
+        """Names of the whole model's blocks in execution order: what ``VLM(cfg).blocks()`` yields, known
+        without building the model (a pipeline stage is a contiguous run of these)."""
+        return ["vision.embed", *(f"vision.blocks.{i}" for i in range(self.vision.num_blocks)), "projector",
+                "llm.embed", *(f"llm.layers.{i}" for i in range(self.llm.layers)), "llm.head"]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "VLMConfig":

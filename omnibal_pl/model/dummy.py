@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
 

@@ -21,11 +21,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import DataError
 from omnibal_pl.model.config import LLMConfig
 from omnibal_pl.model.llm import DecoderLayer, apply_rope, rope_cos_sin
-from omnibal_pl.model.sparsify import IGNORE_INDEX
+from omnibal_pl.batch import IGNORE_INDEX
 from omnibal_pl.model.vlm import VLM
 
 

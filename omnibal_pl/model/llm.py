@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.model.attention import varlen_attention
 from omnibal_pl.model.block import TransformerBlock

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model.config import VLMConfig
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VisionConfig
 from omnibal_pl.model.norms import RMSNorm, make_norm

@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VLMConfig

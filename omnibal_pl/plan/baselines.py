@@ -9,17 +9,10 @@ from itertools import accumulate
 
 from omnibal_pl.errors import PlanError
 from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.plan import even_bounds
 from omnibal_pl.plan.stage_costs import bottleneck_bounds, min_bottleneck
 
 _VISION_KINDS = ("vision_embed", "vision_block", "projector")
-
-
-def even_bounds(n_items: int, n_stages: int, offset: int = 0) -> list[int]:
-    """Bounds of ``n_items`` split into ``n_stages`` runs differing by at most one, longer runs first."""
-    if n_stages > n_items:
-        raise PlanError(f"cannot split {n_items} blocks into {n_stages} non-empty stages; use at most {n_items}")
-    q, r = divmod(n_items, n_stages)
-    return [offset + k * q + min(k, r) for k in range(n_stages + 1)]
 
 
 def uniform_partition(profile: CostProfile, n_stages: int) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """Per-block costs from the model config alone: FLOPs and activation bytes, timed by a device preset.
 
 This plans models whose hardware is not at hand (InternVL-Chat-V1.5, 26B, on H100s). Per block and
-micro-batch (:class:`~omnibal_pl.plan.costs.MicroBatchShape`):
+micro-batch (:class:`~omnibal_pl.batch.MicroBatchShape`):
 
 - FLOPs: :func:`omnibal_pl.model.flops.block_forward_flops` (linear terms plus the sum over packed
   samples of s^2), the attention core's share from :func:`~omnibal_pl.model.flops.attention_forward_flops`;
@@ -30,12 +30,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
 from omnibal_pl.model.sparsify import masked_attention_cost
 from omnibal_pl.model.vlm import VLM
-from omnibal_pl.plan.costs import BlockCost, CostProfile, MicroBatchShape, training_static_bytes
+from omnibal_pl.plan.costs import BlockCost, CostProfile, training_static_bytes
 
 MIB = 2**20
 PHASES = ("train", "prefill")
@@ -138,7 +139,7 @@ def block_work(cfg: VLMConfig, name: str, shape: MicroBatchShape, phase: str = "
         raise ConfigError(f"phase {phase!r} is not one of {PHASES}")
     kind = block_kind(name)
     v, llm, e = cfg.vision, cfg.llm, element_bytes
-    tiles, tpt = shape.tiles, cfg.tokens_per_tile
+    tiles, tpt = shape.vit_cap, cfg.tokens_per_tile
     n_vis = tiles * v.seq_len  # tokens inside the encoder
     layer = int(name.rsplit(".", 1)[1]) if kind == "llm_layer" else None
     lengths = _llm_lengths(cfg, shape, layer, phase)
@@ -231,7 +232,7 @@ def fit_device(profile: CostProfile, cfg: VLMConfig, memory_bytes: float, name: 
     """A preset fitted to a measured profile of ``cfg``: least squares of each block's measured
     forward + backward seconds against its training FLOPs, ``seconds = flops / throughput + 2 overhead``
     (efficiency 1, the fitted throughput standing for peak x efficiency; no bandwidth limit)."""
-    shape = MicroBatchShape(**{k: int(profile.micro_batch[k]) for k in ("tiles", "tokens", "samples")})
+    shape = MicroBatchShape(**{k: int(profile.micro_batch[k]) for k in ("vit_cap", "token_cap", "samples")})
     profile.check_blocks([n for n, _ in block_parameters(cfg)])
     flops, seconds = [], []
     for block in profile.blocks:

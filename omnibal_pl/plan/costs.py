@@ -16,7 +16,6 @@ from typing import Sequence
 
 from omnibal_pl.errors import ConfigError, PlanError
 
-RECOMPUTE_MODES = ("none", "attention", "full")
 BLOCK_KINDS = ("vision_embed", "vision_block", "projector", "llm_embed", "llm_layer", "llm_head")
 SOURCES = ("profile", "cost_model", "synthetic")
 _FORMAT_VERSION = 1
@@ -75,7 +74,7 @@ class CostProfile:
     """Block costs of one model on one device for one micro-batch shape.
 
     ``micro_batch`` describes the shape the costs were measured or modelled for, e.g.
-    ``{"tiles": 8, "tokens": 4096, "dtype": "bfloat16"}``. Block names are unique.
+    ``{"vit_cap": 8, "token_cap": 4096, "dtype": "bfloat16"}``. Block names are unique.
     """
 
     blocks: list[BlockCost]
@@ -152,39 +151,3 @@ def training_static_bytes(num_params: int, element_bytes: int, optimizer_shards:
         raise ConfigError(f"optimizer_shards={optimizer_shards} must be >= 1")
     state = 8 + (4 if element_bytes < 4 else 0)
     return num_params * element_bytes, num_params * element_bytes + (num_params * state) // optimizer_shards
-
-
-@dataclass(frozen=True)
-class MicroBatchShape:
-    """The fixed shape of one micro-batch, as the data balance pads it: ``tiles`` through the vision
-    encoder (Q_v), ``tokens`` through the LLM (Q_t), packed as ``samples`` equal-length samples (the
-    attention s^2 terms depend on how the tokens split into samples); see :meth:`sample_tiles`.
-    """
-
-    tiles: int
-    tokens: int
-    samples: int = 4
-
-    def __post_init__(self) -> None:
-        if self.tiles < 1 or self.samples < 1 or self.tokens < self.samples:
-            raise ConfigError(f"micro-batch shape tiles={self.tiles}, tokens={self.tokens}, samples={self.samples}: "
-                              "need tiles >= 1, samples >= 1 and tokens >= samples")
-
-    @property
-    def seqlens(self) -> list[int]:
-        """Packed sample lengths in tokens (they differ by at most one and sum to ``tokens``)."""
-        q, r = divmod(self.tokens, self.samples)
-        return [q + (k < r) for k in range(self.samples)]
-
-    def sample_tiles(self, tokens_per_tile: int) -> list[int]:
-        """Real tiles of each sample: its share of ``tiles``, at most as many as fit in its length beside
-        one text token (the rest of the tiles are padding tiles)."""
-        q, r = divmod(self.tiles, self.samples)
-        return [min(q + (k < r), (n - 1) // tokens_per_tile) for k, n in enumerate(self.seqlens)]
-
-    def image_tokens(self, tokens_per_tile: int) -> list[int]:
-        """Image tokens of each sample in the LLM sequence."""
-        return [t * tokens_per_tile for t in self.sample_tiles(tokens_per_tile)]
-
-    def as_dict(self) -> dict:
-        return {"tiles": self.tiles, "tokens": self.tokens, "samples": self.samples}

@@ -6,7 +6,8 @@ from dataclasses import replace
 from itertools import accumulate
 
 from omnibal_pl.errors import ConfigError, PlanError
-from omnibal_pl.plan.costs import RECOMPUTE_MODES, CostProfile
+from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.costs import CostProfile
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
 from omnibal_pl.plan.stage_costs import INF, StageCosts, bottleneck_bounds, min_bottleneck
 

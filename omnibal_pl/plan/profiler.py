@@ -27,14 +27,15 @@ from typing import Callable
 
 import torch
 
-from omnibal_pl.data.batch import PackedBatch
+from omnibal_pl.batch import MicroBatchShape, PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.dummy import dummy_batch
 from omnibal_pl.model.flops import block_kind
 from omnibal_pl.model.vlm import VLM
-from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost, CostProfile, MicroBatchShape, training_static_bytes
+from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.costs import BlockCost, CostProfile, training_static_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,10 +60,10 @@ def device_memory_bytes(device: torch.device) -> float:
 
 def profile_batch(cfg: VLMConfig, shape: MicroBatchShape, seed: int = 0) -> PackedBatch:
     """A dummy packed micro-batch of exactly ``shape``: ``shape.samples`` samples with their real tiles
-    (:meth:`MicroBatchShape.sample_tiles`), padded to ``shape.tokens`` tokens and ``shape.tiles`` tiles."""
+    (:meth:`MicroBatchShape.sample_tiles`), padded to ``shape.token_cap`` tokens and ``shape.vit_cap`` tiles."""
     tiles = shape.sample_tiles(cfg.tokens_per_tile)
     text = [n - t * cfg.tokens_per_tile for n, t in zip(shape.seqlens, tiles)]
-    return dummy_batch(cfg, text, tiles, token_cap=shape.tokens, tile_cap=shape.tiles, seed=seed)
+    return dummy_batch(cfg, text, tiles, token_cap=shape.token_cap, tile_cap=shape.vit_cap, seed=seed)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
@@ -161,7 +162,7 @@ def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, de
                optimizer_shards: int) -> Path:
     """Where the profile of this model, device, dtype and shape is cached."""
     digest = hashlib.sha1(f"{cfg!r}|{optimizer_shards}".encode()).hexdigest()[:10]
-    return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{dtype}-t{shape.tiles}-L{shape.tokens}"
+    return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{dtype}-t{shape.vit_cap}-L{shape.token_cap}"
                               f"-s{shape.samples}-{digest}.json")
 
 

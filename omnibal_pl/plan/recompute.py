@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.plan.costs import RECOMPUTE_MODES, BlockCost
+from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.costs import BlockCost
 
 POLICIES = ("adaptive", "none_where_fits", "none", "attention", "full")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from omnibal_pl.errors import PlanError
 from omnibal_pl.plan.baselines import parameter_partition, torchtitan_partition, uniform_partition
 from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition
-from omnibal_pl.plan.plan_file import PlanInputs
+from omnibal_pl.plan.make import PlanInputs
 
 GIB = 2**30
 

@@ -13,8 +13,7 @@ from functools import lru_cache
 from typing import NamedTuple, Sequence
 
 from omnibal_pl.errors import ConfigError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+from omnibal_pl.plan.plan import check_pipeline_sizes
 
 
 @dataclass(frozen=True)
@@ -34,17 +33,7 @@ class PipelineConfig:
     dp: int = 1
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        if self.pp < 1 or self.micro_batches < 1 or self.dp < 1 or self.virtual_stages < 1:
-            raise ConfigError(f"pp={self.pp}, dp={self.dp}, micro_batches={self.micro_batches} and "
-                              f"virtual_stages={self.virtual_stages} must all be >= 1")
-        if self.schedule != "interleaved" and self.virtual_stages != 1:
-            raise ConfigError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved', "
-                              f"got {self.schedule!r}")
-        if self.schedule == "interleaved" and self.micro_batches % self.pp:
-            raise ConfigError(f"interleaved 1F1B needs micro_batches ({self.micro_batches}) to be a multiple "
-                              f"of pp ({self.pp}), as in Megatron; pick {self.pp * -(-self.micro_batches // self.pp)}")
+        check_pipeline_sizes(self.pp, self.micro_batches, self.schedule, self.virtual_stages, self.dp, runnable=False)
         if self.hop_s < 0:
             raise ConfigError(f"hop_s={self.hop_s} must be >= 0")
         if isinstance(self.memory_budget_bytes, (list, tuple)):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from itertools import accumulate
 from typing import Callable, Sequence
 
-from omnibal_pl.plan.costs import RECOMPUTE_MODES, CostProfile
+from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.costs import CostProfile
 from omnibal_pl.plan.recompute import (RecomputeChoice, RecomputeFrontier, apply_policy, check_policy,
                                        choose_recompute, knapsack_choice)
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers

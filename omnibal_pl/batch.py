@@ -1,0 +1,100 @@
+"""The packed micro-batch: the one data structure between the data pipeline and the model.
+
+One balanced *group* of samples becomes one :class:`PackedBatch`. Its shapes are fixed by the group
+caps so pipeline stages and compiled kernels see static shapes:
+
+- ``L`` (tokens): the token cap ``Q_t`` (or a multiple of 64, or the group's own length, per the
+  collate's ``pad_to`` setting);
+- ``T`` (tiles): the tile cap ``Q_v``; tiles beyond the group's own are zero dummies with flag 0.
+
+Invariants:
+- ``cu_seqlens`` is int32, starts at 0, is strictly increasing and ends at ``L``; segment ``k`` is
+  sample ``k`` for ``k < num_samples``; a trailing padding segment exists iff the group is shorter than ``L``.
+- ``position_ids`` restart at 0 at every segment start.
+- ``labels`` is -100 wherever no loss is taken (prompts, image tokens, padding).
+- ``loss_weight`` is 0 where ``labels == -100`` and otherwise the sample's per-token weight
+  (1, 1/n or 1/sqrt(n) for ``token``, ``sample`` and ``square`` weighting, n = the sample's
+  supervised tokens); normalisation by the global sum happens in the loss, not here.
+- the positions where ``input_ids == image_context_id`` hold, in order, ``tokens_per_tile``
+  features of each tile with ``image_flags == 1``, in tile order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from omnibal_pl.errors import ConfigError
+
+IGNORE_INDEX = -100  # label of a position that takes no loss (prompts, image tokens, padding)
+
+
+@dataclass
+class PackedBatch:
+    """Tensors of one packed micro-batch (see the module docstring for shapes and invariants)."""
+
+    input_ids: torch.Tensor  # [1, L] int64
+    labels: torch.Tensor  # [1, L] int64, -100 = no loss
+    position_ids: torch.Tensor  # [1, L] int64, restart per sample
+    cu_seqlens: torch.Tensor  # [S + 1] int32, S segments (samples, then padding if any)
+    max_seqlen: int  # longest segment, tokens
+    pixel_values: torch.Tensor  # [T, 3, H, W] float, T = tile cap
+    image_flags: torch.Tensor  # [T] int64, 1 = real tile whose features enter the sequence
+    loss_weight: torch.Tensor  # [1, L] float32
+    sample_ids: torch.Tensor  # [num_samples] int64, dataset indices in packing order
+    num_samples: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """A copy with every tensor on ``device``."""
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return PackedBatch(**moved)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of real samples (padding excluded)."""
+        return int(self.cu_seqlens[self.num_samples])
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles whose features enter the sequence."""
+        return int(self.image_flags.sum())
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """The fixed shape of every micro-batch of a run, as the data balance pads it: ``vit_cap`` tiles
+    through the vision encoder (Q_v), ``token_cap`` tokens through the LLM (Q_t). The planner models
+    the tokens as ``samples`` equal-length packed samples (the attention s^2 terms depend on how the
+    tokens split into samples); see :meth:`sample_tiles`.
+    """
+
+    vit_cap: int
+    token_cap: int
+    samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.vit_cap < 1 or self.samples < 1 or self.token_cap < self.samples:
+            raise ConfigError(f"micro-batch shape vit_cap={self.vit_cap}, token_cap={self.token_cap}, "
+                              f"samples={self.samples}: need vit_cap >= 1, samples >= 1 and token_cap >= samples")
+
+    @property
+    def seqlens(self) -> list[int]:
+        """Packed sample lengths in tokens (they differ by at most one and sum to ``token_cap``)."""
+        q, r = divmod(self.token_cap, self.samples)
+        return [q + (k < r) for k in range(self.samples)]
+
+    def sample_tiles(self, tokens_per_tile: int) -> list[int]:
+        """Real tiles of each sample: its share of ``vit_cap``, at most as many as fit in its length beside
+        one text token (the rest of the tiles are padding tiles)."""
+        q, r = divmod(self.vit_cap, self.samples)
+        return [min(q + (k < r), (n - 1) // tokens_per_tile) for k, n in enumerate(self.seqlens)]
+
+    def image_tokens(self, tokens_per_tile: int) -> list[int]:
+        """Image tokens of each sample in the LLM sequence."""
+        return [t * tokens_per_tile for t in self.sample_tiles(tokens_per_tile)]
+
+    def as_dict(self) -> dict[str, int]:
+        return {"vit_cap": self.vit_cap, "token_cap": self.token_cap, "samples": self.samples}

@@ -1,0 +1,110 @@
+"""A run's training data, resolved before any Trainer exists: dataset, per-sample statistics and the
+micro-batch shape (caps given, or searched once for the run's real DP size).
+
+Order: the dataset is built (synthetic, or a ``_target_`` class); its raw statistics are read from the
+cache next to the data or computed and cached (``<file>.lengths-<fingerprint>.obl``, written atomically,
+rebuilt with a warning when the data changed); the caps are resolved on them
+(:func:`~omnibal_pl.balance.search.resolve_shape`); the token cap becomes the dataset's ``max_tokens``
+(its ``overlong`` policy handles longer samples; synthetic texts are truncated). A sample with more
+tiles than the tile cap fails here.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch.utils.data import Dataset
+
+from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.search import CapSearch, resolve_shape
+from omnibal_pl.data.length_source import dataset_lengths
+from omnibal_pl.data.synthetic import SyntheticDataset
+from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.lengths import LengthTable, load_lengths
+
+
+@dataclass
+class ModelSpec:
+    """What the data pipeline needs to know of the model: vocabulary, tile size, tokens per tile."""
+
+    vocab_size: int
+    image_size: int
+    tokens_per_tile: int
+    image_context_id: int
+
+
+@dataclass
+class TrainingData:
+    """A dataset with its statistics and resolved caps.
+
+    ``lengths`` are the per-sample statistics after the token cap (what the sampler groups);
+    ``balance`` has ``vit_cap``/``token_cap`` set (None for the cap-free algorithms) and ``dp`` = the DP size
+    they were resolved for; ``search`` says how the caps were found.
+    """
+
+    dataset: Dataset
+    lengths: LengthTable
+    balance: BalanceConfig
+    search: CapSearch
+    model: ModelSpec
+
+
+def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec) -> TrainingData:
+    """The dataset of config ``dataset`` with its statistics and the caps for ``balance.dp`` DP ranks."""
+    cfg = dict(dataset)
+    if cfg.get("kind") == "synthetic":
+        raw = adapt_to_model(dataset_lengths(cfg), model.tokens_per_tile, float(cfg.get("text_scale", 1.0)))
+        resolved, search = resolve_shape(raw, balance)
+        lengths = truncate_text(raw, resolved.token_cap, model.tokens_per_tile) if resolved.token_cap else raw
+        data: Dataset = SyntheticDataset(lengths, model.vocab_size, model.image_size, model.tokens_per_tile,
+                                         model.image_context_id, seed=int(cfg.get("seed", 0)))
+    else:
+        data = build_dataset(cfg)
+        raw = real_lengths(data, cfg)
+        resolved, search = resolve_shape(raw, balance)
+        if data.max_tokens is None:
+            data.max_tokens = resolved.token_cap
+        lengths = data.apply_token_cap(raw)
+    if resolved.vit_cap and int(lengths.vit.max()) > resolved.vit_cap:
+        # such a sample gets a group of its own that no micro-batch of the cap's shape can hold
+        over = int((lengths.vit > resolved.vit_cap).sum())
+        raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={resolved.vit_cap} (largest: "
+                          f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
+    return TrainingData(data, lengths, resolved, search, model)
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
+    """A real dataset from its Hydra node (``_target_``: ``LlavaDataset``, ``InternVLDataset``)."""
+    if "_target_" not in cfg:
+        raise ConfigError(f"dataset {cfg.get('name')!r}: give kind: synthetic or a _target_ "
+                          "dataset class (see conf/dataset/llava.yaml, internvl.yaml)")
+    from hydra.utils import instantiate
+
+    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers")}
+    return instantiate(node, _convert_="object")
+
+
+def real_lengths(dataset: Any, cfg: Mapping[str, Any]) -> LengthTable:
+    """Raw statistics from ``dataset.paths``, or the cache next to the data, computing (and caching) them if
+    missing or stale."""
+    if cfg.get("paths"):
+        return dataset_lengths(cfg)
+    anchor = Path(dataset.files[0])
+    cache = anchor.with_name(f"{anchor.name}.lengths-{dataset.fingerprint()}.obl")
+    if cache.is_file():
+        return load_lengths(cache)
+    stale = sorted(anchor.parent.glob(f"{anchor.name}.lengths-*.obl"))
+    if stale:
+        warnings.warn(f"statistics cache {stale[-1]} no longer matches its data; rebuilding {cache}", stacklevel=2)
+        for old in stale:
+            old.unlink(missing_ok=True)  # another process may have removed it already
+    table = dataset.raw_lengths(num_workers=int(cfg.get("num_workers", 0)), progress=True)
+    tmp = cache.with_name(f".{os.getpid()}.{cache.name}")
+    table.save(tmp)
+    tmp.replace(cache)  # atomic: processes starting together never read half a file
+    return table
+

@@ -1,0 +1,200 @@
+"""One training step of a pipeline x data parallel model with ``torch.distributed.pipelining``.
+
+How a step runs (:meth:`PipelineRunner.train_step`), on every rank with the ``m`` micro-batches of its
+pipeline (all ranks of one pipeline get the same ones; DP replicas get different ones):
+
+- Metadata: every stage module gets the step's list of :class:`PackedBatch` es, and the schedule hands
+  each stage the micro-batch index ``k`` as the keyword argument ``mb_index`` (``step`` chunks the
+  tensor ``arange(m)`` along dim 0, and keyword arguments reach every stage). The one tensor crossing
+  stages is the blocks' ``x``; the first stage's input is the micro-batches' ``pixel_values``,
+  concatenated and chunked back by the schedule.
+- Loss: on the last stage, ``loss_fn(logits, batch) -> scalar`` per micro-batch (the schedule's
+  target is the micro-batch index). The step's loss and gradient are the *mean* over the step's
+  ``m x dp`` micro-batches (the schedule divides gradients by ``m``, the DP all-reduce by ``dp``);
+  a loss normalised by a global token count must fold that count into ``loss_fn``.
+- Gradients: accumulate into ``.grad`` over the micro-batches with no communication; after the last
+  micro-batch one flat all-reduce per dtype averages them over the "dp" mesh dimension, then a tied
+  embedding split across ranks sums its two partial gradients (:mod:`omnibal_pl.parallel.tied`).
+  They are not zeroed here: zero them before each step, as with ``loss.backward()``.
+- The step's loss is broadcast from the last stage and averaged over DP: every rank returns it.
+
+Shapes are static: every micro-batch has the plan's ``token_cap`` tokens (``input_ids`` length L) and
+``vit_cap`` tiles (``pixel_values`` tiles T); a micro-batch of another shape raises :class:`DataError`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from omnibal_pl.batch import PackedBatch
+from omnibal_pl.errors import DataError
+from omnibal_pl.model import VLMConfig
+from omnibal_pl.plan.plan import Plan
+from omnibal_pl.parallel.stage import StageModule, build_stage
+from omnibal_pl.parallel.tied import TiedCopy, tie_embeddings
+
+LossFn = Callable[[torch.Tensor, PackedBatch], torch.Tensor]
+
+
+class _MicroBatchLoss:
+    """The schedule's ``loss_fn(output, target)``: ``target`` is the micro-batch index."""
+
+    def __init__(self, loss_fn: LossFn, stage: StageModule) -> None:
+        self.loss_fn = loss_fn
+        self.stage = stage
+
+    def __call__(self, logits: torch.Tensor, mb_index: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, self.stage.micro_batches[int(mb_index)])
+
+
+def _unique_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
+    """Average ``params``' gradients over ``dp_group``: one flat all-reduce per dtype.
+
+    A parameter without a gradient gets zeros, so every replica runs the same collectives.
+    """
+    size = dist.get_world_size(dp_group)
+    if size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=dp_group)
+        flat.div_(size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
+                    not_counted: Sequence[nn.Parameter] = ()) -> torch.Tensor:
+    """Scale the gradients so their global L2 norm over all pipeline stages is at most ``max_norm``.
+
+    ``params`` are this rank's (all its stages); gradients must already be averaged over DP (then they
+    are equal across replicas, so only the pipeline group reduces). ``not_counted`` (copies of a weight
+    counted on another rank) are scaled but left out of the norm. Same formula as
+    ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32, on every rank).
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in not_counted}
+    device = with_grad[0].device if with_grad else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for p in with_grad:
+        if id(p) not in skip:
+            squares += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(squares, group=pp_group)
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in with_grad:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return total
+
+
+class PipelineRunner:
+    """Runs training steps of this rank's pipeline stages (see the module docstring).
+
+    ``stages`` are this rank's :class:`StageModule` s of ``plan`` (one, or several for interleaved 1F1B),
+    in stage order; the schedule and the micro-batches per step are the plan's; ``mesh`` is the
+    ("pp", "dp") mesh; ``tied`` this rank's copy of an embedding tied across ranks, if any.
+    """
+
+    def __init__(self, stages: Sequence[StageModule], plan: Plan, mesh: DeviceMesh, loss_fn: LossFn,
+                 device: torch.device | str = "cpu", tied: TiedCopy | None = None) -> None:
+        self.modules = list(stages)
+        self.device = torch.device(device)
+        self.num_micro_batches = plan.micro_batches
+        self.tied = tied
+        self.pp_group = mesh["pp"].get_group()
+        self.dp_group = mesh["dp"].get_group()
+        self.shape = (plan.token_cap, plan.vit_cap)  # (tokens L, tiles T) of every micro-batch
+        num_stages = len(plan.stages)
+        pipe_stages = [PipelineStage(s, s.stage_index, num_stages, self.device, group=self.pp_group) for s in stages]
+        self.has_first = pipe_stages[0].is_first
+        self.has_last = pipe_stages[-1].is_last
+        self.last_rank = (num_stages - 1) % plan.pp
+        loss = _MicroBatchLoss(loss_fn, self.modules[-1])
+        m = plan.micro_batches
+        if plan.schedule == "interleaved":
+            self.schedule = ScheduleInterleaved1F1B(pipe_stages, m, loss_fn=loss)
+        else:
+            cls = Schedule1F1B if plan.schedule == "1f1b" else ScheduleGPipe
+            self.schedule = cls(pipe_stages[0], m, loss_fn=loss)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (all its stages), each once: what its optimizer gets."""
+        return iter(_unique_parameters(self.modules))
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """:func:`clip_grad_norm_` over all stages, a tied embedding counted once; the norm before clipping."""
+        duplicate = [self.tied.param] if self.tied is not None and self.tied.duplicate else []
+        return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group, not_counted=duplicate)
+
+    def check_shapes(self, micro_batches: Sequence[PackedBatch]) -> None:
+        """Raise :class:`DataError` unless there are ``num_micro_batches`` micro-batches of the pipeline's shape."""
+        if len(micro_batches) != self.num_micro_batches:
+            raise DataError(f"pipeline step: got {len(micro_batches)} micro-batches, the schedule runs "
+                            f"{self.num_micro_batches}; the sampler's micro_batches must match the pipeline's")
+        tokens, tiles = self.shape
+        for k, mb in enumerate(micro_batches):
+            if mb.input_ids.shape[1] != tokens:
+                raise DataError(
+                    f"pipeline step: micro-batch {k} has {mb.input_ids.shape[1]} tokens, but pipeline stages run "
+                    f"at a fixed {tokens} tokens (the plan's token_cap); pad every "
+                    f"micro-batch to the token cap (collate pad_to: cap)")
+            if mb.pixel_values.shape[0] != tiles:
+                raise DataError(
+                    f"pipeline step: micro-batch {k} has {mb.pixel_values.shape[0]} tiles, but pipeline stages run "
+                    f"at a fixed {tiles} tiles (the plan's vit_cap); pad every "
+                    f"micro-batch's tiles to the tile cap")
+
+    def train_step(self, micro_batches: Sequence[PackedBatch]) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches, then the DP gradient average.
+
+        Returns the step's loss (mean over the ``m x dp`` micro-batches, detached fp32 scalar) on
+        every rank. The optimizer step, clipping (:meth:`clip_grad_norm_`) and zeroing are the caller's.
+        """
+        self.check_shapes(micro_batches)
+        batches = [mb.to(self.device) for mb in micro_batches]
+        for module in self.modules:
+            module.micro_batches = batches
+        index = torch.arange(len(batches))
+        args = (torch.cat([mb.pixel_values for mb in batches]),) if self.has_first else ()
+        losses: list[torch.Tensor] | None = [] if self.has_last else None
+        try:
+            self.schedule.step(*args, target=index if self.has_last else None, losses=losses,
+                               return_outputs=False, mb_index=index)
+        finally:
+            for module in self.modules:
+                module.micro_batches = []
+        all_reduce_grads(list(self.parameters()), self.dp_group)
+        if self.tied is not None:
+            self.tied.sync_grad()
+        loss = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
+        dist.broadcast(loss, group=self.pp_group, group_src=self.last_rank)
+        dist.all_reduce(loss, group=self.dp_group)
+        return loss / dist.get_world_size(self.dp_group)
+
+
+def build_pipeline(cfg: VLMConfig, plan: Plan, mesh: DeviceMesh, full_state: Mapping[str, torch.Tensor],
+                   loss_fn: LossFn, device: torch.device | str = "cpu") -> PipelineRunner:
+    """This rank's stages of ``plan`` (checked against ``cfg`` and the mesh), filled from ``full_state``."""
+    plan.check_model(cfg)
+    plan.check_run("the plan given to build_pipeline", pp=mesh["pp"].size(), dp=mesh["dp"].size())
+    stages = [build_stage(cfg, plan, s, device, full_state) for s in plan.stages_of_rank(mesh["pp"].get_local_rank())]
+    tied = tie_embeddings(cfg, plan, mesh, stages)
+    return PipelineRunner(stages, plan, mesh, loss_fn, device, tied)

@@ -1,0 +1,85 @@
+"""What a finished run leaves in its directory beside Lightning's files: the balance report and plot of
+epoch 0, the loss plot, ``summary.json``, and the summary table printed at the end."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from omnibal_pl.balance.report import plot_balance, write_json
+from omnibal_pl.data.datamodule import OmniBalDataModule
+from omnibal_pl.train.module import VLMTrainingModule
+
+
+def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict[str, Any]:
+    """The run's summary: loss start/end, throughput (from metrics.csv) and the balance of epoch 0."""
+    rows = _metrics_rows(run_dir / "metrics.csv")
+    losses = module.losses
+    report = datamodule.balance_report(0)
+
+    def mean(key: str) -> float:
+        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    head = losses[: max(1, len(losses) // 10)]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {
+        "steps": len(losses),
+        "loss_start": sum(head) / len(head) if losses else float("nan"),
+        "loss_end": sum(tail) / len(tail) if losses else float("nan"),
+        "tokens_per_s": mean("train/tokens_per_s"),
+        "samples_per_s": mean("train/samples_per_s"),
+        "tiles_per_s": mean("train/tiles_per_s"),
+        "mfu": mean("train/mfu"),
+        "seconds": seconds,
+        "vit_cap": report["vit_cap"],
+        "token_cap": report["token_cap"],
+        "vit_dist_ratio": report["vit_dist_ratio"],
+        "llm_dist_ratio": report["llm_dist_ratio"],
+        "vit_fill": report["vit_fill"],
+        "token_fill": report["token_fill"],
+        "algorithm": report["algorithm"],
+    }
+
+
+def _metrics_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict:
+    """Balance report and plot, loss plot, summary JSON; prints the summary table."""
+    report = datamodule.balance_report(0)
+    write_json(report, run_dir / "balance_report.json")
+    arrangement = datamodule.sampler.arrangement(0)
+    plot_balance(datamodule.lengths, arrangement.grouping, arrangement.steps, run_dir / "balance.png")
+    _plot_loss(module.losses, run_dir / "loss.png")
+    summary = summarize(module, datamodule, run_dir, seconds)
+    write_json(summary, run_dir / "summary.json")
+    mfu = f"{summary['mfu']:.3f}" if summary["mfu"] == summary["mfu"] else "n/a (cluster.peak_tflops unset)"
+    rows = [("steps", f"{summary['steps']}"),
+            ("loss start -> end", f"{summary['loss_start']:.4f} -> {summary['loss_end']:.4f}"),
+            ("tokens/s", f"{summary['tokens_per_s']:,.0f}"), ("samples/s", f"{summary['samples_per_s']:,.1f}"),
+            ("tiles/s", f"{summary['tiles_per_s']:,.1f}"), ("MFU", mfu),
+            ("balance", f"{summary['algorithm']} caps {summary['vit_cap']} tiles / {summary['token_cap']} tokens"),
+            ("vit / llm dist ratio", f"{summary['vit_dist_ratio']:.4f} / {summary['llm_dist_ratio']:.4f}"),
+            ("vit / token fill", f"{summary['vit_fill']:.3f} / {summary['token_fill']:.3f}"),
+            ("wall time (s)", f"{seconds:.1f}"), ("run directory", str(run_dir))]
+    print("\n".join(f"{k:<24}{v}" for k, v in rows))
+    return summary
+
+
+def _plot_loss(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set(xlabel="optimizer step", ylabel="loss", title="training loss (global, weighted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,178 @@
+"""One run, assembled before any Trainer exists: resolve, then build.
+
+:func:`resolve_run` turns a typed :class:`~omnibal_pl.train.schemas.RunConfig` into a
+:class:`ResolvedRun`, in this order:
+
+1. the DP size, from the cluster (processes / pipeline stages);
+2. the training data: dataset, per-sample statistics, and the micro-batch shape (caps given, or searched
+   once for that real DP size: :func:`~omnibal_pl.data.training_data.prepare_training_data`);
+3. the pipeline :class:`~omnibal_pl.plan.Plan` (pipeline runs only): searched (``plan.use=auto``), a
+   uniform split, or a plan file, checked against the model and the run's settings.
+
+:func:`build_run` then makes the DataModule, the LightningModule, the strategy and the Trainer from it.
+Every process runs both (Lightning re-runs the script for each rank it launches): everything is
+deterministic except a profiled plan, so global rank 0 writes the plan it resolved to ``plan.yaml`` and
+hands its path to the processes Lightning launches (``OMNIBAL_PLAN``); under external launchers
+(torchrun, srun) the strategy adopts rank 0's plan at start-up (:meth:`OmniBalStrategy._check_plan`).
+The Lightning hook order the run relies on is in ``docs/architecture.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from omnibal_pl.balance.search import micro_batch_shape
+from omnibal_pl.data.datamodule import OmniBalDataModule
+from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_training_data
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.parallel import OmniBalStrategy
+from omnibal_pl.plan.make import make_plan, resolve_source
+from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
+from omnibal_pl.train.callbacks import GumbelTemperature
+from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
+from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
+from omnibal_pl.train.schemas import RunConfig
+
+PLAN_ENV = "OMNIBAL_PLAN"  # the plan file rank 0 resolved, for the processes Lightning launches
+
+
+@dataclass
+class ResolvedRun:
+    """A run's settings with everything derived from them: the DP size, the data (with its resolved
+    micro-batch shape in ``data.balance``) and the pipeline plan (None without pipeline parallelism)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    dp: int
+    data: TrainingData
+    plan: Plan | None
+
+    @property
+    def pipelined(self) -> bool:
+        return self.plan is not None
+
+
+def launch_rank(devices_per_node: int) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's
+    ``RANK``, SLURM's ``SLURM_PROCID`` (srun), else Lightning's ``NODE_RANK`` x devices + ``LOCAL_RANK``
+    (0 for a process launched alone)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0)) * devices_per_node + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
+    """The DP size, the training data and the plan of ``cfg`` (see the module docstring)."""
+    c = cfg.cluster
+    dp = c.data_parallel_size()
+    pipelined = c.strategy == "omnibal"
+    if pipelined and cfg.packing.pad_to != "cap":
+        raise ConfigError(f"packing.pad_to={cfg.packing.pad_to!r}: pipeline stages need static micro-batch shapes; "
+                          "use packing.pad_to=cap (every micro-batch padded to the token and tile caps)")
+    m = cfg.model
+    spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id)
+    data = prepare_training_data(cfg.dataset, replace(cfg.balance, dp=dp), spec)
+    plan = resolve_plan(cfg, run_dir, data) if pipelined else None
+    return ResolvedRun(cfg, run_dir, dp, data, plan)
+
+
+def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
+    """The pipeline plan of the run, checked against the model and the run's settings; global rank 0
+    writes it to ``run_dir/plan.yaml``."""
+    c, balance, settings = cfg.cluster, data.balance, cfg.plan
+    shape = micro_batch_shape(balance)
+    expected = dict(model=cfg.model.name, pp=c.pp, dp=balance.dp, schedule=c.schedule,
+                    micro_batches=balance.micro_batches, vit_cap=shape.vit_cap, token_cap=shape.token_cap)
+    virtual_stages = settings.virtual_stages if c.schedule == "interleaved" else 1
+    check_pipeline_sizes(c.pp, balance.micro_batches, c.schedule, virtual_stages, balance.dp,
+                         num_blocks=len(cfg.model.block_names()))
+    rank = launch_rank(c.devices)
+    use = settings.use
+    if rank != 0 and os.environ.get(PLAN_ENV):
+        use = os.environ[PLAN_ENV]
+    if use == "uniform":
+        plan = uniform_plan(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
+                            schedule=c.schedule, virtual_stages=settings.virtual_stages)
+    elif use != "auto":
+        plan = Plan.load(use)
+    else:
+        source = resolve_source(cfg.model, settings.source)
+        if source == "cost_model" and not c.device:
+            raise ConfigError("plan.source=cost_model needs cluster.device (a preset: h100_80gb, h200, a100_80gb)")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        plan = make_plan(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
+                         schedule=c.schedule, device=c.device or "local", source=source,
+                         profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
+                         samples=shape.samples, virtual_stages=settings.virtual_stages,
+                         memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards)
+    plan.check_model(cfg.model)
+    plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)
+    if rank == 0:
+        plan.save(run_dir / "plan.yaml")
+    return plan
+
+
+def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDataModule]:
+    """Trainer, module and DataModule of a resolved run; everything the run writes goes under ``run.run_dir``."""
+    cfg, c = run.cfg, run.cfg.cluster
+    L.seed_everything(cfg.seed, workers=True)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    m = run.data.balance.micro_batches
+    datamodule = OmniBalDataModule(run.data, cfg.packing, cfg.loader, micro_batches_per_item=m if run.pipelined else 1)
+    module_args = dict(model=cfg.model, optim=cfg.optim, peak_tflops=c.peak_tflops, seed=cfg.seed,
+                       init_from=cfg.init_from)
+    if run.pipelined:
+        module: VLMTrainingModule = OmniBalPipelineModule(**module_args, gradient_clip_val=cfg.trainer.gradient_clip_val)
+        strategy: str | OmniBalStrategy = OmniBalStrategy(run.plan, dp=run.dp)
+    else:
+        module, strategy = OmniBalModule(**module_args), c.strategy
+    checkpoint = ModelCheckpoint(dirpath=run.run_dir / "checkpoints", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+                                 save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+    callbacks = [checkpoint, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
+    if cfg.model.sparsify.enabled:
+        callbacks.append(GumbelTemperature())
+    trainer = L.Trainer(
+        accelerator=c.accelerator,
+        devices=c.devices,
+        num_nodes=c.num_nodes,
+        strategy=strategy,
+        precision=c.precision,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=cfg.trainer.max_epochs,
+        accumulate_grad_batches=1 if run.pipelined else m,
+        gradient_clip_val=None if run.pipelined else cfg.trainer.gradient_clip_val,  # the pipeline module clips
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        deterministic=cfg.trainer.deterministic,
+        logger=CSVLogger(run.run_dir, name="", version=""),
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        default_root_dir=run.run_dir,
+    )
+    return trainer, module, datamodule
+
+
+@contextlib.contextmanager
+def plan_for_launched_processes(run: ResolvedRun) -> Iterator[None]:
+    """While Lightning launches the other ranks (inside ``trainer.fit``), point them at rank 0's plan file."""
+    if run.plan is None or launch_rank(run.cfg.cluster.devices) != 0:
+        yield
+        return
+    os.environ[PLAN_ENV] = str(run.run_dir / "plan.yaml")
+    try:
+        yield
+    finally:
+        os.environ.pop(PLAN_ENV, None)

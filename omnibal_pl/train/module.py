@@ -1,0 +1,113 @@
+"""The LightningModules that train a :class:`~omnibal_pl.model.VLM` on packed micro-batches:
+:class:`VLMTrainingModule` holds what every run shares (model build, optimizer, step logging), and
+:class:`OmniBalModule` trains with data parallelism (DDP, or one process); the pipeline-parallel one is
+:class:`~omnibal_pl.train.pipeline_module.OmniBalPipelineModule`.
+
+Loss and gradients (:mod:`omnibal_pl.train.objective`): ``training_step`` returns sum(w * CE) / ``LOSS_SCALE``
+of its micro-batch; Lightning divides by ``accumulate_grad_batches`` and DDP averages over ranks;
+``on_before_optimizer_step`` (before clipping) all-reduces the step's totals once and multiplies the
+gradients by ``LOSS_SCALE * accumulate * dp / W`` (W: the step's global supervised weight). So the loss
+and the gradients are the same whatever the DP size and the gradient accumulation.
+
+Logged every optimizer step (:class:`~omnibal_pl.train.step_metrics.StepMeter`): ``train/loss``,
+``train/lr``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/tiles_per_s``, ``train/step_s``,
+``train/mfu`` (when the device's peak is known), ``train/keep_rate_loss`` (sparsification) and the
+sampler's per-step balance (``balance/vit_dist``, ``balance/llm_dist``: the step's spread over DP ranks).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from omnibal_pl.batch import PackedBatch
+from omnibal_pl.model import VLM, VLMConfig, load_hf_weights
+from omnibal_pl.train.objective import LOSS_SCALE, micro_batch_objective
+from omnibal_pl.train.optim import OptimConfig, build_optimizer
+from omnibal_pl.train.step_metrics import StepMeter
+
+
+class VLMTrainingModule(L.LightningModule):
+    """What every training module shares: a VLM built from ``model`` (a :class:`VLMConfig` or its mapping),
+    randomly initialised from ``seed`` or loaded from ``init_from`` (a local Hugging Face InternVL-Chat /
+    LLaVA-1.5 checkpoint folder), its AdamW + schedule, and the per-step metrics."""
+
+    def __init__(self, model: VLMConfig | dict[str, Any], optim: OptimConfig | None = None,
+                 peak_tflops: float | None = None, seed: int = 0, init_from: str | None = None) -> None:
+        super().__init__()
+        self.model_cfg = model if isinstance(model, VLMConfig) else VLMConfig.from_dict(model)
+        self.optim = optim or OptimConfig()
+        self.seed, self.init_from = seed, init_from
+        self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": vars(self.optim),
+                                   "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
+        self.meter = StepMeter(self.model_cfg, peak_tflops)
+        self.model: VLM | None = self._initial_model()
+
+    @property
+    def losses(self) -> list[float]:
+        """The global loss of every optimizer step of this process's fit."""
+        return self.meter.losses
+
+    def build_model(self) -> VLM:
+        """The whole model: ``torch.manual_seed(seed); VLM(cfg)``, then ``init_from``'s weights if given."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = VLM(self.model_cfg)
+        if self.init_from is not None:
+            load_hf_weights(model, self.init_from)
+        return model
+
+    def _initial_model(self) -> VLM | None:
+        return self.build_model()
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(model name, parameter) of everything this process optimises, each parameter once."""
+        return list(self.model.named_parameters())
+
+    def log_step(self, loss: float, totals: list[float]) -> None:
+        """Record and log one optimizer step; ``totals``: the step's global tokens, samples, tiles, FLOPs."""
+        sched = self.lr_schedulers()
+        lr = self.optim.lr * sched.lr_lambdas[0](sched.last_epoch)  # the LLM's rate now, the same on every rank
+        metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size)
+        metrics.update(self._balance_metrics())
+        # every value is global (reduced or broadcast), so every rank logs it for its callbacks
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
+
+    def _balance_metrics(self) -> dict[str, float]:
+        """This step's spread of tiles and tokens over DP ranks, from the sampler's arrangement."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "sampler", None) is None:
+            return {}
+        items = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return datamodule.step_balance(items)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt, sched = build_optimizer(self.named_trainable_parameters(), self.optim, self.model_cfg.sparsify,
+                                     self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class OmniBalModule(VLMTrainingModule):
+    """Data-parallel training: one micro-batch per ``training_step``, Lightning's accumulation over the
+    step's ``micro_batches`` and DDP's gradient average, normalised as the module docstring says."""
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self.meter.account(batch)
+        objective = micro_batch_objective(self.model(batch), batch, self.model_cfg)
+        self.meter.add_loss(objective)
+        return objective.value / LOSS_SCALE
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        totals = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")
+        total_weight = max(float(totals[1]), 1e-12)
+        scale = LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size / total_weight
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self.log_step(float(totals[0]) / total_weight, totals[2:].tolist())

@@ -1,0 +1,158 @@
+"""OmniBalDataModule inside real Lightning runs: mid-epoch resume, set_epoch, 2-process DDP, stats cache."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from omnibal_pl.balance import BalanceConfig, dist_ratio
+from omnibal_pl.data.datamodule import ModelSpec, OmniBalDataModule
+from omnibal_pl.errors import ConfigError
+from tests.helpers import RecordingModule
+from tests.helpers import LLAVA_TEMPLATE, LLAVA_TILING, llava_records, make_tokenizer, write_json
+
+SPEC = ModelSpec(vocab_size=100, image_size=8, tokens_per_tile=4, image_context_id=3)
+SYNTHETIC = {"name": "synthetic", "kind": "synthetic", "generator": {"samples": 300, "seed": 0}, "text_scale": 0.1}
+
+
+def datamodule(micro: int = 1, **kw) -> OmniBalDataModule:
+    return OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, micro_batches=micro, samples_per_group=4), SPEC, **kw)
+
+
+def trainer(tmp_path: Path, **kw) -> L.Trainer:
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                use_distributed_sampler=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_kill_and_resume_mid_epoch_sees_every_sample_once(tmp_path, micro):
+    full = RecordingModule()
+    trainer(tmp_path, max_epochs=1, accumulate_grad_batches=micro).fit(full, datamodule=datamodule(micro))
+    order = [r["ids"] for r in full.seen]
+    steps = len(order) // micro
+    cut = random.Random(micro).randint(1, steps - 1)  # kill after a random optimizer step
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    first = RecordingModule()
+    trainer(tmp_path, max_steps=cut, accumulate_grad_batches=micro, enable_checkpointing=True,
+            callbacks=[ckpt]).fit(first, datamodule=datamodule(micro))
+    path = tmp_path / "ckpt" / f"epoch=0-step={cut}.ckpt"
+    second = RecordingModule()
+    trainer(tmp_path, max_epochs=1, accumulate_grad_batches=micro).fit(second, datamodule=datamodule(micro),
+                                                                        ckpt_path=path)
+    resumed = [r["ids"] for r in first.seen] + [r["ids"] for r in second.seen]
+    assert resumed == order  # the exact remaining sequence: nothing repeated, nothing skipped
+    ids = [i for b in resumed for i in b]
+    carried = datamodule(micro)
+    carried.setup()
+    leftover = carried.sampler.leftover(0).tolist()  # a partial step, trained next epoch
+    assert len(ids) == len(set(ids)) and sorted(ids + leftover) == list(range(300))  # each sample exactly once
+    assert second.seen[0]["batch_idx"] == cut * micro
+
+
+def test_set_epoch_is_called_by_lightning(tmp_path):
+    dm, module = datamodule(), RecordingModule()
+    trainer(tmp_path, max_epochs=3).fit(module, datamodule=dm)
+    assert dm.sampler.epoch == 2
+    by_epoch = [[r["ids"] for r in module.seen if r["epoch"] == e] for e in range(3)]
+    for e in range(3):
+        plan = dm.sampler.arrangement(e)
+        assert by_epoch[e] == [plan.grouping.group(g).tolist() for g in plan.rank_groups(0)]
+    assert by_epoch[0] != by_epoch[1] != by_epoch[2]
+
+
+def test_micro_batches_have_the_cap_shapes(tmp_path):
+    dm, module = datamodule(), RecordingModule()
+    trainer(tmp_path, max_steps=5).fit(module, datamodule=dm)
+    caps = dm.balance
+    assert {tuple(r["shape"]) for r in module.seen} == {(1, caps.token_cap)}
+    assert {r["tile_shape"][0] for r in module.seen} == {caps.vit_cap}
+    report = dm.balance_report(0)
+    assert report["samples_lost"] == 0 and report["samples"] == 300
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_two_process_ddp_fit_shards_balanced_disjoint_complete(tmp_path):
+    out = tmp_path / "seen"
+    out.mkdir()
+    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=2, micro_batches=2, samples_per_group=4), SPEC)
+    trainer(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn", accumulate_grad_batches=2).fit(
+        RecordingModule(str(out)), datamodule=dm)
+    seen = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) > 0  # equal step counts: no rank waits at a collective
+    ids = [set(i for rec in rank for i in rec["ids"]) for rank in seen]
+    assert not ids[0] & ids[1]  # disjoint
+    dm.setup()  # the same plan, rebuilt here: the carried-out samples are the only ones not trained
+    plan = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=2, micro_batches=2, samples_per_group=4), SPEC,
+                             dp_rank=0, dp_size=2)
+    plan.setup()
+    assert ids[0] | ids[1] | set(plan.sampler.leftover(0).tolist()) == set(range(300))
+    tokens = np.array([[sum(r["tokens"] for r in rank[s * 2:(s + 1) * 2]) for rank in seen]
+                       for s in range(len(seen[0]) // 2)])
+    assert dist_ratio(tokens) < 0.02
+
+
+def test_distributed_sampler_flag_must_be_off():
+    class Connector:
+        use_distributed_sampler = True
+        is_distributed = True
+
+    class FakeTrainer:
+        _accelerator_connector = Connector()
+
+    dm = datamodule()
+    dm.trainer = FakeTrainer()
+    with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+        dm._check_trainer_flags()
+
+
+def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    annotation = write_json(root / "train.json", llava_records(root))
+    tok = make_tokenizer(tmp_path / "tok")
+    cfg = {"name": "llava", "_target_": "omnibal_pl.data.LlavaDataset", "annotation": str(annotation),
+           "image_root": str(root), "tokenizer": str(tok), "overlong": "error",
+           "template": {"_target_": "omnibal_pl.data.TemplateConfig", "name": LLAVA_TEMPLATE.name,
+                        "tokens_per_tile": LLAVA_TEMPLATE.tokens_per_tile,
+                        "image_context_token": LLAVA_TEMPLATE.image_context_token},
+           "tiling": {"_target_": "omnibal_pl.data.TilingConfig", "mode": "llava", "image_size": LLAVA_TILING.image_size,
+                      "max_tiles": 1, "use_thumbnail": False}}
+    spec = ModelSpec(vocab_size=64, image_size=LLAVA_TILING.image_size, tokens_per_tile=9, image_context_id=8)
+    balance = BalanceConfig(dp=1, vit_cap=4, token_cap=200)
+    dm = OmniBalDataModule(cfg, balance, spec)
+    dm.prepare_data()
+    caches = list(root.glob("train.json.lengths-*.obl"))
+    assert len(caches) == 1
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.input_ids.shape == (1, 200) and batch.pixel_values.shape[0] == 4
+    # the cache is used as is, and rebuilt with a warning when the data changes
+    assert np.array_equal(dm.lengths.tokens, OmniBalDataModule(cfg, balance, spec)._real_lengths(dm.dataset).tokens)
+    records = llava_records(root)[:3]
+    write_json(annotation, records)
+    with pytest.warns(UserWarning, match="no longer matches its data"):
+        OmniBalDataModule(cfg, balance, spec).prepare_data()
+    new = list(root.glob("train.json.lengths-*.obl"))
+    assert len(new) == 1 and new != caches
+
+
+def test_synthetic_samples_longer_than_the_token_cap_are_truncated_not_failed():
+    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, samples_per_group=1, vit_cap=40, token_cap=50), SPEC)
+    dm.setup("fit")
+    assert int(dm.lengths.tokens.max()) == 50
+    longest = int(np.argmax(dm.lengths.tokens))
+    assert dm.dataset[longest].num_tokens == 50
+
+
+def test_a_tile_cap_below_the_largest_sample_fails_at_setup():
+    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, vit_cap=3, token_cap=4096), SPEC)
+    with pytest.raises(ConfigError, match="more tiles than balance.vit_cap=3"):
+        dm.setup("fit")

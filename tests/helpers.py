@@ -1,0 +1,263 @@
+"""What several test modules share: model presets and plans, a tiny local tokenizer, small images,
+annotation files, the real statistics in ../shared, and a LightningModule that records what it trained on.
+
+Nothing is downloaded: the tokenizer is a word-level ``tokenizers.Tokenizer`` built here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from omnibal_pl.batch import PackedBatch
+from omnibal_pl.conf import preset
+from omnibal_pl.data import TemplateConfig, TilingConfig
+from omnibal_pl.model import VLM, TransformerBlock, VLMConfig
+from omnibal_pl.model.hf_loading import Layout, to_hf_state_dict
+from omnibal_pl.model.sparsify import Sparsifier
+from omnibal_pl.plan import Plan
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_LENGTH_FILES = sorted((SHARED_DATA / "omnibal_lengths").glob("*.json"))
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
+WORDS = ["USER", "ASSISTANT", ":", "system", "user", "assistant", "what", "is", "this", "a", "cat", "dog",
+         "describe", "image", "the", "and", "it", "red", "blue", "compare", "hello", "world", "yes", "no"]
+
+# small tiles keep pixel work negligible; the tiling logic is the same at 448 px
+TILE = 28
+INTERNVL_TILING = TilingConfig(mode="internvl", image_size=TILE, min_tiles=1, max_tiles=6)
+LLAVA_TILING = TilingConfig(mode="llava", image_size=TILE, max_tiles=1, use_thumbnail=False)
+INTERNVL_TEMPLATE = TemplateConfig(name="internlm2-chat", tokens_per_tile=4, image_context_token="<IMG_CONTEXT>")
+LLAVA_TEMPLATE = TemplateConfig(name="vicuna_v1", tokens_per_tile=9, image_context_token="<image>")
+
+
+def make_tokenizer(folder: Path) -> Path:
+    """Writes ``folder/tokenizer.json`` (word level, the special tokens of both templates); returns the folder."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def make_image(path: Path, width: int, height: int, color: tuple[int, int, int] = (200, 30, 90)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), color).save(path)
+    return path
+
+
+def conversation(question: str = "what is this", answer: str = "a red cat", images: int = 1) -> list[dict]:
+    return [
+        {"from": "human", "value": "<image>\n" * images + question},
+        {"from": "gpt", "value": answer},
+        {"from": "human", "value": "describe it"},
+        {"from": "gpt", "value": "the cat is red and the dog is blue"},
+    ]
+
+
+def llava_records(root: Path) -> list[dict]:
+    """Single-image samples of several aspect ratios, a text-only and a multi-image sample; images under root."""
+    sizes = [(28, 28), (90, 30), (30, 100), (200, 150), (60, 61)]
+    recs = []
+    for k, (w, h) in enumerate(sizes):
+        make_image(root / f"img{k}.png", w, h)
+        recs.append({"id": f"s{k}", "image": f"img{k}.png", "conversations": conversation()})
+    recs.append({"id": "text", "conversations": conversation("hello world", "yes", images=0)})
+    recs.append({"id": "multi", "image": ["img1.png", "img3.png"], "conversations": conversation("compare", "no", images=2)})
+    return recs
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def model_config(name: str = "tiny") -> VLMConfig:
+    """A published model config (``conf/model/<name>.yaml``)."""
+    return VLMConfig.from_dict(preset("model", name))
+
+
+def plan_of(cfg: VLMConfig, stages: list[list[str]], recompute: dict[str, str] | None = None, *, pp: int | None = None,
+            micro_batches: int | None = None, schedule: str = "1f1b", dp: int = 1, vit_cap: int = 8,
+            token_cap: int = 64) -> Plan:
+    """A :class:`Plan` of ``cfg`` with these stages (pp defaults to one stage per rank, micro-batches to the
+    stage count) and the given micro-batch shape."""
+    pp = pp or len(stages)
+    return Plan(model=cfg.name, stages=stages, recompute=recompute or {}, schedule=schedule, pp=pp,
+                micro_batches=micro_batches or len(stages), vit_cap=vit_cap, token_cap=token_cap, dp=dp)
+
+
+SMALL_PREDICTOR = dict(sparse_layer=1, predictor_dim=32, predictor_heads=4, predictor_mlp_dim=64)
+
+
+def tiny_cfg(sparsify: bool = True, layers: int = 2, **knobs) -> VLMConfig:
+    """The tiny model with ``layers`` LLM layers, sparsified from layer 1 with small predictors unless
+    ``sparsify`` is False; ``knobs`` override the sparsify config."""
+    data = preset("model", "tiny")
+    data["llm"]["layers"] = layers
+    data["attention_backend"] = "sdpa"
+    data["sparsify"] = {"enabled": sparsify, **SMALL_PREDICTOR, **knobs}
+    return VLMConfig.from_dict(data)
+
+
+def bias_predictors(model: VLM, keep: bool) -> None:
+    """Bias every predictor's last layer so that it keeps (or drops) every token (Gumbel noise cannot flip it)."""
+    for m in model.modules():
+        if isinstance(m, Sparsifier):
+            for predictor in (m.vision, m.output_text, m.instruct_text):
+                if predictor is not None:
+                    last = [p for p in predictor.modules() if isinstance(p, torch.nn.Linear)][-1]
+                    last.bias.data = torch.tensor([100.0, -100.0] if keep else [-100.0, 100.0])
+
+
+def internvl_config_json(cfg: VLMConfig, llm_arch: str) -> dict:
+    v, t = cfg.vision, cfg.llm
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "select_layer": v.select_layer,
+        "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": v.image_size,
+        "vision_config": {
+            "hidden_size": v.width, "image_size": v.image_size, "patch_size": v.patch_size,
+            "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "intermediate_size": v.mlp_dim,
+            "qkv_bias": v.qkv_bias, "qk_normalization": v.qk_norm,
+            "norm_type": "rms_norm" if v.norm == "rmsnorm" else "layer_norm", "layer_norm_eps": v.norm_eps,
+        },
+        "llm_config": {
+            "architectures": [llm_arch], "vocab_size": t.vocab_size, "hidden_size": t.hidden,
+            "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads,
+            "intermediate_size": t.intermediate, "rope_theta": t.rope_theta, "rms_norm_eps": t.rms_eps,
+            "tie_word_embeddings": t.tie_embeddings, "bias": False,
+        },
+    }
+
+
+def internvl_model(llm_arch: str) -> VLM:
+    torch.manual_seed(1)
+    cfg = VLMConfig.from_dict({
+        "name": "internvl_tiny", "image_context_id": 7,
+        "vision": {"image_size": 56, "patch_size": 14, "width": 40, "depth": 3, "heads": 5, "mlp_dim": 80,
+                   "norm": "rmsnorm", "qkv_bias": False, "qk_norm": True, "select_layer": -1},
+        "llm": {"vocab_size": 96, "hidden": 48, "layers": 2, "heads": 6, "kv_heads": 2, "intermediate": 64,
+                "rope_theta": 1e6, "qkv_bias": llm_arch.startswith("Qwen2")},
+    })
+    model = VLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def write_internvl_checkpoint(model: VLM, path: Path, llm_arch: str, shards: int = 3) -> Layout:
+    layout = Layout("internvit", "internlm2" if llm_arch.startswith("InternLM2") else "llama")
+    state = to_hf_state_dict(model, layout)
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i::shards]}
+        save_file(part, path / name)
+        weight_map.update({k: name for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(internvl_config_json(model.cfg, llm_arch)))
+    (path / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": model.cfg.image_context_id}))
+    return layout
+
+
+FAST = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "dataset.generator.samples=600"]
+
+
+def cfg_of(*overrides: str, hydra_node: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides``, as ``omnibal-train`` would compose it."""
+    with initialize_config_module(config_module="omnibal_pl.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def losses_in(run_dir: Path) -> dict[int, float]:
+    """``train/loss`` by step from a run directory's metrics.csv."""
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+class RecomputeCounter:
+    """Per transformer block: forwards (``forward`` calls), MLP runs and attention-core runs.
+
+    A block under ``full`` recompute runs its MLP twice per micro-batch, under ``attention`` its
+    attention core twice and its MLP once, under ``none`` everything once. Counted on entry (pre-hooks):
+    non-reentrant checkpointing stops a recompute as soon as the last saved tensor is rebuilt, which
+    can be inside the MLP, before a forward hook would fire.
+    """
+
+    def __init__(self, stages) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        original = TransformerBlock.attention_core
+        owner = {}
+        for stage in stages:
+            for name, block in stage.model.blocks():
+                if isinstance(block, TransformerBlock):
+                    owner[id(block)] = name
+                    self.counts[name] = {"forward": 0, "mlp": 0, "core": 0}
+                    block.register_forward_pre_hook(self._hook(name, "forward"))
+                    block.mlp.register_forward_pre_hook(self._hook(name, "mlp"))
+        counts = self.counts
+
+        def counting_core(block, fn, *args):
+            def counted(*a):
+                counts[owner[id(block)]]["core"] += 1
+                return fn(*a)
+            return original(block, counted, *args)
+
+        TransformerBlock.attention_core = counting_core
+
+    def _hook(self, name: str, key: str):
+        def hook(*_):
+            self.counts[name][key] += 1
+        return hook
+
+    def reset(self) -> None:
+        for c in self.counts.values():
+            c.update(forward=0, mlp=0, core=0)
+
+
+class RecordingModule(L.LightningModule):
+    """One scalar parameter; the loss touches every micro-batch so DDP has gradients to sync.
+
+    Records (epoch, global step, sample ids, tiles, tokens) per micro-batch and, at the end of fit,
+    writes them to ``out_dir/rank{global_rank}.jsonl`` when ``out_dir`` is set.
+    """
+
+    def __init__(self, out_dir: str | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.out_dir = out_dir
+        self.seen: list[dict] = []
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self.seen.append({"epoch": self.current_epoch, "step": self.global_step, "batch_idx": batch_idx,
+                          "ids": batch.sample_ids.tolist(), "tiles": batch.num_tiles, "tokens": batch.num_tokens,
+                          "shape": list(batch.input_ids.shape), "tile_shape": list(batch.pixel_values.shape)})
+        return (self.w - 1.0) ** 2 * batch.loss_weight.sum() / batch.loss_weight.sum().clamp(min=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_fit_end(self) -> None:
+        if self.out_dir:
+            path = Path(self.out_dir) / f"rank{self.global_rank}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.seen))

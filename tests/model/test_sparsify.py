@@ -1,0 +1,234 @@
+"""Dynamic-LLaVA sparsification in training: schedule, masks, masked attention, keep-rate loss, spans."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from omnibal_pl.batch import PackedBatch
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.model import VLM, VLMConfig, dummy_batch, varlen_attention
+from omnibal_pl.model.sparsify import (
+    KEEP, SparsifyConfig, TextPredictor, VisionPredictor, boundary_width, find_spans, gumbel_keep,
+    gumbel_tau, keep_rate_loss, masked_varlen_attention, predictor_flops, set_temperature, split_output,
+)
+from omnibal_pl.train.callbacks import GumbelTemperature
+from omnibal_pl.train.optim import OptimConfig, param_groups
+
+from tests.helpers import SMALL_PREDICTOR, bias_predictors, model_config, tiny_cfg
+
+def test_temperature_schedule_values():
+    assert gumbel_tau(0, 100) == pytest.approx(1.0)
+    assert gumbel_tau(50, 100) == pytest.approx(0.1 ** 0.5)
+    assert gumbel_tau(100, 100) == pytest.approx(0.1)
+    assert gumbel_tau(250, 100) == pytest.approx(0.1)  # clamped after the run
+    assert gumbel_tau(25, 100, start=2.0, end=0.5) == pytest.approx(2.0 * 0.25 ** 0.25)
+    with pytest.raises(ConfigError):
+        gumbel_tau(0, 0)
+
+
+def test_temperature_callback_sets_every_sparsifier():
+    model = VLM(tiny_cfg(sparsify=False))
+    model.enable_sparsify(SparsifyConfig(enabled=True, **SMALL_PREDICTOR, tau_start=1.0, tau_end=0.01))
+    trainer = SimpleNamespace(global_step=5, estimated_stepping_batches=10)
+    GumbelTemperature().on_train_batch_start(trainer, model, None, 0)
+    assert model.llm.layers["1"].sparsifier.tau == pytest.approx(0.1)
+
+
+def test_gumbel_keep_is_hard_with_straight_through_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(200, 2, requires_grad=True)
+    keep = gumbel_keep(logits, tau=0.5)
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
+    assert 0 < keep.detach().sum() < 200
+    keep.sum().backward()
+    assert (logits.grad[:, KEEP] > 0).all() and (logits.grad[:, 1 - KEEP] < 0).all()
+
+
+def test_masked_attention_with_all_keep_equals_causal_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(23, 4, 8), torch.randn(23, 2, 8), torch.randn(23, 2, 8)
+    cu = torch.tensor([0, 9, 20, 23], dtype=torch.int32)
+    ref = varlen_attention(q, k, v, cu, 11, causal=True, backend="sdpa")
+    torch.testing.assert_close(masked_varlen_attention(q, k, v, torch.ones(23), cu), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_attention_hides_dropped_keys_but_not_from_themselves():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    out = masked_varlen_attention(q, k, v, keep, cu)
+    kept = [0, 2, 3, 5]
+    sub = varlen_attention(q[kept], k[kept], v[kept], torch.tensor([0, 4], dtype=torch.int32), 4, causal=True, backend="sdpa")
+    torch.testing.assert_close(out[kept], sub, rtol=1e-5, atol=1e-5)  # kept tokens never see dropped keys
+    # a dropped token sees the kept keys before it and itself
+    own = varlen_attention(q[[0, 1]], k[[0, 1]], v[[0, 1]], torch.tensor([0, 2], dtype=torch.int32), 2, causal=True, backend="sdpa")
+    torch.testing.assert_close(out[1], own[1], rtol=1e-5, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_a_dropped_key():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], requires_grad=True)
+    masked_varlen_attention(q, k, v, keep, torch.tensor([0, 6], dtype=torch.int32)).square().sum().backward()
+    assert keep.grad[1] != 0 and keep.grad[4] != 0
+    assert keep.grad[5] == 0  # the last key is seen by no other query
+
+
+def test_lm_loss_alone_gives_the_predictors_gradient():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(output_text_len_for_training=2)
+    model = VLM(cfg).train()
+    sparsifier = model.llm.layers["1"].sparsifier
+    vision_logits = []
+
+    def capture(module, args, out: torch.Tensor) -> None:
+        out.retain_grad()
+        vision_logits.append(out)
+
+    sparsifier.vision.register_forward_hook(capture)
+    batch = dummy_batch(cfg, [6, 9], [3, 2], token_cap=48, tile_cap=6)
+    logits, keep = split_output(model(batch), cfg.sparsify)
+    assert keep.shape == (1, 48) and logits.shape == (1, 48, cfg.llm.vocab_size)
+    spans = find_spans(batch, cfg.image_context_id)
+    dropped = keep[0, spans.vision].detach() == 0
+    assert dropped.any() and not dropped.all()
+    torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch.input_ids[0, 1:]).backward()
+    # through the masked attention and the straight-through estimator, every dropped image token's logits
+    # get a gradient (an additive -inf mask would give none)
+    assert (vision_logits[0].grad[dropped].abs().sum(dim=-1) > 0).all()
+    assert sparsifier.vision.out[-1].weight.grad.abs().sum() > 0
+    assert sparsifier.vision.embed[1].weight.grad.abs().sum() > 0
+    assert sparsifier.output_text.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_all_keep_masked_model_equals_the_plain_model():
+    torch.manual_seed(0)
+    plain = VLM(tiny_cfg(sparsify=False))
+    cfg = tiny_cfg(instruct_text_predictor=True, output_text_len_for_training=1, instruct_text_len_for_training=1)
+    masked = VLM(cfg).train()
+    missing = masked.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".sparsifier." in n for n in missing)
+    bias_predictors(masked, keep=True)
+    batch = dummy_batch(cfg, [6, 9, 4], [3, 0, 2], token_cap=56, tile_cap=6)
+    logits, keep = split_output(masked(batch), cfg.sparsify)
+    assert bool((keep == 1).all())
+    torch.testing.assert_close(logits, plain(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_block_chain_carries_the_mask_channel():
+    cfg = tiny_cfg()
+    model = VLM(cfg).eval()
+    batch = dummy_batch(cfg, [5, 7], [2, 1], token_cap=40, tile_cap=4)
+    x = batch.pixel_values
+    for name, block in model.blocks():
+        x = block(x, batch)
+        if name.startswith("llm."):
+            assert x.shape[-1] == boundary_width(name, cfg.llm.hidden, cfg.llm.vocab_size, cfg.sparsify), name
+    torch.testing.assert_close(model(batch), x)
+    with pytest.raises(ConfigError, match="keep-mask channel"):
+        model.llm.layers["1"].sparsifier = None
+        model.llm.layers["1"](torch.zeros(1, 40, cfg.llm.hidden), batch)
+
+
+def test_keep_rate_loss_drives_kept_fraction_to_target():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(output_text_len_for_training=8)
+    model = VLM(cfg).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".sparsifier." in name)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = dummy_batch(cfg, [14, 20, 12], [6, 8, 5], tile_cap=19, seed=1)
+    steps = 50
+    for step in range(steps):
+        set_temperature(model, gumbel_tau(step, steps))
+        logits, keep = split_output(model(batch), cfg.sparsify)
+        lm = torch.nn.functional.cross_entropy(logits[0, :-1], batch.input_ids[0, 1:])
+        loss = keep_rate_loss(keep, batch, cfg.sparsify, cfg.image_context_id)
+        opt.zero_grad()
+        (lm + loss.loss).backward()
+        opt.step()
+    with torch.no_grad():  # the decisions are samples: average the kept fractions of several draws
+        kept = [keep_rate_loss(split_output(model(batch), cfg.sparsify)[1], batch, cfg.sparsify, cfg.image_context_id).kept
+                for _ in range(24)]
+    vision = sum(k["vision"] for k in kept) / len(kept)
+    text = sum(k["output_text"] for k in kept) / len(kept)
+    assert abs(vision - 0.2) < 0.05 and abs(text - 0.5) < 0.05, (vision, text)
+
+
+def _packed(samples: list[tuple[list[int], list[int]]], pad: int) -> PackedBatch:
+    ids = [t for s, _ in samples for t in s] + [0] * pad
+    labels = [t for _, lab in samples for t in lab] + [-100] * pad
+    lens = [len(s) for s, _ in samples] + ([pad] if pad else [])
+    pos = [p for n in lens for p in range(n)]
+    length = len(ids)
+    return PackedBatch(
+        input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), position_ids=torch.tensor([pos]),
+        cu_seqlens=torch.tensor([0] + lens).cumsum(0).to(torch.int32), max_seqlen=max(lens),
+        pixel_values=torch.zeros(1, 3, 56, 56), image_flags=torch.zeros(1, dtype=torch.long),
+        loss_weight=torch.ones(1, length), sample_ids=torch.arange(len(samples)), num_samples=len(samples),
+    )
+
+
+def test_spans_inside_a_packed_micro_batch():
+    I, N = 3, -100  # image-context id, unsupervised
+    # sample 0: BOS, image x3, question, answer (2), question (2), answer (3) -> last answer = 3 tokens
+    s0 = ([1, I, I, I, 10, 11, 12, 13, 14, 15, 16, 17], [N, N, N, N, N, 11, 12, N, N, 15, 16, 17])
+    # sample 1: text only: BOS, question (2), answer (2)
+    s1 = ([1, 20, 21, 22, 23], [N, N, N, 22, 23])
+    # sample 2: BOS, text, image x2, text (2), answer (1)
+    s2 = ([1, 30, I, I, 31, 32, 33], [N, N, N, N, N, N, 33])
+    # sample 3: a prompt without answer: BOS, image x2, text (3)
+    s3 = ([1, I, I, 40, 41, 42], [N] * 6)
+    spans = find_spans(_packed([s0, s1, s2, s3], pad=4), image_context_id=I)
+    where = lambda m: m.nonzero().flatten().tolist()  # noqa: E731
+    assert where(spans.vision) == [1, 2, 3, 19, 20, 25, 26]
+    assert where(spans.output) == [9, 10, 11, 15, 16, 23]
+    assert where(spans.instruct) == [7, 8, 13, 14, 21, 22, 27, 28]  # sample 3's last token is always kept
+    assert spans.sample.tolist() == [0] * 12 + [1] * 5 + [2] * 7 + [3] * 6 + [-1] * 4
+
+
+def test_param_groups_and_freezing():
+    """The training module's optimiser groups: predictors apart at their own lr / weight decay, vision frozen."""
+    cfg = tiny_cfg()
+    model = VLM(cfg)
+    sp = cfg.sparsify
+    groups = param_groups(model, OptimConfig(lr=5e-6, weight_decay=0.1, freeze=["vision"]), sp.predictor_lr, sp.predictor_weight_decay)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"predictors", "predictors_no_decay", "projector", "projector_no_decay", "llm", "llm_no_decay"}
+    assert by_name["predictors"]["lr"] == 2e-4 and by_name["predictors"]["weight_decay"] == 0.0
+    assert by_name["llm"]["lr"] == 5e-6 and by_name["llm"]["weight_decay"] == 0.1
+    names = {id(p): n for n, p in model.named_parameters()}
+    predictors = [id(p) for g in groups if g["name"].startswith("predictors") for p in g["params"]]
+    assert sorted(predictors) == sorted(id(p) for n, p in model.named_parameters() if ".sparsifier." in n)
+    assert not any(names[id(p)].startswith("vision.") for g in groups for p in g["params"])
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    decayed = param_groups(VLM(cfg), OptimConfig(), predictor_lr=1e-3, predictor_weight_decay=0.01)
+    assert {g["name"]: (g["lr"], g["weight_decay"]) for g in decayed}["predictors"] == (1e-3, 0.01)
+    with pytest.raises(ConfigError, match="optim.freeze"):
+        OptimConfig(freeze=["vit"])
+
+
+
+def test_predictor_flops_match_torch_flop_counter():
+    cfg = SparsifyConfig(**SMALL_PREDICTOR)
+    vision, text = VisionPredictor(48, cfg, "sdpa"), TextPredictor(48, cfg)
+    with FlopCounterMode(display=False) as counter:  # two samples with 7 and 5 image tokens, 9 text tokens
+        vision(torch.randn(12, 48), torch.tensor([0] * 7 + [2] * 5), 3)
+        text(torch.randn(9, 48))
+    assert predictor_flops(48, cfg, [7, 5], 9) == counter.get_total_flops()
+    no_vision = SparsifyConfig(**SMALL_PREDICTOR, vision_predictor=False)
+    assert predictor_flops(48, no_vision, [7, 5], 9) == predictor_flops(48, cfg, [], 9)
+
+
+def test_config_round_trip_and_errors():
+    cfg = tiny_cfg(vision_keep_rate=0.3)
+    assert VLMConfig.from_dict(cfg.to_dict()) == cfg
+    assert model_config("tiny").sparsify == SparsifyConfig()
+    with pytest.raises(ConfigError, match="sparse_layer"):
+        tiny_cfg(sparse_layer=5)
+    with pytest.raises(ConfigError, match="vision_keep_rate"):
+        tiny_cfg(vision_keep_rate=0.0)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        tiny_cfg(keep_rate=0.3)
