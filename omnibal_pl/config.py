@@ -35,7 +35,7 @@ def check_keys(cfg: DictConfig, allowed: Iterable[str], app: str) -> None:
     ``+foo=1`` on the command line is a typo, not a silent no-op)."""
     unknown = sorted(set(cfg.keys()) - set(allowed) - {"hydra"})
     if unknown:
-        raise ConfigError(f"{app}: unknown top-level keys {unknown}; valid keys are {sorted(set(allowed))}")
+        raise ConfigError(f"unknown top-level keys {unknown}; {app} knows {sorted(set(allowed))}")
 
 
 @dataclass

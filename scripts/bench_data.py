@@ -96,7 +96,7 @@ def main() -> None:
     synthetic = {"name": "synthetic", "kind": "synthetic", "generator": {"samples": 2000, "seed": 0}}
     spec = ModelSpec(vocab_size=92553, image_size=448, tokens_per_tile=256, image_context_id=92546)
     for workers in (0, 2):
-        dm = OmniBalDataModule(synthetic, BalanceConfig(dp=1), spec, loader=LoaderConfig(num_workers=workers))
+        dm = OmniBalDataModule.from_config(synthetic, BalanceConfig(dp=1), spec, loader=LoaderConfig(num_workers=workers))
         r = throughput(dm, args.batches)
         print(f"{'synthetic (448 px, 256 tok/tile)':<34}{workers:>8}{r['samples/s']:>12.1f}{r['tiles/s']:>10.1f}"
               f"{r['batches/s']:>11.2f}")
@@ -111,9 +111,8 @@ def main() -> None:
         spec_img = ModelSpec(vocab_size=len(SPECIAL) + len(WORDS), image_size=448, tokens_per_tile=256,
                              image_context_id=SPECIAL.index("<IMG_CONTEXT>"))
         for workers in (0, 2):
-            dm = OmniBalDataModule(internvl, BalanceConfig(dp=1, samples_per_group=2), spec_img,
-                                   loader=LoaderConfig(num_workers=workers))
-            dm.prepare_data()
+            dm = OmniBalDataModule.from_config(internvl, BalanceConfig(dp=1, samples_per_group=2), spec_img,
+                                               loader=LoaderConfig(num_workers=workers))
             r = throughput(dm, min(args.batches, 20))
             print(f"{'InternVL JPEGs (dynamic tiling)':<34}{workers:>8}{r['samples/s']:>12.1f}{r['tiles/s']:>10.1f}"
                   f"{r['batches/s']:>11.2f}")

@@ -29,21 +29,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omnibal_pl.conf import preset  # noqa: E402
 from omnibal_pl.model import VLMConfig, dummy_batch  # noqa: E402
-from omnibal_pl.train.module import packed_loss_sum  # noqa: E402
+from omnibal_pl.train.objective import packed_loss_sum  # noqa: E402
 from omnibal_pl.plan import evaluate_partition, plan_from_partition, planning_inputs, search_partition  # noqa: E402
-from omnibal_pl.parallel import PipelineLayout, build_mesh, build_pipeline, initial_state_dict  # noqa: E402
+from omnibal_pl.parallel import build_mesh, build_pipeline, initial_state_dict  # noqa: E402
+from omnibal_pl.plan import Plan  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_model() -> VLMConfig:
     """tiny.yaml scaled up: 4 ViT blocks (112 px tiles), 6 LLM layers, 8k vocabulary."""
-    data = yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text())
+    data = preset("model", "tiny")
     data["name"] = "bench_pipeline"
     data["vision"].update(image_size=112, width=128, depth=4, heads=4, mlp_dim=512)
     data["llm"].update(vocab_size=8192, hidden=256, layers=6, heads=8, kv_heads=4, intermediate=1024)
@@ -63,16 +63,16 @@ def loss_fn(logits: torch.Tensor, batch) -> torch.Tensor:
     return loss_sum / weight.clamp(min=1)
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, layout: PipelineLayout, m: int,
-            shape: tuple[int, int, int], steps: int, warmup: int, threads: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, plan: Plan, shape: tuple[int, int, int],
+            steps: int, warmup: int, threads: int) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
         mesh, _ = build_mesh(world)
-        runner = build_pipeline(cfg, layout, mesh, initial_state_dict(cfg, 0), loss_fn, m, "1f1b")
+        runner = build_pipeline(cfg, plan, mesh, initial_state_dict(cfg, 0), loss_fn)
         opt = torch.optim.SGD(list(runner.parameters()), lr=1e-3)
-        batches = micro_batches(cfg, m, *shape)
+        batches = micro_batches(cfg, plan.micro_batches, *shape)
         times = []
         for step in range(warmup + steps):
             dist.barrier()
@@ -90,14 +90,13 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, layout: 
         dist.destroy_process_group()
 
 
-def measure(cfg: VLMConfig, layout: PipelineLayout, pp: int, m: int, shape: tuple[int, int, int], steps: int,
-            warmup: int, threads: int) -> list[float]:
+def measure(cfg: VLMConfig, plan: Plan, shape: tuple[int, int, int], steps: int, warmup: int, threads: int) -> list[float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
-        mp.start_processes(_worker, args=(pp, port, out, cfg, layout, m, shape, steps, warmup, threads), nprocs=pp,
+        mp.start_processes(_worker, args=(plan.pp, port, out, cfg, plan, shape, steps, warmup, threads), nprocs=plan.pp,
                            start_method="spawn", join=True)
         return torch.load(out)
 
@@ -128,8 +127,7 @@ def main() -> None:
     rows = []
     for name, part in scored.items():
         plan = plan_from_partition(cfg, inputs, part)
-        times = measure(cfg, PipelineLayout(plan.stages, plan.recompute), pp, args.micro_batches, shape, args.steps,
-                        args.warmup, args.threads)
+        times = measure(cfg, plan, shape, args.steps, args.warmup, args.threads)
         measured = statistics.median(times)
         rows.append((name, [len(s) for s in plan.stages], plan.predicted_step_s, measured, min(times), max(times)))
     print(f"\nPP={pp}, {args.micro_batches} micro-batches of {args.vit_cap} tiles / {args.token_cap} tokens, 1F1B, "

@@ -16,12 +16,12 @@ import glob
 import time
 from pathlib import Path
 
-import yaml
 
 from omnibal_pl.balance import BalanceConfig, resolve_caps
 from omnibal_pl.lengths import load_lengths
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.batch import MicroBatchShape
+from omnibal_pl.conf import preset
 from omnibal_pl.plan import (PipelineConfig, exact_partition, make_plan, planning_inputs, search_partition)
 from omnibal_pl.plan.cost_model import cost_model_profile, total_forward_flops
 from omnibal_pl.plan.report import compare
@@ -32,7 +32,7 @@ DATA = ROOT.parent / "shared" / "data" / "omnibal_lengths"
 
 
 def load(name: str) -> VLMConfig:
-    return VLMConfig.from_dict(yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+    return VLMConfig.from_dict(preset("model", name))
 
 
 def compare_models(vit_cap: int, token_cap: int, args: argparse.Namespace) -> None:

@@ -23,24 +23,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
 from omnibal_pl.balance import BalanceConfig
-from omnibal_pl.data import ModelSpec, OmniBalDataModule
+from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
 from omnibal_pl.batch import PackedBatch
+from omnibal_pl.conf import preset
 from omnibal_pl.data.datamodule import PackingConfig
 from omnibal_pl.model import VLM, VLMConfig
-from omnibal_pl.train.module import packed_loss_sum
+from omnibal_pl.train.objective import packed_loss_sum
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 ALGORITHMS = ("balanced", "isf", "random")
 
 
 def load_model_config(name: str) -> VLMConfig:
-    return VLMConfig.from_dict(yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()))
+    return VLMConfig.from_dict(preset("model", name))
 
 
 def rank_batches(cfg: VLMConfig, algorithm: str, args: argparse.Namespace) -> list[list[PackedBatch]]:
@@ -50,9 +48,10 @@ def rank_batches(cfg: VLMConfig, algorithm: str, args: argparse.Namespace) -> li
     balance = BalanceConfig(algorithm=algorithm, dp=args.dp, samples_per_group=args.samples_per_group)
     spec = ModelSpec(cfg.llm.vocab_size, cfg.vision.image_size, cfg.tokens_per_tile, cfg.image_context_id)
     packing = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
+    data = prepare_training_data(dataset, balance, spec)  # caps resolved once for args.dp ranks
     per_rank = []
     for rank in range(args.dp):
-        dm = OmniBalDataModule(dataset, balance, spec, packing, dp_rank=rank, dp_size=args.dp)
+        dm = OmniBalDataModule(data, packing, dp_rank=rank)
         dm.setup("fit")
         loader = iter(dm.train_dataloader())
         per_rank.append([next(loader) for _ in range(args.steps)])

@@ -4,7 +4,7 @@ from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.isf_reference import isf_reference
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler, EpochArrangement
 from omnibal_pl.balance.metrics import balance_metrics, dist_ratio, pad_ratio, per_source
-from omnibal_pl.balance.search import CapSearch, evaluate, resolve_caps
+from omnibal_pl.balance.search import CapSearch, evaluate, micro_batch_shape, resolve_caps, resolve_shape
 from omnibal_pl.balance.steps import Steps, form_steps
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "form_steps",
     "group_samples",
     "isf_reference",
+    "micro_batch_shape",
     "pad_ratio",
     "per_source",
     "resolve_caps",
+    "resolve_shape",
 ]

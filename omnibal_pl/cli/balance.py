@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.report import format_table, plot_balance, run_balance, write_json
 from omnibal_pl.cli.conf import hydra_app
-from omnibal_pl.config import to_dataclass
+from omnibal_pl.config import check_keys, to_dataclass
 from omnibal_pl.data.length_source import dataset_lengths
 
 
 def balance(cfg: DictConfig) -> dict:
     """Runs one balance job from a composed config; returns the report."""
+    check_keys(cfg, ["dataset", "balance", "report", "plot"], "omnibal-balance")
     bcfg = to_dataclass(cfg.balance, BalanceConfig, "balance")
     table = dataset_lengths(OmegaConf.to_container(cfg.dataset, resolve=True))
     report, grouping, steps = run_balance(table, bcfg)

@@ -12,12 +12,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from omnibal_pl.cli.conf import hydra_app
+from omnibal_pl.config import check_keys
 from omnibal_pl.errors import ConfigError
-
 
 
 def run(cfg: DictConfig) -> Path:
     """Builds the dataset, computes its statistics and writes them; returns the written path."""
+    check_keys(cfg, ["dataset", "output", "num_workers", "progress"], "omnibal-stats")
     dataset = instantiate(cfg.dataset)
     if not hasattr(dataset, "raw_lengths"):
         raise ConfigError(f"dataset {type(dataset).__name__} has no annotation records to compute statistics for")

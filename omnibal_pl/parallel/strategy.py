@@ -165,10 +165,9 @@ class OmniBalStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self._require_runner()
         module = self.lightning_module
-        if module.automatic_optimization or trainer.accumulate_grad_batches != 1:
-            raise ConfigError(
-                "OmniBalStrategy runs one optimizer step per training_step over the step's micro-batches: use a "
-                "module with manual optimisation (OmniBalPipelineModule) and Trainer(accumulate_grad_batches=1)")
+        if module.automatic_optimization:
+            raise ConfigError("OmniBalStrategy runs one optimizer step per training_step over the step's micro-batches: "
+                              "use a module with manual optimisation (OmniBalPipelineModule)")
         if is_overridden("validation_step", module) or is_overridden("test_step", module):
             raise ConfigError("OmniBalStrategy does not run evaluation through the pipeline; drop validation_step/"
                               "test_step and evaluate a saved checkpoint with omnibal-eval")

@@ -109,8 +109,8 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
         source = resolve_source(cfg.model, settings.source)
         if source == "cost_model" and not c.device:
             raise ConfigError("plan.source=cost_model needs cluster.device (a preset: h100_80gb, h200, a100_80gb)")
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        if settings.threads or c.threads:
+            torch.set_num_threads(settings.threads or c.threads)
         plan = make_plan(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
                          schedule=c.schedule, device=c.device or "local", source=source,
                          profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),

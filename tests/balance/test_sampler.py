@@ -35,7 +35,7 @@ def test_each_sample_once_per_epoch_and_equal_step_counts(dp, micro, epochs, see
         assert len({len(b) for b in per_rank}) == 1  # no rank waits for another at a collective
         assert len(per_rank[0]) % micro == 0
         seen = np.array([i for batches in per_rank for b in batches for i in b], np.int64)
-        arr = BalancedSampler(TABLE, cfg, 0).arr(epoch)
+        arr = BalancedSampler(TABLE, cfg, 0).arrangement(epoch)
         np.testing.assert_array_equal(arr.carried_in, carried)
         # this epoch trains every sample plus last epoch's carry, except its own carry-out: each exactly once
         expected = np.concatenate([np.arange(len(TABLE)), carried])

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from omnibal_pl.cli.eval import answer_questions, get_chunk, load_sparsify, main, prompt_batch, read_questions, write_answers
+from omnibal_pl.conf import preset
 from omnibal_pl.errors import DataError
 from omnibal_pl.model import VLM
 from omnibal_pl.model.sparsify import SparsifyConfig
@@ -74,7 +75,7 @@ def test_omnibal_eval_cli_on_a_checkpoint_in_chunks(tmp_path, capsys):
     ckpt.mkdir()
     write_internvl_checkpoint(model, ckpt, "Qwen2ForCausalLM")
     make_tokenizer(ckpt)
-    sparsify = {**yaml.safe_load((ROOT / "conf/model/sparsify/dynamic_llava.yaml").read_text()), **SMALL_PREDICTOR}
+    sparsify = {**preset("model/sparsify", "dynamic_llava"), **SMALL_PREDICTOR}
     (tmp_path / "sparsify.yaml").write_text(yaml.safe_dump(sparsify))
     model.enable_sparsify(SparsifyConfig(**sparsify))
     torch.save({"state_dict": {f"model.{n}": p for n, p in model.state_dict().items()}}, tmp_path / "last.ckpt")

@@ -1,9 +1,11 @@
-"""OmniBalDataModule inside real Lightning runs: mid-epoch resume, set_epoch, 2-process DDP, stats cache."""
+"""OmniBalDataModule inside real Lightning runs: mid-epoch resume (micro-batch and whole-step items), set_epoch,
+2-process DDP, the stats cache, and the DP size the caps were resolved for."""
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -11,17 +13,19 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from omnibal_pl.balance import BalanceConfig, dist_ratio
-from omnibal_pl.data.datamodule import ModelSpec, OmniBalDataModule
+from omnibal_pl.data.datamodule import OmniBalDataModule
+from omnibal_pl.data.training_data import ModelSpec, prepare_training_data, real_lengths
 from omnibal_pl.errors import ConfigError
-from tests.helpers import RecordingModule
-from tests.helpers import LLAVA_TEMPLATE, LLAVA_TILING, llava_records, make_tokenizer, write_json
+
+from tests.helpers import LLAVA_TEMPLATE, LLAVA_TILING, RecordingModule, llava_records, make_tokenizer, write_json
 
 SPEC = ModelSpec(vocab_size=100, image_size=8, tokens_per_tile=4, image_context_id=3)
 SYNTHETIC = {"name": "synthetic", "kind": "synthetic", "generator": {"samples": 300, "seed": 0}, "text_scale": 0.1}
 
 
-def datamodule(micro: int = 1, **kw) -> OmniBalDataModule:
-    return OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, micro_batches=micro, samples_per_group=4), SPEC, **kw)
+def datamodule(micro: int = 1, dp: int = 1, **kw) -> OmniBalDataModule:
+    return OmniBalDataModule.from_config(SYNTHETIC, BalanceConfig(dp=dp, micro_batches=micro, samples_per_group=4), SPEC,
+                                         **kw)
 
 
 def trainer(tmp_path: Path, **kw) -> L.Trainer:
@@ -62,8 +66,8 @@ def test_set_epoch_is_called_by_lightning(tmp_path):
     assert dm.sampler.epoch == 2
     by_epoch = [[r["ids"] for r in module.seen if r["epoch"] == e] for e in range(3)]
     for e in range(3):
-        plan = dm.sampler.arrangement(e)
-        assert by_epoch[e] == [plan.grouping.group(g).tolist() for g in plan.rank_groups(0)]
+        arrangement = dm.sampler.arrangement(e)
+        assert by_epoch[e] == [arrangement.grouping.group(g).tolist() for g in arrangement.rank_groups(0)]
     assert by_epoch[0] != by_epoch[1] != by_epoch[2]
 
 
@@ -82,18 +86,17 @@ def test_micro_batches_have_the_cap_shapes(tmp_path):
 def test_two_process_ddp_fit_shards_balanced_disjoint_complete(tmp_path):
     out = tmp_path / "seen"
     out.mkdir()
-    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=2, micro_batches=2, samples_per_group=4), SPEC)
+    dm = datamodule(2, dp=2)
     trainer(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn", accumulate_grad_batches=2).fit(
         RecordingModule(str(out)), datamodule=dm)
     seen = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
     assert len(seen[0]) == len(seen[1]) > 0  # equal step counts: no rank waits at a collective
     ids = [set(i for rec in rank for i in rec["ids"]) for rank in seen]
     assert not ids[0] & ids[1]  # disjoint
-    dm.setup()  # the same plan, rebuilt here: the carried-out samples are the only ones not trained
-    plan = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=2, micro_batches=2, samples_per_group=4), SPEC,
-                             dp_rank=0, dp_size=2)
-    plan.setup()
-    assert ids[0] | ids[1] | set(plan.sampler.leftover(0).tolist()) == set(range(300))
+    # the same arrangement, rebuilt here: the carried-out samples are the only ones not trained
+    rank0 = datamodule(2, dp=2, dp_rank=0)
+    rank0.setup()
+    assert ids[0] | ids[1] | set(rank0.sampler.leftover(0).tolist()) == set(range(300))
     tokens = np.array([[sum(r["tokens"] for r in rank[s * 2:(s + 1) * 2]) for rank in seen]
                        for s in range(len(seen[0]) // 2)])
     assert dist_ratio(tokens) < 0.02
@@ -127,32 +130,60 @@ def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
                       "max_tiles": 1, "use_thumbnail": False}}
     spec = ModelSpec(vocab_size=64, image_size=LLAVA_TILING.image_size, tokens_per_tile=9, image_context_id=8)
     balance = BalanceConfig(dp=1, vit_cap=4, token_cap=200)
-    dm = OmniBalDataModule(cfg, balance, spec)
-    dm.prepare_data()
+    dm = OmniBalDataModule.from_config(cfg, balance, spec)
     caches = list(root.glob("train.json.lengths-*.obl"))
     assert len(caches) == 1
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch.input_ids.shape == (1, 200) and batch.pixel_values.shape[0] == 4
     # the cache is used as is, and rebuilt with a warning when the data changes
-    assert np.array_equal(dm.lengths.tokens, OmniBalDataModule(cfg, balance, spec)._real_lengths(dm.dataset).tokens)
+    assert np.array_equal(dm.lengths.tokens, real_lengths(dm.dataset, cfg).tokens)
     records = llava_records(root)[:3]
     write_json(annotation, records)
     with pytest.warns(UserWarning, match="no longer matches its data"):
-        OmniBalDataModule(cfg, balance, spec).prepare_data()
+        prepare_training_data(cfg, balance, spec)
     new = list(root.glob("train.json.lengths-*.obl"))
     assert len(new) == 1 and new != caches
 
 
 def test_synthetic_samples_longer_than_the_token_cap_are_truncated_not_failed():
-    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, samples_per_group=1, vit_cap=40, token_cap=50), SPEC)
-    dm.setup("fit")
+    dm = OmniBalDataModule.from_config(SYNTHETIC, BalanceConfig(dp=1, samples_per_group=1, vit_cap=40, token_cap=50), SPEC)
     assert int(dm.lengths.tokens.max()) == 50
     longest = int(np.argmax(dm.lengths.tokens))
     assert dm.dataset[longest].num_tokens == 50
 
 
-def test_a_tile_cap_below_the_largest_sample_fails_at_setup():
-    dm = OmniBalDataModule(SYNTHETIC, BalanceConfig(dp=1, vit_cap=3, token_cap=4096), SPEC)
+def test_a_tile_cap_below_the_largest_sample_fails_when_the_data_is_prepared():
     with pytest.raises(ConfigError, match="more tiles than balance.vit_cap=3"):
-        dm.setup("fit")
+        prepare_training_data(SYNTHETIC, BalanceConfig(dp=1, vit_cap=3, token_cap=4096), SPEC)
+
+
+def test_caps_resolved_for_another_dp_size_are_refused(tmp_path):
+    dm = datamodule(dp=2)  # caps searched for 2 DP ranks, a one-process run
+    with pytest.raises(ConfigError, match="resolved for 2 data-parallel ranks, the run has 1"):
+        trainer(tmp_path, max_steps=1).fit(RecordingModule(), datamodule=dm)
+
+
+def test_whole_step_items_hold_the_step_s_micro_batches_in_order_and_resume_exactly(tmp_path):
+    micro = 3
+    by_micro_batch = datamodule(micro)
+    by_micro_batch.setup()
+    expected = [b.sample_ids.tolist() for b in by_micro_batch.train_dataloader()]
+    by_step = datamodule(micro, micro_batches_per_item=micro)
+    by_step.setup()
+    loader = by_step.train_dataloader()
+    items = list(loader)
+    assert len(loader) == len(items) == len(expected) // micro
+    assert all(isinstance(item, list) and len(item) == micro for item in items)
+    assert [b.sample_ids.tolist() for item in items for b in item] == expected
+    # a checkpoint after 2 steps records 2 x micro micro-batches done: the resumed loader starts at step 3
+    by_step.trainer = SimpleNamespace(current_epoch=0, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2)))))
+    state = by_step.state_dict()
+    assert state["sampler"]["batches_done"] == 2 * micro
+    resumed = datamodule(micro, micro_batches_per_item=micro)
+    resumed.load_state_dict(state)
+    resumed.setup()
+    assert [b.sample_ids.tolist() for item in resumed.train_dataloader() for b in item] == expected[2 * micro:]
+    with pytest.raises(ConfigError, match="micro_batches_per_item=2"):
+        datamodule(micro, micro_batches_per_item=2)

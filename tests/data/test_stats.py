@@ -21,7 +21,6 @@ from tests.helpers import (
     write_jsonl,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_omnibal_stats_cli(tmp_path, tok_dir):
 
 @pytest.mark.parametrize("name", ["llava", "internvl"])
 def test_dataset_configs_instantiate(tmp_path, tok_dir, name):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     recs = llava_records(tmp_path)
@@ -104,20 +103,10 @@ def test_dataset_configs_instantiate(tmp_path, tok_dir, name):
     write_jsonl(tmp_path / "a.jsonl", recs)
     write_json(tmp_path / "meta.json", {"a": {"root": ".", "annotation": "a.jsonl", "repeat_time": 1}})
     source = f"dataset.annotation={tmp_path / 'a.json'}" if name == "llava" else f"dataset.meta={tmp_path / 'meta.json'}"
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_module("omnibal_pl.conf", version_base="1.3"):
         cfg = compose("stats", [f"dataset={name}", source, f"dataset.tokenizer={tok_dir}", "output=x"])
     ds = instantiate(cfg.dataset)
     assert isinstance(ds, LlavaDataset if name == "llava" else InternVLDataset) and len(ds) == len(recs)
     s = ds[3]  # 200x150: one 336 px tile for LLaVA; 3x2 grid (3:2 is closest to 4:3) + thumbnail for InternVL
     assert s.pixel_values.shape[1:] == ((3, 336, 336) if name == "llava" else (3, 448, 448))
     assert s.num_tiles == (1 if name == "llava" else 7)
-
-
-def test_cli_without_conf_folder_says_so(monkeypatch, tmp_path):
-    import omnibal_pl.cli.conf as conf
-    import omnibal_pl.cli.stats as cli
-    from omnibal_pl.errors import ConfigError
-
-    monkeypatch.setattr(conf, "CONF_DIR", tmp_path / "conf")
-    with pytest.raises(ConfigError, match="config tree not found"):
-        cli.main()

@@ -102,7 +102,7 @@ def test_shape_splits_tokens_and_tiles() -> None:
     assert shape.seqlens == [1321, 1321, 1320, 1320] and sum(shape.seqlens) == 5282
     assert shape.sample_tiles(256) == [5, 5, 4, 4]
     assert shape.sample_tiles(576) == [2, 2, 2, 2]  # capped by the length: padding tiles make up the rest
-    with pytest.raises(ConfigError, match="tokens >= samples"):
+    with pytest.raises(ConfigError, match="token_cap >= samples"):
         MicroBatchShape(vit_cap=1, token_cap=2, samples=4)
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from omnibal_pl.cli.train import train
+from omnibal_pl.conf import preset
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.train.module import OmniBalModule
@@ -36,7 +36,7 @@ def test_sparsify_group_composes_with_any_model_and_the_experiment():
     # every knob of the dataclass is exposed in both options
     knobs = set(SparsifyConfig.__dataclass_fields__)
     for option in ("off", "dynamic_llava"):
-        assert set(yaml.safe_load((ROOT / f"conf/model/sparsify/{option}.yaml").read_text())) == knobs
+        assert set(preset("model/sparsify", option)) == knobs
 
 
 def test_omnibal_train_runs_the_tiny_model_sparsified(tmp_path):

@@ -30,7 +30,7 @@ class SparsifyConfig:
         tau_start / tau_end: Gumbel-softmax temperature at step 0 and at the last step.
         mask_loss_weight: weight of each keep-rate penalty.
         predictor_lr / predictor_weight_decay: optimiser settings of the predictor parameters, which get
-            their own AdamW groups (:func:`omnibal_pl.train.module.param_groups`).
+            their own AdamW groups (:func:`omnibal_pl.train.optim.param_groups`).
     """
 
     enabled: bool = False
