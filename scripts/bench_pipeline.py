@@ -54,7 +54,7 @@ def micro_batches(cfg: VLMConfig, m: int, tiles: int, tokens: int, samples: int)
     """``m`` micro-batches of ``samples`` samples, each padded to the caps (the shape the plan assumes)."""
     per_tiles = max(1, tiles // samples)
     text = max(1, (tokens - samples * per_tiles * cfg.tokens_per_tile) // samples - 1)
-    return [dummy_batch(cfg, [text] * samples, [per_tiles] * samples, token_cap=tokens, tile_cap=tiles, seed=k)
+    return [dummy_batch(cfg, [text] * samples, [per_tiles] * samples, token_cap=tokens, vit_cap=tiles, seed=k)
             for k in range(m)]
 
 

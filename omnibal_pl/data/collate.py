@@ -2,7 +2,7 @@
 
 Samples are laid end to end in group order: tokens along one sequence (``cu_seqlens`` marks where each
 sample starts, ``position_ids`` restart per sample), tiles along the tile dimension. The token dimension
-is padded per ``pad_to``; the tile dimension to ``tile_cap`` with zero tiles of flag 0 when ``pad_to`` is
+is padded per ``pad_to``; the tile dimension to ``vit_cap`` with zero tiles of flag 0 when ``pad_to`` is
 ``cap`` (static shapes), else not at all (padding tiles would cost a full ViT pass each). Labels stay
 aligned with ``input_ids`` (unshifted, HF convention); every sample starts with an unsupervised token.
 """
@@ -27,7 +27,7 @@ LOSS_WEIGHTINGS = ("token", "sample", "square")
 class PackingCollate:
     """Packs a group (a list of :class:`Sample`) into a :class:`PackedBatch`.
 
-    ``token_cap``/``tile_cap``: the group caps (Q_t tokens, Q_v tiles); a group over either raises
+    ``token_cap``/``vit_cap``: the group caps (Q_t tokens, Q_v tiles); a group over either raises
     :class:`DataError`. ``pad_to``: ``cap`` (L = token_cap), ``multiple`` (L = the group's tokens rounded
     up to ``multiple``, at most token_cap) or ``none`` (L = the group's tokens). ``loss_weighting``:
     per supervised token 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``), n = supervised
@@ -37,7 +37,7 @@ class PackingCollate:
     """
 
     token_cap: int
-    tile_cap: int
+    vit_cap: int
     pad_to: str = "cap"
     multiple: int = 64
     loss_weighting: str = "token"
@@ -50,8 +50,8 @@ class PackingCollate:
             raise ConfigError(f"pad_to={self.pad_to!r}: expected one of {PAD_MODES}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting={self.loss_weighting!r}: expected one of {LOSS_WEIGHTINGS}")
-        if self.token_cap < 1 or self.tile_cap < 1 or self.multiple < 1:
-            raise ConfigError(f"token_cap={self.token_cap}, tile_cap={self.tile_cap}, multiple={self.multiple}: must be >= 1")
+        if self.token_cap < 1 or self.vit_cap < 1 or self.multiple < 1:
+            raise ConfigError(f"token_cap={self.token_cap}, vit_cap={self.vit_cap}, multiple={self.multiple}: must be >= 1")
 
     def __call__(self, samples: Sequence[Sample]) -> PackedBatch:
         if not samples:
@@ -62,8 +62,8 @@ class PackingCollate:
         if n_tokens > self.token_cap:
             raise DataError(f"group {ids} has {n_tokens} tokens > token cap {self.token_cap}; the grouping must respect "
                             "the token cap (or raise it)")
-        if n_tiles > self.tile_cap:
-            raise DataError(f"group {ids} has {n_tiles} tiles > tile cap {self.tile_cap}; the grouping must respect "
+        if n_tiles > self.vit_cap:
+            raise DataError(f"group {ids} has {n_tiles} tiles > tile cap {self.vit_cap}; the grouping must respect "
                             "the tile cap (or raise it)")
         self._check_image_tokens(samples)
         length = self._padded_length(n_tokens)
@@ -86,7 +86,7 @@ class PackingCollate:
             position_ids[int(cu[k]) : int(cu[k + 1])] = torch.arange(n)
 
         first = samples[0].pixel_values
-        n_tile_rows = self.tile_cap if self.pad_to == "cap" else n_tiles
+        n_tile_rows = self.vit_cap if self.pad_to == "cap" else n_tiles
         pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
         image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
         pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])

@@ -15,14 +15,14 @@ def dummy_batch(
     text_tokens: Sequence[int],
     tiles: Sequence[int],
     token_cap: int | None = None,
-    tile_cap: int | None = None,
+    vit_cap: int | None = None,
     seed: int = 0,
 ) -> PackedBatch:
     """One packed micro-batch of ``len(text_tokens)`` samples with random pixels and token ids.
 
     Sample ``k`` has ``tiles[k]`` real tiles whose ``tiles[k] * tokens_per_tile`` context tokens follow
     its first text token, then the rest of its ``text_tokens[k]`` text tokens (>= 1). The sequence is
-    padded to ``token_cap`` tokens (a trailing padding segment) and the tiles to ``tile_cap`` with
+    padded to ``token_cap`` tokens (a trailing padding segment) and the tiles to ``vit_cap`` with
     flag-0 dummies (at least one tile, as a text-only batch still runs the encoder).
     """
     if len(text_tokens) != len(tiles) or not text_tokens or min(text_tokens) < 1:
@@ -48,7 +48,7 @@ def dummy_batch(
         labels.append(torch.full((length - used,), -100))
         pos.append(torch.arange(length - used))
         seqlens.append(length - used)
-    num_tiles = max(sum(tiles), tile_cap or 0, 1)
+    num_tiles = max(sum(tiles), vit_cap or 0, 1)
     flags = torch.zeros(num_tiles, dtype=torch.long)
     flags[: sum(tiles)] = 1
     labels_t = torch.cat(labels).unsqueeze(0)

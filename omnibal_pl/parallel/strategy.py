@@ -128,13 +128,17 @@ class OmniBalStrategy(ParallelStrategy):
         self._check_plan()
 
     def _check_plan(self) -> None:
-        """Every rank runs rank 0's plan: a rank whose own plan was made for the same settings but found other
-        stages (a profiled plan measures this rank's timings) adopts it; other settings are an error."""
-        first = Plan(**{k: v for k, v in self.broadcast(self.plan.to_dict()).items() if k != "version"})
-        if first != self.plan:
-            first.check_run(f"the plan of global rank 0 (this is rank {self.global_rank})",
-                            **{k: getattr(self.plan, k) for k in PLAN_SETTINGS})
-            self.plan = first
+        """Every rank runs rank 0's plan. A rank whose own plan was made for the same settings but has other
+        stages (a profiled plan measures this rank's timings) adopts it; a plan made for other settings on
+        any rank is an error on every rank (so no rank is left waiting at a collective)."""
+        plans: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(plans, self.plan.to_dict())
+        first = Plan.from_dict(plans[0], where="the plan of global rank 0")
+        for rank, data in enumerate(plans):
+            other = Plan.from_dict(data, where=f"the plan of global rank {rank}")
+            first.check_run(f"the plan of global rank 0 (global rank {rank} holds another)",
+                            **{k: getattr(other, k) for k in PLAN_SETTINGS})
+        self.plan = first
 
     # ------------------------------------------------------------------ the pipeline
     def build_runner(self, cfg: VLMConfig, full_state: Mapping[str, torch.Tensor], loss_fn: LossFn) -> PipelineRunner:

@@ -189,6 +189,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stages"] = [list(s) for s in self.stages]
+        data["recompute"] = dict(self.recompute)
         data["stage_memory_bytes"] = list(self.stage_memory_bytes)
         return {"version": _FORMAT_VERSION, **data}
 
@@ -207,25 +208,31 @@ class Plan:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as err:
             raise PlanError(f"{path}: cannot read the plan ({err}); make one with omnibal-plan") from err
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> "Plan":
+        """The plan of a :meth:`to_dict` mapping; a malformed one raises :class:`PlanError` naming ``where``."""
         if not isinstance(data, dict):
-            raise PlanError(f"{path}: a plan file is a YAML mapping, got {type(data).__name__}")
+            raise PlanError(f"{where}: a plan file is a YAML mapping, got {type(data).__name__}")
+        data = dict(data)
         if data.pop("version", None) != _FORMAT_VERSION:
-            raise PlanError(f"{path}: plan format version is not {_FORMAT_VERSION}; make it again with omnibal-plan")
+            raise PlanError(f"{where}: plan format version is not {_FORMAT_VERSION}; make it again with omnibal-plan")
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         unknown, missing = sorted(set(data) - known), sorted(required - set(data))
         if unknown or missing:
-            raise PlanError(f"{path}: unknown keys {unknown}, missing keys {missing}; valid keys are {sorted(known)}")
+            raise PlanError(f"{where}: unknown keys {unknown}, missing keys {missing}; valid keys are {sorted(known)}")
         if not isinstance(data["stages"], list) or not all(isinstance(s, list) for s in data["stages"]):
-            raise PlanError(f"{path}: stages must be a list of lists of block names")
+            raise PlanError(f"{where}: stages must be a list of lists of block names")
         if not isinstance(data["recompute"], dict):
-            raise PlanError(f"{path}: recompute must map block names to modes")
+            raise PlanError(f"{where}: recompute must map block names to modes")
         try:
             return cls(**data)
         except PlanError as err:
-            raise PlanError(f"{path}: {err}") from None
+            raise PlanError(f"{where}: {err}") from None
         except (TypeError, ValueError) as err:
-            raise PlanError(f"{path}: {err}") from None
+            raise PlanError(f"{where}: {err}") from None
 
 
 def uniform_plan(cfg: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,

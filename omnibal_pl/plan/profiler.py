@@ -63,7 +63,7 @@ def profile_batch(cfg: VLMConfig, shape: MicroBatchShape, seed: int = 0) -> Pack
     (:meth:`MicroBatchShape.sample_tiles`), padded to ``shape.token_cap`` tokens and ``shape.vit_cap`` tiles."""
     tiles = shape.sample_tiles(cfg.tokens_per_tile)
     text = [n - t * cfg.tokens_per_tile for n, t in zip(shape.seqlens, tiles)]
-    return dummy_batch(cfg, text, tiles, token_cap=shape.token_cap, tile_cap=shape.vit_cap, seed=seed)
+    return dummy_batch(cfg, text, tiles, token_cap=shape.token_cap, vit_cap=shape.vit_cap, seed=seed)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:

@@ -31,14 +31,14 @@ def test_pack_unpack_round_trip_and_invariants(data, pad_to, weighting):
     group = [ds[i] for i in order]
     n_tokens, n_tiles = sum(s.num_tokens for s in group), sum(s.num_tiles for s in group)
     token_cap = n_tokens + data.draw(st.integers(0, 100))
-    tile_cap = n_tiles + data.draw(st.integers(0, 3))
-    collate = PackingCollate(token_cap, tile_cap, pad_to=pad_to, multiple=16, loss_weighting=weighting,
+    vit_cap = n_tiles + data.draw(st.integers(0, 3))
+    collate = PackingCollate(token_cap, vit_cap, pad_to=pad_to, multiple=16, loss_weighting=weighting,
                              image_context_id=CTX, tokens_per_tile=TPT)
     b = collate(group)
 
     L = {"cap": token_cap, "multiple": min(math.ceil(n_tokens / 16) * 16, token_cap), "none": n_tokens}[pad_to]
     assert b.input_ids.shape == b.labels.shape == b.position_ids.shape == b.loss_weight.shape == (1, L)
-    T = tile_cap if pad_to == "cap" else n_tiles
+    T = vit_cap if pad_to == "cap" else n_tiles
     assert b.pixel_values.shape == (T, 3, 6, 6) and b.image_flags.shape == (T,)
     cu = b.cu_seqlens
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == L and (cu[1:] > cu[:-1]).all()

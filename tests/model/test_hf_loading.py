@@ -81,7 +81,7 @@ def test_internvl_round_trip(tmp_path, llm_arch):
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0, msg=name)
-    batch = dummy_batch(model.cfg, [6, 9], [1, 2], token_cap=64, tile_cap=4)
+    batch = dummy_batch(model.cfg, [6, 9], [1, 2], token_cap=64, vit_cap=4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), model(batch))
 

@@ -88,7 +88,7 @@ def test_lm_loss_alone_gives_the_predictors_gradient():
         vision_logits.append(out)
 
     sparsifier.vision.register_forward_hook(capture)
-    batch = dummy_batch(cfg, [6, 9], [3, 2], token_cap=48, tile_cap=6)
+    batch = dummy_batch(cfg, [6, 9], [3, 2], token_cap=48, vit_cap=6)
     logits, keep = split_output(model(batch), cfg.sparsify)
     assert keep.shape == (1, 48) and logits.shape == (1, 48, cfg.llm.vocab_size)
     spans = find_spans(batch, cfg.image_context_id)
@@ -111,7 +111,7 @@ def test_all_keep_masked_model_equals_the_plain_model():
     missing = masked.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(".sparsifier." in n for n in missing)
     bias_predictors(masked, keep=True)
-    batch = dummy_batch(cfg, [6, 9, 4], [3, 0, 2], token_cap=56, tile_cap=6)
+    batch = dummy_batch(cfg, [6, 9, 4], [3, 0, 2], token_cap=56, vit_cap=6)
     logits, keep = split_output(masked(batch), cfg.sparsify)
     assert bool((keep == 1).all())
     torch.testing.assert_close(logits, plain(batch), rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_all_keep_masked_model_equals_the_plain_model():
 def test_block_chain_carries_the_mask_channel():
     cfg = tiny_cfg()
     model = VLM(cfg).eval()
-    batch = dummy_batch(cfg, [5, 7], [2, 1], token_cap=40, tile_cap=4)
+    batch = dummy_batch(cfg, [5, 7], [2, 1], token_cap=40, vit_cap=4)
     x = batch.pixel_values
     for name, block in model.blocks():
         x = block(x, batch)
@@ -139,7 +139,7 @@ def test_keep_rate_loss_drives_kept_fraction_to_target():
     for name, p in model.named_parameters():
         p.requires_grad_(".sparsifier." in name)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    batch = dummy_batch(cfg, [14, 20, 12], [6, 8, 5], tile_cap=19, seed=1)
+    batch = dummy_batch(cfg, [14, 20, 12], [6, 8, 5], vit_cap=19, seed=1)
     steps = 50
     for step in range(steps):
         set_temperature(model, gumbel_tau(step, steps))

@@ -41,7 +41,7 @@ def test_blocks_are_ordered_and_named(tiny):
 
 def test_block_shapes_and_forward_is_the_block_chain(tiny):
     cfg = tiny.cfg
-    batch = dummy_batch(cfg, [5, 9, 3], [2, 0, 1], token_cap=64, tile_cap=4)
+    batch = dummy_batch(cfg, [5, 9, 3], [2, 0, 1], token_cap=64, vit_cap=4)
     x = batch.pixel_values
     shapes = {}
     for name, block in tiny.blocks():
@@ -56,7 +56,7 @@ def test_block_shapes_and_forward_is_the_block_chain(tiny):
 
 
 def test_image_features_land_on_context_positions(tiny):
-    batch = dummy_batch(tiny.cfg, [4, 6], [1, 2], tile_cap=4)
+    batch = dummy_batch(tiny.cfg, [4, 6], [1, 2], vit_cap=4)
     feats = torch.randn(4, tiny.cfg.tokens_per_tile, tiny.cfg.llm.hidden)
     h = tiny.llm.embed(feats, batch)[0]
     slots = batch.input_ids[0] == tiny.cfg.image_context_id
@@ -65,7 +65,7 @@ def test_image_features_land_on_context_positions(tiny):
 
 
 def test_image_token_count_mismatch_is_a_clear_error(tiny):
-    batch = dummy_batch(tiny.cfg, [4, 6], [1, 1], tile_cap=3)
+    batch = dummy_batch(tiny.cfg, [4, 6], [1, 1], vit_cap=3)
     batch.image_flags[2] = 1  # a third "real" tile without context tokens
     with pytest.raises(DataError, match="image-context tokens"):
         tiny(batch)
@@ -74,7 +74,7 @@ def test_image_token_count_mismatch_is_a_clear_error(tiny):
 def test_packed_samples_do_not_see_each_other(tiny):
     """Each sample's logits are the same packed with others as alone: masks and positions are per sample."""
     tiny.eval()
-    packed = dummy_batch(tiny.cfg, [5, 7, 4], [1, 0, 2], token_cap=48, tile_cap=4, seed=1)
+    packed = dummy_batch(tiny.cfg, [5, 7, 4], [1, 0, 2], token_cap=48, vit_cap=4, seed=1)
     with torch.no_grad():
         logits = tiny(packed)[0]
         bounds = packed.cu_seqlens.tolist()
@@ -94,7 +94,7 @@ def test_packed_samples_do_not_see_each_other(tiny):
 
 @pytest.mark.parametrize("mode", ["full", "attention"])
 def test_recompute_gives_identical_gradients(tiny, mode):
-    batch = dummy_batch(tiny.cfg, [5, 9], [2, 1], token_cap=40, tile_cap=4)
+    batch = dummy_batch(tiny.cfg, [5, 9], [2, 1], token_cap=40, vit_cap=4)
 
     def grads(model):
         model.zero_grad()
@@ -133,7 +133,7 @@ def test_stage_local_model_keeps_parameter_names(tiny):
 
 
 def test_tiny_forward_backward_is_fast(tiny):
-    batch = dummy_batch(tiny.cfg, [40, 60, 30], [2, 1, 1], token_cap=256, tile_cap=6)
+    batch = dummy_batch(tiny.cfg, [40, 60, 30], [2, 1, 1], token_cap=256, vit_cap=6)
     tiny(batch).mean().backward()  # warm-up
     start = time.perf_counter()
     tiny(batch).float().logsumexp(-1).mean().backward()

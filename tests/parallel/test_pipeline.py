@@ -52,7 +52,7 @@ def step_batches(cfg: VLMConfig, step: int, count: int, tokens: int = 48, tiles:
         n = 1 + k % 3
         text = torch.randint(2, 9, (n,), generator=gen).tolist()
         image = [(seed + i) % 2 for i in range(n)]
-        out.append(dummy_batch(cfg, text, image, token_cap=tokens, tile_cap=tiles, seed=seed))
+        out.append(dummy_batch(cfg, text, image, token_cap=tokens, vit_cap=tiles, seed=seed))
     return out
 
 

@@ -54,7 +54,7 @@ def test_stages_chained_compute_the_full_model(cfg, names):
     full = initial_state_dict(cfg, seed=0)
     torch.manual_seed(0)
     model = VLM(cfg)
-    batch = dummy_batch(cfg, [5, 7], [1, 2], token_cap=40, tile_cap=3)
+    batch = dummy_batch(cfg, [5, 7], [1, 2], token_cap=40, vit_cap=3)
     x = batch.pixel_values
     for s in range(2):
         stage = build_stage(cfg, plan, s, "cpu", full)

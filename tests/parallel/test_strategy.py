@@ -212,15 +212,16 @@ def bad_input_worker() -> dict:
     """Each bad input on 2 ranks; every rank must raise alike (no rank left waiting)."""
     errors = {}
 
-    def attempt(key, *, dp=1, m=2, stages=A_STAGES, pad_to="cap", plan_dp=1, module=None):
-        strategy = OmniBalStrategy(plan_of(CFG, stages, pp=2, micro_batches=m, dp=plan_dp, vit_cap=6, token_cap=96), dp=dp)
+    def attempt(key, *, dp=1, m=2, stages=A_STAGES, pad_to="cap", plan_dp=1, module=None, vit_cap=6):
+        strategy = OmniBalStrategy(plan_of(CFG, stages, pp=2, micro_batches=m, dp=plan_dp, vit_cap=vit_cap, token_cap=96),
+                                   dp=dp)
         t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False)
         dm = datamodule(m, 1, per_item=m)
         dm.packing = PackingConfig(pad_to=pad_to, multiple=16)
         try:
             t.fit(module or OmniBalPipelineModule(CFG, OPTIM), datamodule=dm)
-            errors[key] = "ran"
+            errors[key] = f"ran {[len(s) for s in strategy.plan.stages]}"
         except (ConfigError, PlanError, DataError, ValueError) as e:
             errors[key] = f"{type(e).__name__}: {e}"
 
@@ -229,6 +230,9 @@ def bad_input_worker() -> dict:
     attempt("missing_block", stages=[NAMES[:3], NAMES[4:]])
     attempt("automatic", module=OmniBalModule(CFG, OPTIM))
     attempt("shape", pad_to="multiple")
+    rank = int(os.environ["LOCAL_RANK"])
+    attempt("other_stages", stages=A_STAGES if rank == 0 else [NAMES[:5], NAMES[5:]])  # a profile measured elsewhere
+    attempt("other_caps", vit_cap=6 if rank == 0 else 8)
     return errors
 
 
@@ -241,6 +245,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         assert "PlanError" in errors["missing_block"] and "missing from the plan ['projector']" in errors["missing_block"]
         assert "OmniBalStrategy trains an OmniBalPipelineModule" in errors["automatic"]
         assert errors["shape"].startswith("DataError") and "token cap" in errors["shape"]
+        assert errors["other_stages"] == "ran [4, 4]"  # rank 1 adopted rank 0's stages
+        assert "the plan of global rank 0" in errors["other_caps"] and "vit_cap: plan 6, run" in errors["other_caps"]
 
 
 # ---------------------------------------------------------------- omnibal-train integration

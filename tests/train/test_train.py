@@ -117,7 +117,7 @@ class FixedData(L.LightningDataModule):
     def __init__(self, groups: list, world: int) -> None:
         super().__init__()
         self.groups, self.world = groups, world
-        self.collate = PackingCollate(token_cap=1024, tile_cap=64, loss_weighting="sample")
+        self.collate = PackingCollate(token_cap=1024, vit_cap=64, loss_weighting="sample")
 
     def train_dataloader(self):
         rank = self.trainer.global_rank
