@@ -103,6 +103,22 @@ def test_lm_loss_alone_gives_the_predictors_gradient():
     assert sparsifier.output_text.net[-1].weight.grad.abs().sum() > 0
 
 
+def test_a_predictor_with_nothing_to_decide_still_gets_a_zero_gradient():
+    """DDP hangs when a parameter gets no gradient on one rank: in a micro-batch without long answers the
+    output-text predictor must still be part of the graph, with exactly zero gradient, and change nothing."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(output_text_len_for_training=1000)  # no answer is long enough to be sparsified
+    model = VLM(cfg).train()
+    batch = dummy_batch(cfg, [6, 9], [3, 2], token_cap=48, vit_cap=6)
+    logits, keep = split_output(model(batch), cfg.sparsify)
+    torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch.input_ids[0, 1:]).backward()
+    predictor = model.llm.layers["1"].sparsifier.output_text
+    grads = [p.grad for p in predictor.parameters()]
+    assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0.0 for g in grads)
+    spans = find_spans(batch, cfg.image_context_id)
+    assert bool((keep[0, spans.output] == 1).all())  # no answer token dropped
+
+
 def test_all_keep_masked_model_equals_the_plain_model():
     torch.manual_seed(0)
     plain = VLM(tiny_cfg(sparsify=False))

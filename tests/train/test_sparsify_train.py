@@ -1,7 +1,10 @@
 """Dynamic-LLaVA in omnibal-train: the model/sparsify group composes with any model and the experiment,
 and the tiny model trains end to end with it (keep-rate loss logged, predictors in their own groups)."""
 import csv
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,16 @@ def test_omnibal_train_runs_the_tiny_model_sparsified(tmp_path):
     init = OmniBalModule(run.model, run.optim, seed=run.seed).state_dict()
     predictors = [n for n in init if ".sparsifier." in n and n.endswith("weight")]
     assert predictors and all(not torch.equal(init[n], ckpt["state_dict"][n]) for n in predictors)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(420)
+def test_two_process_ddp_trains_sparsified_when_no_answer_is_long_enough(tmp_path):
+    """Every answer is shorter than output_text_len_for_training: the output-text predictor decides nothing
+    on either rank, yet DDP's reducer must not wait for its gradient (it hung before)."""
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", "cluster.devices=2", "cluster.strategy=ddp",
+                          *FAST, *SPARSE_TINY, "model.sparsify.output_text_len_for_training=100000",
+                          "trainer.max_steps=3", f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3

@@ -115,6 +115,13 @@ def topk_keep(scores: torch.Tensor, group: torch.Tensor, num_groups: int, rate: 
     return keep
 
 
+def _zero_dependency(module: nn.Module) -> torch.Tensor:
+    """A scalar 0 that depends on every parameter of ``module``: a predictor with nothing to decide on in a
+    micro-batch still gets a (zero) gradient, so DDP's reducer never waits for it on one rank while the
+    others reduce theirs (the hang a step without long answers caused)."""
+    return sum(p.reshape(-1)[0] for p in module.parameters()) * 0.0
+
+
 class Sparsifier(nn.Module):
     """The predictors, attached to decoder layer ``sparse_layer``; [1, L, hidden] -> keep mask [L] float32.
 
@@ -147,6 +154,8 @@ class Sparsifier(nn.Module):
                 span = span & (span_lengths(span, spans)[spans.sample.clamp_min(0)] >= max(min_len, 1))
             idx = span.nonzero().flatten()
             if len(idx) == 0:
+                if self.training:
+                    keep = keep + _zero_dependency(predictor)
                 continue
             group = spans.sample[idx]
             logits = predictor(h[idx], group, spans.num_samples) if predictor is self.vision else predictor(h[idx])
