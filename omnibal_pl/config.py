@@ -2,6 +2,7 @@
 schemas every command shares (cluster, plan settings)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, TypeVar
 
@@ -46,7 +47,9 @@ class ClusterConfig:
     the device's dense bf16 peak per GPU for MFU; ``pp``: pipeline stages (``strategy: omnibal``);
     ``dp``: data-parallel ranks (``omnibal-train``: None = devices x num_nodes / pp, a set value must agree;
     ``omnibal-plan``: the DP size to plan for); ``schedule``: ``1f1b`` | ``gpipe`` | ``interleaved``;
-    ``device``: the cost-model preset (``h100_80gb``, ``h200``, ``a100_80gb``; None: this machine).
+    ``device``: the cost-model preset (``h100_80gb``, ``h200``, ``a100_80gb``; None: this machine);
+    ``zero``: ZeRO level over the DP ranks (0 replicated, 2 gradients and optimizer state sharded, 3
+    parameters too; :mod:`omnibal_pl.parallel.sharding`), run by ``strategy: omnibal`` (``pp: 1`` for plain DP).
     """
 
     accelerator: str = "cpu"
@@ -60,6 +63,7 @@ class ClusterConfig:
     dp: Optional[int] = None
     schedule: str = "1f1b"
     device: Optional[str] = None
+    zero: int = 0
 
     @property
     def world_size(self) -> int:
@@ -75,7 +79,12 @@ class ClusterConfig:
                               f"pp x dp must equal the world size; pick pp among the divisors of {world}")
         if pp > 1 and self.strategy != "omnibal":
             raise ConfigError(f"cluster.pp={pp}: pipeline parallelism runs under cluster.strategy=omnibal")
+        if self.zero and self.strategy != "omnibal":
+            raise ConfigError(f"cluster.zero={self.zero}: sharding runs under cluster.strategy=omnibal (with cluster.pp=1 "
+                              "for plain data parallelism)")
         dp = world // pp
+        if self.zero and dp == 1:
+            warnings.warn(f"cluster.zero={self.zero} with one data-parallel rank shards nothing", stacklevel=2)
         if self.dp is not None and int(self.dp) != dp:
             raise ConfigError(f"cluster.dp={self.dp} but {world} processes / cluster.pp={pp} give dp={dp}; "
                               "leave cluster.dp null or launch pp x dp processes")

@@ -96,13 +96,13 @@ def model_config(name: str = "tiny") -> VLMConfig:
 
 
 def plan_of(cfg: VLMConfig, stages: list[list[str]], recompute: dict[str, str] | None = None, *, pp: int | None = None,
-            micro_batches: int | None = None, schedule: str = "1f1b", dp: int = 1, vit_cap: int = 8,
+            micro_batches: int | None = None, schedule: str = "1f1b", dp: int = 1, zero: int = 0, vit_cap: int = 8,
             token_cap: int = 64) -> Plan:
     """A :class:`Plan` of ``cfg`` with these stages (pp defaults to one stage per rank, micro-batches to the
     stage count) and the given micro-batch shape."""
     pp = pp or len(stages)
     return Plan(model=cfg.name, stages=stages, recompute=recompute or {}, schedule=schedule, pp=pp,
-                micro_batches=micro_batches or len(stages), vit_cap=vit_cap, token_cap=token_cap, dp=dp)
+                micro_batches=micro_batches or len(stages), vit_cap=vit_cap, token_cap=token_cap, dp=dp, zero=zero)
 
 
 SMALL_PREDICTOR = dict(sparse_layer=1, predictor_dim=32, predictor_heads=4, predictor_mlp_dim=64)

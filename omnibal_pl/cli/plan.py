@@ -71,7 +71,7 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards)
     searched = search_partition(inputs.profile, inputs.config)
     exact = exact_partition(inputs.profile, inputs.config, incumbent=searched) if settings.exact else None
-    plan = plan_from_partition(model, inputs, searched)
+    plan = plan_from_partition(model, inputs, searched, cluster.zero)
 
     c = inputs.config
     print(f"model {model.name} ({len(inputs.profile.blocks)} blocks), sparsify {'on' if model.sparsify.enabled else 'off'}; "

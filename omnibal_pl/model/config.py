@@ -190,8 +190,9 @@ class VLMConfig:
         image_context_id: token id whose positions in ``input_ids`` receive image features,
             ``tokens_per_tile`` per real tile (``<IMG_CONTEXT>`` = 92546 for InternLM2-based InternVL,
             ``<image>`` = 32000 for llava-hf LLaVA-1.5).
-        attention_backend: varlen attention of the LLM: ``auto`` (flash on CUDA when available, else
-            SDPA per segment), ``flash``, ``flex`` or ``sdpa`` (see :mod:`omnibal_pl.model.attention`).
+        attention_backend: varlen attention of the LLM: ``auto`` (the first that runs here of flash-attn,
+            torch's varlen kernel, compiled flex, SDPA per segment), ``flash``, ``flex`` or ``sdpa``
+            (see :mod:`omnibal_pl.model.attention`).
         sparsify: Dynamic-LLaVA token sparsification (off by default; see :mod:`omnibal_pl.model.sparsify`).
     """
 

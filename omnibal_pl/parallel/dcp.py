@@ -82,8 +82,10 @@ def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimi
         for p, name in names.items():
             for key, meta in stored.items():
                 if key.startswith(f"{OPTIMIZER_KEY}.state.{name}.") and isinstance(meta, TensorStorageMetadata):
-                    flat[key[len(OPTIMIZER_KEY) + 1:]] = torch.empty(
-                        meta.size, dtype=meta.properties.dtype, device=p.device if len(meta.size) else "cpu")
+                    like_param = tuple(meta.size) == tuple(p.shape)  # exp_avg & co: sharded as the parameter
+                    flat[key[len(OPTIMIZER_KEY) + 1:]] = (
+                        torch.empty_like(p, dtype=meta.properties.dtype) if like_param
+                        else torch.empty(meta.size, dtype=meta.properties.dtype, device="cpu"))
     missing = sorted(wanted - set(stored))
     if missing:
         raise ConfigError(f"checkpoint {path}: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; it was "

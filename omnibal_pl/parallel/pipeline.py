@@ -35,6 +35,7 @@ from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import DataError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.plan.plan import Plan
+from omnibal_pl.parallel.sharding import SHARDED_LEVELS, check_zero, local_tensor, shard_stages
 from omnibal_pl.parallel.stage import StageModule, build_stage
 from omnibal_pl.parallel.tied import TiedCopy, tie_embeddings
 
@@ -82,26 +83,29 @@ def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup
 
 
 def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,
-                    not_counted: Sequence[nn.Parameter] = ()) -> torch.Tensor:
+                    device: torch.device, not_counted: Sequence[nn.Parameter] = (),
+                    shard_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scale the gradients so their global L2 norm over all pipeline stages is at most ``max_norm``.
 
-    ``params`` are this rank's (all its stages); gradients must already be averaged over DP (then they
-    are equal across replicas, so only the pipeline group reduces). ``not_counted`` (copies of a weight
-    counted on another rank) are scaled but left out of the norm. Same formula as
-    ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32, on every rank).
+    ``params`` are this rank's (all its stages); gradients must already be averaged over DP. Replicated
+    gradients are equal across replicas, so only the pipeline group reduces; gradients sharded over DP
+    (ZeRO 2/3: ``DTensor`` shards) sum their squares over ``shard_group`` too. ``not_counted`` (copies of
+    a weight counted on another rank) are scaled but left out of the norm. Same formula as
+    ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32 on ``device``, every rank).
     """
     with_grad = [p for p in params if p.grad is not None]
     skip = {id(p) for p in not_counted}
-    device = with_grad[0].device if with_grad else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for p in with_grad:
         if id(p) not in skip:
-            squares += p.grad.detach().float().pow(2).sum()
+            squares += local_tensor(p.grad.detach()).float().pow(2).sum()
+    if shard_group is not None:
+        dist.all_reduce(squares, group=shard_group)
     dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in with_grad:
-        p.grad.detach().mul_(coef.to(p.grad.dtype))
+        local_tensor(p.grad.detach()).mul_(coef.to(p.grad.dtype))
     return total
 
 
@@ -116,6 +120,7 @@ class PipelineRunner:
     def __init__(self, stages: Sequence[StageModule], plan: Plan, mesh: DeviceMesh, loss_fn: LossFn,
                  device: torch.device | str = "cpu", tied: TiedCopy | None = None) -> None:
         self.modules = list(stages)
+        self.sharded = plan.zero in SHARDED_LEVELS  # FSDP2 reduce-scatters the gradients itself
         self.device = torch.device(device)
         self.num_micro_batches = plan.micro_batches
         self.tied = tied
@@ -142,7 +147,8 @@ class PipelineRunner:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """:func:`clip_grad_norm_` over all stages, a tied embedding counted once; the norm before clipping."""
         duplicate = [self.tied.param] if self.tied is not None and self.tied.duplicate else []
-        return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group, not_counted=duplicate)
+        return clip_grad_norm_(list(self.parameters()), max_norm, self.pp_group, self.device, not_counted=duplicate,
+                               shard_group=self.dp_group if self.sharded else None)
 
     def check_shapes(self, micro_batches: Sequence[PackedBatch]) -> None:
         """Raise :class:`DataError` unless there are ``num_micro_batches`` micro-batches of the pipeline's shape."""
@@ -169,7 +175,7 @@ class PipelineRunner:
         every rank. The optimizer step, clipping (:meth:`clip_grad_norm_`) and zeroing are the caller's.
         """
         self.check_shapes(micro_batches)
-        batches = [mb.to(self.device) for mb in micro_batches]
+        batches = [mb.to(self.device, non_blocking=True) for mb in micro_batches]
         for module in self.modules:
             module.micro_batches = batches
         index = torch.arange(len(batches))
@@ -181,7 +187,8 @@ class PipelineRunner:
         finally:
             for module in self.modules:
                 module.micro_batches = []
-        all_reduce_grads(list(self.parameters()), self.dp_group)
+        if not self.sharded:
+            all_reduce_grads(list(self.parameters()), self.dp_group)
         if self.tied is not None:
             self.tied.sync_grad()
         loss = torch.stack(losses).detach().float().mean() if losses else torch.zeros((), device=self.device)
@@ -192,9 +199,13 @@ class PipelineRunner:
 
 def build_pipeline(cfg: VLMConfig, plan: Plan, mesh: DeviceMesh, full_state: Mapping[str, torch.Tensor],
                    loss_fn: LossFn, device: torch.device | str = "cpu") -> PipelineRunner:
-    """This rank's stages of ``plan`` (checked against ``cfg`` and the mesh), filled from ``full_state``."""
+    """This rank's stages of ``plan`` (checked against ``cfg`` and the mesh), filled from ``full_state`` and
+    sharded over the "dp" mesh dimension at the plan's ZeRO level (:mod:`omnibal_pl.parallel.sharding`)."""
     plan.check_model(cfg)
     plan.check_run("the plan given to build_pipeline", pp=mesh["pp"].size(), dp=mesh["dp"].size())
+    check_zero(plan.zero, cfg, plan)
     stages = [build_stage(cfg, plan, s, device, full_state) for s in plan.stages_of_rank(mesh["pp"].get_local_rank())]
+    if plan.zero in SHARDED_LEVELS:
+        shard_stages(stages, mesh["dp"], plan.zero)
     tied = tie_embeddings(cfg, plan, mesh, stages)
     return PipelineRunner(stages, plan, mesh, loss_fn, device, tied)

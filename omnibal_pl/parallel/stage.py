@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import RECOMPUTE_MODES, VLM, TransformerBlock, VLMConfig
+from omnibal_pl.parallel.sharding import full_tensor
 from omnibal_pl.plan.plan import Plan
 
 
@@ -130,10 +131,10 @@ def gather_full_state_dict(stages: Sequence[StageModule], pp_group: torch.distri
                            ) -> dict[str, torch.Tensor]:
     """The full model's state dict (CPU tensors, model names) on every rank of ``pp_group``.
 
-    All-gathers each rank's slices as Python objects: for tests, export and small models; large
-    models save with distributed checkpointing instead.
+    All-gathers each rank's slices as Python objects (ZeRO 2/3 shards gathered first, a collective over
+    "dp"): for tests, export and small models; large models save with distributed checkpointing instead.
     """
-    local = {k: v.detach().cpu() for s in stages for k, v in s.model.state_dict().items()}
+    local = {k: full_tensor(v.detach()).cpu() for s in stages for k, v in s.model.state_dict().items()}
     parts: list[dict[str, torch.Tensor] | None] = [None] * torch.distributed.get_world_size(pp_group)
     torch.distributed.all_gather_object(parts, local, group=pp_group)
     return {k: v for part in parts for k, v in part.items()}

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from omnibal_pl.model import VLMConfig
+from omnibal_pl.parallel.sharding import local_tensor
 from omnibal_pl.parallel.stage import StageModule
 from omnibal_pl.plan.plan import Plan
 
@@ -36,7 +37,7 @@ class TiedCopy:
 
     def sync_grad(self) -> None:
         """Sum the two partial gradients (call once per step, after the last micro-batch's backward)."""
-        dist.all_reduce(self.param.grad, group=self.group)
+        dist.all_reduce(local_tensor(self.param.grad), group=self.group)  # equal shards under ZeRO 2/3
 
 
 def tie_embeddings(cfg: VLMConfig, plan: Plan, mesh: DeviceMesh, stages: list[StageModule]

@@ -59,9 +59,10 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
     return PlanInputs(profile=profile, config=config, shape=shape, device=device)
 
 
-def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPartition) -> Plan:
+def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPartition, zero: int = 0) -> Plan:
     """The :class:`Plan` of a scored partition: stages by name, non-``none`` recompute modes, the simulated
-    step and each stage's peak memory (static + in-flight micro-batches x kept activations)."""
+    step and each stage's peak memory (static + in-flight micro-batches x kept activations), for a run at
+    ZeRO level ``zero``."""
     names = inputs.profile.names
     bounds = scored.bounds
     sim = scored.sim
@@ -73,7 +74,7 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
         schedule=inputs.config.schedule, pp=inputs.config.pp, micro_batches=inputs.config.micro_batches,
         vit_cap=inputs.shape.vit_cap, token_cap=inputs.shape.token_cap,
         predicted_step_s=scored.step_s, stage_memory_bytes=tuple(memory), source=inputs.profile.source,
-        dp=inputs.config.dp, device=inputs.device, memory_budget_bytes=inputs.config.budget(0),
+        dp=inputs.config.dp, zero=zero, device=inputs.device, memory_budget_bytes=inputs.config.budget(0),
         bubble_fraction=sim.bubble_fraction,
         notes={"samples_per_micro_batch": inputs.shape.samples, "policy": scored.policy,
                "hop_s": inputs.config.hop_s, "profile_device": inputs.profile.device},
@@ -83,7 +84,7 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
 def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
               schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
               profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-              memory_fraction: float = 0.9, optimizer_shards: int = 1) -> Plan:
+              memory_fraction: float = 0.9, optimizer_shards: int = 1, zero: int = 0) -> Plan:
     """The searched partition of ``model`` into pipeline stages with adaptive per-stage recompute.
 
     ``vit_cap`` tiles and ``token_cap`` tokens per micro-batch, packed as ``samples`` samples; ``pp``
@@ -93,13 +94,14 @@ def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token
     (measured here, cached in ``profile_cache``). The memory budget per rank is ``memory_fraction`` of
     the device's memory (the preset's, or this machine's for ``measured``/``local``); the fp32 optimizer
     state is divided over ``optimizer_shards`` ranks (1 = each rank holds its own, as the omnibal
-    strategy runs today). Raises :class:`PlanError` when no partition fits, naming the fix.
+    strategy runs at ZeRO 0). ``zero`` is recorded in the plan (the memory model does not yet shard
+    parameters and gradients for it). Raises :class:`PlanError` when no partition fits, naming the fix.
     """
     inputs = planning_inputs(model, pp, micro_batches, vit_cap, token_cap, dp=dp, schedule=schedule, device=device,
                              source=source, profile_cache=profile_cache, samples=samples,
                              virtual_stages=virtual_stages, memory_fraction=memory_fraction,
                              optimizer_shards=optimizer_shards)
-    return plan_from_partition(model, inputs, search_partition(inputs.profile, inputs.config))
+    return plan_from_partition(model, inputs, search_partition(inputs.profile, inputs.config), zero)
 
 
 def resolve_source(model: VLMConfig, source: str) -> str:

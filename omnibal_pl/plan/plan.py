@@ -28,7 +28,7 @@ from omnibal_pl.plan.costs import SOURCES
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 PLAN_SOURCES = (*SOURCES, "uniform")
-PLAN_SETTINGS = ("model", "pp", "dp", "schedule", "micro_batches", "vit_cap", "token_cap")  # what a run must match  # where the block costs came from; uniform: none were used
+PLAN_SETTINGS = ("model", "pp", "dp", "zero", "schedule", "micro_batches", "vit_cap", "token_cap")  # what a run must match  # where the block costs came from; uniform: none were used
 _FORMAT_VERSION = 2
 
 __all__ = ["PLAN_SETTINGS", "PLAN_SOURCES", "Plan", "RECOMPUTE_MODES", "SCHEDULES", "check_pipeline_sizes", "even_bounds",
@@ -86,7 +86,8 @@ class Plan:
     stage is non-empty, no block appears twice, ``len(stages)`` is a multiple of ``pp``; recompute names
     only blocks of the plan with a known mode, ``attention`` only on transformer blocks; one memory
     figure per stage when predictions are given. ``predicted_step_s`` and ``stage_memory_bytes`` are the
-    planner's predictions (None and empty for a uniform split, which predicts nothing).
+    planner's predictions (None and empty for a uniform split, which predicts nothing). ``zero`` is the
+    ZeRO level the stages are sharded with over the ``dp`` ranks (:mod:`omnibal_pl.parallel.sharding`).
     """
 
     model: str
@@ -98,6 +99,7 @@ class Plan:
     vit_cap: int
     token_cap: int
     dp: int = 1
+    zero: int = 0
     source: str = "uniform"
     predicted_step_s: float | None = None
     stage_memory_bytes: tuple[float, ...] = ()
@@ -113,6 +115,8 @@ class Plan:
         errors = []
         if self.source not in PLAN_SOURCES:
             errors.append(f"source {self.source!r} is not one of {PLAN_SOURCES}")
+        if self.zero not in (0, 1, 2, 3):
+            errors.append(f"zero={self.zero!r} is not a ZeRO level (0, 1, 2, 3)")
         for key in ("vit_cap", "token_cap"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 errors.append(f"{key}={getattr(self, key)!r} must be an integer >= 1")
@@ -236,11 +240,12 @@ class Plan:
 
 
 def uniform_plan(cfg: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
-                 schedule: str = "1f1b", virtual_stages: int = 2) -> Plan:
+                 zero: int = 0, schedule: str = "1f1b", virtual_stages: int = 2) -> Plan:
     """Equal block counts per stage (earlier stages one longer when uneven), no recompute: the split
     without a planner, as DeepSpeed's ``uniform``. ``interleaved`` runs ``virtual_stages`` stages per rank."""
     names = cfg.block_names()
     n_stages = pp * (virtual_stages if schedule == "interleaved" else 1)
     bounds = even_bounds(len(names), n_stages)
     return Plan(model=cfg.name, stages=tuple(tuple(names[a:b]) for a, b in zip(bounds, bounds[1:])), recompute={},
-                schedule=schedule, pp=pp, micro_batches=micro_batches, vit_cap=vit_cap, token_cap=token_cap, dp=dp)
+                schedule=schedule, pp=pp, micro_batches=micro_batches, vit_cap=vit_cap, token_cap=token_cap, dp=dp,
+                zero=zero)

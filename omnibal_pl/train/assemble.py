@@ -91,7 +91,7 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
     writes it to ``run_dir/plan.yaml``."""
     c, balance, settings = cfg.cluster, data.balance, cfg.plan
     shape = micro_batch_shape(balance)
-    expected = dict(model=cfg.model.name, pp=c.pp, dp=balance.dp, schedule=c.schedule,
+    expected = dict(model=cfg.model.name, pp=c.pp, dp=balance.dp, zero=c.zero, schedule=c.schedule,
                     micro_batches=balance.micro_batches, vit_cap=shape.vit_cap, token_cap=shape.token_cap)
     virtual_stages = settings.virtual_stages if c.schedule == "interleaved" else 1
     check_pipeline_sizes(c.pp, balance.micro_batches, c.schedule, virtual_stages, balance.dp,
@@ -102,7 +102,7 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
         use = os.environ[PLAN_ENV]
     if use == "uniform":
         plan = uniform_plan(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
-                            schedule=c.schedule, virtual_stages=settings.virtual_stages)
+                            zero=c.zero, schedule=c.schedule, virtual_stages=settings.virtual_stages)
     elif use != "auto":
         plan = Plan.load(use)
     else:
@@ -115,7 +115,8 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
                          schedule=c.schedule, device=c.device or "local", source=source,
                          profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
                          samples=shape.samples, virtual_stages=settings.virtual_stages,
-                         memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards)
+                         memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards,
+                         zero=c.zero)
     plan.check_model(cfg.model)
     plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)
     if rank == 0:

@@ -20,6 +20,7 @@ from omnibal_pl.conf import preset
 from omnibal_pl.errors import ConfigError, DataError, PlanError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.parallel import build_mesh, build_pipeline, gather_full_state_dict, initial_state_dict
+from omnibal_pl.parallel.sharding import local_tensor
 
 from tests.helpers import RecomputeCounter, plan_of
 
@@ -85,17 +86,20 @@ def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
 
 def spawn(fn, world: int, tmp_path: Path, *args) -> list:
     """Run ``fn(*args)`` on ``world`` gloo ranks; the list of their return values, by rank."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_entry, args=(world, str(tmp_path), fn, args), nprocs=world, start_method="spawn",
                        join=True, daemon=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dict[str, str], m: int,
-                 tied: bool = False) -> dict:
-    """Three steps of ``m`` micro-batches per DP replica; counts recomputation during step 2."""
+                 tied: bool = False, zero: int = 0) -> dict:
+    """Three steps of ``m`` micro-batches per DP replica; counts recomputation during step 2; the bytes this
+    rank holds at the end in parameters, gradients and optimizer state."""
     cfg = tiny(tied)
     mesh, dims = build_mesh(pp)
-    plan = plan_of(cfg, stages, recompute, pp=pp, micro_batches=m, schedule=schedule, dp=dims.dp, vit_cap=3, token_cap=48)
+    plan = plan_of(cfg, stages, recompute, pp=pp, micro_batches=m, schedule=schedule, dp=dims.dp, zero=zero,
+                   vit_cap=3, token_cap=48)
     runner = build_pipeline(cfg, plan, mesh, initial_state_dict(cfg, 0), packed_loss)
     params = list(runner.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
@@ -111,8 +115,11 @@ def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dic
         opt.step()
         if step == 1:
             counts = {k: dict(v) for k, v in counter.counts.items()}
+    held = [p for p in params] + [p.grad for p in params if p.grad is not None] + \
+        [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    state_bytes = sum(local_tensor(t).numel() * t.element_size() for t in held)
     state = gather_full_state_dict(runner.modules, runner.pp_group)
-    return {"losses": losses, "norms": norms, "counts": counts, "state": state, "dims": dims}
+    return {"losses": losses, "norms": norms, "counts": counts, "state": state, "dims": dims, "bytes": state_bytes}
 
 
 def check_against_reference(results: list[dict], count: int, tied: bool = False) -> None:
@@ -171,6 +178,25 @@ def test_pp2_dp2_matches_single_process(tmp_path):
     results = spawn(train_worker, 4, tmp_path, 2, "1f1b", [NAMES[:5], NAMES[5:]], {"llm.layers.0": "full"}, 2)
     assert sorted((r["dims"].pp_rank, r["dims"].dp_rank) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     check_against_reference(results, count=4)  # 2 replicas x 2 micro-batches
+
+
+@pytest.mark.timeout(540)
+def test_dp2_zero_levels_match_single_process_and_shard_the_state(tmp_path):
+    """Loss, pre-clip gradient norm and parameters after 3 steps equal one process at every built level; at
+    ZeRO 2 and 3 each rank holds about half the parameter + gradient + optimizer bytes of ZeRO 0."""
+    held = {}
+    for zero in (0, 2, 3):
+        results = spawn(train_worker, 2, tmp_path / f"z{zero}", 1, "1f1b", [NAMES], {"llm.layers.0": "full"}, 2,
+                        False, zero)
+        check_against_reference(results, count=4)  # 2 replicas x 2 micro-batches
+        held[zero] = max(r["bytes"] for r in results)
+    assert held[2] <= 0.53 * held[0] and held[3] <= 0.53 * held[0], held
+
+
+@pytest.mark.timeout(540)
+def test_pp2_dp2_zero3_matches_single_process(tmp_path):
+    results = spawn(train_worker, 4, tmp_path, 2, "1f1b", [NAMES[:5], NAMES[5:]], {"llm.layers.0": "full"}, 2, False, 3)
+    check_against_reference(results, count=4)
 
 
 def bad_input_worker() -> dict:

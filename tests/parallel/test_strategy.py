@@ -82,9 +82,10 @@ class StepCounts(L.Callback):
 
 
 def pipeline_fit(pp: int, dp: int, m: int, steps: int, stages, recompute=None, schedule: str = "1f1b",
-                 root: str | None = None, every: int = 0, resume: str | None = None) -> dict:
+                 root: str | None = None, every: int = 0, resume: str | None = None, zero: int = 0) -> dict:
     """One rank of a pipeline run; returns its losses, the full final state, recompute counts."""
-    plan = plan_of(CFG, stages, recompute, pp=pp, micro_batches=m, schedule=schedule, dp=dp, vit_cap=6, token_cap=96)
+    plan = plan_of(CFG, stages, recompute, pp=pp, micro_batches=m, schedule=schedule, dp=dp, zero=zero, vit_cap=6,
+                   token_cap=96)
     strategy = OmniBalStrategy(plan, dp=dp)
     counts = StepCounts()
     callbacks = [counts]
@@ -189,6 +190,19 @@ def check_resumed(results: list[dict], full: dict) -> None:
         torch.testing.assert_close(r["losses"], full["losses"][2:], rtol=1e-5, atol=1e-6)
         for k, v in full["state"].items():
             torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
+
+
+@pytest.mark.timeout(540)
+def test_dp2_zero3_trains_like_one_process_and_resumes_exactly(tmp_path):
+    """ZeRO 3 under Lightning: sharded parameters, gradients and AdamW state, clipping over shards, a
+    distributed checkpoint of DTensors that resumes into the same run."""
+    m, steps = 2, 4
+    full = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=3,
+                 root=str(tmp_path / "full"), every=2)
+    check_equal(full, *reference(m, 2, steps))
+    resumed = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=3,
+                    resume=str(tmp_path / "full" / "ckpt" / "step2.ckpt"))
+    check_resumed(resumed, full[0])
 
 
 @pytest.mark.timeout(420)
