@@ -20,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -44,13 +45,21 @@ class PackedBatch:
     sample_ids: torch.Tensor  # [num_samples] int64, dataset indices in packing order
     num_samples: int
 
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
+        """A copy with ``fn`` applied to every tensor field; the int fields are kept."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        """A copy with every tensor on ``device``."""
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-        return PackedBatch(**moved)
+        """A copy with every tensor on ``device``. ``non_blocking=True`` makes host-to-device copies from
+        pinned memory (:meth:`pin_memory`) asynchronous on the current stream; leave it False for
+        device-to-host copies that the host reads right after."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy with every tensor in page-locked host memory (needs an accelerator). DataLoader's
+        ``pin_memory=True`` calls this on each batch, also inside a list of micro-batches."""
+        return self._map_tensors(lambda t: t.pin_memory())
 
     @property
     def num_tokens(self) -> int:

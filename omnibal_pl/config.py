@@ -26,9 +26,9 @@ def to_dataclass(node: DictConfig | dict[str, Any], schema: type[T], where: str)
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
         reason = str(e).splitlines()[0]
-        raise ConfigError(f"{where}.{key}: {reason}; valid keys and types are those of {schema.__name__}") from None
+        raise ConfigError(f"{key if key.startswith(where + '.') else f'{where}.{key}'}: {reason}; valid keys and types are those of {schema.__name__}") from None
 
 
 def check_keys(cfg: DictConfig, allowed: Iterable[str], app: str) -> None:

@@ -166,30 +166,27 @@ class BalancedSampler(Sampler[int]):
 
 class BalancedBatchSampler(Sampler[list]):
     """Yields this DP rank's micro-batches (lists of dataset indices) for the current epoch, one per item;
-    with ``micro_batches_per_item = m`` (the sampler's ``micro_batches``) one item is the list of a step's
-    ``m`` micro-batches.
+    with ``whole_steps`` one item is the list of a step's ``micro_batches`` micro-batches.
 
     ``len()`` is the full epoch in items, also after a mid-epoch resume (Lightning counts the skipped
     items as done). Use with ``DataLoader(dataset, batch_sampler=...)`` and
     ``Trainer(use_distributed_sampler=False)``.
     """
 
-    def __init__(self, sampler: BalancedSampler, micro_batches_per_item: int = 1) -> None:
-        if micro_batches_per_item not in (1, sampler.cfg.micro_batches):
-            raise ConfigError(f"micro_batches_per_item={micro_batches_per_item}: an item is one micro-batch or one "
-                              f"step of {sampler.cfg.micro_batches}")
+    def __init__(self, sampler: BalancedSampler, whole_steps: bool = False) -> None:
         self.sampler = sampler
-        self.per_item = micro_batches_per_item
+        self.whole_steps = whole_steps
 
     def __iter__(self) -> Iterator[list]:
         arrangement = self.sampler.arrangement()
         skip = self.sampler.take_skip()
         groups = [arrangement.grouping.group(g).tolist() for g in arrangement.rank_groups(self.sampler.dp_rank)[skip:]]
-        if self.per_item == 1:
+        if not self.whole_steps:
             yield from groups
-        else:
-            for k in range(0, len(groups), self.per_item):
-                yield groups[k : k + self.per_item]
+            return
+        m = self.sampler.cfg.micro_batches
+        for k in range(0, len(groups), m):
+            yield groups[k : k + m]
 
     def __len__(self) -> int:
-        return self.sampler.micro_batches_per_epoch() // self.per_item
+        return self.sampler.micro_batches_per_epoch() // (self.sampler.cfg.micro_batches if self.whole_steps else 1)

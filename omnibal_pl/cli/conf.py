@@ -10,6 +10,11 @@ from omegaconf import DictConfig
 
 from omnibal_pl.conf import HYDRA_PATH
 from omnibal_pl.errors import OmniBalError
+from omnibal_pl.launch_env import register_resolvers
+
+# At import, not in main(): a job that hydra-submitit-launcher starts unpickles the task (importing this
+# module) and resolves its config without running main().
+register_resolvers()
 
 
 def hydra_app(config_name: str, prog: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:

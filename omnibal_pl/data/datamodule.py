@@ -10,8 +10,8 @@
 - sampler: :class:`~omnibal_pl.balance.sampler.BalancedSampler` for this process's *data-parallel*
   rank, read from ``trainer.strategy.distributed_sampler_kwargs`` (DDP, and the pipeline strategy,
   report DP rank and size there) unless given; the DP size must be the one the caps were resolved for;
-- loader items: one micro-batch (:class:`~omnibal_pl.batch.PackedBatch`), or with
-  ``micro_batches_per_item = m`` the list of a step's ``m`` micro-batches (the pipeline module's batch);
+- loader items: one micro-batch (:class:`~omnibal_pl.batch.PackedBatch`), or with ``whole_steps`` the
+  list of a step's ``balance.micro_batches`` micro-batches (the pipeline module's batch);
 - resume: the DataModule's ``state_dict`` (stored in Lightning checkpoints) records seed, epoch and the
   micro-batches the fit loop has processed; after a restore the loader skips exactly those.
 
@@ -60,17 +60,14 @@ class OmniBalDataModule(L.LightningDataModule):
     """Balanced, packed, resumable training data (see the module docstring)."""
 
     def __init__(self, data: TrainingData, packing: PackingConfig | None = None, loader: LoaderConfig | None = None,
-                 micro_batches_per_item: int = 1, dp_rank: int | None = None) -> None:
+                 whole_steps: bool = False, dp_rank: int | None = None) -> None:
         super().__init__()
-        if micro_batches_per_item not in (1, data.balance.micro_batches):
-            raise ConfigError(f"micro_batches_per_item={micro_batches_per_item}: a loader item is one micro-batch (1) "
-                              f"or a whole step (balance.micro_batches={data.balance.micro_batches})")
         self.data = data
         self.balance = data.balance
         self.dataset, self.lengths = data.dataset, data.lengths
         self.packing = packing or PackingConfig()
         self.loader = loader or LoaderConfig()
-        self.micro_batches_per_item = micro_batches_per_item
+        self.whole_steps = whole_steps
         self.dp_rank = dp_rank
         self.sampler: BalancedSampler | None = None
         self._pending_state: dict[str, int] | None = None
@@ -78,9 +75,9 @@ class OmniBalDataModule(L.LightningDataModule):
     @classmethod
     def from_config(cls, dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec,
                     packing: PackingConfig | None = None, loader: LoaderConfig | None = None,
-                    micro_batches_per_item: int = 1, dp_rank: int | None = None) -> "OmniBalDataModule":
+                    whole_steps: bool = False, dp_rank: int | None = None) -> "OmniBalDataModule":
         """Prepares the data of config ``dataset`` (caps for ``balance.dp`` DP ranks) and wraps it."""
-        return cls(prepare_training_data(dataset, balance, model), packing, loader, micro_batches_per_item, dp_rank)
+        return cls(prepare_training_data(dataset, balance, model), packing, loader, whole_steps, dp_rank)
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str | None = None) -> None:
@@ -109,12 +106,12 @@ class OmniBalDataModule(L.LightningDataModule):
                                  self.packing.loss_weighting, image_context_id=spec.image_context_id,
                                  tokens_per_tile=spec.tokens_per_tile)
         dataset = self.dataset
-        if self.micro_batches_per_item > 1:
+        if self.whole_steps:
             dataset, collate = GroupsDataset(dataset), StepCollate(collate)
         workers = self.loader.num_workers
         return DataLoader(
             dataset,
-            batch_sampler=BalancedBatchSampler(self.sampler, self.micro_batches_per_item),
+            batch_sampler=BalancedBatchSampler(self.sampler, self.whole_steps),
             collate_fn=collate,
             num_workers=workers,
             pin_memory=self.loader.pin_memory,
@@ -149,6 +146,11 @@ class OmniBalDataModule(L.LightningDataModule):
         if connector is not None and connector.use_distributed_sampler and connector.is_distributed:
             raise ConfigError("OmniBalDataModule shards data by DP rank itself: create the Trainer with "
                               "use_distributed_sampler=False")
+
+    @property
+    def micro_batches_per_item(self) -> int:
+        """Micro-batches in one loader item: the step's when items are whole steps, else one."""
+        return self.balance.micro_batches if self.whole_steps else 1
 
     def step_balance(self, items_before: int) -> dict[str, float]:
         """The spread of tiles and tokens over DP ranks of the step that ends with loader item number

@@ -131,7 +131,7 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
     if c.threads:
         torch.set_num_threads(c.threads)
     m = run.data.balance.micro_batches
-    datamodule = OmniBalDataModule(run.data, cfg.packing, cfg.loader, micro_batches_per_item=m if run.pipelined else 1)
+    datamodule = OmniBalDataModule(run.data, cfg.packing, cfg.loader, whole_steps=run.pipelined)
     module_args = dict(model=cfg.model, optim=cfg.optim, peak_tflops=c.peak_tflops, seed=cfg.seed,
                        init_from=cfg.init_from)
     if run.pipelined:

@@ -2,7 +2,7 @@
 
 One ``training_step`` is one optimizer step (manual optimisation, as NeMo's Megatron strategy runs a
 pipeline inside Lightning): its batch is the step's ``m`` micro-batches (one loader item, see
-``OmniBalDataModule(micro_batches_per_item=m)``). The step all-reduces the supervised weight W over the
+``OmniBalDataModule(whole_steps=True)``). The step all-reduces the supervised weight W over the
 "dp" group, zeroes the gradients, runs the pipeline schedule's forward and backward over the ``m``
 micro-batches with each micro-batch's objective multiplied by ``m x dp / W`` (the runner's mean over
 ``m`` micro-batches and ``dp`` replicas then leaves sum(objective) / W, as in
@@ -69,7 +69,7 @@ class OmniBalPipelineModule(VLMTrainingModule):
     def training_step(self, batch: list[PackedBatch], batch_idx: int) -> torch.Tensor:
         if not isinstance(batch, (list, tuple)) or len(batch) != self.runner.num_micro_batches:
             raise ConfigError(f"OmniBalPipelineModule takes the step's {self.runner.num_micro_batches} micro-batches "
-                              "as one batch: build the DataModule with micro_batches_per_item=balance.micro_batches")
+                              "as one batch: build the DataModule with whole_steps=True")
         for mb in batch:
             self.meter.account(mb)
         weight = sum(float(token_weights(mb).sum()) for mb in batch)

@@ -169,7 +169,7 @@ def test_whole_step_items_hold_the_step_s_micro_batches_in_order_and_resume_exac
     by_micro_batch = datamodule(micro)
     by_micro_batch.setup()
     expected = [b.sample_ids.tolist() for b in by_micro_batch.train_dataloader()]
-    by_step = datamodule(micro, micro_batches_per_item=micro)
+    by_step = datamodule(micro, whole_steps=True)
     by_step.setup()
     loader = by_step.train_dataloader()
     items = list(loader)
@@ -181,9 +181,10 @@ def test_whole_step_items_hold_the_step_s_micro_batches_in_order_and_resume_exac
         batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2)))))
     state = by_step.state_dict()
     assert state["sampler"]["batches_done"] == 2 * micro
-    resumed = datamodule(micro, micro_batches_per_item=micro)
+    resumed = datamodule(micro, whole_steps=True)
     resumed.load_state_dict(state)
     resumed.setup()
     assert [b.sample_ids.tolist() for item in resumed.train_dataloader() for b in item] == expected[2 * micro:]
-    with pytest.raises(ConfigError, match="micro_batches_per_item=2"):
-        datamodule(micro, micro_batches_per_item=2)
+    one = datamodule(1, whole_steps=True)  # a one-micro-batch step is still a list
+    one.setup()
+    assert all(isinstance(item, list) and len(item) == 1 for item in one.train_dataloader())

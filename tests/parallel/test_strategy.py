@@ -44,10 +44,10 @@ def balance(m: int, dp: int) -> BalanceConfig:
     return BalanceConfig(dp=dp, micro_batches=m, samples_per_group=2, vit_cap=6, token_cap=96)
 
 
-def datamodule(m: int, dp: int, dp_rank: int | None = None, per_item: int = 1) -> OmniBalDataModule:
+def datamodule(m: int, dp: int, dp_rank: int | None = None, whole_steps: bool = False) -> OmniBalDataModule:
     spec = ModelSpec(CFG.llm.vocab_size, CFG.vision.image_size, CFG.tokens_per_tile, CFG.image_context_id)
     return OmniBalDataModule.from_config(DATASET, balance(m, dp), spec, PackingConfig(pad_to="cap", loss_weighting="square"),
-                                         micro_batches_per_item=per_item, dp_rank=dp_rank)
+                                         whole_steps=whole_steps, dp_rank=dp_rank)
 
 
 def trainer(steps: int, m: int, strategy, callbacks=(), root: Path | None = None) -> L.Trainer:
@@ -94,7 +94,7 @@ def pipeline_fit(pp: int, dp: int, m: int, steps: int, stages, recompute=None, s
                                          filename="step{step}", auto_insert_metric_name=False))
     module = OmniBalPipelineModule(CFG, OPTIM, seed=0, gradient_clip_val=CLIP)
     t = trainer(steps, m, strategy, callbacks, Path(root) if root else None)
-    t.fit(module, datamodule=datamodule(m, dp, per_item=m), ckpt_path=resume)
+    t.fit(module, datamodule=datamodule(m, dp, whole_steps=True), ckpt_path=resume)
     state = gather_full_state_dict(module.runner.modules, module.runner.pp_group)
     return {"losses": module.losses, "state": state, "counts": counts.counts, "dims": strategy.dims,
             "global_step": t.global_step}
@@ -231,7 +231,7 @@ def bad_input_worker() -> dict:
                                    dp=dp)
         t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False)
-        dm = datamodule(m, 1, per_item=m)
+        dm = datamodule(m, 1, whole_steps=True)
         dm.packing = PackingConfig(pad_to=pad_to, multiple=16)
         try:
             t.fit(module or OmniBalPipelineModule(CFG, OPTIM), datamodule=dm)
