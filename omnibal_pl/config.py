@@ -98,7 +98,7 @@ class PlanSettings:
     ``source``: block costs from ``profile`` (measured here), ``cost_model`` (config FLOPs x the
     ``cluster.device`` preset) or ``auto`` (profile models under 1B parameters); ``virtual_stages``: stages
     per rank under the interleaved schedule; ``memory_fraction``: the share of device memory a stage may
-    plan for; ``optimizer_shards``: ranks sharing the fp32 AdamW state (1: every rank holds its own);
+    plan for (the training state is split over DP as ``cluster.zero`` splits it);
     ``profile_cache``: folder of measured profiles (None: the run directory's); ``threads``: CPU threads
     while profiling (None: torch's default).
     """
@@ -106,6 +106,5 @@ class PlanSettings:
     source: str = "auto"
     virtual_stages: int = 2
     memory_fraction: float = 0.9
-    optimizer_shards: int = 1
     profile_cache: Optional[str] = None
     threads: Optional[int] = None

@@ -44,7 +44,7 @@ def compare_models(vit_cap: int, token_cap: int, args: argparse.Namespace) -> No
     for name, pp in (("internvl_chat_v1_5", 4), ("internvl2_8b", 2), ("internvl2_8b", 4), ("llava_1_5_7b", 2),
                      ("llava_1_5_7b", 4)):
         inputs = planning_inputs(load(name), pp, args.micro_batches, vit_cap, token_cap, dp=args.dp, device=args.device,
-                                 optimizer_shards=args.dp)
+                                 zero=args.zero)
         start = time.perf_counter()
         searched = search_partition(inputs.profile, inputs.config)
         search_s = time.perf_counter() - start
@@ -75,7 +75,7 @@ def search_time(args: argparse.Namespace, vit_cap: int, token_cap: int) -> None:
     search_partition(profile, config)
     print(f"synthetic, {len(profile.blocks)} blocks, 8 stages x 16 micro-batches, 40 GiB: {time.perf_counter() - start:.2f} s")
     inputs = planning_inputs(load("internvl_chat_v1_5"), 8, 16, vit_cap, token_cap, dp=args.dp, device=args.device,
-                             optimizer_shards=args.dp)
+                             zero=args.zero)
     start = time.perf_counter()
     search_partition(inputs.profile, inputs.config)
     print(f"internvl_chat_v1_5, {len(inputs.profile.blocks)} blocks, 8 stages x 16 micro-batches: "
@@ -93,7 +93,7 @@ def sparsify(args: argparse.Namespace, token_cap: int) -> None:
     results = {}
     for cfg in (off, on):
         plan = make_plan(cfg, 4, args.micro_batches, tiles, token_cap, dp=args.dp, device=args.device,
-                         optimizer_shards=args.dp, samples=4)
+                         zero=args.zero, samples=4)
         prefill = cost_model_profile(cfg, shape, args.device, phase="prefill")
         flops = total_forward_flops(cfg, shape, "prefill")
         seconds = sum(b.forward_s for b in prefill.blocks)
@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--dp", type=int, default=8)
+    parser.add_argument("--zero", type=int, default=1, help="ZeRO level the memory model splits state by (1: optimizer over DP)")
     parser.add_argument("--device", default="h100_80gb")
     args = parser.parse_args()
     table = load_lengths(sorted(glob.glob(str(DATA / "*.json"))))

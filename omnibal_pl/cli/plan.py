@@ -68,7 +68,7 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
         schedule=cluster.schedule, device=cluster.device or "local", source=resolve_source(model, settings.source),
         profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
-        memory_fraction=settings.memory_fraction, optimizer_shards=settings.optimizer_shards)
+        memory_fraction=settings.memory_fraction, zero=cluster.zero)
     searched = search_partition(inputs.profile, inputs.config)
     exact = exact_partition(inputs.profile, inputs.config, incumbent=searched) if settings.exact else None
     plan = plan_from_partition(model, inputs, searched, cluster.zero)

@@ -36,7 +36,7 @@ from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
 from omnibal_pl.model.sparsify import masked_attention_cost
 from omnibal_pl.model.vlm import VLM
-from omnibal_pl.plan.costs import BlockCost, CostProfile, training_static_bytes
+from omnibal_pl.plan.costs import BlockCost, CostProfile, ZeroSharding, training_static_bytes
 
 MIB = 2**20
 PHASES = ("train", "prefill")
@@ -192,17 +192,18 @@ def _times(work: BlockWork, params: int, device: DevicePreset, element_bytes: in
 
 
 def cost_model_profile(cfg: VLMConfig, shape: MicroBatchShape, device: DevicePreset | str = "h100_80gb", *,
-                       phase: str = "train", element_bytes: int = 2, optimizer_shards: int = 1) -> CostProfile:
+                       phase: str = "train", element_bytes: int = 2, sharding: ZeroSharding = ZeroSharding()
+                       ) -> CostProfile:
     """The :class:`CostProfile` (``source="cost_model"``) of ``cfg`` for one micro-batch of ``shape`` on
     ``device``. ``phase="prefill"``: forward only (inference), nothing kept for backward, parameters only.
-    ``optimizer_shards``: ranks the fp32 optimizer state is sharded over (ZeRO-1 over DP)."""
+    ``sharding``: the ZeRO level and DP size the static bytes are split by."""
     preset = device_preset(device) if isinstance(device, str) else device
     blocks = []
     for name, params in block_parameters(cfg):
         kind = block_kind(name)
         work = block_work(cfg, name, shape, phase, element_bytes)
         forward, backward, core = _times(work, params, preset, element_bytes)
-        param_bytes, grad_opt = training_static_bytes(params, element_bytes, optimizer_shards)
+        param_bytes, grad_opt = training_static_bytes(params, element_bytes, sharding)
         recomputes = kind in ("vision_block", "llm_layer")
         if phase == "prefill":
             blocks.append(BlockCost(name, kind, forward, 0.0, 0, 0, 0, 0.0, 0.0, param_bytes, 0))

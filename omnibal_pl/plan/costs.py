@@ -141,13 +141,32 @@ class CostProfile:
                    micro_batch=data.get("micro_batch", {}), source=data.get("source", "profile"))
 
 
-def training_static_bytes(num_params: int, element_bytes: int, optimizer_shards: int = 1) -> tuple[int, int]:
-    """``(param_bytes, grad_opt_bytes)`` of ``num_params`` parameters stored with ``element_bytes`` each,
-    trained with AdamW: gradients in the parameter dtype, the two moments in fp32 and, for 16-bit
-    parameters, an fp32 master copy (the usual 2 + 2 + 12 = 16 bytes per bf16 parameter, 4 + 4 + 8 for
-    fp32). The fp32 optimizer state is divided over ``optimizer_shards`` ranks (ZeRO-1 over data
-    parallelism; 1 = not sharded)."""
-    if optimizer_shards < 1:
-        raise ConfigError(f"optimizer_shards={optimizer_shards} must be >= 1")
+@dataclass(frozen=True)
+class ZeroSharding:
+    """How a stage's training state is split over its ``dp`` data-parallel ranks at ZeRO level ``zero``, as
+    :mod:`omnibal_pl.parallel.sharding` runs it: optimizer state from level 1, gradients from 2,
+    parameters from 3 (each rank holds 1/dp of what is sharded)."""
+
+    zero: int = 0
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 1, 2, 3) or self.dp < 1:
+            raise ConfigError(f"ZeRO level {self.zero!r} over dp={self.dp}: the level is one of 0-3 and dp >= 1")
+
+    def divisor(self, level: int) -> int:
+        """``dp`` when the state of ZeRO ``level`` (1 optimizer, 2 gradients, 3 parameters) is sharded, else 1."""
+        return self.dp if self.zero >= level else 1
+
+
+def training_static_bytes(num_params: int, element_bytes: int, sharding: ZeroSharding = ZeroSharding()
+                          ) -> tuple[int, int]:
+    """``(param_bytes, grad_opt_bytes)`` one rank holds of ``num_params`` parameters stored with
+    ``element_bytes`` each, trained with AdamW: gradients in the parameter dtype, the two moments in fp32
+    and, for 16-bit parameters, an fp32 master copy (the usual 2 + 2 + 12 = 16 bytes per bf16 parameter,
+    4 + 4 + 8 for fp32, as bf16-mixed keeps them), each part divided over the ranks that ``sharding``
+    splits it over."""
     state = 8 + (4 if element_bytes < 4 else 0)
-    return num_params * element_bytes, num_params * element_bytes + (num_params * state) // optimizer_shards
+    params = num_params * element_bytes // sharding.divisor(3)
+    grads = num_params * element_bytes // sharding.divisor(2)
+    return params, grads + num_params * state // sharding.divisor(1)

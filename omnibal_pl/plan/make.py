@@ -8,7 +8,7 @@ from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.plan.cost_model import PRESETS, block_parameters, cost_model_profile, device_preset, fit_device, hop_seconds
-from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.costs import CostProfile, ZeroSharding
 from omnibal_pl.plan.partition import ScoredPartition, search_partition
 from omnibal_pl.plan.plan import Plan
 from omnibal_pl.plan.profiler import device_memory_bytes, local_device, profile_blocks
@@ -29,8 +29,9 @@ class PlanInputs:
 def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
                     schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
                     profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-                    memory_fraction: float = 0.9, optimizer_shards: int = 1) -> PlanInputs:
+                    memory_fraction: float = 0.9, zero: int = 0) -> PlanInputs:
     """Block costs and pipeline config for :func:`make_plan` (its docstring has the arguments)."""
+    sharding = ZeroSharding(zero, dp)
     if source not in ("profile", "cost_model"):
         raise ConfigError(f"plan source {source!r}: use 'profile' (measure the blocks here) or 'cost_model'")
     if not 0 < memory_fraction <= 1:
@@ -40,7 +41,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
         device_preset(device)  # raises the error listing the presets
     measured = None
     if source == "profile" or device not in PRESETS:
-        measured = profile_blocks(model, shape, optimizer_shards=optimizer_shards, cache_dir=profile_cache)
+        measured = profile_blocks(model, shape, sharding=sharding, cache_dir=profile_cache)
     if device in PRESETS:
         preset = device_preset(device)
         memory, hop = preset.memory_bytes, hop_seconds(model, shape, preset)
@@ -51,7 +52,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
     else:
         if preset is None:
             preset = fit_device(measured, model, memory)
-        profile = cost_model_profile(model, shape, preset, optimizer_shards=optimizer_shards)
+        profile = cost_model_profile(model, shape, preset, sharding=sharding)
     profile.check_blocks(model.block_names())
     config = PipelineConfig(pp=pp, micro_batches=micro_batches, schedule=schedule,
                             virtual_stages=virtual_stages if schedule == "interleaved" else 1, hop_s=hop,
@@ -84,7 +85,7 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
 def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
               schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
               profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-              memory_fraction: float = 0.9, optimizer_shards: int = 1, zero: int = 0) -> Plan:
+              memory_fraction: float = 0.9, zero: int = 0) -> Plan:
     """The searched partition of ``model`` into pipeline stages with adaptive per-stage recompute.
 
     ``vit_cap`` tiles and ``token_cap`` tokens per micro-batch, packed as ``samples`` samples; ``pp``
@@ -92,15 +93,14 @@ def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token
     rank). ``source``: ``cost_model`` (FLOPs timed by the ``device`` preset: ``h100_80gb``, ``h200``,
     ``a100_80gb``, or ``measured``/``local``: fitted to a profile of this machine) or ``profile``
     (measured here, cached in ``profile_cache``). The memory budget per rank is ``memory_fraction`` of
-    the device's memory (the preset's, or this machine's for ``measured``/``local``); the fp32 optimizer
-    state is divided over ``optimizer_shards`` ranks (1 = each rank holds its own, as the omnibal
-    strategy runs at ZeRO 0). ``zero`` is recorded in the plan (the memory model does not yet shard
-    parameters and gradients for it). Raises :class:`PlanError` when no partition fits, naming the fix.
+    the device's memory (the preset's, or this machine's for ``measured``/``local``); parameters,
+    gradients and optimizer state are split over the ``dp`` ranks as ZeRO level ``zero`` splits them
+    (:class:`~omnibal_pl.plan.costs.ZeroSharding`), and the plan records the level. Raises
+    :class:`PlanError` when no partition fits, naming the fix.
     """
     inputs = planning_inputs(model, pp, micro_batches, vit_cap, token_cap, dp=dp, schedule=schedule, device=device,
                              source=source, profile_cache=profile_cache, samples=samples,
-                             virtual_stages=virtual_stages, memory_fraction=memory_fraction,
-                             optimizer_shards=optimizer_shards)
+                             virtual_stages=virtual_stages, memory_fraction=memory_fraction, zero=zero)
     return plan_from_partition(model, inputs, search_partition(inputs.profile, inputs.config), zero)
 
 

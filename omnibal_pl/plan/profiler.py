@@ -35,7 +35,7 @@ from omnibal_pl.model.dummy import dummy_batch
 from omnibal_pl.model.flops import block_kind
 from omnibal_pl.model.vlm import VLM
 from omnibal_pl.model.block import RECOMPUTE_MODES
-from omnibal_pl.plan.costs import BlockCost, CostProfile, training_static_bytes
+from omnibal_pl.plan.costs import BlockCost, CostProfile, ZeroSharding, training_static_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,7 +118,7 @@ class _CoreTimer:
 
 
 def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: PackedBatch, device: torch.device,
-                   warmup: int, repeats: int, skip: set[int], optimizer_shards: int) -> BlockCost:
+                   warmup: int, repeats: int, skip: set[int], sharding: ZeroSharding) -> BlockCost:
     x = x.detach().requires_grad_(x.is_floating_point() and name != "vision.embed")
     forward, backward, core = [], [], []
     for rep in range(warmup + repeats):
@@ -146,7 +146,7 @@ def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: Pa
     params = list(block.parameters())
     count = sum(p.numel() for p in params)
     element = params[0].element_size() if params else 4
-    param_bytes, grad_opt = training_static_bytes(count, element, optimizer_shards)
+    param_bytes, grad_opt = training_static_bytes(count, element, sharding)
     f_s = statistics.median(forward)
     return BlockCost(
         name=name, kind=block_kind(name), forward_s=f_s, backward_s=statistics.median(backward),
@@ -159,15 +159,16 @@ def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: Pa
 
 
 def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, device: torch.device, dtype: str,
-               optimizer_shards: int) -> Path:
+               sharding: ZeroSharding) -> Path:
     """Where the profile of this model, device, dtype and shape is cached."""
-    digest = hashlib.sha1(f"{cfg!r}|{optimizer_shards}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{cfg!r}|{sharding}".encode()).hexdigest()[:10]
     return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{dtype}-t{shape.vit_cap}-L{shape.token_cap}"
                               f"-s{shape.samples}-{digest}.json")
 
 
 def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None = None, dtype: str | None = None,
-                   warmup: int = 2, repeats: int = 5, optimizer_shards: int = 1, cache_dir: str | Path | None = None,
+                   warmup: int = 2, repeats: int = 5, sharding: ZeroSharding = ZeroSharding(),
+                   cache_dir: str | Path | None = None,
                    seed: int = 0) -> CostProfile:
     """Measures every block of ``cfg`` for one micro-batch of ``shape`` (see the module docstring).
 
@@ -180,7 +181,7 @@ def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None
         raise ConfigError(f"profiler dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"profiler warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
-    path = cache_path(cache_dir, cfg, shape, dev, dtype, optimizer_shards) if cache_dir is not None else None
+    path = cache_path(cache_dir, cfg, shape, dev, dtype, sharding) if cache_dir is not None else None
     if path is not None and path.exists():
         return CostProfile.load(path)
     torch.manual_seed(seed)
@@ -194,7 +195,7 @@ def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None
             inputs.append(x)
             x = block(x, batch)
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    costs = [_measure_block(name, block, x_in, batch, dev, warmup, repeats, skip, optimizer_shards)
+    costs = [_measure_block(name, block, x_in, batch, dev, warmup, repeats, skip, sharding)
              for (name, block), x_in in zip(blocks, inputs)]
     profile = CostProfile(blocks=costs, model=cfg.name, device=device_name(dev),
                           micro_batch={**shape.as_dict(), "dtype": dtype}, source="profile")

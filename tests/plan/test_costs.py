@@ -12,7 +12,7 @@ from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.model.flops import block_forward_flops
 from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.plan.cost_model import block_work, cost_model_profile, device_preset, fit_device
-from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.costs import CostProfile, ZeroSharding, training_static_bytes
 from omnibal_pl.plan.profiler import profile_blocks
 
 from tests.helpers import model_config
@@ -40,7 +40,7 @@ def test_internvl_chat_v1_5_parameter_bytes_match_the_config() -> None:
     # bf16 AdamW: 2 bytes of parameter and 14 of gradient + master + moments, the 12 fp32 ones sharded
     block = profile.blocks[50]
     assert block.grad_opt_bytes == 14 * block.param_bytes // 2
-    sharded = cost_model_profile(cfg, MicroBatchShape(18, 5280), "h100_80gb", optimizer_shards=8).blocks[50]
+    sharded = cost_model_profile(cfg, MicroBatchShape(18, 5280), "h100_80gb", sharding=ZeroSharding(1, 8)).blocks[50]
     assert sharded.grad_opt_bytes == block.param_bytes + 12 * (block.param_bytes // 2) // 8
 
 
@@ -156,3 +156,17 @@ def test_measured_preset_fits_the_profile(tiny_profile) -> None:
     measured = sum(b.forward_s + b.backward_s for b in profile.blocks)
     modelled = sum(b.forward_s + b.backward_s for b in fitted.blocks)
     assert modelled == pytest.approx(measured, rel=0.5)
+
+
+@pytest.mark.parametrize("element, state", [(4, 8), (2, 12)])
+def test_static_bytes_split_by_zero_level(element, state) -> None:
+    """Level 1 splits the optimizer state, 2 the gradients too, 3 the parameters too; nothing else moves."""
+    n, dp = 1000, 4
+    rows = {z: training_static_bytes(n, element, ZeroSharding(z, dp)) for z in range(4)}
+    assert rows[0] == (n * element, n * element + n * state)
+    assert rows[1] == (n * element, n * element + n * state // dp)
+    assert rows[2] == (n * element, (n * element + n * state) // dp)
+    assert rows[3] == (n * element // dp, (n * element + n * state) // dp)
+    assert training_static_bytes(n, element, ZeroSharding(3, 1)) == rows[0]  # one rank shards nothing
+    with pytest.raises(ConfigError, match="ZeRO level 4"):
+        ZeroSharding(4, 2)

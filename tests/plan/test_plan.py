@@ -106,7 +106,7 @@ def test_load_reports_bad_files(tmp_path) -> None:
 @pytest.mark.parametrize("name,pp", [("internvl_chat_v1_5", 4), ("internvl2_8b", 2), ("llava_1_5_7b", 4)])
 def test_make_plan_for_published_models_without_hardware(name: str, pp: int) -> None:
     cfg = load(name)
-    plan = make_plan(cfg, pp, 8, 18, 5280, dp=8, optimizer_shards=8)
+    plan = make_plan(cfg, pp, 8, 18, 5280, dp=8, zero=1)
     plan.check_model(cfg)
     assert len(plan.stages) == pp and plan.source == "cost_model" and plan.predicted_step_s > 0
     assert max(plan.stage_memory_bytes) <= plan.memory_budget_bytes
@@ -115,7 +115,7 @@ def test_make_plan_for_published_models_without_hardware(name: str, pp: int) -> 
 
 def test_make_plan_interleaved_and_errors() -> None:
     cfg = load("internvl2_8b")
-    plan = make_plan(cfg, 2, 8, 18, 5280, dp=8, optimizer_shards=8, schedule="interleaved")
+    plan = make_plan(cfg, 2, 8, 18, 5280, dp=8, zero=1, schedule="interleaved")
     assert len(plan.stages) == 4 and plan.virtual_stages == 2
     with pytest.raises(PlanError, match="pp=") as err:  # a 26B model on 2 ranks with unsharded Adam
         make_plan(load("internvl_chat_v1_5"), 2, 8, 18, 5280)
@@ -127,7 +127,7 @@ def test_make_plan_interleaved_and_errors() -> None:
 def test_dynamic_llava_plan_costs_more_to_train() -> None:
     off = load("llava_1_5_7b")
     on = dataclasses.replace(off, sparsify=dataclasses.replace(off.sparsify, enabled=True))
-    step = {c.sparsify.enabled: make_plan(c, 4, 8, 4, 2800, dp=8, optimizer_shards=8).predicted_step_s for c in (off, on)}
+    step = {c.sparsify.enabled: make_plan(c, 4, 8, 4, 2800, dp=8, zero=1).predicted_step_s for c in (off, on)}
     assert step[True] > step[False]
 
 
