@@ -17,11 +17,18 @@ Invariants:
   supervised tokens); normalisation by the global sum happens in the loss, not here.
 - the positions where ``input_ids == image_context_id`` hold, in order, ``tokens_per_tile``
   features of each tile with ``image_flags == 1``, in tile order.
+
+Host facts: ``seqlens``, ``num_tiles`` and ``image_tokens`` are plain Python values describing the
+tensors as built (the collate computes them on the CPU, in the loader workers). Accounting and checks in
+the training hot path read them instead of the (device) tensors, so a micro-batch needs no host sync
+for them. ``to()`` and ``pin_memory()`` keep them; a tensor changed in place after construction makes
+them stale.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from itertools import accumulate
 
 import torch
 
@@ -44,9 +51,19 @@ class PackedBatch:
     loss_weight: torch.Tensor  # [1, L] float32
     sample_ids: torch.Tensor  # [num_samples] int64, dataset indices in packing order
     num_samples: int
+    seqlens: tuple[int, ...] | None = None  # [S] segment lengths, tokens (= diff(cu_seqlens)); None: derived
+    num_tiles: int | None = None  # tiles with image_flags == 1; None: derived
+    image_tokens: int | None = None  # positions holding the image-context id, counted by the collate; None: unknown
+
+    def __post_init__(self) -> None:
+        """Derive the host facts not given from the tensors (one read each; construct on the CPU, or pass them)."""
+        if self.seqlens is None:
+            self.seqlens = tuple(torch.diff(self.cu_seqlens).tolist())
+        if self.num_tiles is None:
+            self.num_tiles = int((self.image_flags == 1).sum())
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
-        """A copy with ``fn`` applied to every tensor field; the int fields are kept."""
+        """A copy with ``fn`` applied to every tensor field; the host fields (ints, tuples, None) are kept."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
@@ -63,13 +80,18 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens of real samples (padding excluded)."""
-        return int(self.cu_seqlens[self.num_samples])
+        """Tokens of real samples (padding excluded), from the host ``seqlens``."""
+        return sum(self.sample_seqlens)
 
     @property
-    def num_tiles(self) -> int:
-        """Tiles whose features enter the sequence."""
-        return int(self.image_flags.sum())
+    def sample_seqlens(self) -> tuple[int, ...]:
+        """Lengths of the real samples, tokens (the padding segment excluded), from the host ``seqlens``."""
+        return self.seqlens[: self.num_samples]
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """Host copy of ``cu_seqlens``: the S + 1 segment offsets, tokens, starting at 0."""
+        return (0, *accumulate(self.seqlens))
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.plan import Plan, exact_partition, plan_from_partition, planning_inputs, save_gantt, search_partition
-from omnibal_pl.plan.make import resolve_source
-from omnibal_pl.plan.report import GIB, compare, format_comparison, format_stages
+from omnibal_pl.plan.make import PlanInputs, resolve_source
+from omnibal_pl.plan.report import GIB, compare, format_comparison, format_stages, format_zero_fit, zero_fit
 
 
 @dataclass
@@ -64,11 +64,16 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         torch.set_num_threads(settings.threads)
     balance, origin = resolved_caps(cfg, replace(balance, dp=cluster.dp))
     shape = micro_batch_shape(balance)
-    inputs = planning_inputs(
-        model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
-        schedule=cluster.schedule, device=cluster.device or "local", source=resolve_source(model, settings.source),
-        profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
-        memory_fraction=settings.memory_fraction, zero=cluster.zero)
+    source = resolve_source(model, settings.source)
+
+    def level_inputs(zero: int) -> PlanInputs:
+        return planning_inputs(
+            model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
+            schedule=cluster.schedule, device=cluster.device or "local", source=source,
+            profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
+            memory_fraction=settings.memory_fraction, zero=zero)
+
+    inputs = level_inputs(cluster.zero)
     searched = search_partition(inputs.profile, inputs.config)
     exact = exact_partition(inputs.profile, inputs.config, incumbent=searched) if settings.exact else None
     plan = plan_from_partition(model, inputs, searched, cluster.zero)
@@ -82,6 +87,9 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     print(format_stages(inputs, searched))
     print()
     print(format_comparison(compare(inputs, searched, exact)))
+    if source == "cost_model":
+        print(f"\nZeRO levels over dp={cluster.dp} (this run: cluster.zero={cluster.zero}):")
+        print(format_zero_fit(zero_fit(level_inputs), c.budget(0)))
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.save(run_dir / "plan.yaml")
     inputs.profile.save(run_dir / "cost_profile.json")

@@ -5,6 +5,8 @@ sample starts, ``position_ids`` restart per sample), tiles along the tile dimens
 is padded per ``pad_to``; the tile dimension to ``vit_cap`` with zero tiles of flag 0 when ``pad_to`` is
 ``cap`` (static shapes), else not at all (padding tiles would cost a full ViT pass each). Labels stay
 aligned with ``input_ids`` (unshifted, HF convention); every sample starts with an unsupervised token.
+The batch carries its host facts (segment lengths, real tiles, image-context tokens), counted here on the
+CPU so the training step reads no device tensor for them.
 """
 from __future__ import annotations
 
@@ -102,6 +104,9 @@ class PackingCollate:
             loss_weight=loss_weight[None],
             sample_ids=torch.tensor(ids, dtype=torch.int64),
             num_samples=len(samples),
+            seqlens=tuple(segments),
+            num_tiles=int((image_flags == 1).sum()),
+            image_tokens=self._count_image_tokens(input_ids),
         )
 
     def _padded_length(self, n_tokens: int) -> int:
@@ -115,6 +120,10 @@ class PackingCollate:
         if n == 0 or self.loss_weighting == "token":
             return 1.0
         return 1.0 / n if self.loss_weighting == "sample" else 1.0 / math.sqrt(n)
+
+    def _count_image_tokens(self, input_ids: torch.Tensor) -> int | None:
+        """Positions of ``input_ids`` (a host tensor) holding ``image_context_id``; None when it is not given."""
+        return None if self.image_context_id is None else int((input_ids == self.image_context_id).sum())
 
     def _check_image_tokens(self, samples: Sequence[Sample]) -> None:
         if self.image_context_id is None or self.tokens_per_tile is None:

@@ -7,10 +7,11 @@ tight), and the searched partition with global full recompute and with none-wher
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from omnibal_pl.errors import PlanError
 from omnibal_pl.plan.baselines import parameter_partition, torchtitan_partition, uniform_partition
-from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition
+from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition, search_partition
 from omnibal_pl.plan.make import PlanInputs
 
 GIB = 2**30
@@ -83,4 +84,31 @@ def format_stages(inputs: PlanInputs, scored: ScoredPartition) -> str:
             f"{scored.forward_s[s] * 1e3:8.2f} {scored.backward_s[s] * 1e3:8.2f} {scored.recompute_s[s] * 1e3:7.2f} "
             f"{chosen:>18s} {n:3d} {scored.activation_bytes[s] / GIB:8.3f} {scored.static_bytes[s] / GIB:7.2f} "
             f"{peak / GIB:8.2f} {cfg.budget(cfg.rank_of(s)) / GIB:7.1f}")
+    return "\n".join(lines)
+
+
+
+def zero_fit(plan_level: Callable[[int], PlanInputs]) -> list[tuple[int, ScoredPartition | None, str]]:
+    """For every ZeRO level: the searched partition with the static bytes split as that level splits them
+    (``plan_level(zero)`` makes the inputs), or why no partition fits."""
+    rows = []
+    for zero in (0, 1, 2, 3):
+        inputs = plan_level(zero)
+        try:
+            rows.append((zero, search_partition(inputs.profile, inputs.config), ""))
+        except PlanError as err:
+            rows.append((zero, None, str(err).splitlines()[0]))
+    return rows
+
+
+def format_zero_fit(rows: list[tuple[int, ScoredPartition | None, str]], budget_bytes: float) -> str:
+    """The :func:`zero_fit` rows as a table: fits, predicted step, largest stage memory vs the budget."""
+    lines = [f"{'zero':>4s} {'fits':>4s} {'step s':>9s} {'max stage GiB':>13s}   (budget {budget_bytes / GIB:.1f} GiB per rank;"
+             " 1 = optimizer state sharded, not runnable yet)"]
+    for zero, scored, error in rows:
+        if scored is None:
+            lines.append(f"{zero:>4d} {'no':>4s} {'-':>9s} {'-':>13s}   {error[:90]}")
+            continue
+        peak = max(s + n * a for s, n, a in zip(scored.static_bytes, scored.sim.peak_in_flight, scored.activation_bytes))
+        lines.append(f"{zero:>4d} {'yes':>4s} {scored.step_s:>9.4g} {peak / GIB:>13.1f}")
     return "\n".join(lines)

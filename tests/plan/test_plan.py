@@ -174,3 +174,17 @@ def test_check_run_names_every_setting_the_plan_was_not_made_for() -> None:
         plan.check_run(pp=3, dp=2, vit_cap=4, token_cap=256, micro_batches=4)
     assert "dp: plan 8, run 2" in str(err.value) and "token_cap: plan 128, run 256" in str(err.value)
     assert "pp:" not in str(err.value) and "micro_batches" not in str(err.value)
+
+
+def test_zero_levels_decide_what_fits_and_are_recorded() -> None:
+    """InternVL-Chat-V1.5 (26B) on 4 x H100 stages: replicated state does not fit, sharding over dp=8 does,
+    and each level holds less per stage than the one below it."""
+    cfg = load("internvl_chat_v1_5")
+    with pytest.raises(PlanError, match="fits in memory"):
+        make_plan(cfg, 4, 8, 18, 5280, dp=8, zero=0)
+    peaks = {}
+    for zero in (1, 2, 3):
+        plan = make_plan(cfg, 4, 8, 18, 5280, dp=8, zero=zero)
+        assert plan.zero == zero and plan.dp == 8
+        peaks[zero] = max(plan.stage_memory_bytes)
+    assert peaks[1] > peaks[3] and peaks[2] > peaks[3]
