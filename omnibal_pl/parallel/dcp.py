@@ -18,6 +18,7 @@ embedding is named ``llm.embed.tok.weight`` there (both copies have the same sta
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -94,7 +95,7 @@ def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimi
     dcp.load(state, checkpoint_id=path)
     if optimizer is not None:
         _apply_optimizer_state(optimizer, names, state[OPTIMIZER_KEY])
-    return torch.load(path / META_FILE, weights_only=False)
+    return load_meta(path / META_FILE)
 
 
 def _apply_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Parameter, str],
@@ -109,3 +110,13 @@ def _apply_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.P
             state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
             if state:
                 optimizer.state[p] = state
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    """Lightning's rest of a checkpoint, unpickled with ``weights_only=True``: plain containers, numbers,
+    strings and tensors only, so loading someone else's checkpoint runs no code of theirs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"checkpoint {path}: holds Python objects beyond plain containers and tensors, which are "
+                          f"not unpickled (that could run code): {str(err).splitlines()[0]}") from None
