@@ -13,6 +13,12 @@ levels (same data, same seed). Activation memory is not measured here.
 
     python scripts/bench_memory.py                     # both models
     python scripts/bench_memory.py --models tiny --steps 3
+    python scripts/bench_memory.py --cross-entropy     # the loss alone: chunked vs plain fp32 upcast
+
+``--cross-entropy`` measures the loss's forward + backward on bf16 logits [1, L, vocab] in a fresh process
+per variant, as the growth of the process's peak resident memory (``ru_maxrss``) over the logits and
+their gradient: the chunked loss of :mod:`omnibal_pl.train.objective` against the plain
+``F.cross_entropy(logits.float())`` it replaced, same loss value.
 """
 from __future__ import annotations
 
@@ -106,12 +112,63 @@ def measure(cfg: VLMConfig, pp: int, zero: int, steps: int) -> list[dict]:
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
+def _cross_entropy_peak(variant: str, tokens: int, vocab: int) -> None:
+    """Child process: prints the peak RSS growth (MiB) of one loss forward + backward, and the loss."""
+    import resource
+
+    import torch.nn.functional as F
+
+    from omnibal_pl.batch import PackedBatch
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    batch = PackedBatch(input_ids=labels, labels=labels, position_ids=torch.arange(tokens)[None],
+                        cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32), max_seqlen=tokens,
+                        pixel_values=torch.zeros(1, 3, 8, 8), image_flags=torch.zeros(1, dtype=torch.int64),
+                        loss_weight=torch.ones(1, tokens), sample_ids=torch.zeros(1, dtype=torch.int64), num_samples=1)
+    logits.grad = torch.zeros_like(logits)  # the gradient buffer both variants must fill: not counted
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "chunked":
+        loss_sum, weight = packed_loss_sum(logits, batch)
+    else:
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none")
+        loss_sum, weight = ce.sum(), torch.tensor(float(tokens - 1))
+    (loss_sum / weight).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(f"{peak / 1024:.0f} {float(loss_sum / weight):.6f}")
+
+
+def cross_entropy_table() -> None:
+    import subprocess
+
+    print(f"{'L x vocab':>16s} {'logits MiB':>10s} {'plain MiB':>10s} {'chunked MiB':>11s} {'ratio':>6s}  loss (equal)")
+    for tokens, vocab in ((2048, 32000), (4096, 92544)):
+        out = {}
+        for variant in ("plain", "chunked"):
+            res = subprocess.run([sys.executable, __file__, "--ce-child", variant, str(tokens), str(vocab)],
+                                 capture_output=True, text=True, check=True)
+            peak, loss = res.stdout.split()
+            out[variant] = (float(peak), loss)
+        logits_mib = tokens * vocab * 2 / MIB
+        print(f"{f'{tokens} x {vocab}':>16s} {logits_mib:>10.0f} {out['plain'][0]:>10.0f} {out['chunked'][0]:>11.0f} "
+              f"{out['chunked'][0] / out['plain'][0]:>6.2f}  {out['plain'][1]} / {out['chunked'][1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cross-entropy", action="store_true", help="measure the loss alone (see the docstring)")
+    parser.add_argument("--ce-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.ce_child:
+        _cross_entropy_peak(args.ce_child[0], int(args.ce_child[1]), int(args.ce_child[2]))
+        return
+    if args.cross_entropy:
+        cross_entropy_table()
+        return
     print(f"dp={DP}, micro-batch {VIT_CAP} tiles x {TOKEN_CAP} tokens, AdamW fp32, gloo on CPU, {args.steps} steps; "
           "per rank: parameters + gradients + optimizer state (local shards)")
     print(f"{'model':15s} {'pp':>2s} {'zero':>4s} {'measured MiB':>12s} {'predicted MiB':>13s} {'error':>7s} "
