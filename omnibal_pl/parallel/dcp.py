@@ -26,6 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from omnibal_pl.errors import ConfigError
 
@@ -39,14 +40,22 @@ def model_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for m in modules for k, v in m.model.state_dict().items()}
 
 
+def state_holder(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's per-parameter state: under ZeRO 1 the local optimizer of
+    ``ZeroRedundancyOptimizer`` (the parameters this rank updates), else ``optimizer`` itself."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Parameter, str]) -> dict[str, Any]:
-    """The optimizer's state flattened to ``state.<name>.<key>`` and ``group.<name>.<key>`` entries."""
+    """The optimizer's state flattened to ``state.<name>.<key>`` (the parameters whose state this rank holds)
+    and ``group.<name>.<key>`` (every parameter's group hyperparameters) entries."""
     out: dict[str, Any] = {}
+    held = state_holder(optimizer).state
     for group in optimizer.param_groups:
         hyper = {k: v for k, v in group.items() if k != "params"}
         for p in group["params"]:
             name = names[p]
-            for k, v in optimizer.state.get(p, {}).items():
+            for k, v in held.get(p, {}).items():
                 out[f"state.{name}.{k}"] = v
             for k, v in hyper.items():
                 out[f"group.{name}.{k}"] = v
@@ -80,7 +89,11 @@ def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimi
         # hyperparameters load over their current values; state tensors into buffers of the stored shapes
         flat = {k: v for k, v in optimizer_state(optimizer, names).items() if k.startswith("group.")}
         wanted |= {f"{OPTIMIZER_KEY}.{k}" for k in flat}
+        holder = state_holder(optimizer)
+        own = {p for group in holder.param_groups for p in group["params"]}
         for p, name in names.items():
+            if p not in own:
+                continue  # under ZeRO 1 another rank holds this parameter's state
             for key, meta in stored.items():
                 if key.startswith(f"{OPTIMIZER_KEY}.state.{name}.") and isinstance(meta, TensorStorageMetadata):
                     like_param = tuple(meta.size) == tuple(p.shape)  # exp_avg & co: sharded as the parameter
@@ -105,11 +118,13 @@ def _apply_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.P
         for k in group:
             if k != "params" and f"group.{first}.{k}" in flat:
                 group[k] = flat[f"group.{first}.{k}"]
+    holder = state_holder(optimizer)
+    for group in holder.param_groups:
         for p in group["params"]:
             prefix = f"state.{names[p]}."
             state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
             if state:
-                optimizer.state[p] = state
+                holder.state[p] = state
 
 
 def load_meta(path: Path) -> dict[str, Any]:

@@ -4,13 +4,14 @@
 
 - 0: parameters, gradients and optimizer state replicated on every DP rank; gradients all-reduced once
   per step (:func:`omnibal_pl.parallel.pipeline.all_reduce_grads`);
+- 1: optimizer state partitioned over DP (torch's ``ZeroRedundancyOptimizer``, built by the training module
+  with the runner's "dp" group): gradients all-reduced as at 0, each rank updates its parameters' share
+  and broadcasts it;
 - 2: gradients and optimizer state sharded over DP: every block of a stage is an FSDP2 unit that
   reduce-scatters its gradients after the step's last micro-batch and keeps its parameters unsharded
   from forward to backward (``reshard_after_forward=False``);
 - 3: parameters too: each unit all-gathers its parameters for forward and again for backward
   (``reshard_after_forward=True``).
-
-Level 1 (optimizer state only) is not built yet: FSDP2 always shards gradients.
 
 Sharding follows torchtitan's composition of pipelining with FSDP2: ``fully_shard`` per block over the
 DP sub-mesh of the ("pp", "dp") mesh, then on the stage root (which takes the blocks' leftovers and a
@@ -43,11 +44,8 @@ _TIED = ("llm.embed", "llm.head")
 def check_zero(zero: int, cfg: VLMConfig, plan: Plan) -> None:
     """Raises :class:`ConfigError` for a level that is unknown, not built, or cannot shard this plan."""
     if zero not in ZERO_LEVELS:
-        raise ConfigError(f"cluster.zero={zero!r}: choose one of {ZERO_LEVELS} (0 replicated, 2 gradients and "
-                          "optimizer state sharded over DP, 3 parameters too)")
-    if zero == 1:
-        raise ConfigError("cluster.zero=1 (optimizer state sharded, gradients replicated) is not built yet; use "
-                          "cluster.zero=2, which also shards the gradients")
+        raise ConfigError(f"cluster.zero={zero!r}: choose one of {ZERO_LEVELS} (0 replicated, 1 optimizer state "
+                          "sharded over DP, 2 gradients too, 3 parameters too)")
     if zero in SHARDED_LEVELS and cfg.llm.tie_embeddings:
         stage_of = {n: s for s, names in enumerate(plan.stages) for n in names}
         embed, head = stage_of["llm.embed"], stage_of["llm.head"]

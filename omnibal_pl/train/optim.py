@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.sparsify import SparsifyConfig
@@ -83,13 +85,19 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, sparsify: SparsifyConfig,
-                    total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+                    total_steps: int, shard_group: dist.ProcessGroup | None = None
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``named`` (model names, each parameter once) and its per-step warmup + cosine schedule
-    over ``total_steps`` optimizer steps."""
+    over ``total_steps`` optimizer steps. With ``shard_group`` (ZeRO 1) the AdamW state is partitioned over
+    that group by ``ZeroRedundancyOptimizer``: each rank updates its parameters and broadcasts them."""
     groups = param_groups(named, optim, sparsify.predictor_lr, sparsify.predictor_weight_decay)
     if not groups:
         raise ConfigError("optim.freeze leaves no trainable parameter; unfreeze a part")
-    opt = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+    if shard_group is None:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+    else:
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=shard_group,
+                                      betas=tuple(optim.betas), eps=optim.eps)
     total = max(1, int(total_steps))
     warmup = int(optim.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warmup, optim.min_lr_ratio))
