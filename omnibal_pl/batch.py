@@ -21,8 +21,9 @@ Invariants:
 Host facts: ``seqlens``, ``num_tiles`` and ``image_tokens`` are plain Python values describing the
 tensors as built (the collate computes them on the CPU, in the loader workers). Accounting and checks in
 the training hot path read them instead of the (device) tensors, so a micro-batch needs no host sync
-for them. ``to()`` and ``pin_memory()`` keep them; a tensor changed in place after construction makes
-them stale.
+for them. ``to()`` and ``pin_memory()`` keep them. Replacing ``cu_seqlens``, ``image_flags`` or
+``input_ids`` after construction re-derives the fact that depends on it; a tensor changed *in place*
+leaves the facts stale.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 from omnibal_pl.errors import ConfigError
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompts, image tokens, padding)
+_HOST_FACT_OF = {"cu_seqlens": "seqlens", "image_flags": "num_tiles", "input_ids": "image_tokens"}  # tensor -> fact
 
 
 @dataclass
@@ -56,11 +58,28 @@ class PackedBatch:
     image_tokens: int | None = None  # positions holding the image-context id, counted by the collate; None: unknown
 
     def __post_init__(self) -> None:
-        """Derive the host facts not given from the tensors (one read each; construct on the CPU, or pass them)."""
-        if self.seqlens is None:
-            self.seqlens = tuple(torch.diff(self.cu_seqlens).tolist())
-        if self.num_tiles is None:
+        """Derive the host facts not given from the tensors (one read each; construct on the CPU, or pass them).
+
+        Facts that contradict the tensors' shapes are stale (``dataclasses.replace`` with new tensors passes the
+        old facts) and are derived again; ``image_tokens``, which needs the image-context id, then becomes unknown.
+        """
+        if self.seqlens is None or not self._seqlens_fit():
+            self.seqlens, self.image_tokens = tuple(torch.diff(self.cu_seqlens).tolist()), None
+        if self.num_tiles is None or self.num_tiles > self.image_flags.shape[0]:
             self.num_tiles = int((self.image_flags == 1).sum())
+        object.__setattr__(self, "_built", True)
+
+    def _seqlens_fit(self) -> bool:
+        """Whether ``seqlens`` fits the shapes: one length per segment of ``cu_seqlens``, summing to ``L``."""
+        return len(self.seqlens) + 1 == self.cu_seqlens.shape[0] and sum(self.seqlens) == self.input_ids.shape[-1]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Replacing a tensor after construction drops the host fact derived from it and re-derives it."""
+        object.__setattr__(self, name, value)
+        fact = _HOST_FACT_OF.get(name)
+        if fact is not None and self.__dict__.get("_built"):
+            object.__setattr__(self, fact, None)
+            self.__post_init__()
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
         """A copy with ``fn`` applied to every tensor field; the host fields (ints, tuples, None) are kept."""

@@ -8,11 +8,15 @@ the sum over packed sequences of s^2 (never the square of the sum):
   2 sum_i s_i^2 d attention (causal: half of the 4 s^2 d of a full score matrix);
 - head: 2 L d V; embeddings and norms are negligible and counted as 0.
 
-Training costs about 3x forward (backward = 2x forward); recomputation adds forward work again.
+Training (:func:`train_flops`) counts each part (vision, projector, llm, in model order) as a multiple
+of its forward: 3x when trainable (forward, input gradient, weight gradient); 2x when frozen after a
+trainable part (the gradient still flows through it to its inputs, but no weight gradient); 1x when
+frozen with nothing trainable before it (no backward reaches it). Recomputation adds forward work again
+and is not counted (MFU counts useful work only).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
@@ -72,13 +76,54 @@ def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence
     raise ConfigError(f"unknown block kind {kind!r}")
 
 
+PART_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vision", ("vision_embed", "vision_block")),
+    ("projector", ("projector",)),
+    ("llm", ("llm_embed", "llm_layer", "llm_head")),
+)  # the model's parts (``optim.freeze`` names) in forward order, with their block kinds
+
+
+def block_counts(cfg: VLMConfig) -> dict[str, int]:
+    """How many blocks of each kind the model has."""
+    return {"vision_embed": 1, "vision_block": cfg.vision.num_blocks, "projector": 1, "llm_embed": 1,
+            "llm_layer": cfg.llm.layers, "llm_head": 1}
+
+
+def part_forward_flops(cfg: VLMConfig, part: str, tiles: int, seqlens: Sequence[int]) -> float:
+    """Forward FLOPs of one part (``vision``, ``projector`` or ``llm``) for one micro-batch."""
+    counts = block_counts(cfg)
+    kinds = dict(PART_KINDS).get(part)
+    if kinds is None:
+        raise ConfigError(f"{part!r} is not a model part; choose from {[name for name, _ in PART_KINDS]}")
+    return sum(counts[kind] * block_forward_flops(cfg, kind, tiles, seqlens) for kind in kinds)
+
+
 def model_forward_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> float:
     """Forward FLOPs of the whole model for one micro-batch."""
-    counts = {"vision_embed": 1, "vision_block": cfg.vision.num_blocks, "projector": 1, "llm_embed": 1,
-              "llm_layer": cfg.llm.layers, "llm_head": 1}
-    return sum(n * block_forward_flops(cfg, kind, tiles, seqlens) for kind, n in counts.items())
+    return sum(part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)
 
 
-def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> float:
-    """Forward + backward FLOPs of one micro-batch (3x forward), without recomputation."""
-    return 3.0 * model_forward_flops(cfg, tiles, seqlens)
+def pass_multiples(frozen: Collection[str] = ()) -> dict[str, float]:
+    """Training FLOPs of each part as a multiple of its forward FLOPs (see the module docstring):
+    3 trainable, 2 frozen after a trainable part, 1 frozen with nothing trainable before it."""
+    unknown = set(frozen) - {part for part, _ in PART_KINDS}
+    if unknown:
+        raise ConfigError(f"frozen parts {sorted(unknown)} are not model parts; choose from {[p for p, _ in PART_KINDS]}")
+    multiples: dict[str, float] = {}
+    backward_reaches = False  # a trainable part earlier in the forward needs the gradient of its output
+    for part, _ in PART_KINDS:
+        if part in frozen:
+            multiples[part] = 2.0 if backward_reaches else 1.0
+        else:
+            multiples[part], backward_reaches = 3.0, True
+    return multiples
+
+
+def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int], frozen: Collection[str] = ()) -> float:
+    """Forward + backward FLOPs of one micro-batch, without recomputation (useful work, for MFU).
+
+    ``tiles``: real tiles (flag 1; padding and dummy tiles excluded); ``seqlens``: the real samples'
+    lengths (the padding segment excluded); ``frozen``: the ``optim.freeze`` parts.
+    """
+    multiples = pass_multiples(frozen)
+    return sum(multiples[part] * part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)

@@ -33,20 +33,39 @@ class TokenEmbed(nn.Module):
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         h = self.tok(batch.input_ids)
         slots = batch.input_ids == self.image_context_id
-        feats = x[batch.image_flags.to(x.device) == 1].reshape(-1, x.shape[-1])
-        # One host sync per step, the price of catching a tokenizer/collate mismatch before it corrupts training.
-        num_slots = int(slots.sum())
-        if num_slots != feats.shape[0]:
-            raise DataError(
-                f"llm.embed: input_ids hold {num_slots} image-context tokens (id {self.image_context_id}) but "
-                f"{int((batch.image_flags == 1).sum())} real tiles x {x.shape[1]} tokens per tile = {feats.shape[0]} "
-                f"features; the tokenizer/collate must insert tokens_per_tile context tokens per tile with "
-                f"image_flags == 1 and the model's image_context_id must match the tokenizer's"
-            )
+        self._check_image_tokens(slots, batch, x.shape[1])
+        feats = real_tile_features(x, batch)
         h = h.masked_scatter(slots.unsqueeze(-1), feats.to(h.dtype))
         # Dummy tiles (flag 0) still ran through the encoder: a zero-weighted term keeps every vision
         # parameter in the autograd graph, so DDP and pipeline backward see the same graph each step.
         return h + 0.0 * x.sum().to(h.dtype)
+
+    def _check_image_tokens(self, slots: torch.Tensor, batch: PackedBatch, tokens_per_tile: int) -> None:
+        """Image-context tokens must equal real tiles x ``tokens_per_tile``. A collated batch is checked from
+        its host facts (no sync); a batch without ``image_tokens`` (built by hand: tests, generation, the
+        profiler) from its tensors, one host sync."""
+        if batch.image_tokens is not None:
+            have, tiles = batch.image_tokens, batch.num_tiles
+        else:
+            have, tiles = int(slots.sum()), int((batch.image_flags == 1).sum())
+        if have != tiles * tokens_per_tile:
+            raise DataError(
+                f"llm.embed: input_ids hold {have} image-context tokens (id {self.image_context_id}) but "
+                f"{tiles} real tiles x {tokens_per_tile} tokens per tile = {tiles * tokens_per_tile} "
+                f"features; the tokenizer/collate must insert tokens_per_tile context tokens per tile with "
+                f"image_flags == 1 and the model's image_context_id must match the tokenizer's"
+            )
+
+
+def real_tile_features(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Features of the tiles with ``image_flags == 1``, in tile order: [num_tiles * tokens_per_tile, hidden].
+
+    ``x`` [T, tokens_per_tile, hidden]. Sized by the host count ``batch.num_tiles`` (a stable sort puts the
+    flagged tiles first), so unlike boolean indexing it needs no host sync.
+    """
+    unflagged = (batch.image_flags.to(x.device) != 1).to(torch.int8)
+    order = torch.sort(unflagged, stable=True).indices[: batch.num_tiles]
+    return x.index_select(0, order).reshape(-1, x.shape[-1])
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +107,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cu_seqlens = batch.cu_seqlens.to(x.device)
         if keep is None:
-            out = block.attention_core(self._core, q, k, v, cu_seqlens, batch.max_seqlen)
+            out = block.attention_core(self._core, q, k, v, cu_seqlens, batch.max_seqlen, batch.bounds)
         else:
             out = block.attention_core(masked_varlen_attention, q, k, v, keep, cu_seqlens)
         return self.o(out.reshape(1, length, -1))
 
-    def _core(self, q, k, v, cu_seqlens, max_seqlen):
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+    def _core(self, q, k, v, cu_seqlens, max_seqlen, bounds):
+        """``bounds``: the host copy of ``cu_seqlens`` (``batch.bounds``), so sdpa/flex need no device read."""
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend, host_bounds=bounds)
 
 
 class SwiGLU(nn.Module):

@@ -9,6 +9,11 @@ of its micro-batch; Lightning divides by ``accumulate_grad_batches`` and DDP ave
 gradients by ``LOSS_SCALE * accumulate * dp / W`` (W: the step's global supervised weight). So the loss
 and the gradients are the same whatever the DP size and the gradient accumulation.
 
+Host syncs: none inside a micro-batch (``training_step`` accounts from the batch's host facts and keeps the
+loss terms on the device); one per optimizer step, reading the all-reduced totals in
+``on_before_optimizer_step`` (plus the keep-rate penalty under sparsification, in
+:meth:`~omnibal_pl.train.step_metrics.StepMeter.finish_step`).
+
 Logged every optimizer step (:class:`~omnibal_pl.train.step_metrics.StepMeter`): ``train/loss``,
 ``train/lr``, ``train/tokens_per_s``, ``train/samples_per_s``, ``train/tiles_per_s``, ``train/step_s``,
 ``train/mfu`` (when the device's peak is known), ``train/keep_rate_loss`` (sparsification) and the
@@ -42,7 +47,7 @@ class VLMTrainingModule(L.LightningModule):
         self.seed, self.init_from = seed, init_from
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": vars(self.optim),
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
-        self.meter = StepMeter(self.model_cfg, peak_tflops)
+        self.meter = StepMeter(self.model_cfg, peak_tflops, self.optim.freeze)
         self.model: VLM | None = self._initial_model()
 
     @property
@@ -104,10 +109,11 @@ class OmniBalModule(VLMTrainingModule):
         return objective.value / LOSS_SCALE
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        totals = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")
-        total_weight = max(float(totals[1]), 1e-12)
+        reduced = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")
+        totals = reduced.tolist()  # the step's one host sync (allowed: once per optimizer step)
+        total_weight = max(totals[1], 1e-12)
         scale = LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size / total_weight
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        self.log_step(float(totals[0]) / total_weight, totals[2:].tolist())
+        self.log_step(totals[0] / total_weight, totals[2:])

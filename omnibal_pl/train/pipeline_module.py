@@ -7,7 +7,8 @@ pipeline inside Lightning): its batch is the step's ``m`` micro-batches (one loa
 micro-batches with each micro-batch's objective multiplied by ``m x dp / W`` (the runner's mean over
 ``m`` micro-batches and ``dp`` replicas then leaves sum(objective) / W, as in
 :class:`~omnibal_pl.train.module.OmniBalModule`), clips by the norm over all stages, steps the optimizer
-and the LR schedule, and logs. Only this rank's stages exist (``configure_model``, called by the
+and the LR schedule, and logs (host syncs: the reduced totals, read once before the schedule runs, and the
+step's loss after it; none per micro-batch). Only this rank's stages exist (``configure_model``, called by the
 Trainer once processes are up).
 """
 from __future__ import annotations
@@ -72,11 +73,10 @@ class OmniBalPipelineModule(VLMTrainingModule):
                               "as one batch: build the DataModule with whole_steps=True")
         for mb in batch:
             self.meter.account(mb)
-        weight = sum(float(token_weights(mb).sum()) for mb in batch)
-        m = self.meter
-        totals = torch.tensor([weight, m.tokens, m.samples, m.tiles, m.flops], dtype=torch.float64, device=self.device)
+        totals = self._step_totals(batch)
         dist.all_reduce(totals, group=self.runner.dp_group)  # the ranks of one pipeline hold the same batches
-        self._loss_scale = len(batch) * dist.get_world_size(self.runner.dp_group) / max(float(totals[0]), 1e-12)
+        host = totals.tolist()  # the step's one host sync before its schedule runs (allowed: once per step)
+        self._loss_scale = len(batch) * dist.get_world_size(self.runner.dp_group) / max(host[0], 1e-12)
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         loss = self.runner.train_step(batch)
@@ -84,5 +84,13 @@ class OmniBalPipelineModule(VLMTrainingModule):
             self.runner.clip_grad_norm_(float(self.gradient_clip_val))
         optimizer.step()
         self.lr_schedulers().step()
-        self.log_step(float(loss), totals[1:].tolist())
+        self.log_step(float(loss), host[1:])  # the step's loss: read once, after its schedule
         return loss
+
+    def _step_totals(self, batch: list[PackedBatch]) -> torch.Tensor:
+        """[W, tokens, samples, tiles, FLOPs] of this rank's step (float64 on the module's device), to all-reduce:
+        the supervised weight summed on the device, the work from the meter's host counts (no host read)."""
+        weights = [token_weights(mb).sum().to(self.device, torch.float64) for mb in batch]
+        m = self.meter
+        work = torch.tensor([m.tokens, m.samples, m.tiles, m.flops], dtype=torch.float64, device=self.device)
+        return torch.cat([torch.stack(weights).sum().view(1), work])

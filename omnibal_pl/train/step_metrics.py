@@ -1,7 +1,14 @@
-"""Per-optimizer-step accounting shared by the training modules: work done, time, throughput and MFU."""
+"""Per-optimizer-step accounting shared by the training modules: work done, time, throughput and MFU.
+
+Hot-path rule: nothing here reads a device tensor per micro-batch. The work (tokens, samples, tiles,
+FLOPs) comes from the batch's host facts (:class:`~omnibal_pl.batch.PackedBatch`, counted by the
+collate); the loss terms are summed as device tensors and read once per optimizer step, by the caller's
+all-reduce of :meth:`StepMeter.local_totals` (and :meth:`StepMeter.finish_step` for the keep-rate penalty).
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -13,44 +20,56 @@ from omnibal_pl.train.objective import Objective
 
 class StepMeter:
     """Sums one optimizer step's local work (tokens, samples, tiles, training FLOPs) and loss terms; turns
-    the step's global totals into logged metrics. Times from the first micro-batch to :meth:`finish_step`."""
+    the step's global totals into logged metrics. Times from the first micro-batch to :meth:`finish_step`.
 
-    def __init__(self, cfg: VLMConfig, peak_tflops: float | None) -> None:
+    ``frozen``: the ``optim.freeze`` parts, which :func:`~omnibal_pl.model.flops.train_flops` counts with
+    less backward work.
+    """
+
+    def __init__(self, cfg: VLMConfig, peak_tflops: float | None, frozen: Collection[str] = ()) -> None:
         self.cfg = cfg
         self.peak_tflops = peak_tflops
+        self.frozen = tuple(frozen)
         self.losses: list[float] = []  # global loss of every finished step
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum = self.weight = self.keep_rate_loss = 0.0
-        self.tokens = self.samples = self.tiles = self.flops = 0.0
+        self.loss_sum: torch.Tensor | None = None  # device scalars, summed over the step's micro-batches
+        self.weight: torch.Tensor | None = None
+        self.keep_rate_loss: torch.Tensor | None = None
+        self.tokens = self.samples = self.tiles = 0  # host counts
+        self.flops = 0.0
         self.micro_batches = 0
         self.start: float | None = None
 
     def account(self, batch: PackedBatch) -> None:
-        """Add a micro-batch's tokens, samples, tiles and training FLOPs to the step's totals."""
+        """Add a micro-batch's real tokens, samples, tiles and training FLOPs (host facts only: no device read)."""
         if self.start is None:
             self.start = time.perf_counter()
         self.tokens += batch.num_tokens
         self.samples += batch.num_samples
         self.tiles += batch.num_tiles
-        self.flops += train_flops(self.cfg, int(batch.pixel_values.shape[0]), torch.diff(batch.cu_seqlens).tolist())
+        self.flops += train_flops(self.cfg, batch.num_tiles, batch.sample_seqlens, self.frozen)
         self.micro_batches += 1
 
     def add_loss(self, objective: Objective) -> None:
-        """Add a micro-batch's weighted CE sum, weight and keep-rate penalty."""
-        self.loss_sum += float(objective.loss_sum.detach())
-        self.weight += float(objective.weight.detach())
+        """Add a micro-batch's weighted CE sum, weight and keep-rate penalty, on their device (no host read)."""
+        self.loss_sum = _add(self.loss_sum, objective.loss_sum)
+        self.weight = _add(self.weight, objective.weight)
         if objective.keep_rate_loss is not None:
-            self.keep_rate_loss += float(objective.keep_rate_loss)
+            self.keep_rate_loss = _add(self.keep_rate_loss, objective.keep_rate_loss)
 
     def local_totals(self, device: torch.device) -> torch.Tensor:
-        """[loss_sum, weight, tokens, samples, tiles, FLOPs] of this process's step (float64), to all-reduce."""
-        return torch.tensor([self.loss_sum, self.weight, self.tokens, self.samples, self.tiles, self.flops],
-                            dtype=torch.float64, device=device)
+        """[loss_sum, weight, tokens, samples, tiles, FLOPs] of this process's step (float64 on ``device``), to
+        all-reduce. Built without a host read; the caller reads the reduced tensor once per optimizer step."""
+        work = torch.tensor([self.tokens, self.samples, self.tiles, self.flops], dtype=torch.float64, device=device)
+        loss = torch.stack([_on(self.loss_sum, device), _on(self.weight, device)])
+        return torch.cat([loss, work])
 
     def finish_step(self, loss: float, totals: list[float], lr: float, world_size: int) -> dict[str, float]:
-        """The step's metrics from its global loss and totals (tokens, samples, tiles, FLOPs); starts the next."""
+        """The step's metrics from its global loss and totals (tokens, samples, tiles, FLOPs); starts the next.
+
+        Reads the step's keep-rate penalty (sparsification only): one host sync per optimizer step."""
         tokens, samples, tiles, flops = totals
         self.losses.append(loss)
         now = time.perf_counter()
@@ -59,7 +78,20 @@ class StepMeter:
                    "train/tiles_per_s": tiles / seconds, "train/step_s": seconds, "train/lr": lr}
         if self.peak_tflops:
             metrics["train/mfu"] = flops / seconds / (self.peak_tflops * 1e12 * world_size)
-        if self.keep_rate_loss:
-            metrics["train/keep_rate_loss"] = self.keep_rate_loss / max(self.micro_batches, 1)
+        if self.keep_rate_loss is not None:
+            metrics["train/keep_rate_loss"] = float(self.keep_rate_loss) / max(self.micro_batches, 1)
         self._reset()
         return metrics
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``total + term`` as a detached fp64 device scalar (``term`` alone when there is no total yet)."""
+    term = term.detach().to(torch.float64)
+    return term if total is None else total + term
+
+
+def _on(total: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A summed term as an fp64 scalar on ``device`` (0 when the step added none)."""
+    if total is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return total.to(device)

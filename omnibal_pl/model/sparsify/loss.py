@@ -24,7 +24,8 @@ def keep_rate_loss(keep: torch.Tensor, batch: PackedBatch, cfg: SparsifyConfig, 
 
     ``keep`` [L] or [1, L] is the mask from :func:`~omnibal_pl.model.sparsify.channel.split_output`.
     Vision: samples with image tokens; output / instruction text: samples whose span is at least
-    ``*_len_for_training`` tokens long.
+    ``*_len_for_training`` tokens long. Host syncs (allowed, sparsification only): :func:`find_spans`, and
+    per kind whether any sample is penalised and its kept fraction for ``kept``.
     """
     keep = keep.reshape(-1).float()
     spans = find_spans(batch, image_context_id)

@@ -128,6 +128,10 @@ class Sparsifier(nn.Module):
     Training mode: Gumbel decisions at temperature ``tau`` (set each step by
     :class:`omnibal_pl.train.callbacks.GumbelTemperature`, or by :func:`set_temperature`).
     Eval mode: top-k by score for image and instruction tokens, argmax for answer tokens.
+
+    Host syncs per micro-batch (allowed, sparsification only: the spans and their sizes decide which tokens
+    the predictors see): :func:`find_spans`' copy of the ids and labels, each span's ``nonzero``, and the
+    vision predictor's longest sample (``max_seqlen`` of its attention).
     """
 
     def __init__(self, cfg: SparsifyConfig, hidden: int, image_context_id: int, backend: str) -> None:

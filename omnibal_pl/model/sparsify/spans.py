@@ -31,7 +31,9 @@ def find_spans(batch: PackedBatch, image_context_id: int) -> Spans:
     - instruct: the non-image, unsupervised tokens after the sample's last image token and previous
       answer and before the last answer (without an answer: before the sample's last token, which
       is always kept so a prompt's next-token logits exist); each sample's first token (BOS) is excluded.
-    Runs on CPU (a few host syncs per micro-batch); the masks come back on the batch's device.
+    Runs on the CPU; the masks come back on the batch's device. Host syncs (allowed, documented: only with
+    sparsification on): one copy each of ``input_ids`` and ``labels`` to the host per call; the segment
+    bounds come from the batch's host ``seqlens`` (no device read).
     """
     ids = batch.input_ids[0].cpu()
     answer = batch.labels[0].cpu() != IGNORE_INDEX
@@ -40,7 +42,7 @@ def find_spans(batch: PackedBatch, image_context_id: int) -> Spans:
     sample = torch.full((length,), -1, dtype=torch.long)
     output = torch.zeros(length, dtype=torch.bool)
     instruct = torch.zeros(length, dtype=torch.bool)
-    bounds = batch.cu_seqlens.tolist()
+    bounds = batch.bounds
     for k in range(batch.num_samples):
         s, e = bounds[k], bounds[k + 1]
         sample[s:e] = k
