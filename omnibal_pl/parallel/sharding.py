@@ -42,7 +42,7 @@ _TIED = ("llm.embed", "llm.head")
 
 
 def check_zero(zero: int, cfg: VLMConfig, plan: Plan) -> None:
-    """Raises :class:`ConfigError` for a level that is unknown, not built, or cannot shard this plan."""
+    """Raises :class:`ConfigError` for a level that is unknown or cannot shard this plan."""
     if zero not in ZERO_LEVELS:
         raise ConfigError(f"cluster.zero={zero!r}: choose one of {ZERO_LEVELS} (0 replicated, 1 optimizer state "
                           "sharded over DP, 2 gradients too, 3 parameters too)")

@@ -104,7 +104,7 @@ def zero_fit(plan_level: Callable[[int], PlanInputs]) -> list[tuple[int, ScoredP
 def format_zero_fit(rows: list[tuple[int, ScoredPartition | None, str]], budget_bytes: float) -> str:
     """The :func:`zero_fit` rows as a table: fits, predicted step, largest stage memory vs the budget."""
     lines = [f"{'zero':>4s} {'fits':>4s} {'step s':>9s} {'max stage GiB':>13s}   (budget {budget_bytes / GIB:.1f} GiB per rank;"
-             " 1 = optimizer state sharded, not runnable yet)"]
+             " 1 optimizer state sharded, 2 gradients too, 3 parameters too)"]
     for zero, scored, error in rows:
         if scored is None:
             lines.append(f"{zero:>4d} {'no':>4s} {'-':>9s} {'-':>13s}   {error[:90]}")

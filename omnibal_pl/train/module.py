@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from omnibal_pl.batch import PackedBatch
@@ -89,9 +90,13 @@ class VLMTrainingModule(L.LightningModule):
         items = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return datamodule.step_balance(items)
 
+    def optimizer_shard_group(self) -> dist.ProcessGroup | None:
+        """The group the optimizer state is partitioned over (ZeRO 1), or None to keep it whole."""
+        return None
+
     def configure_optimizers(self) -> dict[str, Any]:
         opt, sched = build_optimizer(self.named_trainable_parameters(), self.optim, self.model_cfg.sparsify,
-                                     self.trainer.estimated_stepping_batches)
+                                     self.trainer.estimated_stepping_batches, self.optimizer_shard_group())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -193,14 +193,15 @@ def check_resumed(results: list[dict], full: dict) -> None:
 
 
 @pytest.mark.timeout(540)
-def test_dp2_zero3_trains_like_one_process_and_resumes_exactly(tmp_path):
-    """ZeRO 3 under Lightning: sharded parameters, gradients and AdamW state, clipping over shards, a
-    distributed checkpoint of DTensors that resumes into the same run."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_dp2_zero_trains_like_one_process_and_resumes_exactly(tmp_path, zero):
+    """ZeRO under Lightning: 1 partitions the AdamW state (ZeroRedundancyOptimizer), 3 shards parameters,
+    gradients and state (FSDP2, clipping over shards); a distributed checkpoint resumes into the same run."""
     m, steps = 2, 4
-    full = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=3,
+    full = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=zero,
                  root=str(tmp_path / "full"), every=2)
     check_equal(full, *reference(m, 2, steps))
-    resumed = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=3,
+    resumed = spawn(pipeline_fit, 2, tmp_path, pp=1, dp=2, m=m, steps=steps, stages=[NAMES], zero=zero,
                     resume=str(tmp_path / "full" / "ckpt" / "step2.ckpt"))
     check_resumed(resumed, full[0])
 
