@@ -1,7 +1,7 @@
 """Memory balance benchmark (CPU, gloo): what each rank holds at every built ZeRO level, measured on the real
 runtime beside the memory model's prediction, with the step time and the loss after a few steps.
 
-For ``tiny`` and ``internvl_100m`` at pp 1 and 2 with dp 2 and ZeRO 0, 2 and 3, every rank builds its
+For ``tiny`` and ``internvl_100m`` at pp 1 and 2 with dp 2 and ZeRO 0 to 3, every rank builds its
 stages of a uniform plan with :func:`omnibal_pl.parallel.build_pipeline`, trains ``--steps`` AdamW steps on
 fixed micro-batches and reports the bytes it holds in parameters, gradients and optimizer state (local
 shards) after the last step. The prediction is :func:`omnibal_pl.plan.costs.training_static_bytes`
@@ -36,12 +36,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnibal_pl.conf import preset  # noqa: E402
 from omnibal_pl.model import VLMConfig, dummy_batch  # noqa: E402
 from omnibal_pl.parallel import build_mesh, build_pipeline, initial_state_dict  # noqa: E402
+from omnibal_pl.parallel.dcp import state_holder  # noqa: E402
 from omnibal_pl.parallel.sharding import local_tensor  # noqa: E402
 from omnibal_pl.plan import uniform_plan  # noqa: E402
 from omnibal_pl.plan.cost_model import block_parameters  # noqa: E402
@@ -81,7 +83,8 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, pp: int,
         plan = uniform_plan(cfg, pp, m, VIT_CAP, TOKEN_CAP, dp=DP, zero=zero)
         runner = build_pipeline(cfg, plan, mesh, initial_state_dict(cfg, 0), loss_fn)
         params = list(runner.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-3)
+        opt = (ZeroRedundancyOptimizer(params, torch.optim.AdamW, process_group=runner.dp_group, lr=1e-3) if zero == 1
+               else torch.optim.AdamW(params, lr=1e-3))
         times, loss = [], 0.0
         for step in range(steps):
             batches = micro_batches(cfg, DP * m, 100 * step)[dims.dp_rank * m:(dims.dp_rank + 1) * m]
@@ -92,7 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, pp: int,
             opt.step()
             times.append(time.perf_counter() - start)
         parts = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
-                 "optimizer": [v for p in params for v in opt.state[p].values() if v.dim() > 0]}
+                 "optimizer": [v for p in params for v in state_holder(opt).state.get(p, {}).values() if v.dim() > 0]}
         held = {k: sum(local_tensor(t).numel() * t.element_size() for t in ts) for k, ts in parts.items()}
         blocks = [n for s in plan.stages_of_rank(dims.pp_rank) for n in plan.stages[s]]
         torch.save({"rank": rank, "held": held, "predicted": predicted_bytes(cfg, blocks, zero),
@@ -177,7 +180,7 @@ def main() -> None:
         cfg = VLMConfig.from_dict(preset("model", name))
         for pp in (1, 2):
             base = None
-            for zero in (0, 2, 3):
+            for zero in (0, 1, 2, 3):
                 ranks = measure(cfg, pp, zero, args.steps)
                 worst = max(ranks, key=lambda r: sum(r["held"].values()))
                 held, predicted = sum(worst["held"].values()), worst["predicted"]
