@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = bench_model()
     inputs = planning_inputs(cfg, args.pp, args.micro_batches, args.vit_cap, args.token_cap, device="local",
-                             source="profile", samples=args.samples)
+                             source="profile", samples=args.samples, precision="32-true")
     profile, config = inputs.profile, inputs.config
     blocks = [(b.name, b.forward_s + b.backward_s) for b in profile.blocks]
     print(f"model {cfg.name}: {len(blocks)} blocks; profiled forward+backward per block (ms):")

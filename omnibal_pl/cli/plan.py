@@ -71,7 +71,7 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
             model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
             schedule=cluster.schedule, device=cluster.device or "local", source=source,
             profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
-            memory_fraction=settings.memory_fraction, zero=zero)
+            memory_fraction=settings.memory_fraction, zero=zero, precision=cluster.precision)
 
     inputs = level_inputs(cluster.zero)
     searched = search_partition(inputs.profile, inputs.config)

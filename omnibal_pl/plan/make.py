@@ -11,7 +11,7 @@ from omnibal_pl.plan.cost_model import PRESETS, block_parameters, cost_model_pro
 from omnibal_pl.plan.costs import CostProfile, ZeroSharding
 from omnibal_pl.plan.partition import ScoredPartition, search_partition
 from omnibal_pl.plan.plan import Plan
-from omnibal_pl.plan.profiler import device_memory_bytes, local_device, profile_blocks
+from omnibal_pl.plan.profiler import device_memory_bytes, local_device, precision_of, profile_blocks
 from omnibal_pl.plan.schedule import PipelineConfig
 
 
@@ -29,9 +29,10 @@ class PlanInputs:
 def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
                     schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
                     profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-                    memory_fraction: float = 0.9, zero: int = 0) -> PlanInputs:
+                    memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed") -> PlanInputs:
     """Block costs and pipeline config for :func:`make_plan` (its docstring has the arguments)."""
     sharding = ZeroSharding(zero, dp)
+    element_bytes = precision_of(precision).compute.itemsize
     if source not in ("profile", "cost_model"):
         raise ConfigError(f"plan source {source!r}: use 'profile' (measure the blocks here) or 'cost_model'")
     if not 0 < memory_fraction <= 1:
@@ -41,7 +42,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
         device_preset(device)  # raises the error listing the presets
     measured = None
     if source == "profile" or device not in PRESETS:
-        measured = profile_blocks(model, shape, sharding=sharding, cache_dir=profile_cache)
+        measured = profile_blocks(model, shape, precision=precision, sharding=sharding, cache_dir=profile_cache)
     if device in PRESETS:
         preset = device_preset(device)
         memory, hop = preset.memory_bytes, hop_seconds(model, shape, preset)
@@ -52,7 +53,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
     else:
         if preset is None:
             preset = fit_device(measured, model, memory)
-        profile = cost_model_profile(model, shape, preset, sharding=sharding)
+        profile = cost_model_profile(model, shape, preset, element_bytes=element_bytes, sharding=sharding)
     profile.check_blocks(model.block_names())
     config = PipelineConfig(pp=pp, micro_batches=micro_batches, schedule=schedule,
                             virtual_stages=virtual_stages if schedule == "interleaved" else 1, hop_s=hop,
@@ -85,7 +86,7 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
 def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
               schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
               profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-              memory_fraction: float = 0.9, zero: int = 0) -> Plan:
+              memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed") -> Plan:
     """The searched partition of ``model`` into pipeline stages with adaptive per-stage recompute.
 
     ``vit_cap`` tiles and ``token_cap`` tokens per micro-batch, packed as ``samples`` samples; ``pp``
@@ -95,12 +96,15 @@ def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token
     (measured here, cached in ``profile_cache``). The memory budget per rank is ``memory_fraction`` of
     the device's memory (the preset's, or this machine's for ``measured``/``local``); parameters,
     gradients and optimizer state are split over the ``dp`` ranks as ZeRO level ``zero`` splits them
-    (:class:`~omnibal_pl.plan.costs.ZeroSharding`), and the plan records the level. Raises
+    (:class:`~omnibal_pl.plan.costs.ZeroSharding`), and the plan records the level. ``precision``: the run's
+    Lightning precision (:data:`~omnibal_pl.plan.profiler.PRECISIONS`): a profile measures in it; the cost
+    model counts 2 bytes per element for 16-bit precisions (``*-mixed`` included), 4 for ``32-true``. Raises
     :class:`PlanError` when no partition fits, naming the fix.
     """
     inputs = planning_inputs(model, pp, micro_batches, vit_cap, token_cap, dp=dp, schedule=schedule, device=device,
                              source=source, profile_cache=profile_cache, samples=samples,
-                             virtual_stages=virtual_stages, memory_fraction=memory_fraction, zero=zero)
+                             virtual_stages=virtual_stages, memory_fraction=memory_fraction, zero=zero,
+                             precision=precision)
     return plan_from_partition(model, inputs, search_partition(inputs.profile, inputs.config), zero)
 
 

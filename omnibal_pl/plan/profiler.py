@@ -1,43 +1,124 @@
 """Block profiler: measured per-block costs of a real model for one micro-batch shape.
 
 For every block of ``VLM(cfg).blocks()``, with the block's real input (from one forward of the whole
-model on a :func:`~omnibal_pl.model.dummy.dummy_batch` of the shape):
+model on a :func:`~omnibal_pl.model.dummy.dummy_batch` of the shape), in the run's precision
+(:class:`Precision`: Lightning's ``32-true``, ``16-true``, ``bf16-true``, ``16-mixed``, ``bf16-mixed``):
 
 - forward and backward seconds (backward of a random output gradient), medians over ``repeats`` after
   ``warmup`` runs; CUDA events on GPU, wall clock on CPU (where ops are synchronous);
 - the attention core's forward seconds (the time ``attention`` recompute adds), timed around
   :meth:`TransformerBlock.attention_core`; ``full`` recompute adds one forward;
 - activation bytes kept for backward under each recompute mode: the distinct storages autograd saves
-  during the block's forward (``saved_tensors_hooks``), parameters excluded, the block input included;
-- parameter bytes and gradient + AdamW state bytes (:func:`~omnibal_pl.plan.costs.training_static_bytes`).
+  during the block's forward (``saved_tensors_hooks``), the block input included; parameters and what is
+  computed from one parameter alone (the bf16 copies autocast casts the weights to, shared by every
+  micro-batch of a step) excluded;
+- parameter bytes and gradient + AdamW state bytes (:func:`~omnibal_pl.plan.costs.training_static_bytes`)
+  at the precision's parameter storage size (4 bytes under ``*-mixed``, 2 under ``bf16-true``).
 
-Results are cached as JSON (``CostProfile.save``) under a name made of the model, the device, the dtype,
-the shape and a hash of the whole model config.
+The ``llm.head`` block is measured together with the training loss on its logits (``head_loss``), as the
+last stage runs it: its times include the loss's forward and backward, its activation bytes what the
+loss saves. The default, :func:`next_token_loss`, is a plain cross-entropy: it keeps the fp32 log-softmax
+[L, vocab], an upper bound of the runtime's chunked loss (``train/objective.py: packed_loss_sum``, which
+keeps the logits and an fp32 log-sum-exp per position: equal under ``32-true``, half the figure under
+16-bit precisions). Pass ``head_loss=lambda logits, b: packed_loss_sum(logits, b)[0]`` from a floor that
+may import ``train`` for the runtime's own figure.
+
+Results are cached as JSON (``CostProfile.save``) under a name made of the model, the device, the precision
+(:attr:`Precision.tag`), the shape and a hash of the whole model config.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Iterable
 
 import torch
+import torch.nn.functional as F
 
-from omnibal_pl.batch import MicroBatchShape, PackedBatch
+from omnibal_pl.batch import IGNORE_INDEX, MicroBatchShape, PackedBatch
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.model.block import TransformerBlock
+from omnibal_pl.model.block import RECOMPUTE_MODES, TransformerBlock
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.dummy import dummy_batch
 from omnibal_pl.model.flops import block_kind
+from omnibal_pl.model.sparsify import split_output
 from omnibal_pl.model.vlm import VLM
-from omnibal_pl.model.block import RECOMPUTE_MODES
 from omnibal_pl.plan.costs import BlockCost, CostProfile, ZeroSharding, training_static_bytes
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HeadLoss = Callable[[torch.Tensor, PackedBatch], torch.Tensor]  # (logits [1, L, vocab], batch) -> scalar loss
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run stores its parameters and computes, by Lightning's precision ``name``: parameters (and
+    inputs) in ``params``; forward and backward under ``torch.autocast`` to ``autocast`` (None: no autocast,
+    everything in ``params``), as Lightning's MixedPrecision plugin runs ``*-mixed``."""
+
+    name: str
+    params: torch.dtype
+    autocast: torch.dtype | None = None
+
+    @property
+    def compute(self) -> torch.dtype:
+        """The dtype most activations are computed in."""
+        return self.autocast or self.params
+
+    @property
+    def tag(self) -> str:
+        """File-name part: the parameter dtype, then ``-autocast-<dtype>`` under mixed precision."""
+        name = _dtype_name(self.params)
+        return name if self.autocast is None else f"{name}-autocast-{_dtype_name(self.autocast)}"
+
+    def context(self, device: torch.device) -> ContextManager[object]:
+        """The autocast region forward passes run in (a no-op without autocast)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("32-true", torch.float32), Precision("16-true", torch.float16), Precision("bf16-true", torch.bfloat16),
+    Precision("16-mixed", torch.float32, torch.float16), Precision("bf16-mixed", torch.float32, torch.bfloat16),
+)}
+
+
+_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's short names
+
+
+def precision_of(name: str | int) -> Precision:
+    """The :class:`Precision` of a Lightning precision name (or its short alias: ``32``, ``16``, ``bf16``);
+    :class:`ConfigError` listing the names otherwise."""
+    key = _ALIASES.get(str(name), str(name))
+    if key not in PRECISIONS:
+        raise ConfigError(f"precision {name!r} is not one of {sorted(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+def default_precision(device: torch.device) -> str:
+    """``bf16-mixed`` on CUDA, ``32-true`` elsewhere."""
+    return "bf16-mixed" if device.type == "cuda" else "32-true"
+
+
+def next_token_loss(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """sum_t w_t * CE_t of next-token prediction over ``logits`` [1, L, vocab] (fp32 arithmetic), with the
+    training loss's weights: ``loss_weight``, 0 where the next label is ``IGNORE_INDEX``. Saves the fp32
+    log-softmax [L - 1, vocab] for backward (an upper bound of the runtime's chunked loss, module docstring)."""
+    labels = batch.labels[0, 1:]
+    weights = batch.loss_weight[0, 1:].float() * (labels != IGNORE_INDEX)
+    ce = F.cross_entropy(logits[0, :-1].float(), labels.clamp(min=0), reduction="none")
+    return (ce * weights).sum()
 
 
 def local_device(device: str | None = None) -> torch.device:
@@ -80,14 +161,34 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, floa
     return out, time.perf_counter() - begin
 
 
-def _saved_bytes(run: Callable[[], torch.Tensor], skip: set[int]) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct storages autograd saves while ``run()`` executes (storages in ``skip``
+class _ParameterFilter:
+    """Which saved tensors are no activation: a parameter's storage, or a tensor computed from one parameter
+    alone through single-input autograd nodes (autocast's cast of a weight, a transpose of that cast).
+    Autocast caches those casts for a whole autocast region, so they cost once per step, not per micro-batch."""
+
+    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
+        params = list(parameters)
+        self.storages = {p.untyped_storage().data_ptr() for p in params}
+        self.ids = {id(p) for p in params}
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        if t.untyped_storage().data_ptr() in self.storages:
+            return True
+        fn = t.grad_fn
+        while fn is not None and not hasattr(fn, "variable"):  # AccumulateGrad (a leaf) has ``variable``
+            inputs = [n for n, _ in fn.next_functions if n is not None]
+            fn = inputs[0] if len(inputs) == 1 else None
+        return fn is not None and id(fn.variable) in self.ids
+
+
+def _saved_bytes(run: Callable[[], torch.Tensor], skip: _ParameterFilter) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct storages autograd saves while ``run()`` executes (tensors in ``skip``
     excluded), and its output."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
+        if t not in skip:
+            s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
         return t
 
@@ -117,14 +218,27 @@ class _CoreTimer:
         del self.block.attention_core
 
 
-def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: PackedBatch, device: torch.device,
-                   warmup: int, repeats: int, skip: set[int], sharding: ZeroSharding) -> BlockCost:
-    x = x.detach().requires_grad_(x.is_floating_point() and name != "vision.embed")
+def _forward_step(block: torch.nn.Module, x: torch.Tensor, batch: PackedBatch, precision: Precision,
+                  device: torch.device, loss: Callable[[torch.Tensor], torch.Tensor] | None
+                  ) -> Callable[[], torch.Tensor]:
+    """One forward of ``block`` on ``x`` in the precision's autocast region: its output, or ``loss`` of it."""
+
+    def step() -> torch.Tensor:
+        with precision.context(device):
+            out = block(x, batch)
+            return out if loss is None else loss(out)
+
+    return step
+
+
+def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.Tensor], device: torch.device,
+                   warmup: int, repeats: int, skip: _ParameterFilter, static: tuple[int, int]) -> BlockCost:
+    """The :class:`BlockCost` of ``block`` whose forward is ``step()``; ``static``: its
+    ``(param_bytes, grad_opt_bytes)``."""
     forward, backward, core = [], [], []
     for rep in range(warmup + repeats):
-        out, f = _timed(lambda: block(x, batch), device)
-        grad = torch.randn_like(out)
-        _, b = _timed(partial(out.backward, grad), device)
+        out, f = _timed(step, device)
+        _, b = _timed(partial(out.backward, torch.randn_like(out)), device)
         if rep >= warmup:
             forward.append(f)
             backward.append(b)
@@ -132,21 +246,17 @@ def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: Pa
     if transformer:
         for rep in range(warmup + repeats):
             with _CoreTimer(block, device) as timer:
-                block(x, batch)
+                step()
             if rep >= warmup:
                 core.append(timer.seconds)
     act = {}
     for mode in RECOMPUTE_MODES if transformer else ("none",):
         if transformer:
             block.recompute = mode
-        act[mode], out = _saved_bytes(lambda: block(x, batch), skip)
+        act[mode], out = _saved_bytes(step, skip)
         del out
     if transformer:
         block.recompute = "none"
-    params = list(block.parameters())
-    count = sum(p.numel() for p in params)
-    element = params[0].element_size() if params else 4
-    param_bytes, grad_opt = training_static_bytes(count, element, sharding)
     f_s = statistics.median(forward)
     return BlockCost(
         name=name, kind=block_kind(name), forward_s=f_s, backward_s=statistics.median(backward),
@@ -154,51 +264,69 @@ def _measure_block(name: str, block: torch.nn.Module, x: torch.Tensor, batch: Pa
         act_full_bytes=act.get("full", act["none"]),
         recompute_attention_s=statistics.median(core) if core else 0.0,
         recompute_full_s=f_s if transformer else 0.0,
-        param_bytes=param_bytes, grad_opt_bytes=grad_opt,
+        param_bytes=static[0], grad_opt_bytes=static[1],
     )
 
 
-def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, device: torch.device, dtype: str,
-               sharding: ZeroSharding) -> Path:
-    """Where the profile of this model, device, dtype and shape is cached."""
+def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, device: torch.device,
+               precision: str, sharding: ZeroSharding) -> Path:
+    """Where the profile of this model, device, precision and shape is cached (one file per precision)."""
     digest = hashlib.sha1(f"{cfg!r}|{sharding}".encode()).hexdigest()[:10]
-    return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{dtype}-t{shape.vit_cap}-L{shape.token_cap}"
+    tag = precision_of(precision).tag
+    return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{tag}-t{shape.vit_cap}-L{shape.token_cap}"
                               f"-s{shape.samples}-{digest}.json")
 
 
-def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None = None, dtype: str | None = None,
-                   warmup: int = 2, repeats: int = 5, sharding: ZeroSharding = ZeroSharding(),
-                   cache_dir: str | Path | None = None,
-                   seed: int = 0) -> CostProfile:
-    """Measures every block of ``cfg`` for one micro-batch of ``shape`` (see the module docstring).
-
-    ``dtype``: ``bfloat16`` on CUDA and ``float32`` on CPU by default. With ``cache_dir``, a cached
-    profile of the same model config, device, dtype and shape is returned without measuring.
-    """
-    dev = local_device(device)
-    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"profiler dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if warmup < 0 or repeats < 1:
-        raise ConfigError(f"profiler warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
-    path = cache_path(cache_dir, cfg, shape, dev, dtype, sharding) if cache_dir is not None else None
-    if path is not None and path.exists():
-        return CostProfile.load(path)
-    torch.manual_seed(seed)
-    model = VLM(cfg).to(device=dev, dtype=DTYPES[dtype]).train()
-    batch = profile_batch(cfg, shape, seed).to(dev)
-    blocks = model.blocks()
+def _block_inputs(blocks: list[tuple[str, torch.nn.Module]], batch: PackedBatch, precision: Precision,
+                  device: torch.device) -> list[torch.Tensor]:
+    """Each block's input from one no-grad forward of the whole model in ``precision``, as a leaf that
+    requires grad where the runtime's does (floating point, past ``vision.embed``)."""
     inputs = []
-    with torch.no_grad():
-        x = batch.pixel_values.to(DTYPES[dtype])
+    with torch.no_grad(), precision.context(device):
+        x = batch.pixel_values.to(precision.params)
         for _, block in blocks:
             inputs.append(x)
             x = block(x, batch)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    costs = [_measure_block(name, block, x_in, batch, dev, warmup, repeats, skip, sharding)
-             for (name, block), x_in in zip(blocks, inputs)]
+    return [x.detach().requires_grad_(x.is_floating_point() and name != "vision.embed")
+            for (name, _), x in zip(blocks, inputs)]
+
+
+def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None = None,
+                   precision: str | None = None, warmup: int = 2, repeats: int = 5,
+                   sharding: ZeroSharding = ZeroSharding(), cache_dir: str | Path | None = None,
+                   head_loss: HeadLoss = next_token_loss, seed: int = 0) -> CostProfile:
+    """Measures every block of ``cfg`` for one micro-batch of ``shape`` (see the module docstring).
+
+    ``precision``: Lightning's name (:data:`PRECISIONS`), ``bf16-mixed`` on CUDA and ``32-true`` on CPU by
+    default. ``head_loss``: the loss measured with ``llm.head`` (:data:`HeadLoss`). With ``cache_dir``, a
+    cached profile of the same model config, device, precision and shape is returned without measuring
+    (the cache does not key on ``head_loss``).
+    """
+    dev = local_device(device)
+    prec = precision_of(precision or default_precision(dev))
+    if warmup < 0 or repeats < 1:
+        raise ConfigError(f"profiler warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
+    path = cache_path(cache_dir, cfg, shape, dev, prec.name, sharding) if cache_dir is not None else None
+    if path is not None and path.exists():
+        return CostProfile.load(path)
+    torch.manual_seed(seed)
+    model = VLM(cfg).to(device=dev, dtype=prec.params).train()
+    batch = profile_batch(cfg, shape, seed).to(dev)
+    blocks = model.blocks()
+    skip = _ParameterFilter(model.parameters())
+
+    def logits_loss(out: torch.Tensor) -> torch.Tensor:
+        return head_loss(split_output(out, cfg.sparsify)[0], batch)
+
+    costs = []
+    for (name, block), x in zip(blocks, _block_inputs(blocks, batch, prec, dev)):
+        step = _forward_step(block, x, batch, prec, dev, logits_loss if name == "llm.head" else None)
+        count = sum(p.numel() for p in block.parameters())
+        static = training_static_bytes(count, prec.params.itemsize, sharding)
+        costs.append(_measure_block(name, block, step, dev, warmup, repeats, skip, static))
     profile = CostProfile(blocks=costs, model=cfg.name, device=device_name(dev),
-                          micro_batch={**shape.as_dict(), "dtype": dtype}, source="profile")
+                          micro_batch={**shape.as_dict(), "precision": prec.name, "dtype": _dtype_name(prec.compute)},
+                          source="profile")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         profile.save(path)

@@ -115,7 +115,7 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
                          schedule=c.schedule, device=c.device or "local", source=source,
                          profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
                          samples=shape.samples, virtual_stages=settings.virtual_stages,
-                         memory_fraction=settings.memory_fraction, zero=c.zero)
+                         memory_fraction=settings.memory_fraction, zero=c.zero, precision=c.precision)
     plan.check_model(cfg.model)
     plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)
     if rank == 0:
