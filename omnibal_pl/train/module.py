@@ -72,11 +72,17 @@ class VLMTrainingModule(L.LightningModule):
         """(model name, parameter) of everything this process optimises, each parameter once."""
         return list(self.model.named_parameters())
 
-    def log_step(self, loss: float, totals: list[float]) -> None:
-        """Record and log one optimizer step; ``totals``: the step's global tokens, samples, tiles, FLOPs."""
+    @property
+    def grad_norms(self) -> list[float]:
+        """The global gradient norm (before clipping) of every optimizer step of this process's fit."""
+        return self.meter.grad_norms
+
+    def log_step(self, loss: float, totals: list[float], grad_norm: float) -> None:
+        """Record and log one optimizer step; ``totals``: the step's global tokens, samples, tiles, FLOPs;
+        ``grad_norm``: the global L2 norm of the step's gradients before clipping."""
         sched = self.lr_schedulers()
         lr = self.optim.lr * sched.lr_lambdas[0](sched.last_epoch)  # the LLM's rate now, the same on every rank
-        metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size)
+        metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size, grad_norm)
         metrics.update(self._balance_metrics())
         # every value is global (reduced or broadcast), so every rank logs it for its callbacks
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
@@ -115,10 +121,12 @@ class OmniBalModule(VLMTrainingModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         reduced = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")
-        totals = reduced.tolist()  # the step's one host sync (allowed: once per optimizer step)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # the step's one host sync (allowed: once per optimizer step); gradients are equal on every DP rank
+        *totals, unscaled_norm = torch.cat([reduced, norm.to(reduced)[None]]).tolist()
         total_weight = max(totals[1], 1e-12)
         scale = LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size / total_weight
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        self.log_step(totals[0] / total_weight, totals[2:])
+        for g in grads:
+            g.mul_(scale)
+        self.log_step(totals[0] / total_weight, totals[2:], unscaled_norm * scale)

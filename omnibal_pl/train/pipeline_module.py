@@ -13,6 +13,7 @@ Trainer once processes are up).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -84,11 +85,11 @@ class OmniBalPipelineModule(VLMTrainingModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         loss = self.runner.train_step(batch)
-        if self.gradient_clip_val:
-            self.runner.clip_grad_norm_(float(self.gradient_clip_val))
+        norm = self.runner.clip_grad_norm_(float(self.gradient_clip_val or math.inf))  # inf: measure, do not clip
         optimizer.step()
         self.lr_schedulers().step()
-        self.log_step(float(loss), host[1:])  # the step's loss: read once, after its schedule
+        step_loss, grad_norm = torch.stack([loss.to(norm), norm]).tolist()  # read once, after the schedule
+        self.log_step(step_loss, host[1:], grad_norm)
         return loss
 
     def _step_totals(self, batch: list[PackedBatch]) -> torch.Tensor:

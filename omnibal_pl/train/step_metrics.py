@@ -31,6 +31,7 @@ class StepMeter:
         self.peak_tflops = peak_tflops
         self.frozen = tuple(frozen)
         self.losses: list[float] = []  # global loss of every finished step
+        self.grad_norms: list[float] = []  # global gradient norm (before clipping) of every finished step
         self._reset()
 
     def _reset(self) -> None:
@@ -66,16 +67,20 @@ class StepMeter:
         loss = torch.stack([_on(self.loss_sum, device), _on(self.weight, device)])
         return torch.cat([loss, work])
 
-    def finish_step(self, loss: float, totals: list[float], lr: float, world_size: int) -> dict[str, float]:
-        """The step's metrics from its global loss and totals (tokens, samples, tiles, FLOPs); starts the next.
+    def finish_step(self, loss: float, totals: list[float], lr: float, world_size: int, grad_norm: float
+                    ) -> dict[str, float]:
+        """The step's metrics from its global loss, totals (tokens, samples, tiles, FLOPs) and gradient norm
+        before clipping; starts the next.
 
         Reads the step's keep-rate penalty (sparsification only): one host sync per optimizer step."""
         tokens, samples, tiles, flops = totals
         self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
         now = time.perf_counter()
         seconds = max(now - (self.start or now), 1e-9)
         metrics = {"train/loss": loss, "train/tokens_per_s": tokens / seconds, "train/samples_per_s": samples / seconds,
-                   "train/tiles_per_s": tiles / seconds, "train/step_s": seconds, "train/lr": lr}
+                   "train/tiles_per_s": tiles / seconds, "train/step_s": seconds, "train/lr": lr,
+                   "train/grad_norm": grad_norm}
         if self.peak_tflops:
             metrics["train/mfu"] = flops / seconds / (self.peak_tflops * 1e12 * world_size)
         if self.keep_rate_loss is not None:

@@ -96,8 +96,8 @@ def pipeline_fit(pp: int, dp: int, m: int, steps: int, stages, recompute=None, s
     t = trainer(steps, m, strategy, callbacks, Path(root) if root else None)
     t.fit(module, datamodule=datamodule(m, dp, whole_steps=True), ckpt_path=resume)
     state = gather_full_state_dict(module.runner.modules, module.runner.pp_group)
-    return {"losses": module.losses, "state": state, "counts": counts.counts, "dims": strategy.dims,
-            "global_step": t.global_step}
+    return {"losses": module.losses, "grad_norms": module.grad_norms, "state": state, "counts": counts.counts,
+            "dims": strategy.dims, "global_step": t.global_step}
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn, kwargs) -> None:
@@ -123,7 +123,7 @@ def spawn(fn, world: int, tmp_path: Path, **kwargs) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def reference(m: int, dp: int, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(m: int, dp: int, steps: int) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """OmniBalModule in this process on every DP replica's micro-batches of each step, replica by replica."""
     loaders = []
     for r in range(dp):
@@ -134,13 +134,17 @@ def reference(m: int, dp: int, steps: int) -> tuple[list[float], dict[str, torch
     module = OmniBalModule(CFG, OPTIM, seed=0)
     t = trainer(steps, m * dp, "auto")
     t.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
-    return module.losses, {k.removeprefix("model."): v for k, v in module.state_dict().items()}
+    return module.losses, module.grad_norms, {k.removeprefix("model."): v for k, v in module.state_dict().items()}
 
 
-def check_equal(results: list[dict], ref_losses: list[float], ref_state: dict[str, torch.Tensor]) -> None:
+def check_equal(results: list[dict], ref_losses: list[float], ref_norms: list[float],
+                ref_state: dict[str, torch.Tensor]) -> None:
+    """Losses, gradient norms before clipping (a DP reduction that sums instead of averaging doubles them,
+    which AdamW and clipping would hide from the parameters) and final parameters equal one process's."""
     for r in results:
         assert "error" not in r, r.get("error")
         torch.testing.assert_close(r["losses"], ref_losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_norms"], ref_norms, rtol=1e-4, atol=1e-6)
         assert sorted(r["state"]) == sorted(ref_state)
         for k, v in ref_state.items():
             torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
@@ -188,6 +192,7 @@ def check_resumed(results: list[dict], full: dict) -> None:
         assert "error" not in r, r.get("error")
         assert r["global_step"] == 4
         torch.testing.assert_close(r["losses"], full["losses"][2:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["grad_norms"], full["grad_norms"][2:], rtol=1e-4, atol=1e-6)
         for k, v in full["state"].items():
             torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
 

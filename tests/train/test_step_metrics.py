@@ -69,7 +69,8 @@ def test_finish_step_turns_global_totals_into_mfu_and_starts_the_next_step():
     meter = StepMeter(TINY, peak_tflops=1.0)
     meter.account(hand_made_batch())
     meter.start -= 2.0  # the step took (at least) 2 s
-    metrics = meter.finish_step(0.5, [16, 2, 2, 4e12], lr=1e-4, world_size=2)
+    metrics = meter.finish_step(0.5, [16, 2, 2, 4e12], lr=1e-4, world_size=2, grad_norm=0.75)
     assert metrics["train/mfu"] == pytest.approx(4e12 / 2.0 / 2e12, rel=1e-3)
     assert metrics["train/tokens_per_s"] == pytest.approx(8.0, rel=1e-3) and "train/keep_rate_loss" not in metrics
     assert (meter.flops, meter.tokens, meter.loss_sum, meter.start) == (0.0, 0, None, None) and meter.losses == [0.5]
+    assert metrics["train/grad_norm"] == 0.75 and meter.grad_norms == [0.75]
