@@ -79,7 +79,9 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
         dp=inputs.config.dp, zero=zero, device=inputs.device, memory_budget_bytes=inputs.config.budget(0),
         bubble_fraction=sim.bubble_fraction,
         notes={"samples_per_micro_batch": inputs.shape.samples, "policy": scored.policy,
-               "hop_s": inputs.config.hop_s, "profile_device": inputs.profile.device},
+               "hop_s": inputs.config.hop_s, "profile_device": inputs.profile.device,
+               "stage_static_bytes": [float(b) for b in scored.static_bytes],
+               "stage_activation_bytes": [float(n * a) for n, a in zip(sim.peak_in_flight, scored.activation_bytes)]},
     )
 
 

@@ -38,6 +38,7 @@ from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.plan.make import make_plan, resolve_source
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
 from omnibal_pl.train.callbacks import GumbelTemperature
+from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.schemas import RunConfig
@@ -140,7 +141,8 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         module, strategy = OmniBalModule(**module_args), c.strategy
     checkpoint = ModelCheckpoint(dirpath=run.run_dir / "checkpoints", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                                  save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
-    callbacks = [checkpoint, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
+    memory = MemoryReport(run.run_dir / "memory_report.json", run.plan)
+    callbacks = [checkpoint, memory, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
     if cfg.model.sparsify.enabled:
         callbacks.append(GumbelTemperature())
     trainer = L.Trainer(

@@ -7,6 +7,7 @@ micro-batches of each step (taken from the same DataModule with an explicit DP r
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import warnings
@@ -308,6 +309,10 @@ def test_cli_plan_auto_trains_like_one_process(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         with open(tmp_path / name / "metrics.csv") as f:
             losses[name] = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    for name, ranks in (("pp", 2), ("one", 1)):  # what each rank holds, measured, is what the model says
+        report = json.loads((tmp_path / name / "memory_report.json").read_text())
+        assert len(report["ranks"]) == ranks
+        assert all(r["measured_static"] == r["predicted_static"] > 0 for r in report["ranks"]), report
     plan = Plan.load(tmp_path / "pp" / "plan.yaml")
     assert plan.pp == 2 and plan.source == "profile" and plan.micro_batches == 4
     assert (tmp_path / "pp" / "checkpoints" / "last.ckpt" / ".metadata").is_file()

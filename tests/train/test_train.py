@@ -51,7 +51,7 @@ def test_main_job_writes_its_artifacts_and_learns(tmp_path):
     summary = train(cfg_of(*FAST, "trainer.max_steps=60", "trainer.checkpoint_every_n_steps=30", "optim.lr=1e-3",
                            f"run_dir={tmp_path}"))
     for name in ("config.yaml", "metrics.csv", "balance_report.json", "balance.png", "loss.png", "summary.json",
-                 "checkpoints/last.ckpt"):
+                 "checkpoints/last.ckpt", "memory_report.json"):
         assert (tmp_path / name).is_file(), name
     assert summary["steps"] == 60 and summary["loss_end"] < summary["loss_start"] - 0.3
     assert summary["vit_dist_ratio"] == 0.0 and summary["tokens_per_s"] > 0
