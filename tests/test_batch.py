@@ -9,6 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from omnibal_pl.batch import PackedBatch
+from omnibal_pl.train.module import OmniBalModule
+
+from tests.helpers import model_config
 
 L, TILES = 8, 2
 
@@ -81,3 +84,19 @@ def test_a_pinned_loader_yields_pinned_batches(per_item):
             torch.cuda.current_stream().synchronize()
             pairs = zip(tensor_fields(moved).values(), tensor_fields(b).values())
             assert all(m.is_cuda and torch.equal(m.cpu(), t) for m, t in pairs)
+
+
+def test_training_modules_move_batches_with_non_blocking_copies_on_cuda(monkeypatch):
+    """Lightning hands every batch to ``transfer_batch_to_device``: on CUDA the copies must not block."""
+    calls = []
+    def record(self: PackedBatch, device: torch.device, non_blocking: bool = False) -> PackedBatch:
+        calls.append((str(device), non_blocking))
+        return self
+
+    monkeypatch.setattr(PackedBatch, "to", record)
+    module = OmniBalModule(model_config("tiny"))
+    batch = make_batch()
+    module.transfer_batch_to_device(batch, torch.device("cuda"), 0)
+    module.transfer_batch_to_device([batch, batch], torch.device("cuda"), 0)  # a pipeline step's item
+    module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert calls == [("cuda", True)] * 3 + [("cpu", False)]

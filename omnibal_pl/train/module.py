@@ -77,6 +77,16 @@ class VLMTrainingModule(L.LightningModule):
         """The global gradient norm (before clipping) of every optimizer step of this process's fit."""
         return self.meter.grad_norms
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A micro-batch, or a step's list of them, moved with ``non_blocking`` copies on CUDA (from the pinned
+        memory ``loader.pin_memory=true`` gives); Lightning's own move would copy them blocking."""
+        non_blocking = device.type == "cuda"
+        if isinstance(batch, PackedBatch):
+            return batch.to(device, non_blocking=non_blocking)
+        if isinstance(batch, list) and all(isinstance(b, PackedBatch) for b in batch):
+            return [b.to(device, non_blocking=non_blocking) for b in batch]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def log_step(self, loss: float, totals: list[float], grad_norm: float) -> None:
         """Record and log one optimizer step; ``totals``: the step's global tokens, samples, tiles, FLOPs;
         ``grad_norm``: the global L2 norm of the step's gradients before clipping."""
