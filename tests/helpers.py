@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+import weakref
 from pathlib import Path
+from typing import Any, Callable
 
 import lightning as L
 from hydra import compose, initialize_config_module
@@ -261,3 +265,88 @@ class RecordingModule(L.LightningModule):
         if self.out_dir:
             path = Path(self.out_dir) / f"rank{self.global_rank}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in self.seen))
+
+
+_FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
+
+
+class CollectiveDevices(L.Callback):
+    """Enforces on CPU what NCCL enforces on GPU: every tensor that omnibal_pl hands to a collective lives on a
+    device the code chose. On CPU the default device and the module's are the same, so the check is that no
+    such tensor was made by a factory (``torch.tensor``, ``zeros``, ...) called from omnibal_pl without a
+    ``device`` (it would land on the CPU of a GPU run: "No backend type associated with device type cpu").
+    Active from ``on_train_start`` to ``on_train_end`` in each process; ``violations`` lists the offenders."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self._mode: torch.overrides.TorchFunctionMode | None = None
+        self._saved: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        implicit: dict[int, tuple[weakref.ref, str]] = {}  # id -> (the tensor, where it was made): ids are reused
+
+        def tainted(t: Any) -> str:
+            ref, site = implicit.get(id(t), (None, ""))
+            return site if ref is not None and ref() is t else ""
+
+        class Factories(torch.overrides.TorchFunctionMode):
+            """Marks tensors made by a factory without ``device`` from omnibal_pl, and everything computed from
+            them, until an explicit ``.to(device)``."""
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if func in _FACTORIES and "device" not in kwargs:
+                    site = _omnibal_caller()
+                elif func is torch.Tensor.to and (len(args) > 1 or "device" in kwargs):
+                    for t in _tensors(out):  # an explicit move (on CPU it returns the same tensor)
+                        implicit.pop(id(t), None)
+                    return out
+                else:
+                    site = next(filter(None, map(tainted, _tensors((args, kwargs)))), "")
+                if site:
+                    for t in _tensors(out):
+                        implicit[id(t)] = (weakref.ref(t), site)
+                return out
+
+        def checked(name: str, original: Callable) -> Callable:
+            def collective(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                site = tainted(tensor)
+                if site:
+                    self.violations.append(f"{name} got a tensor made without a device at {site}")
+                return original(tensor, *args, **kwargs)
+            return collective
+
+        self._saved = {n: getattr(torch.distributed, n) for n in _COLLECTIVES}
+        for name, original in self._saved.items():
+            setattr(torch.distributed, name, checked(name, original))
+        self._mode = Factories()
+        self._mode.__enter__()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mode.__exit__(None, None, None)
+        for name, original in self._saved.items():
+            setattr(torch.distributed, name, original)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) tuple, list or dict."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _omnibal_caller() -> str | None:
+    """``file:line`` of the code that called into torch (the first frame outside torch), when it is omnibal_pl's."""
+    frame = sys._getframe(2)
+    torch_dir = os.path.dirname(torch.__file__)
+    while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+        frame = frame.f_back
+    if frame is None or f"{os.sep}omnibal_pl{os.sep}" not in frame.f_code.co_filename:
+        return None
+    return f"{frame.f_code.co_filename.split(os.sep + 'omnibal_pl' + os.sep)[-1]}:{frame.f_lineno}"

@@ -30,7 +30,7 @@ from omnibal_pl.train.module import OmniBalModule
 from omnibal_pl.train.optim import OptimConfig
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.schemas import parse_run_config
-from tests.helpers import RecomputeCounter, cfg_of, model_config, plan_of
+from tests.helpers import CollectiveDevices, RecomputeCounter, cfg_of, model_config, plan_of
 
 pytestmark = pytest.mark.distributed
 
@@ -88,8 +88,8 @@ def pipeline_fit(pp: int, dp: int, m: int, steps: int, stages, recompute=None, s
     plan = plan_of(CFG, stages, recompute, pp=pp, micro_batches=m, schedule=schedule, dp=dp, zero=zero, vit_cap=6,
                    token_cap=96)
     strategy = OmniBalStrategy(plan, dp=dp)
-    counts = StepCounts()
-    callbacks = [counts]
+    counts, devices = StepCounts(), CollectiveDevices()
+    callbacks = [counts, devices]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=Path(root) / "ckpt", every_n_train_steps=every, save_top_k=-1,
                                          filename="step{step}", auto_insert_metric_name=False))
@@ -98,7 +98,7 @@ def pipeline_fit(pp: int, dp: int, m: int, steps: int, stages, recompute=None, s
     t.fit(module, datamodule=datamodule(m, dp, whole_steps=True), ckpt_path=resume)
     state = gather_full_state_dict(module.runner.modules, module.runner.pp_group)
     return {"losses": module.losses, "grad_norms": module.grad_norms, "state": state, "counts": counts.counts,
-            "dims": strategy.dims, "global_step": t.global_step}
+            "dims": strategy.dims, "global_step": t.global_step, "collective_violations": devices.violations}
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn, kwargs) -> None:
@@ -144,6 +144,7 @@ def check_equal(results: list[dict], ref_losses: list[float], ref_norms: list[fl
     which AdamW and clipping would hide from the parameters) and final parameters equal one process's."""
     for r in results:
         assert "error" not in r, r.get("error")
+        assert not r["collective_violations"], r["collective_violations"]
         torch.testing.assert_close(r["losses"], ref_losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["grad_norms"], ref_norms, rtol=1e-4, atol=1e-6)
         assert sorted(r["state"]) == sorted(ref_state)

@@ -19,7 +19,7 @@ from omnibal_pl.train.module import OmniBalModule
 from omnibal_pl.train.optim import OptimConfig
 from omnibal_pl.train.schemas import parse_run_config as parse
 
-from tests.helpers import FAST, cfg_of, internvl_model, losses_in, model_config, write_internvl_checkpoint
+from tests.helpers import FAST, CollectiveDevices, cfg_of, internvl_model, losses_in, model_config, write_internvl_checkpoint
 
 def test_composition_and_schemas():
     run = parse(cfg_of("model=internvl2_2b", "cluster=gpu8", "balance=isf", "optim.freeze=[vision]"))
@@ -132,14 +132,22 @@ class GradRecorder(L.Callback):
             torch.save({"grads": grads, "loss": pl_module.losses[-1]}, pl_module.record_path)
 
 
+class RecordViolations(CollectiveDevices):
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            torch.save(self.violations, pl_module.record_path.with_suffix(".violations"))
+
+
 def one_step(groups: list, world: int, accumulate: int, path: Path) -> dict:
     module = OmniBalModule(TINY, OptimConfig(lr=0.0, warmup_ratio=0.0))
     module.record_path = path
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto",
                         max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[GradRecorder()])
+                        callbacks=[GradRecorder(), RecordViolations()])
     trainer.fit(module, datamodule=FixedData(groups, world))
+    assert not torch.load(path.with_suffix(".violations")), "a collective got a tensor made without a device"
     return torch.load(path)
 
 
