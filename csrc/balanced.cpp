@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 
 #include "grouping.h"
 #include "rng.h"
@@ -108,6 +110,11 @@ struct Bucket {
     return static_cast<double>(left) * f4 * f4;
   }
   int64_t take(int64_t slot) {
+    // Once per sample, outside the look-up loops: a look-up bug becomes a Python IndexError, not a
+    // write past the bucket or a sample taken twice.
+    if (slot < 0 || slot >= static_cast<int64_t>(items.size()) || taken[slot])
+      throw std::out_of_range("balanced: slot " + std::to_string(slot) + " of a bucket of " +
+                              std::to_string(items.size()) + " is outside it or already taken");
     unused.remove(static_cast<size_t>(slot));
     taken[slot] = 1;
     --left;

@@ -139,3 +139,42 @@ def test_balanced_fills_both_caps_on_real_data(real_lengths):
 def test_caps_required():
     with pytest.raises(BalanceError, match="needs both caps"):
         group_samples(LengthTable.from_arrays([1], [1]), BalanceConfig())
+
+
+@pytest.mark.parametrize("algorithm", ["balanced", "isf"])
+def test_samples_exactly_at_the_caps_are_not_oversize(algorithm):
+    """Sample 0 has exactly vit_cap tiles, sample 1 exactly token_cap tokens: both fit, so
+    ``oversize=error`` does not raise."""
+    table = LengthTable.from_arrays([4, 1, 2, 1], [100, 1000, 50, 60])
+    cfg = BalanceConfig(algorithm=algorithm, vit_cap=4, token_cap=1000, token_threshold=900, iterations=3,
+                        oversize="error")
+    g = group_samples(table, cfg)
+    groups = [g.group(k).tolist() for k in range(len(g))]
+    assert g.oversize == 0
+    check_partition(table, g, 4, 1000)
+    assert [0] in groups  # a full group on its own
+    if algorithm == "isf":
+        assert isf_reference(table.vit.tolist(), table.tokens.tolist(), 4, 1000, 900, 3, 0, "error") == groups
+
+
+def test_isf_keeps_a_group_at_exactly_the_token_threshold_after_pass_0():
+    """Six samples of 50 tokens, cap and threshold 100: next-fit pairs them and every pair reaches
+    the threshold exactly, so all are kept after pass 0: the groups are pass 0's shuffle in pairs."""
+    table = LengthTable.from_arrays([1] * 6, [50] * 6)
+    for seed in range(3):
+        order = list(range(6))
+        SplitMix64(seed).shuffle(order)
+        expected = [order[k:k + 2] for k in range(0, 6, 2)]
+        cfg = BalanceConfig(algorithm="isf", vit_cap=10, token_cap=100, token_threshold=100, iterations=3, seed=seed)
+        g = group_samples(table, cfg)
+        assert [g.group(k).tolist() for k in range(len(g))] == expected
+        assert isf_reference([1] * 6, [50] * 6, 10, 100, 100, 3, seed) == expected
+
+
+def test_balanced_group_order_differs_across_seeds():
+    """One sample fills a group: the group order is the order groups are started in, a shuffle per seed."""
+    table = LengthTable.from_arrays([4] * 40, np.arange(100, 140))
+    cfg = BalanceConfig(vit_cap=4, token_cap=1000)
+    orders = [group_samples(table, cfg, seed=s).indices.tolist() for s in range(3)]
+    assert all(sorted(o) == list(range(40)) for o in orders)
+    assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(40))

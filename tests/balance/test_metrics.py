@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from omnibal_pl.balance import BalanceConfig, Grouping, balance_metrics, dist_ratio, form_steps, pad_ratio, resolve_caps
+from omnibal_pl.balance import Steps
+from omnibal_pl.balance.metrics import max_over_mean
 from omnibal_pl.balance.search import evaluate
 from omnibal_pl.lengths import LengthTable
 
@@ -86,3 +88,46 @@ def test_balanced_search_reaches_the_issue_figures(real_lengths):
     assert m["vit_fill"] >= 0.95 and m["token_fill"] >= 0.95
     assert m["groups_vs_lower_bound"] <= 1.01
     assert m["samples_lost"] == 0
+
+
+def test_max_over_mean_hand_case():
+    # loads 4 and 2: mean 3, slowest rank 4 -> 4/3 (a min would give 2/3)
+    assert max_over_mean(np.array([[4, 2]])) == pytest.approx(4 / 3)
+    assert max_over_mean(np.array([[4, 2], [5, 5]])) == pytest.approx((4 / 3 + 1) / 2)
+
+
+def matched_steps(seed: int, dp: int = 2, micro_batches: int = 2, n: int = 64) -> tuple[Steps, np.ndarray]:
+    """Matched steps of ``n`` groups with distinct token sums (all tiles equal), and the token sums."""
+    tokens = np.arange(1000, 1000 + 10 * n, 10)[np.random.default_rng(99).permutation(n)]
+    return form_steps(np.full(n, 8), tokens, dp, micro_batches, "matched", seed), tokens
+
+
+def test_matched_steps_are_shuffled():
+    """Steps are cut from the heaviest-first order, but must not run heaviest-first."""
+    steps, tokens = matched_steps(seed=0)
+    loads = tokens[steps.groups].sum(axis=(1, 2))
+    assert not (np.diff(loads) <= 0).all() and not (np.diff(loads) >= 0).all()
+    orders = set()
+    for seed in range(4):
+        steps, tokens = matched_steps(seed)
+        orders.add(tuple(tokens[steps.groups].sum(axis=(1, 2))))
+    assert len(orders) == 4  # the step order depends on the seed
+
+
+def test_snake_deal_gives_exact_rank_totals():
+    """dp = 2, micro-batches = 2: groups 100, 90, 80, 70 dealt 100 + 70 and 90 + 80 (plain order: 180 / 160)."""
+    tokens = np.array([30, 100, 60, 70, 40, 90, 50, 80])
+    for seed in range(4):
+        steps = form_steps(np.full(8, 4), tokens, dp=2, micro_batches=2, order="matched", seed=seed)
+        totals = sorted(tuple(sorted(tokens[step].sum(axis=1).tolist())) for step in steps.groups)
+        assert totals == [(90, 90), (170, 170)]
+
+
+def test_heaviest_group_of_a_step_goes_to_varying_ranks():
+    """The snake always gives slot 0's heaviest group to one position; the rank permutation (one per
+    arrangement) moves it, so across seeds every rank receives it."""
+    ranks = set()
+    for seed in range(12):
+        steps, tokens = matched_steps(seed=seed, dp=4, micro_batches=2, n=16)
+        ranks |= {int(np.unravel_index(np.argmax(tokens[step]), step.shape)[0]) for step in steps.groups}
+    assert ranks == {0, 1, 2, 3}

@@ -98,3 +98,12 @@ def test_bad_rank_and_missing_caps():
         BalancedSampler(TABLE, BalanceConfig(dp=2, vit_cap=18, token_cap=5280), 2)
     with pytest.raises(ConfigError, match="resolved caps"):
         BalancedSampler(TABLE, BalanceConfig(dp=2), 0)
+
+
+@pytest.mark.parametrize("dp_rank", [0, 1])
+def test_len_is_the_number_of_samples_iterated(dp_rank):
+    cfg = BalanceConfig(dp=2, micro_batches=2, vit_cap=18, token_cap=5280)
+    sampler = BalancedSampler(TABLE, cfg, dp_rank)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        assert len(sampler) == len(list(sampler))

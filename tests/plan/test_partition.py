@@ -15,6 +15,7 @@ from omnibal_pl.plan.costs import BlockCost, CostProfile
 from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition, exact_partition, search_partition
 from omnibal_pl.plan.recompute import choose_recompute
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
+from omnibal_pl.plan.stage_costs import StageCosts, bottleneck_bounds, min_bottleneck
 from omnibal_pl.plan.synthetic import GIB, synthetic_profile
 
 
@@ -206,3 +207,41 @@ def test_profile_missing_a_block() -> None:
         profile.check_blocks([*names[:-1], "llm.layers.2", names[-1]])
     with pytest.raises(PlanError, match="different order"):
         profile.check_blocks(list(reversed(names)))
+
+
+@pytest.mark.parametrize("vision,llm,pp,m,schedule,v,seed", [c for c in CASES if c[5] == 1])
+def test_bottleneck_table_counts_recompute(vision, llm, pp, m, schedule, v, seed) -> None:
+    """Under a budget that forces recompute, the least bottleneck of the dynamic program equals brute
+    force over every partition on recompute-inclusive stage times (forward + backward + recompute)."""
+    profile = synthetic_profile(vision, llm, seed=seed, jitter=0.4)
+    config = PipelineConfig(pp=pp, micro_batches=m, schedule=schedule)
+    config = dataclasses.replace(config, memory_budget_bytes=least_need(profile, config))
+    costs = StageCosts(profile, config)
+    n = len(profile.blocks)
+    best, recomputes = float("inf"), False
+    for cuts in combinations(range(1, n), pp - 1):
+        try:
+            scored = evaluate_partition(profile, config, (0, *cuts, n))
+        except PlanError:
+            continue
+        best = min(best, max(f + b for f, b in zip(scored.forward_s, scored.backward_s)))
+        recomputes |= any(r > 0 for r in scored.recompute_s)
+    assert recomputes
+    assert min_bottleneck(n, pp, costs.time)[0][0] == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("vision,llm,pp,m,seed", [(6, 9, 4, 8, 4), (6, 5, 3, 3, 22), (6, 3, 4, 8, 53)])
+def test_search_is_no_worse_than_its_best_starting_candidate(vision, llm, pp, m, seed) -> None:
+    """The descent starts from the best of the candidates around the balanced split (every boundary
+    shifted by up to 2 blocks), so it ends at or below that candidate's step time."""
+    profile = synthetic_profile(vision, llm, seed=seed, jitter=0.5)
+    config = PipelineConfig(pp=pp, micro_batches=m, hop_s=1e-4)
+    costs = StageCosts(profile, config)
+    n = len(profile.blocks)
+    balanced = bottleneck_bounds(min_bottleneck(n, pp, costs.time), costs.time)
+    best = float("inf")
+    for shifts in product(range(-2, 3), repeat=pp - 1):
+        bounds = (0, *(b + d for b, d in zip(balanced[1:-1], shifts)), n)
+        if all(a < b for a, b in zip(bounds, bounds[1:])):
+            best = min(best, evaluate_partition(profile, config, bounds).step_s)
+    assert search_partition(profile, config).step_s <= best * (1 + 1e-12)

@@ -88,3 +88,13 @@ def test_gantt_png(tmp_path) -> None:
     path = tmp_path / "gantt.png"
     save_gantt(result, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_hops_are_charged_only_between_ranks(schedule: str) -> None:
+    """pp = 2, m = 1: F0 [0, 1], hop, F1 [1.1, 2.1], B1 on the same rank [2.1, 4.1], hop, B0 [4.2, 6.2]."""
+    config = PipelineConfig(pp=2, micro_batches=1, schedule=schedule, hop_s=0.1)
+    assert step_time(config, [1.0, 1.0], [2.0, 2.0]) == pytest.approx(6.2)
+    for m in (1, 4):  # one rank: no input ever crosses ranks
+        one_rank = PipelineConfig(pp=1, micro_batches=m, schedule=schedule, hop_s=0.1)
+        assert step_time(one_rank, [1.0], [2.0]) == pytest.approx(m * 3.0)
