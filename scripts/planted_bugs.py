@@ -62,6 +62,8 @@ def one(name: str, area: str, path: str, before: str, after: str, *tests: str, r
 GROUPING, METRICS = "tests/balance/test_grouping.py", "tests/balance/test_metrics.py"
 SAMPLER = "tests/balance/test_sampler.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
+DATA = ("tests/data/",)
+SPARSIFY = ("tests/model/test_sparsify.py", "tests/model/test_generate.py", "tests/train/test_sparsify_train.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- balance: the survivors of issue 20 ----
@@ -141,6 +143,31 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("zero_grad_sync_skipped", "parallel", "omnibal_pl/parallel/pipeline.py",
         "        if not self.sharded:\n            all_reduce_grads(", "        if False:\n            all_reduce_grads(",
         "tests/parallel/test_pipeline.py::test_dp2_zero_levels_match_single_process_and_shard_the_state"),
+    # ---- sparsify: the four Dynamic-LLaVA bugs of issue 16 (its tests are to catch them) ----
+    one("prefill_keeps_lowest_scores", "sparsify", "omnibal_pl/model/sparsify/predictors.py",
+        "top = scores[idx].topk(int(len(idx) * rate)).indices",
+        "top = scores[idx].topk(int(len(idx) * rate), largest=False).indices", *SPARSIFY),
+    one("decode_admission_from_embedding", "sparsify", "omnibal_pl/model/generate.py",
+        "admit = layer.sparsifier.keep_new_token(h[0, 0])",
+        "admit = layer.sparsifier.keep_new_token(llm.embed.tok(torch.tensor([[token]], device=h.device))[0, 0])",
+        *SPARSIFY),
+    one("short_answers_sparsified_in_training", "sparsify", "omnibal_pl/model/sparsify/predictors.py",
+        "span = span & (span_lengths(span, spans)[spans.sample.clamp_min(0)] >= max(min_len, 1))", "span = span",
+        *SPARSIFY),
+    one("vision_pooling_over_the_packed_batch", "sparsify", "omnibal_pl/model/sparsify/predictors.py",
+        "mean = sums / counts.clamp_min(1).unsqueeze(-1).to(pooled.dtype)",
+        "mean = (sums.sum(0, keepdim=True) / counts.sum().clamp_min(1).to(pooled.dtype)).expand_as(sums)",
+        *SPARSIFY),
+    # ---- data: pixel bugs of issue 18 (its golden tests are to catch them) ----
+    one("imagenet_std_typo", "data", "omnibal_pl/data/tiling.py",
+        "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.229, 0.224, 0.255)", *DATA),
+    one("llava_normalised_with_imagenet_std", "data", "omnibal_pl/data/tiling.py",
+        'return IMAGENET_STD if self.mode == "internvl" else CLIP_STD', "return IMAGENET_STD", *DATA),
+    one("tiles_resized_bilinear", "data", "omnibal_pl/data/tiling.py",
+        "resized = image.resize((cols * s, rows * s), Image.BICUBIC)",
+        "resized = image.resize((cols * s, rows * s), Image.BILINEAR)", *DATA),
+    one("aspect_tie_factor_quarter", "data", "omnibal_pl/data/tiling.py",
+        "area > 0.5 * cfg.image_size**2 * cols * rows", "area > 0.25 * cfg.image_size**2 * cols * rows", *DATA),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (
