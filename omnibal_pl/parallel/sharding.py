@@ -31,12 +31,12 @@ from torch.distributed.tensor import DTensor
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
+from omnibal_pl.plan.costs import ZERO_LEVELS
 from omnibal_pl.plan.plan import Plan
 
 if TYPE_CHECKING:  # stage.py imports this module
     from omnibal_pl.parallel.stage import StageModule
 
-ZERO_LEVELS = (0, 1, 2, 3)
 SHARDED_LEVELS = (2, 3)
 _TIED = ("llm.embed", "llm.head")
 

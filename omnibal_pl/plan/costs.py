@@ -141,6 +141,9 @@ class CostProfile:
                    micro_batch=data.get("micro_batch", {}), source=data.get("source", "profile"))
 
 
+ZERO_LEVELS = (0, 1, 2, 3)  # DeepSpeed's: replicated, + optimizer state, + gradients, + parameters sharded
+
+
 @dataclass(frozen=True)
 class ZeroSharding:
     """How a stage's training state is split over its ``dp`` data-parallel ranks at ZeRO level ``zero``, as
@@ -151,7 +154,7 @@ class ZeroSharding:
     dp: int = 1
 
     def __post_init__(self) -> None:
-        if self.zero not in (0, 1, 2, 3) or self.dp < 1:
+        if self.zero not in ZERO_LEVELS or self.dp < 1:
             raise ConfigError(f"ZeRO level {self.zero!r} over dp={self.dp}: the level is one of 0-3 and dp >= 1")
 
     def divisor(self, level: int) -> int:

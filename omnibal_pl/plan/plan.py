@@ -24,7 +24,7 @@ import yaml
 from omnibal_pl.errors import ConfigError, PlanError
 from omnibal_pl.model.block import RECOMPUTE_MODES
 from omnibal_pl.model.config import TRANSFORMER_BLOCK_PREFIXES, VLMConfig
-from omnibal_pl.plan.costs import SOURCES
+from omnibal_pl.plan.costs import SOURCES, ZERO_LEVELS
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 PLAN_SOURCES = (*SOURCES, "uniform")
@@ -115,8 +115,8 @@ class Plan:
         errors = []
         if self.source not in PLAN_SOURCES:
             errors.append(f"source {self.source!r} is not one of {PLAN_SOURCES}")
-        if self.zero not in (0, 1, 2, 3):
-            errors.append(f"zero={self.zero!r} is not a ZeRO level (0, 1, 2, 3)")
+        if self.zero not in ZERO_LEVELS:
+            errors.append(f"zero={self.zero!r} is not a ZeRO level {ZERO_LEVELS}")
         for key in ("vit_cap", "token_cap"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 errors.append(f"{key}={getattr(self, key)!r} must be an integer >= 1")

@@ -12,6 +12,7 @@ from typing import Callable
 from omnibal_pl.errors import PlanError
 from omnibal_pl.plan.baselines import parameter_partition, torchtitan_partition, uniform_partition
 from omnibal_pl.plan.partition import ScoredPartition, evaluate_partition, search_partition
+from omnibal_pl.plan.costs import ZERO_LEVELS
 from omnibal_pl.plan.make import PlanInputs
 
 GIB = 2**30
@@ -92,7 +93,7 @@ def zero_fit(plan_level: Callable[[int], PlanInputs]) -> list[tuple[int, ScoredP
     """For every ZeRO level: the searched partition with the static bytes split as that level splits them
     (``plan_level(zero)`` makes the inputs), or why no partition fits."""
     rows = []
-    for zero in (0, 1, 2, 3):
+    for zero in ZERO_LEVELS:
         inputs = plan_level(zero)
         try:
             rows.append((zero, search_partition(inputs.profile, inputs.config), ""))
