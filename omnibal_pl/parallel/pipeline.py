@@ -23,6 +23,7 @@ Shapes are static: every micro-batch has the plan's ``token_cap`` tokens (``inpu
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -92,6 +93,7 @@ def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: d
     (ZeRO 2/3: ``DTensor`` shards) sum their squares over ``shard_group`` too. ``not_counted`` (copies of
     a weight counted on another rank) are scaled but left out of the norm. Same formula as
     ``torch.nn.utils.clip_grad_norm_``; returns the norm before clipping (fp32 on ``device``, every rank).
+    ``max_norm=inf`` measures the norm and leaves the gradients untouched.
     """
     with_grad = [p for p in params if p.grad is not None]
     skip = {id(p) for p in not_counted}
@@ -103,6 +105,8 @@ def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: d
         dist.all_reduce(squares, group=shard_group)
     dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
+    if math.isinf(max_norm):  # measuring only: no pass over the gradients
+        return total
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in with_grad:
         local_tensor(p.grad.detach()).mul_(coef.to(p.grad.dtype))

@@ -96,6 +96,4 @@ class OmniBalPipelineModule(VLMTrainingModule):
         """[W, tokens, samples, tiles, FLOPs] of this rank's step (float64 on the module's device), to all-reduce:
         the supervised weight summed on the device, the work from the meter's host counts (no host read)."""
         weights = [token_weights(mb).sum().to(self.device, torch.float64) for mb in batch]
-        m = self.meter
-        work = torch.tensor([m.tokens, m.samples, m.tiles, m.flops], dtype=torch.float64, device=self.device)
-        return torch.cat([torch.stack(weights).sum().view(1), work])
+        return torch.cat([torch.stack(weights).sum().view(1), self.meter.work_totals(self.device)])

@@ -63,9 +63,12 @@ class StepMeter:
     def local_totals(self, device: torch.device) -> torch.Tensor:
         """[loss_sum, weight, tokens, samples, tiles, FLOPs] of this process's step (float64 on ``device``), to
         all-reduce. Built without a host read; the caller reads the reduced tensor once per optimizer step."""
-        work = torch.tensor([self.tokens, self.samples, self.tiles, self.flops], dtype=torch.float64, device=device)
         loss = torch.stack([_on(self.loss_sum, device), _on(self.weight, device)])
-        return torch.cat([loss, work])
+        return torch.cat([loss, self.work_totals(device)])
+
+    def work_totals(self, device: torch.device) -> torch.Tensor:
+        """[tokens, samples, tiles, FLOPs] of this process's step so far (float64 on ``device``), from host counts."""
+        return torch.tensor([self.tokens, self.samples, self.tiles, self.flops], dtype=torch.float64, device=device)
 
     def finish_step(self, loss: float, totals: list[float], lr: float, world_size: int, grad_norm: float
                     ) -> dict[str, float]:
