@@ -1,5 +1,7 @@
 """Nodes and processes per node from what the launcher exported: torchrun first, then srun, else by hand.
 
+:func:`launch_rank` reads this process's global rank the same way, before any process group exists.
+
 Each launcher exports three counts (torchrun's in ``torch.distributed.elastic``'s local agent, srun's in
 its manual):
 
@@ -113,3 +115,13 @@ def register_resolvers() -> None:
     for name, resolver in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def launch_rank(devices_per_node: int) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's
+    ``RANK``, SLURM's ``SLURM_PROCID`` (srun), else Lightning's ``NODE_RANK`` x devices + ``LOCAL_RANK``
+    (0 for a process launched alone)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0)) * devices_per_node + int(os.environ.get("LOCAL_RANK", 0))

@@ -34,6 +34,7 @@ from omnibal_pl.balance.search import micro_batch_shape
 from omnibal_pl.data.datamodule import OmniBalDataModule
 from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_training_data
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.launch_env import launch_rank
 from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.plan.make import make_plan, resolve_source
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
@@ -60,16 +61,6 @@ class ResolvedRun:
     @property
     def pipelined(self) -> bool:
         return self.plan is not None
-
-
-def launch_rank(devices_per_node: int) -> int:
-    """This process's global rank as its launcher set it, before any process group exists: torchrun's
-    ``RANK``, SLURM's ``SLURM_PROCID`` (srun), else Lightning's ``NODE_RANK`` x devices + ``LOCAL_RANK``
-    (0 for a process launched alone)."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(key) is not None:
-            return int(os.environ[key])
-    return int(os.environ.get("NODE_RANK", 0)) * devices_per_node + int(os.environ.get("LOCAL_RANK", 0))
 
 
 def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
