@@ -9,8 +9,8 @@ from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch, varlen_attention
 from omnibal_pl.model.sparsify import (
-    KEEP, SparsifyConfig, TextPredictor, VisionPredictor, boundary_width, find_spans, gumbel_keep,
-    gumbel_tau, keep_rate_loss, masked_varlen_attention, predictor_flops, set_temperature, split_output,
+    DROP, KEEP, Sparsifier, SparsifyConfig, TextPredictor, VisionPredictor, boundary_width, find_spans, gumbel_keep,
+    gumbel_tau, keep_rate_loss, masked_varlen_attention, predictor_flops, set_temperature, split_output, topk_keep,
 )
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.optim import OptimConfig, param_groups
@@ -248,3 +248,126 @@ def test_config_round_trip_and_errors():
         tiny_cfg(vision_keep_rate=0.0)
     with pytest.raises(ConfigError, match="unknown keys"):
         tiny_cfg(keep_rate=0.3)
+
+
+# ---- the mechanism as published: each test names the one-line bug it catches --------------------------------
+
+I = 3  # the tiny model's image-context id
+N = -100
+
+
+def _sample(image: int, question: int, answer: int, first: int = 10) -> tuple[list[int], list[int]]:
+    """BOS, ``image`` image tokens, ``question`` unsupervised text tokens, ``answer`` supervised tokens."""
+    text = list(range(first, first + question + answer))
+    ids = [1] + [I] * image + text
+    return ids, [N] * (1 + image + question) + text[question:]
+
+
+def _sparsifier(hidden: int = 48, **knobs) -> Sparsifier:
+    torch.manual_seed(0)
+    return Sparsifier(SparsifyConfig(enabled=True, **SMALL_PREDICTOR, **knobs), hidden, I, "sdpa")
+
+
+def test_masked_attention_is_float32_under_bf16_autocast():
+    """Bug caught: the .float() matmuls left to autocast, which runs them in bf16 (max error ~0.1)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(40, 4, 16) * 3, torch.randn(40, 2, 16) * 3, torch.randn(40, 2, 16)
+    keep, cu = (torch.rand(40) > 0.3).float(), torch.tensor([0, 17, 40], dtype=torch.int32)
+    reference = masked_varlen_attention(q, k, v, keep, cu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = masked_varlen_attention(q, k, v, keep, cu)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, rtol=0, atol=1e-6)
+
+
+def test_keep_mask_gradient_is_bounded_and_the_forward_unchanged():
+    """A dropped key scoring far above every visible key: the output still ignores it exactly, and its
+    keep-mask gradient stays within |v_j - out_i| per query (bug caught: an exponent cap far above 0
+    gives 3.4e16)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 1, 8), torch.randn(6, 1, 8), torch.randn(6, 1, 8)
+    k[2] = q[3:].mean(0) * 40.0  # key 2 dominates every later query's scores
+    keep = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], requires_grad=True)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    out = masked_varlen_attention(q, k, v, keep, cu)
+    kept = [0, 1, 3, 4, 5]
+    sub = varlen_attention(q[kept], k[kept], v[kept], torch.tensor([0, 5], dtype=torch.int32), 5, causal=True, backend="sdpa")
+    torch.testing.assert_close(out[kept], sub, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    bound = sum(float((v[2] - out[i].detach()).abs().sum()) for i in range(3, 6))
+    assert 0 < abs(float(keep.grad[2])) <= bound + 1e-5, (float(keep.grad[2]), bound)
+
+
+def test_masked_attention_gradients_equal_causal_attention_when_everything_is_kept():
+    """The exponent cap sits exactly at each row's maximum: the gradient must still flow there (a cap
+    applied with a strict inequality, or below 0, would change these gradients)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 8, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    masked = torch.autograd.grad(masked_varlen_attention(q, k, v, torch.ones(12), cu).square().sum(), (q, k, v))
+    plain = torch.autograd.grad(varlen_attention(q, k, v, cu, 7, causal=True, backend="sdpa").square().sum(), (q, k, v))
+    for a, b in zip(masked, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_keeps_the_highest_scoring_image_tokens_of_each_sample():
+    """Bug caught: prefill keeps the lowest-scoring image tokens (a reversed top-k)."""
+    assert topk_keep(torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, -1.0]), torch.tensor([0, 0, 0, 1, 1, 1]), 2, 0.5).tolist() \
+        == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    sparsifier = _sparsifier(vision_keep_rate=0.25).eval()
+    logits = []
+    sparsifier.vision.register_forward_hook(lambda m, a, out: logits.append(out))
+    batch = _packed([_sample(12, 3, 2), _sample(8, 2, 3, first=30)], pad=0)
+    keep = sparsifier(torch.randn(1, batch.input_ids.shape[1], 48), batch)
+    spans = find_spans(batch, I)
+    image = spans.vision.nonzero().flatten()
+    score = (logits[0][:, KEEP] - logits[0][:, DROP]).detach()
+    for sample, n in ((0, 12), (1, 8)):
+        mine = (spans.sample[image] == sample).nonzero().flatten()
+        best = set(image[mine[score[mine].topk(n // 4).indices]].tolist())
+        assert set(image[mine][keep[image[mine]] == 1].tolist()) == best
+
+
+def test_vision_predictor_pools_each_sample_on_its_own():
+    """Bug caught: the global half pooled over the whole packed micro-batch instead of per sample."""
+    torch.manual_seed(0)
+    predictor = VisionPredictor(48, SparsifyConfig(**SMALL_PREDICTOR), "sdpa")
+    a, b = torch.randn(7, 48), torch.randn(5, 48) * 4 + 2
+    alone = predictor(a, torch.zeros(7, dtype=torch.long), 1)
+    packed = predictor(torch.cat([a, b]), torch.tensor([0] * 7 + [1] * 5), 2)
+    torch.testing.assert_close(packed[:7], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_sparsifies_only_long_answers_of_image_samples():
+    """Bugs caught: the short-answer gate removed (an answer under output_text_len_for_training tokens is
+    sparsified in training) and a text-only sample's answer sparsified (the original applies the
+    output-text mask only where the vision predictor ran)."""
+    sparsifier = _sparsifier(output_text_len_for_training=6).train()
+    for predictor in (sparsifier.vision, sparsifier.output_text):  # drop everything they decide on
+        predictor_last = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+        predictor_last.bias.data = torch.tensor([-100.0, 100.0])
+    samples = [_sample(4, 2, 8), _sample(4, 2, 3, first=30), _sample(0, 2, 8, first=50)]
+    batch = _packed(samples, pad=2)
+    keep = sparsifier(torch.randn(1, batch.input_ids.shape[1], 48), batch)
+    spans = find_spans(batch, I)
+    answer_keep = [keep[spans.output & (spans.sample == s)].tolist() for s in range(3)]
+    assert answer_keep == [[0.0] * 8, [1.0] * 3, [1.0] * 8]
+    assert keep[spans.vision].sum() == 0
+
+
+def test_keep_rate_loss_averages_over_every_answer_short_ones_counting_zero():
+    """The original's normalisation: the output-text penalty is a mean over the batch's answers, a short
+    (unsparsified) one counting 0. Bug caught: a mean over the long answers only (4x here)."""
+    cfg = SparsifyConfig(enabled=True, **SMALL_PREDICTOR, output_text_len_for_training=6, mask_loss_weight=10.0)
+    samples = [_sample(4, 2, 8), _sample(4, 2, 3, first=30), _sample(4, 1, 2, first=40), _sample(4, 2, 4, first=50),
+               _sample(0, 2, 9, first=60)]  # the text-only sample's answer is not sparsified: not counted
+    batch = _packed(samples, pad=0)
+    spans = find_spans(batch, I)
+    keep = torch.ones(batch.input_ids.shape[1])
+    keep[spans.vision & (spans.sample == 0)] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # sample 0 keeps 1 of 4
+    keep[(spans.output & (spans.sample == 0)).nonzero().flatten()[:6]] = 0.0  # and 2 of its 8 answer tokens
+    result = keep_rate_loss(keep, batch, cfg, I)
+    vision = ((0.2 - 0.25) ** 2 + 3 * (0.2 - 1.0) ** 2) / 4
+    output = (0.5 - 0.25) ** 2 / 4
+    assert float(result.loss) == pytest.approx(10.0 * (vision + output), rel=1e-6)
+    assert result.kept == pytest.approx({"vision": (0.25 + 3) / 4, "output_text": 0.25})

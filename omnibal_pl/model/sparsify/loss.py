@@ -7,7 +7,8 @@ import torch
 
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model.sparsify.config import SparsifyConfig
-from omnibal_pl.model.sparsify.spans import find_spans, span_lengths
+from omnibal_pl.model.sparsify.predictors import sparsified_spans
+from omnibal_pl.model.sparsify.spans import span_lengths
 
 
 @dataclass
@@ -20,15 +21,18 @@ class KeepRateLoss:
 
 
 def keep_rate_loss(keep: torch.Tensor, batch: PackedBatch, cfg: SparsifyConfig, image_context_id: int) -> KeepRateLoss:
-    """``mask_loss_weight * mean over samples of (keep_rate - kept_fraction)^2``, summed over the kinds.
+    """``mask_loss_weight * sum over kinds of mean over samples of (keep_rate - kept_fraction)^2``, as the original.
 
-    ``keep`` [L] or [1, L] is the mask from :func:`~omnibal_pl.model.sparsify.channel.split_output`.
-    Vision: samples with image tokens; output / instruction text: samples whose span is at least
-    ``*_len_for_training`` tokens long. Host syncs (allowed, sparsification only): :func:`find_spans`, and
-    per kind whether any sample is penalised and its kept fraction for ``kept``.
+    ``keep`` [L] or [1, L] is the mask from :func:`~omnibal_pl.model.sparsify.channel.split_output`; the
+    spans are those the predictors decided on (:func:`~omnibal_pl.model.sparsify.predictors.sparsified_spans`).
+    Vision: the mean over samples with image tokens. Output / instruction text: the mean over every sample
+    that has the span, a span shorter than ``*_len_for_training`` tokens (kept whole, so not penalised)
+    counting 0; the original sets such a sample's target to its own kept fraction, which is the same. (A
+    mean over the long spans only would weigh the penalty B / B_long times stronger.) Host syncs (allowed,
+    sparsification only): the spans, and per kind whether any sample is penalised and its kept fraction.
     """
     keep = keep.reshape(-1).float()
-    spans = find_spans(batch, image_context_id)
+    spans = sparsified_spans(batch, cfg, image_context_id)
     loss = keep.sum() * 0.0
     kept: dict[str, float] = {}
     kinds = (("vision", cfg.vision_predictor, spans.vision, cfg.vision_keep_rate, 1),
@@ -41,10 +45,11 @@ def keep_rate_loss(keep: torch.Tensor, batch: PackedBatch, cfg: SparsifyConfig, 
             continue
         counts = span_lengths(span, spans)
         sums = torch.zeros(spans.num_samples, dtype=keep.dtype, device=keep.device).index_add(0, spans.sample[span], keep[span])
-        chosen = counts >= min_len
-        if not bool(chosen.any()):
+        penalised = counts >= min_len
+        if not bool(penalised.any()):
             continue
-        fraction = sums[chosen] / counts[chosen].to(keep.dtype)
-        loss = loss + cfg.mask_loss_weight * ((rate - fraction) ** 2).mean()
+        fraction = sums[penalised] / counts[penalised].to(keep.dtype)
+        samples = (counts > 0).sum()
+        loss = loss + cfg.mask_loss_weight * ((rate - fraction) ** 2).sum() / samples
         kept[name] = float(fraction.detach().mean())
     return KeepRateLoss(loss, kept)

@@ -13,7 +13,7 @@ from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.attention import varlen_attention
 from omnibal_pl.model.sparsify.config import SparsifyConfig
-from omnibal_pl.model.sparsify.spans import find_spans, span_lengths
+from omnibal_pl.model.sparsify.spans import Spans, find_spans, span_lengths, text_spans_of_image_samples
 
 KEEP, DROP = 0, 1  # predictor logit columns
 
@@ -24,13 +24,14 @@ def _mlp_head(dim: int) -> nn.Sequential:
 
 
 class _PredictorBlock(nn.Module):
-    """Pre-LayerNorm transformer block (bidirectional) over each sample's image tokens."""
+    """Pre-LayerNorm transformer block (bidirectional) over each sample's image tokens; like the original's,
+    its qkv projection has no bias (proj and MLP have), so the published weights load one to one."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, backend: str) -> None:
         super().__init__()
         self.heads, self.backend = heads, backend
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
@@ -122,12 +123,21 @@ def _zero_dependency(module: nn.Module) -> torch.Tensor:
     return sum(p.reshape(-1)[0] for p in module.parameters()) * 0.0
 
 
+def sparsified_spans(batch: PackedBatch, cfg: SparsifyConfig, image_context_id: int) -> Spans:
+    """The spans the predictors decide on: :func:`find_spans`, the text spans limited to image samples when
+    the vision predictor is on (:func:`text_spans_of_image_samples`)."""
+    spans = find_spans(batch, image_context_id)
+    return text_spans_of_image_samples(spans) if cfg.vision_predictor else spans
+
+
 class Sparsifier(nn.Module):
     """The predictors, attached to decoder layer ``sparse_layer``; [1, L, hidden] -> keep mask [L] float32.
 
     Training mode: Gumbel decisions at temperature ``tau`` (set each step by
     :class:`omnibal_pl.train.callbacks.GumbelTemperature`, or by :func:`set_temperature`).
     Eval mode: top-k by score for image and instruction tokens, argmax for answer tokens.
+    Which tokens are decided on: :func:`sparsified_spans` (with the vision predictor on, the text of
+    text-only samples is always kept).
 
     Host syncs per micro-batch (allowed, sparsification only: the spans and their sizes decide which tokens
     the predictors see): :func:`find_spans`' copy of the ids and labels, each span's ``nonzero``, and the
@@ -144,7 +154,7 @@ class Sparsifier(nn.Module):
         self.instruct_text = TextPredictor(hidden, cfg) if cfg.instruct_text_predictor else None
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        spans = find_spans(batch, self.image_context_id)
+        spans = sparsified_spans(batch, self.cfg, self.image_context_id)
         h = x[0]
         keep = torch.ones(h.shape[0], dtype=torch.float32, device=h.device)
         c = self.cfg

@@ -1,6 +1,7 @@
 """Which tokens of a packed micro-batch each predictor may drop: :class:`Spans` and :func:`find_spans`."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +68,15 @@ def find_spans(batch: PackedBatch, image_context_id: int) -> Spans:
 def span_lengths(span: torch.Tensor, spans: Spans) -> torch.Tensor:
     """Tokens of ``span`` ([L] bool, one of ``spans``' masks or a subset) per sample: [num_samples] int64."""
     return torch.bincount(spans.sample[span], minlength=spans.num_samples)
+
+
+def text_spans_of_image_samples(spans: Spans) -> Spans:
+    """``spans`` with the instruction and answer spans kept only in samples that have image tokens.
+
+    Dynamic-LLaVA applies its text masks only where the vision predictor ran (its training data are image
+    samples); with the vision predictor on, a text-only sample's text is therefore never sparsified (in
+    training, in the keep-rate loss and when decoding).
+    """
+    has_image = torch.bincount(spans.sample[spans.vision], minlength=spans.num_samples) > 0
+    in_image_sample = has_image[spans.sample.clamp_min(0)] & (spans.sample >= 0)
+    return dataclasses.replace(spans, instruct=spans.instruct & in_image_sample, output=spans.output & in_image_sample)
