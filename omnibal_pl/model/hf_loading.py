@@ -286,6 +286,35 @@ def vlm_config_from_hf(path: str | Path, image_context_id: int | None = None, na
     return VLMConfig(name=name or path.name, vision=vision, projector=projector, llm=llm, image_context_id=int(image_id))
 
 
+def hf_layout(path: str | Path) -> Layout:
+    """The tensor naming of a checkpoint directory, from its ``config.json``."""
+    path = Path(path)
+    return _layout(_read_json(path / "config.json"), path)
+
+
+# Model fields a Hugging Face config.json does not hold: they are the run's choice, whatever the folder.
+RUN_SIDE_FIELDS = ("attention_backend", "sparsify", "adapter")
+
+
+def folder_differences(cfg: VLMConfig, path: str | Path) -> list[str]:
+    """``"field: ours != folder's"`` for every architecture field (vision, projector, LLM, image-context id) in
+    which ``cfg`` differs from the checkpoint directory's ``config.json``; empty when the folder holds the model
+    ``cfg`` describes. An InternVL folder without tokenizer files is taken to use ``cfg``'s image-context id."""
+    path = Path(path)
+    named = hf_layout(path).vision == "clip" or _find_token_id(path, "<IMG_CONTEXT>") is not None
+    folder = vlm_config_from_hf(path, image_context_id=None if named else cfg.image_context_id)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if prefix or k not in ("name", *RUN_SIDE_FIELDS):
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(cfg.to_dict()), flat(folder.to_dict())
+    return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
 # --------------------------------------------------------------------------------------------- weights
 
 
@@ -372,6 +401,16 @@ def load_hf_model(path: str | Path, image_context_id: int | None = None, dtype: 
         model = VLM(cfg)
     load_hf_weights(model, path)
     return model.to(dtype) if dtype is not None else model
+
+
+def skipped_tensors(path: str | Path, cfg: VLMConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights that :func:`load_hf_weights` deliberately leaves out of a model of ``cfg``
+    (vision blocks after the selected layer, CLIP's post-layernorm), under their normalised names; a tied
+    head and ``position_ids`` buffers are not among them."""
+    files = _checkpoint_files(Path(path))
+    tied_heads = ("language_model.lm_head.weight", "language_model.output.weight")
+    keys = [k for k in files if layout.skipped(k, cfg) and not k.endswith("position_ids") and k not in tied_heads]
+    return _read_tensors(files, keys)
 
 
 def to_hf_state_dict(model: VLM, layout: Layout) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from omnibal_pl.config import ClusterConfig, PlanSettings, check_keys, to_datacl
 from omnibal_pl.data.datamodule import LoaderConfig, PackingConfig
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
+from omnibal_pl.model.hf_loading import RUN_SIDE_FIELDS, folder_differences, vlm_config_from_hf
 from omnibal_pl.train.optim import OptimConfig
 
 
@@ -56,12 +57,37 @@ class RunConfig:
     run_dir: Optional[str] = None
 
 
+AUTO_MODEL = "auto"  # model=auto: the architecture of init_from's folder
+
+
+def model_config(node: dict[str, Any], init_from: str | None) -> VLMConfig:
+    """The run's model: ``model=auto`` reads the architecture from ``init_from``'s ``config.json`` and takes only
+    the run-side fields (attention backend, sparsify, adapter) from ``node``; any other ``model=`` must agree
+    with ``init_from``'s folder when both are given (the error names the fields that differ)."""
+    if node.get("name") == AUTO_MODEL:
+        if init_from is None:
+            raise ConfigError("model=auto reads the architecture from init_from's config.json: set init_from=<folder>")
+        extra = sorted(set(node) - {"name", *RUN_SIDE_FIELDS})
+        if extra:
+            raise ConfigError(f"model=auto takes the architecture from {init_from}/config.json, so model.{extra[0]} "
+                              f"cannot be set; only {list(RUN_SIDE_FIELDS)} can")
+        folder = vlm_config_from_hf(init_from).to_dict()
+        return VLMConfig.from_dict({**folder, **{k: node[k] for k in RUN_SIDE_FIELDS if k in node}})
+    model = VLMConfig.from_dict(node)
+    if init_from is not None:
+        differences = folder_differences(model, init_from)
+        if differences:
+            raise ConfigError(f"model={model.name} disagrees with init_from={init_from}/config.json in "
+                              f"{'; '.join(differences)}; use model=auto to take the folder's architecture")
+    return model
+
+
 def parse_run_config(cfg: DictConfig) -> RunConfig:
     """Checks every group against its schema: an unknown key (top-level too), a mistyped key or a wrong type
     fails here, at start, naming the key."""
     check_keys(cfg, [f.name for f in fields(RunConfig)], "omnibal-train")
     try:
-        model = VLMConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        model = model_config(OmegaConf.to_container(cfg.model, resolve=True), cfg.get("init_from"))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
     return RunConfig(
