@@ -183,12 +183,13 @@ class Sparsifier(nn.Module):
         return keep
 
     @torch.no_grad()
-    def keep_new_token(self, h: torch.Tensor) -> bool:
-        """Decoding: whether a generated token (hidden state [hidden] entering ``sparse_layer``) enters the cache."""
+    def keep_new_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoding: whether each generated token enters the cache of the sparsified layers, [n] bool, from its
+        hidden state entering ``sparse_layer`` (``h`` [n, hidden]); all True without an output-text predictor."""
         if self.output_text is None:
-            return True
-        logits = self.output_text(h.reshape(1, -1))[0]
-        return bool(logits[KEEP] > logits[DROP])
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        logits = self.output_text(h)
+        return logits[:, KEEP] > logits[:, DROP]
 
 
 def set_temperature(model: nn.Module, tau: float) -> int:
