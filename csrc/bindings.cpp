@@ -36,7 +36,7 @@ py::tuple to_python(Groups&& g) {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "omnibal_pl grouping core: ISF and balanced grouping (CSR output: indices, offsets, oversize count)";
+  m.doc() = "omnibal_pl grouping core: ISF, balanced and greedy-knapsack grouping (CSR output: indices, offsets, oversize count)";
   py::register_exception<omnibal::OversizeError>(m, "OversizeError", PyExc_ValueError);
 
   m.def(
@@ -70,6 +70,20 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("vit"), py::arg("tokens"), py::arg("vit_cap"), py::arg("token_cap"), py::arg("seed"),
       py::arg("oversize"));
+
+  m.def(
+      "greedy_knapsack",
+      [](const Column& vit, const Column& tokens, int32_t token_cap, uint64_t seed, const std::string& oversize) {
+        Lengths len = view(vit, tokens);
+        Oversize p = policy(oversize);
+        Groups g;
+        {
+          py::gil_scoped_release release;
+          g = omnibal::greedy_knapsack(len, token_cap, seed, p);
+        }
+        return to_python(std::move(g));
+      },
+      py::arg("vit"), py::arg("tokens"), py::arg("token_cap"), py::arg("seed"), py::arg("oversize"));
 
   m.def(
       "shuffled_range",

@@ -40,4 +40,7 @@ Groups isf(const Lengths& len, int32_t vit_cap, int32_t token_cap, int64_t token
 
 Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t seed, Oversize policy);
 
+// LLaMA-Factory's packing (greedy knapsack on tokens up to token_cap); tiles are not capped.
+Groups greedy_knapsack(const Lengths& len, int32_t token_cap, uint64_t seed, Oversize policy);
+
 }  // namespace omnibal

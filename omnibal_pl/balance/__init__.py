@@ -1,11 +1,12 @@
 """Data balance: grouping samples into balanced micro-batches, steps, metrics and argument search."""
 from omnibal_pl.balance.config import ALGORITHMS, BalanceConfig
+from omnibal_pl.balance.cost import TimeModel, fit_time_model, group_features
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.isf_reference import isf_reference
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler, EpochArrangement
 from omnibal_pl.balance.metrics import balance_metrics, dist_ratio, pad_ratio, per_source
 from omnibal_pl.balance.search import CapSearch, evaluate, micro_batch_shape, resolve_caps, resolve_shape
-from omnibal_pl.balance.steps import Steps, form_steps
+from omnibal_pl.balance.steps import Steps, arrange_steps, form_steps
 
 __all__ = [
     "ALGORITHMS",
@@ -16,10 +17,14 @@ __all__ = [
     "EpochArrangement",
     "Grouping",
     "Steps",
+    "TimeModel",
+    "arrange_steps",
     "balance_metrics",
     "dist_ratio",
     "evaluate",
+    "fit_time_model",
     "form_steps",
+    "group_features",
     "group_samples",
     "isf_reference",
     "micro_batch_shape",

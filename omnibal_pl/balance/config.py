@@ -6,8 +6,11 @@ from typing import Optional
 
 from omnibal_pl.errors import ConfigError
 
-ALGORITHMS = ("balanced", "isf", "random", "length_grouped")
-STEP_ORDERS = ("auto", "matched", "megatron", "sequential")
+ALGORITHMS = ("balanced", "isf", "random", "length_grouped", "disttrain", "llamafactory", "swift")
+CAPPED_ALGORITHMS = ("balanced", "isf")  # fill groups to both caps (tiles and tokens)
+PACKERS = ("llamafactory", "swift")  # pack on tokens up to the token cap; tiles uncapped
+STEP_ORDERS = ("auto", "matched", "megatron", "lpt", "sequential")
+COSTS = ("counts", "fitted")
 OVERSIZE_POLICIES = ("solo", "error")
 
 
@@ -17,6 +20,16 @@ class BalanceConfig:
 
     Units: ``vit_cap`` in tiles (Q_v), ``token_cap`` and ``token_threshold`` in LLM tokens (Q_t).
     A cap left ``None`` is chosen by the algorithm's argument search for ``dp`` and ``samples_per_group``.
+
+    Algorithms: ``balanced`` (ours), ``isf`` (OmniBal's), and baselines: ``random`` and ``length_grouped``
+    (``samples_per_group`` per micro-batch), ``disttrain`` (random fixed-count micro-batches dealt to ranks by
+    LPT on modelled cost, DistTrain's reordering), ``llamafactory`` and ``swift`` (the packers of those
+    frameworks: greedy knapsack / constant-volume bin packing on tokens up to ``token_cap``, tiles uncapped).
+
+    ``cost``: what step forming evens across the ranks of a step. ``counts``: tiles and tokens (``matched``
+    sorts groups by them; ``lpt`` weighs a group by its tokens). ``fitted``: the micro-batch time model stored
+    at ``time_model`` (JSON written by :meth:`omnibal_pl.balance.cost.TimeModel.save`). A ``time_model`` given
+    under ``counts`` only reports the modelled rank times.
     """
 
     algorithm: str = "balanced"
@@ -29,14 +42,17 @@ class BalanceConfig:
     iterations: int = 50  # ISF passes
     seed: int = 0
     oversize: str = "solo"  # a sample over a cap: "solo" (its own group, counted) or "error"
-    step_order: str = "auto"  # matched (ours), megatron (published ISF sampler), sequential; auto: per algorithm
+    step_order: str = "auto"  # matched (ours), megatron (published ISF sampler), lpt (DistTrain), sequential
+    cost: str = "counts"  # counts | fitted (then time_model names the fitted model's JSON)
+    time_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` for a value outside its range."""
-        choices = (("algorithm", ALGORITHMS), ("step_order", STEP_ORDERS), ("oversize", OVERSIZE_POLICIES))
+        choices = (("algorithm", ALGORITHMS), ("step_order", STEP_ORDERS), ("oversize", OVERSIZE_POLICIES),
+                   ("cost", COSTS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"balance.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -49,13 +65,20 @@ class BalanceConfig:
                 raise ConfigError(f"balance.{name}={v}: must be >= 1 (or null to search it)")
         if self.seed < 0:
             raise ConfigError(f"balance.seed={self.seed}: must be >= 0")
+        if self.algorithm in PACKERS and self.vit_cap is not None:
+            raise ConfigError(f"balance.algorithm={self.algorithm} packs on tokens only, as that framework does; "
+                              "leave balance.vit_cap null (micro-batches take the largest group's tiles)")
+        if self.cost == "fitted" and not self.time_model:
+            raise ConfigError("balance.cost=fitted needs balance.time_model=<path of a fitted time model JSON> "
+                              "(scripts/bench_train.py --save-time-model writes one); or use balance.cost=counts")
 
     @property
     def resolved_step_order(self) -> str:
-        """``matched`` for ``balanced``, the published Megatron sampler for ``isf``, else sequential."""
+        """``matched`` for ``balanced``, the published Megatron sampler for ``isf``, LPT for ``disttrain``, else
+        sequential (the packers' groups come shuffled, as their trainers' random samplers would take them)."""
         if self.step_order != "auto":
             return self.step_order
-        return {"balanced": "matched", "isf": "megatron"}.get(self.algorithm, "sequential")
+        return {"balanced": "matched", "isf": "megatron", "disttrain": "lpt"}.get(self.algorithm, "sequential")
 
     @property
     def groups_per_step(self) -> int:

@@ -7,6 +7,8 @@
 - ``vit_fill`` / ``token_fill``: mean over groups of group sum / cap (how full the padded shapes are).
 - ``max_mean_vit`` / ``max_mean_tokens``: mean over steps of (max rank load / mean rank load): the slowest
   rank's excess over the average.
+- ``time_dist_ratio`` / ``max_mean_time``: the same two for each rank's modelled time (seconds of its
+  micro-batches under a fitted :class:`~omnibal_pl.balance.cost.TimeModel`); only when a model is given.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from omnibal_pl.balance.cost import TimeModel, group_features
 from omnibal_pl.balance.grouping import Grouping
 from omnibal_pl.balance.steps import Steps
 from omnibal_pl.lengths import LengthTable
@@ -46,14 +49,19 @@ def max_over_mean(loads: np.ndarray) -> float:
     return float(np.mean(np.divide(loads.max(axis=1), mean, out=np.ones_like(mean, dtype=np.float64), where=mean > 0)))
 
 
-def balance_metrics(table: LengthTable, grouping: Grouping, steps: Steps) -> dict[str, Any]:
-    """All metrics of one grouping and step arrangement, JSON-ready."""
+def balance_metrics(table: LengthTable, grouping: Grouping, steps: Steps,
+                    time_model: TimeModel | None = None) -> dict[str, Any]:
+    """All metrics of one grouping and step arrangement, JSON-ready (the modelled-time ones with ``time_model``)."""
     vit_sums, tok_sums = grouping.sums(table)
     rank_vit = vit_sums[steps.groups].sum(axis=2)
     rank_tok = tok_sums[steps.groups].sum(axis=2)
     grouped = np.zeros(len(table), np.int64)
     np.add.at(grouped, grouping.indices, 1)
     n_groups = len(grouping)
+    timing = {}
+    if time_model is not None:
+        rank_time = time_model.predict(group_features(table, grouping))[steps.groups].sum(axis=2)
+        timing = {"time_dist_ratio": dist_ratio(rank_time), "max_mean_time": max_over_mean(rank_time)}
     return {
         "algorithm": grouping.algorithm,
         "samples": len(table),
@@ -76,6 +84,7 @@ def balance_metrics(table: LengthTable, grouping: Grouping, steps: Steps) -> dic
         "max_mean_tokens": max_over_mean(rank_tok),
         "groups_vs_lower_bound": float(n_groups / max(table.total_vit / grouping.vit_cap,
                                                       table.total_tokens / grouping.token_cap)) if n_groups else 0.0,
+        **timing,
     }
 
 

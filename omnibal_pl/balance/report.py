@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.cost import TimeModel, load_time_model, steps_weight
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.metrics import balance_metrics, per_source
 from omnibal_pl.balance.search import resolve_shape
-from omnibal_pl.balance.steps import Steps, form_steps
+from omnibal_pl.balance.steps import Steps, arrange_steps
 from omnibal_pl.lengths import LengthTable
 
 # Rows of the printed table: (report key, label, format).
@@ -34,21 +35,28 @@ TABLE_ROWS = (
     ("token_fill", "token fill", "{:.4f}"),
     ("max_mean_vit", "max/mean tiles per step", "{:.4f}"),
     ("max_mean_tokens", "max/mean tokens per step", "{:.4f}"),
+    ("time_dist_ratio", "time dist ratio (model)", "{:.4f}"),
+    ("max_mean_time", "max/mean time per step", "{:.4f}"),
     ("groups_vs_lower_bound", "groups / lower bound", "{:.4f}"),
     ("seconds_search", "search (s)", "{:.3f}"),
     ("seconds_grouping", "grouping (s)", "{:.3f}"),
 )
 
 
-def run_balance(table: LengthTable, cfg: BalanceConfig) -> tuple[dict[str, Any], Grouping, Steps]:
-    """Resolves the caps (searching if unset), groups, forms steps and measures; returns the report."""
+def run_balance(table: LengthTable, cfg: BalanceConfig,
+                time_model: TimeModel | None = None) -> tuple[dict[str, Any], Grouping, Steps]:
+    """Resolves the caps (searching if unset), groups, forms steps and measures; returns the report.
+
+    ``time_model`` (default: the one stored at ``cfg.time_model``, if any) reports the modelled rank times
+    (``time_dist_ratio``, ``max_mean_time``) of every algorithm; steps are formed on it under ``cost=fitted``.
+    """
     cfg, caps = resolve_shape(table, cfg)
+    model = load_time_model(cfg) if time_model is None else time_model
     start = time.perf_counter()
     grouping = group_samples(table, cfg)
     seconds_grouping = time.perf_counter() - start
-    vit_sums, tok_sums = grouping.sums(table)
-    steps = form_steps(vit_sums, tok_sums, cfg.dp, cfg.micro_batches, cfg.resolved_step_order, cfg.seed)
-    report = balance_metrics(table, grouping, steps)
+    steps = arrange_steps(table, grouping, cfg, time_model=steps_weight(cfg, model))
+    report = balance_metrics(table, grouping, steps, model)
     report.update(
         seconds_grouping=seconds_grouping,
         seconds_search=caps.seconds,

@@ -24,10 +24,11 @@ from typing import Any, Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.config import CAPPED_ALGORITHMS, PACKERS, BalanceConfig
+from omnibal_pl.balance.cost import load_time_model, steps_weight
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.metrics import balance_metrics
-from omnibal_pl.balance.steps import Steps, form_steps
+from omnibal_pl.balance.steps import Steps, arrange_steps
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable
 
@@ -72,11 +73,14 @@ class BalancedSampler(Sampler[int]):
         dp_size = cfg.dp if dp_size is None else dp_size
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"DP rank {dp_rank} is outside [0, {dp_size}); check the strategy's DP size")
-        if cfg.algorithm in ("balanced", "isf") and (cfg.vit_cap is None or cfg.token_cap is None):
+        missing_caps = (cfg.algorithm in CAPPED_ALGORITHMS and (cfg.vit_cap is None or cfg.token_cap is None)) or \
+            (cfg.algorithm in PACKERS and cfg.token_cap is None)
+        if missing_caps:
             raise ConfigError("BalancedSampler needs resolved caps: pass the config returned with "
                               "balance.vit_cap/token_cap set (see omnibal_pl.balance.resolve_caps)")
         self.lengths = lengths
         self.cfg = replace(cfg, dp=dp_size)
+        self.time_model = load_time_model(self.cfg)  # reported under; steps weigh groups by it under cost=fitted
         self.dp_rank = dp_rank
         self.epoch = 0
         self._arrangements: dict[int, EpochArrangement] = {}
@@ -107,7 +111,7 @@ class BalancedSampler(Sampler[int]):
         local = group_samples(table, self.cfg, seed=seed)
         grouping = replace(local, indices=pool[local.indices])
         vit_sums, token_sums = local.sums(table)
-        steps = form_steps(vit_sums, token_sums, self.cfg.dp, self.cfg.micro_batches, self.cfg.resolved_step_order, seed)
+        steps = arrange_steps(table, local, self.cfg, seed, steps_weight(self.cfg, self.time_model))
         leftover = np.concatenate([grouping.group(g) for g in steps.leftover]) if len(steps.leftover) else np.zeros(0, np.int64)
         return EpochArrangement(epoch, grouping, steps, carried, leftover, vit_sums, token_sums)
 
@@ -125,7 +129,7 @@ class BalancedSampler(Sampler[int]):
         arr = self.arrangement(epoch)
         table = self.lengths.subset(arr.grouping.indices)  # one row per grouped sample (carried ones too)
         local = replace(arr.grouping, indices=np.arange(len(table), dtype=np.int64))
-        out = balance_metrics(table, local, arr.steps)
+        out = balance_metrics(table, local, arr.steps, self.time_model)
         out.update(epoch=arr.epoch, samples_carried_in=int(len(arr.carried_in)),
                    samples_carried_out=int(len(arr.leftover)), dp_rank=self.dp_rank, dp_size=self.cfg.dp,
                    micro_batches=self.cfg.micro_batches)

@@ -9,7 +9,9 @@
   the padding waste of both caps (2 - vit_fill - token_fill); mean group size in [m, m + 1]. Caps the
   algorithm fills to within 1% of the fewest possible groups (max(tiles / Q_v, tokens / Q_t)) are
   preferred: a cap pair too tight for the data's token-heavy samples leaves short groups behind.
-- ``random`` / ``length_grouped`` have no caps.
+- ``llamafactory`` / ``swift`` (the packers) pack to a token cap only: the one ``balanced`` searches, so
+  every algorithm fills the same token budget per micro-batch; their tile cap stays unset.
+- ``random`` / ``length_grouped`` / ``disttrain`` have no caps.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.config import PACKERS, BalanceConfig
 from omnibal_pl.balance.grouping import group_samples
 from omnibal_pl.balance.metrics import balance_metrics
-from omnibal_pl.balance.steps import form_steps
+from omnibal_pl.balance.steps import arrange_steps
 from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import BalanceError, ConfigError
 from omnibal_pl.lengths import LengthTable
@@ -47,9 +49,7 @@ def evaluate(table: LengthTable, cfg: BalanceConfig, vit_cap: int, token_cap: in
     """Groups once with these caps and returns the metrics at ``cfg.dp``, one group per rank per step."""
     one = replace(cfg, micro_batches=1, vit_cap=vit_cap, token_cap=token_cap)
     grouping = group_samples(table, one)
-    v, t = grouping.sums(table)
-    steps = form_steps(v, t, one.dp, 1, one.resolved_step_order, one.seed)
-    return balance_metrics(table, grouping, steps)
+    return balance_metrics(table, grouping, arrange_steps(table, grouping, one))
 
 
 def resolve_caps(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
@@ -61,6 +61,11 @@ def resolve_caps(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
         found = _search_isf(table, cfg)
     elif cfg.algorithm == "balanced":
         found = _search_balanced(table, cfg)
+    elif cfg.algorithm in PACKERS:
+        if cfg.token_cap is not None:
+            return CapSearch(0, int(cfg.token_cap), 0.0)
+        ours = _search_balanced(table, replace(cfg, algorithm="balanced", vit_cap=None))
+        found = CapSearch(0, ours.token_cap, 0.0, ours.candidates)
     else:
         return CapSearch(0, 0, 0.0)
     found.seconds = time.perf_counter() - start

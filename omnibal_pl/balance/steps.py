@@ -1,12 +1,17 @@
 """Forming steps: which groups meet in one optimizer step, on which DP rank and micro-batch slot.
 
-A step holds ``dp x micro_batches`` groups. Three orders:
+A step holds ``dp x micro_batches`` groups. Four orders:
 
-- ``matched`` (ours): groups sorted by (tiles, tokens) and cut into consecutive runs, so the groups of a
-  step are near-equal; steps are then shuffled, and inside a step groups are dealt to ranks in snake
-  order (rank totals equal when ``micro_batches > 1``) under a random rank permutation;
+- ``matched`` (ours): groups sorted by (tiles, tokens), or by modelled cost when one is given
+  (``balance.cost=fitted``), and cut into consecutive runs, so the groups of a step are near-equal; steps
+  are then shuffled, and inside a step groups are dealt to ranks in snake order (rank totals equal when
+  ``micro_batches > 1``) under a random rank permutation;
 - ``megatron``: the published ISF sampler: rank r owns a contiguous bucket of groups, and every rank
   walks its bucket in the same random order, so groups of one step are not matched;
+- ``lpt`` (DistTrain's reordering): consecutive groups form a step; its groups, heaviest modelled cost
+  first, each go to the least-loaded rank that still has a free micro-batch slot (longest processing time
+  first); each rank then orders its micro-batches so the smallest sit at both ends (ascending costs placed
+  alternately at the front and the back), where a pipeline's warm-up and cool-down run them;
 - ``sequential``: groups in the order the algorithm produced them (the usual DataLoader).
 
 Groups that cannot fill a whole step are returned as ``leftover`` (the sampler carries them over).
@@ -17,7 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.cost import TimeModel, group_costs
+from omnibal_pl.balance.grouping import Grouping
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.lengths import LengthTable
 
 
 @dataclass
@@ -32,14 +41,26 @@ class Steps:
         return int(self.groups.shape[0])
 
 
+def arrange_steps(table: LengthTable, grouping: Grouping, cfg: BalanceConfig, seed: int | None = None,
+                  time_model: TimeModel | None = None) -> Steps:
+    """Steps of ``grouping`` in ``cfg``'s step order, weighing groups by ``time_model`` (``cost=fitted``) or by
+    their counts; ``seed`` overrides ``cfg.seed``."""
+    order = cfg.resolved_step_order
+    vit_sums, token_sums = grouping.sums(table)
+    cost = group_costs(table, grouping, time_model) if order == "lpt" or time_model is not None else None
+    return form_steps(vit_sums, token_sums, cfg.dp, cfg.micro_batches, order, cfg.seed if seed is None else seed, cost)
+
+
 def form_steps(vit_sums: np.ndarray, token_sums: np.ndarray, dp: int, micro_batches: int, order: str,
-               seed: int) -> Steps:
-    """Arranges groups (given by their tile and token sums) into steps; see the module docstring."""
+               seed: int, cost: np.ndarray | None = None) -> Steps:
+    """Arranges groups (given by their tile and token sums, and ``cost``: modelled cost per group) into steps;
+    see the module docstring. ``lpt`` needs ``cost``; ``matched`` sorts by it when given."""
     n = len(vit_sums)
     per_step = dp * micro_batches
     rng = np.random.default_rng(seed)
     if order == "matched":
-        ranked = np.lexsort((-token_sums, -vit_sums))  # heaviest first
+        # heaviest first
+        ranked = np.lexsort((-token_sums, -vit_sums)) if cost is None else np.argsort(-cost, kind="stable")
         full = (n // per_step) * per_step
         steps = ranked[:full].reshape(-1, per_step)
         steps = steps[rng.permutation(len(steps))]
@@ -54,8 +75,34 @@ def form_steps(vit_sums: np.ndarray, token_sums: np.ndarray, dp: int, micro_batc
         walk = rng.permutation(bucket)
         grid = np.arange(dp)[None, :, None] * bucket + walk.reshape(-1, 1, micro_batches)
         return Steps(grid.astype(np.int64), np.arange(dp * bucket, n, dtype=np.int64))
+    if order == "lpt":
+        if cost is None:
+            raise ConfigError("step order lpt needs a modelled cost per group")
+        full = (n // per_step) * per_step
+        return Steps(_lpt(cost[:full].reshape(-1, per_step), dp, micro_batches), np.arange(full, n, dtype=np.int64))
     if order == "sequential":
         full = (n // per_step) * per_step
         grid = np.arange(full, dtype=np.int64).reshape(-1, dp, micro_batches)
         return Steps(grid, np.arange(full, n, dtype=np.int64))
-    raise ConfigError(f"step order {order!r}: choose matched, megatron or sequential")
+    raise ConfigError(f"step order {order!r}: choose matched, megatron, lpt or sequential")
+
+
+def _lpt(cost: np.ndarray, dp: int, micro_batches: int) -> np.ndarray:
+    """LPT deal of every step at once: ``cost`` is [steps, dp * micro_batches] for groups ``s * per_step + k``;
+    returns the [steps, dp, micro_batches] grid, each rank's micro-batches in DistTrain's order."""
+    steps, per_step = cost.shape
+    rows = np.arange(steps)
+    load = np.zeros((steps, dp))
+    slots = np.zeros((steps, dp), np.int64)
+    picked = np.zeros((steps, dp, micro_batches), np.int64)
+    for k in np.argsort(-cost, axis=1, kind="stable").T:  # k[s]: the step's next heaviest group
+        open_load = np.where(slots < micro_batches, load, np.inf)
+        rank = open_load.argmin(axis=1)
+        picked[rows, rank, slots[rows, rank]] = k
+        load[rows, rank] += cost[rows, k]
+        slots[rows, rank] += 1
+    # Picks came heaviest first; ascending costs go alternately to the front and the back.
+    ascending = picked[:, :, ::-1]
+    small_ends = np.concatenate([np.arange(0, micro_batches, 2),
+                                 np.arange(micro_batches - 1 - micro_batches % 2, 0, -2)])
+    return rows[:, None, None] * per_step + ascending[:, :, small_ends]

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnibal_pl.balance import BalanceConfig, dist_ratio
+from omnibal_pl.balance.config import PACKERS
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler
 from omnibal_pl.data.synthetic_lengths import synthetic_lengths
 from omnibal_pl.errors import ConfigError
@@ -25,9 +26,10 @@ def rank_batches(cfg: BalanceConfig, epoch: int) -> list[list[list[int]]]:
 
 @settings(max_examples=25, deadline=None)
 @given(dp=st.integers(1, 8), micro=st.integers(1, 4), epochs=st.integers(1, 3), seed=st.integers(0, 10**6),
-       algorithm=st.sampled_from(["balanced", "isf"]))
+       algorithm=st.sampled_from(["balanced", "isf", "disttrain", "llamafactory", "swift"]))
 def test_each_sample_once_per_epoch_and_equal_step_counts(dp, micro, epochs, seed, algorithm):
-    cfg = BalanceConfig(algorithm=algorithm, dp=dp, micro_batches=micro, vit_cap=18, token_cap=5280, seed=seed,
+    vit_cap = None if algorithm in PACKERS else 18
+    cfg = BalanceConfig(algorithm=algorithm, dp=dp, micro_batches=micro, vit_cap=vit_cap, token_cap=5280, seed=seed,
                         iterations=5)
     carried = np.zeros(0, np.int64)
     for epoch in range(epochs):

@@ -67,3 +67,17 @@ def test_cli_bad_input_fails_with_a_clear_message(tmp_path, arg, message):
     out = run_cli(arg, cwd=tmp_path)
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
+
+
+def test_cli_baselines_report_modelled_time(tmp_path):
+    model = tmp_path / "time_model.json"
+    model.write_text('{"terms": ["tiles", "tokens", "tokens_sq", "samples"], "coefficients": [1e-3, 2e-6, 1e-9, 5e-3]}')
+    out = run_cli("balance.algorithm=balanced,disttrain,llamafactory", f"balance.time_model={model}", cwd=tmp_path,
+                  multirun=True)
+    assert out.returncode == 0, out.stderr
+    reports = {r["algorithm"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/balance_report.json"))}
+    assert set(reports) == {"balanced", "disttrain", "llamafactory"}
+    assert all(r["samples_lost"] == 0 and r["max_mean_time"] >= 1.0 for r in reports.values())
+    assert reports["llamafactory"]["token_cap"] == reports["balanced"]["token_cap"]  # same token budget
+    assert reports["balanced"]["time_dist_ratio"] < reports["llamafactory"]["time_dist_ratio"]
+    assert "max/mean time per step" in out.stdout

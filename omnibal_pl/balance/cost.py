@@ -1,0 +1,124 @@
+"""What a micro-batch costs: its work counts, and a time model fitted to measured micro-batch times.
+
+A micro-batch's features (one row per group) are sums over its samples of
+
+- ``tiles``: vision tiles (a text-only sample's dummy tile included: the ViT runs it);
+- ``tokens``: LLM tokens (image tokens included);
+- ``tokens_sq``: squared sample lengths (the attention work, quadratic in each packed sample's length);
+- ``samples``: 1 per sample (per-sample overheads: segment bookkeeping, loss terms).
+
+:class:`TimeModel` predicts seconds as ``t = a*tiles + b*tokens + c*tokens_sq + d*samples``, its coefficients
+found by least squares on measured (features, seconds) pairs (:func:`fit_time_model`). A model is valid only
+with every coefficient >= 0 (a negative one means the measurements cannot separate the terms: too few or too
+alike micro-batches) and from at least ``MIN_FITS_PER_TERM`` micro-batches per term; otherwise fitting raises
+:class:`~omnibal_pl.errors.BalanceError` and the caller keeps ``cost=counts`` and says so.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omnibal_pl.balance.config import BalanceConfig
+from omnibal_pl.balance.grouping import Grouping, segment_sums
+from omnibal_pl.errors import BalanceError
+from omnibal_pl.lengths import LengthTable
+
+TERMS = ("tiles", "tokens", "tokens_sq", "samples")
+MIN_FITS_PER_TERM = 3
+
+
+@dataclass
+class TimeModel:
+    """Seconds of one micro-batch (forward + backward) from its features; ``coefficients`` in seconds per unit,
+    in :data:`TERMS` order. ``rms_error`` (seconds) and ``fitted_on`` (micro-batches) describe the fit."""
+
+    coefficients: list[float]
+    rms_error: float = 0.0
+    fitted_on: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) != len(TERMS):
+            raise BalanceError(f"time model has {len(self.coefficients)} coefficients, expected {len(TERMS)} "
+                               f"({', '.join(TERMS)})")
+        negative = [f"{t}={c:.3g}" for t, c in zip(TERMS, self.coefficients) if c < 0]
+        if negative:
+            raise BalanceError(f"time model has negative coefficients ({', '.join(negative)}): the measured "
+                               "micro-batches cannot separate these terms; measure more, and more varied, micro-batches "
+                               "(different sample counts and lengths) or use balance.cost=counts")
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Seconds per row of ``features`` ([n, len(TERMS)])."""
+        return np.asarray(features, np.float64) @ np.asarray(self.coefficients, np.float64)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"terms": list(TERMS), **asdict(self)}, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TimeModel":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise BalanceError(f"cannot read the time model {path}: {e}") from None
+        if raw.get("terms") != list(TERMS):
+            raise BalanceError(f"time model {path} has terms {raw.get('terms')}, this version uses {list(TERMS)}; refit it")
+        return cls([float(c) for c in raw["coefficients"]], float(raw.get("rms_error", 0.0)), int(raw.get("fitted_on", 0)))
+
+
+def sample_features(table: LengthTable) -> np.ndarray:
+    """Features of each sample alone ([n, len(TERMS)] float64)."""
+    tokens = table.tokens.astype(np.float64)
+    return np.stack([table.vit.astype(np.float64), tokens, tokens * tokens, np.ones(len(table))], axis=1)
+
+
+def group_features(table: LengthTable, grouping: Grouping) -> np.ndarray:
+    """Features of each group ([groups, len(TERMS)] float64): sums of its samples' features."""
+    per_sample = sample_features(table)[grouping.indices]
+    return np.stack([segment_sums(per_sample[:, k], grouping.offsets) for k in range(len(TERMS))], axis=1)
+
+
+def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
+    """Least-squares coefficients of :data:`TERMS` for measured micro-batches (no intercept: a fixed cost per
+    micro-batch is the same on every rank and does not change balance).
+
+    Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when a
+    coefficient comes out negative.
+    """
+    features = np.asarray(features, np.float64)
+    seconds = np.asarray(seconds, np.float64)
+    need = MIN_FITS_PER_TERM * len(TERMS)
+    if features.ndim != 2 or features.shape[1] != len(TERMS) or len(features) != len(seconds):
+        raise BalanceError(f"fit_time_model needs features of shape [n, {len(TERMS)}] and n times; got "
+                           f"{features.shape} and {seconds.shape}")
+    if len(features) < need:
+        raise BalanceError(f"a time model of {len(TERMS)} terms needs at least {need} measured micro-batches, got "
+                           f"{len(features)}; measure more steps or use balance.cost=counts")
+    scale = np.abs(features).max(axis=0)
+    scale[scale == 0] = 1.0  # a term absent from every micro-batch gets coefficient 0
+    solution, *_ = np.linalg.lstsq(features / scale, seconds, rcond=None)
+    coefficients = solution / scale
+    rms = float(np.sqrt(np.mean((features @ coefficients - seconds) ** 2)))
+    return TimeModel([float(c) for c in coefficients], rms, len(features))
+
+
+def load_time_model(cfg: BalanceConfig) -> TimeModel | None:
+    """The model stored at ``cfg.time_model``, or None. Step forming weighs groups by it under ``cost=fitted``;
+    under ``cost=counts`` it only reports the modelled rank times."""
+    return TimeModel.load(cfg.time_model) if cfg.time_model else None
+
+
+def steps_weight(cfg: BalanceConfig, model: TimeModel | None) -> TimeModel | None:
+    """The model step forming weighs groups by: ``model`` under ``cost=fitted``, None (counts) otherwise."""
+    return model if cfg.cost == "fitted" else None
+
+
+def group_costs(table: LengthTable, grouping: Grouping, model: TimeModel | None) -> np.ndarray:
+    """Modelled cost per group: seconds under ``model``, or its LLM tokens (``counts``)."""
+    if model is None:
+        return segment_sums(table.tokens[grouping.indices], grouping.offsets).astype(np.float64)
+    return model.predict(group_features(table, grouping))

@@ -1,0 +1,92 @@
+"""Micro-batch time model: features, least-squares fit, bad fits refused, fitted cost evens modelled rank time."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from omnibal_pl.balance import BalanceConfig, TimeModel, balance_metrics, fit_time_model, group_features, group_samples
+from omnibal_pl.balance.grouping import Grouping
+from omnibal_pl.balance.sampler import BalancedSampler
+from omnibal_pl.balance.steps import arrange_steps
+from omnibal_pl.errors import BalanceError, ConfigError
+from omnibal_pl.lengths import LengthTable
+
+
+def test_group_features_hand_case():
+    table = LengthTable.from_arrays([1, 3, 2], [10, 20, 30])
+    g = Grouping(np.array([0, 1, 2]), np.array([0, 2, 3]), 4, 30, "test")
+    # tiles, tokens, sum of squared lengths (not the square of the sum), samples
+    np.testing.assert_array_equal(group_features(table, g), [[4, 30, 500, 2], [2, 30, 900, 1]])
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    n = 60
+    samples = rng.integers(1, 8, n)
+    tiles = samples * rng.integers(1, 6, n)
+    tokens = tiles * 256 + rng.integers(10, 900, n)
+    features = np.stack([tiles, tokens, tokens**2 / samples, samples], axis=1).astype(float)
+    truth = np.array([2e-3, 1e-5, 3e-10, 4e-3])
+    seconds = features @ truth * (1 + rng.normal(0, 0.002, n))
+    model = fit_time_model(features, seconds)
+    np.testing.assert_allclose(model.coefficients, truth, rtol=0.15)
+    assert model.fitted_on == n and model.rms_error < 0.005 * seconds.mean()
+    np.testing.assert_allclose(model.predict(features), seconds, rtol=0.01)
+
+
+def test_fit_refuses_too_few_micro_batches():
+    features = np.ones((11, 4))
+    with pytest.raises(BalanceError, match="at least 12 measured micro-batches, got 11"):
+        fit_time_model(features, np.ones(11))
+
+
+def test_fit_refuses_a_negative_coefficient():
+    rng = np.random.default_rng(1)
+    features = rng.uniform(1, 10, (40, 4))
+    seconds = features @ np.array([1.0, 1.0, 1.0, -2.0])  # more samples make it faster: not a time model
+    with pytest.raises(BalanceError, match=r"negative coefficients \(samples="):
+        fit_time_model(features, seconds)
+
+
+def test_save_load_round_trip_and_wrong_terms(tmp_path):
+    model = TimeModel([1e-3, 2e-6, 3e-11, 4e-4], 0.01, 40)
+    assert TimeModel.load(model.save(tmp_path / "m.json")) == model
+    (tmp_path / "bad.json").write_text('{"terms": ["tiles"], "coefficients": [1]}')
+    with pytest.raises(BalanceError, match="refit"):
+        TimeModel.load(tmp_path / "bad.json")
+
+
+def test_fitted_cost_needs_a_model_path():
+    with pytest.raises(ConfigError, match="balance.time_model"):
+        BalanceConfig(cost="fitted")
+
+
+def test_fitted_cost_evens_modelled_rank_time(real_lengths, tmp_path):
+    # attention-heavy model: sum of squared lengths is what the caps do not even out
+    model = TimeModel([1e-3, 2e-6, 1e-9, 5e-3])
+    cfg = BalanceConfig(dp=32, vit_cap=18, token_cap=5280)
+    g = group_samples(real_lengths, cfg)
+    counts = balance_metrics(real_lengths, g, arrange_steps(real_lengths, g, cfg), model)
+    fitted = balance_metrics(real_lengths, g, arrange_steps(real_lengths, g, cfg, time_model=model), model)
+    assert fitted["max_mean_time"] <= 1.002 < counts["max_mean_time"]
+    assert fitted["time_dist_ratio"] < 0.5 * counts["time_dist_ratio"]
+    # groups still fill the caps, so the tiles stay even; tokens give way where attention costs more
+    assert fitted["vit_dist_ratio"] <= 0.005 and fitted["llm_dist_ratio"] <= 0.02
+    # the sampler takes the stored model through the config
+    stored = replace(cfg, cost="fitted", time_model=str(model.save(tmp_path / "m.json")))
+    report = BalancedSampler(real_lengths, stored, 0).report(0)
+    assert report["max_mean_time"] <= 1.002
+
+
+def test_metrics_report_time_only_with_a_model():
+    table = LengthTable.from_arrays([1, 1, 1, 1], [10, 10, 10, 40])
+    cfg = BalanceConfig(algorithm="random", dp=2, samples_per_group=1)
+    g = Grouping(np.arange(4), np.arange(5), 1, 40, "random")
+    steps = arrange_steps(table, g, cfg)
+    assert "time_dist_ratio" not in balance_metrics(table, g, steps)
+    m = balance_metrics(table, g, steps, TimeModel([0.0, 1.0, 0.0, 0.0]))
+    # steps (10, 10) and (10, 40): max/mean 1 and 1.6
+    assert m["max_mean_time"] == pytest.approx(1.3)
+    assert m["time_dist_ratio"] == pytest.approx((0 + 30 / 80) / 2)
