@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from omnibal_pl.balance.search import micro_batch_shape
 from omnibal_pl.data.datamodule import OmniBalDataModule
@@ -39,6 +39,7 @@ from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.plan.make import make_plan, resolve_source
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
 from omnibal_pl.train.callbacks import GumbelTemperature
+from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
@@ -136,6 +137,9 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
     callbacks = [checkpoint, memory, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
     if cfg.model.sparsify.enabled:
         callbacks.append(GumbelTemperature())
+    loggers = build_loggers(cfg.logger, run.run_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
         accelerator=c.accelerator,
         devices=c.devices,
@@ -149,7 +153,7 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         deterministic=cfg.trainer.deterministic,
-        logger=CSVLogger(run.run_dir, name="", version=""),
+        logger=loggers or False,
         callbacks=callbacks,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

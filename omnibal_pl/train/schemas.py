@@ -55,6 +55,7 @@ class RunConfig:
     init_from: Optional[str] = None
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None
+    logger: dict[str, Any] = field(default_factory=dict)  # name -> _target_ spec (conf/logger/)
 
 
 AUTO_MODEL = "auto"  # model=auto: the architecture of init_from's folder
@@ -104,4 +105,5 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         init_from=cfg.get("init_from"),
         ckpt_path=cfg.get("ckpt_path"),
         run_dir=cfg.get("run_dir"),
+        logger=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
     )
