@@ -29,20 +29,29 @@ The training-loop callback that anneals the temperature is
 :class:`omnibal_pl.train.callbacks.GumbelTemperature`.
 """
 from omnibal_pl.model.sparsify.channel import boundary_width, split_output
-from omnibal_pl.model.sparsify.config import SparsifyConfig
+from omegaconf import OmegaConf
+
+from omnibal_pl.model.sparsify.config import PUBLISHED_SPARSE_LAYER, SparsifyConfig, sparse_layer_for
 from omnibal_pl.model.sparsify.cost import MaskedAttentionCost, masked_attention_cost, predictor_flops
 from omnibal_pl.model.sparsify.loss import KeepRateLoss, keep_rate_loss
 from omnibal_pl.model.sparsify.masked_attention import masked_varlen_attention
 from omnibal_pl.model.sparsify.predictors import (
-    DROP, KEEP, Sparsifier, TextPredictor, VisionPredictor, gumbel_keep, gumbel_tau, set_temperature, topk_keep,
+    DROP, KEEP, Sparsifier, TextPredictor, VisionPredictor, gumbel_keep, gumbel_tau, set_temperature, sparsified_spans,
+    topk_keep,
 )
 from omnibal_pl.model.sparsify.spans import Spans, find_spans
+
+# conf/model/sparsify/*.yaml read their sparse_layer through this resolver; registered on import, as every
+# entry point that resolves a config (omnibal-train, omnibal-plan, omnibal-eval, parse_run_config) imports this
+if not OmegaConf.has_resolver("omnibal.sparse_layer"):
+    OmegaConf.register_new_resolver("omnibal.sparse_layer", sparse_layer_for)
 
 __all__ = [
     "DROP",
     "KEEP",
     "KeepRateLoss",
     "MaskedAttentionCost",
+    "PUBLISHED_SPARSE_LAYER",
     "Sparsifier",
     "SparsifyConfig",
     "Spans",
@@ -57,6 +66,8 @@ __all__ = [
     "masked_varlen_attention",
     "predictor_flops",
     "set_temperature",
+    "sparse_layer_for",
+    "sparsified_spans",
     "split_output",
     "topk_keep",
 ]

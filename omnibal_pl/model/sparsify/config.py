@@ -9,6 +9,17 @@ from dataclasses import dataclass
 
 from omnibal_pl.errors import ConfigError
 
+PUBLISHED_SPARSE_LAYER = 2  # Dynamic-LLaVA's cut in the 32-layer LLaMA of LLaVA-1.5
+
+
+def sparse_layer_for(llm_layers: int | None) -> int:
+    """The layer the ``model/sparsify`` options cut at: the published layer 2, or the last layer of an LLM
+    with fewer than 3 layers (the 2-layer tiny model: 1), so the options compose with every model; the
+    published layer when the depth is unknown (None). The config resolver ``omnibal.sparse_layer``."""
+    if llm_layers is None:
+        return PUBLISHED_SPARSE_LAYER
+    return max(0, min(PUBLISHED_SPARSE_LAYER, int(llm_layers) - 1))
+
 
 @dataclass
 class SparsifyConfig:
