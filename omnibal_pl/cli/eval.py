@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import CONF_DIR
@@ -142,22 +143,24 @@ def prompt_batch(input_ids: Sequence[int], pixel_values: torch.Tensor, num_real_
     )
 
 
-def load_sparsify(name_or_path: str) -> SparsifyConfig:
-    """A ``conf/model/sparsify/<name>.yaml`` group option or a YAML file path."""
+def load_sparsify(name_or_path: str, llm_layers: int | None = None) -> SparsifyConfig:
+    """A ``conf/model/sparsify/<name>.yaml`` group option or a YAML file path, its interpolations resolved for
+    an LLM of ``llm_layers`` layers (the options' ``sparse_layer`` depends on it; None: the published layer)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = SPARSIFY_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise DataError(f"--sparsify {name_or_path!r}: neither a file nor one of "
                         f"{sorted(p.stem for p in SPARSIFY_DIR.glob('*.yaml'))}")
-    return SparsifyConfig(**yaml.safe_load(path.read_text()))
+    node = OmegaConf.create({"model": {"llm": {"layers": llm_layers}, "sparsify": yaml.safe_load(path.read_text())}})
+    return SparsifyConfig(**OmegaConf.to_container(node.model.sparsify, resolve=True))
 
 
 def _load_model(args: argparse.Namespace) -> VLM:
     from omnibal_pl.model.hf_loading import load_hf_model
 
     model = load_hf_model(args.model_path)
-    sparsify = load_sparsify(args.sparsify)
+    sparsify = load_sparsify(args.sparsify, model.cfg.llm.layers)
     if sparsify.enabled:
         if not args.predictor_weights:
             raise DataError("--sparsify enables predictors: give their trained weights with --predictor-weights "

@@ -6,7 +6,9 @@ cache next to the data or computed and cached (``<file>.lengths-<fingerprint>.ob
 rebuilt with a warning when the data changed); the caps are resolved on them
 (:func:`~omnibal_pl.balance.search.resolve_shape`); the token cap becomes the dataset's ``max_tokens``
 (its ``overlong`` policy handles longer samples; synthetic texts are truncated). A sample with more
-tiles than the tile cap fails here.
+tiles than the tile cap fails here. With ``require_image: true`` in the dataset node only samples with an
+image take part (Dynamic-LLaVA trains on the image samples of its mix): the caps are searched on them
+and the run's dataset is their subset.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from torch.utils.data import Dataset
+import numpy as np
+from torch.utils.data import Dataset, Subset
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.search import CapSearch, resolve_shape
@@ -56,8 +59,11 @@ class TrainingData:
 def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec) -> TrainingData:
     """The dataset of config ``dataset`` with its statistics and the caps for ``balance.dp`` DP ranks."""
     cfg = dict(dataset)
+    image_only = bool(cfg.get("require_image", False))
     if cfg.get("kind") == "synthetic":
         raw = adapt_to_model(dataset_lengths(cfg), model.tokens_per_tile, float(cfg.get("text_scale", 1.0)))
+        if image_only:
+            raw = raw.subset(image_rows(raw))
         resolved, search = resolve_shape(raw, balance)
         lengths = truncate_text(raw, resolved.token_cap, model.tokens_per_tile) if resolved.token_cap else raw
         data: Dataset = SyntheticDataset(lengths, model.vocab_size, model.image_size, model.tokens_per_tile,
@@ -65,16 +71,27 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
     else:
         data = build_dataset(cfg)
         raw = real_lengths(data, cfg)
-        resolved, search = resolve_shape(raw, balance)
+        resolved, search = resolve_shape(raw.subset(image_rows(raw)) if image_only else raw, balance)
         if data.max_tokens is None:
             data.max_tokens = resolved.token_cap
         lengths = data.apply_token_cap(raw)
+        if image_only:  # after the cap: under overlong=skip the dataset's rows are the samples that fit
+            rows = image_rows(lengths)
+            data, lengths = Subset(data, rows.tolist()), lengths.subset(rows)
     if resolved.vit_cap and int(lengths.vit.max()) > resolved.vit_cap:
         # such a sample gets a group of its own that no micro-batch of the cap's shape can hold
         over = int((lengths.vit > resolved.vit_cap).sum())
         raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={resolved.vit_cap} (largest: "
                           f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
     return TrainingData(data, lengths, resolved, search, model)
+
+
+def image_rows(lengths: LengthTable) -> np.ndarray:
+    """Rows of the samples with at least one real image tile (``dataset.require_image``)."""
+    rows = np.flatnonzero(lengths.image_flag > 0)
+    if rows.size == 0:
+        raise ConfigError("dataset.require_image is true but no sample has an image; set it false or use image data")
+    return rows
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
@@ -84,7 +101,7 @@ def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
                           "dataset class (see conf/dataset/llava.yaml, internvl.yaml)")
     from hydra.utils import instantiate
 
-    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers")}
+    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers", "require_image")}
     return instantiate(node, _convert_="object")
 
 
