@@ -5,8 +5,10 @@ sample gets one zero dummy tile with flag 0) and its tokens (chat template, each
 ``tokens_per_tile x tiles`` image-context tokens).
 
 Token cap (``max_tokens``, usually the balance token cap) with policy ``overlong``:
-``error`` (raise, naming the samples), ``truncate`` (drop text tokens from the end, never image
-tokens) or ``skip`` (leave the sample out; :attr:`ConversationDataset.skip_report` says which).
+``error`` (raise, naming the samples), ``truncate`` (keep the first ``max_tokens`` tokens, as the
+originals' tokenizer truncation does; a sample whose image tokens do not all fit in them is refused
+by :meth:`~ConversationDataset.lengths`, naming it, since a cut image breaks the tile/token contract)
+or ``skip`` (leave the sample out; :attr:`ConversationDataset.skip_report` says which).
 Skipping changes the row numbering, so it is applied by :meth:`~ConversationDataset.apply_token_cap`
 (called by :meth:`~ConversationDataset.lengths`) before samples are read.
 """
@@ -30,6 +32,9 @@ from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
 
 OVERLONG_POLICIES = ("error", "skip", "truncate")
+# Part of every statistics fingerprint: bump it when the code changes the tiles or tokens a record gets
+# for the same files and configuration (2: InternVL's own formats and multi-image tile range, issue 18).
+LENGTHS_VERSION = 2
 
 
 @dataclass
@@ -114,23 +119,22 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def record_lengths(self, r: int) -> tuple[int, int, int, int]:
         """``(vit, tokens, image_flag, source)`` of record ``r``, uncapped, reading image headers only."""
-        rec = self.records[r]
-        tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
-        ids, _ = self.chat(rec.conversations, tiles, rec.origin)
-        return max(1, sum(tiles)), len(ids), sum(tiles), rec.source
+        tiles, ids = self._record_tokens(r)
+        return max(1, sum(tiles)), len(ids), sum(tiles), self.records[r].source
 
     def fingerprint(self) -> str:
         """A short hash of what the statistics depend on: the annotation ``files`` (path, size, mtime), which
-        records were taken (repeat_time subsamples), the tokenizer file, template and tiling. Key a
-        statistics cache with it. Image files are not included
+        records were taken (repeat_time subsamples), the chat format's definition, the template config, the
+        tokenizer's full definition, the tiling config and :data:`LENGTHS_VERSION`. Key a statistics cache
+        with it. Image files are not included
         (checking them costs as much as recomputing): replacing an image in place needs a manual rebuild.
         """
         h = hashlib.sha256()
-        for f in [*self.files, Path(self.chat.tokenizer.origin)]:
+        for f in self.files:
             st = f.stat() if f.is_file() else None
             h.update(f"{f.resolve()}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
         h.update("\n".join(r.origin for r in self.records).encode())
-        h.update(repr((self.chat.cfg, self.tiling)).encode())
+        h.update(f"{LENGTHS_VERSION}|{self.chat.fingerprint()}|{self.tiling!r}".encode())
         return h.hexdigest()[:16]
 
     def raw_lengths(self, num_workers: int = 0, progress: bool = False) -> LengthTable:
@@ -157,11 +161,11 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f"{len(keys)} samples are longer than max_tokens={cap}: {shown}; raise max_tokens "
                             "or set overlong=skip or overlong=truncate")
         if self.overlong == "truncate":
-            untouchable = raw.image_flag[over] * self.chat.cfg.tokens_per_tile + 1
-            if (untouchable > cap).any():
-                r = int(over[np.argmax(untouchable > cap)])
-                raise DataError(f"sample {self.records[r].key}: its image tokens alone exceed max_tokens={cap}; "
-                                "truncation never cuts image tokens: raise max_tokens or lower tiling.max_tiles")
+            cut = [self.records[r].key for r in over if raw.image_flag[r] and self._image_end(int(r)) > cap]
+            if cut:
+                raise DataError(f"{len(cut)} samples have image tokens beyond the first max_tokens={cap} tokens, which "
+                                f"truncation keeps: {', '.join(cut[:10])}{' ...' if len(cut) > 10 else ''}; an image is "
+                                "never cut: raise max_tokens, lower tiling.max_tiles or set overlong=skip")
             return LengthTable(raw.vit, np.minimum(raw.tokens, cap), raw.image_flag, raw.source, raw.sources)
         keep = np.setdiff1d(np.arange(self.num_records), over)
         if keep.size == 0:
@@ -194,6 +198,17 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
         return [count_tiles(w, h, self.tiling, len(sizes)) for w, h in sizes]
 
+    def _record_tokens(self, r: int) -> tuple[list[int], np.ndarray]:
+        """Tiles per image (from image headers) and the uncapped ``input_ids`` of record ``r``."""
+        rec = self.records[r]
+        tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
+        return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]
+
+    def _image_end(self, r: int) -> int:
+        """How many leading tokens of record ``r`` hold all its image tokens (0 without images)."""
+        image = np.flatnonzero(np.isin(self._record_tokens(r)[1], self.chat.image_token_ids))
+        return int(image[-1]) + 1 if image.size else 0
+
     def _fit_cap(self, ids: np.ndarray, labels: np.ndarray, rec: Record) -> tuple[np.ndarray, np.ndarray]:
         cap = self.max_tokens
         if cap is None or len(ids) <= cap:
@@ -202,13 +217,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             hint = "it should have been skipped: call lengths() or apply_token_cap() first" if self.overlong == "skip" else \
                 "raise max_tokens or set overlong=skip or overlong=truncate"
             raise DataError(f"{rec.origin} (id {rec.key}): {len(ids)} tokens > max_tokens={cap}; {hint}")
-        image = np.isin(ids, self.chat.image_token_ids)
-        budget = cap - int(image.sum())
-        if budget < 1:
-            raise DataError(f"{rec.origin} (id {rec.key}): its image tokens alone exceed max_tokens={cap}; "
-                            "truncation never cuts image tokens: raise max_tokens or lower tiling.max_tiles")
-        keep = image | (np.cumsum(~image) <= budget)  # all image tokens, the first `budget` text tokens
-        return ids[keep], labels[keep]
+        if np.isin(ids[cap:], self.chat.image_token_ids).any():
+            raise DataError(f"{rec.origin} (id {rec.key}): image tokens beyond the first max_tokens={cap} tokens; "
+                            "lengths() refuses such samples: call it (or apply_token_cap()) before reading samples")
+        return ids[:cap], labels[:cap]
 
 
 class LlavaDataset(ConversationDataset):

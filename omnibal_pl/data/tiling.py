@@ -5,9 +5,11 @@ tiles depends only on the image's (width, height), so :func:`count_tiles` answer
 header alone (``PIL.Image.open(path).size``); :func:`tile_image` produces exactly that many tiles.
 
 - ``internvl``: pick the grid (cols x rows) whose aspect ratio is closest to the image's among all grids
-  with ``min_tiles..max_tiles`` tiles; on a tie the larger grid wins when the image has more than half
-  its pixels (InternVL's rule). The image is resized to the grid and cut into tiles row by row, then a
-  thumbnail of the whole image is appended when the grid has more than one tile.
+  with ``min_tiles..max_tiles`` tiles; on a tie the later grid wins when the image has more than half
+  its pixels (InternVL's rule); with no grid in the range (``min_tiles`` above a multi-image sample's
+  share of ``max_tiles``) the image is one tile, as in InternVL. The image is resized (bicubic) to the
+  grid and cut into tiles row by row, then a thumbnail of the whole image is appended when the grid has
+  more than one tile.
 - ``llava``: pad the image to a square with the mean colour, resize to ``image_size``: one tile.
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ class TilingConfig:
     ``mode``: ``internvl`` (dynamic tiles, ImageNet normalisation) or ``llava`` (one padded tile, CLIP
     normalisation). ``image_size``: tile side in pixels (448 for InternVL, 336 for LLaVA-1.5).
     ``min_tiles``/``max_tiles``: tile-count range of the grid (``internvl`` only); a sample with ``k``
-    images gives each at most ``max(1, max_tiles // k)`` tiles, as InternVL does.
+    images gives each a grid of ``min_tiles..max(1, max_tiles // k)`` tiles, as InternVL does (an empty
+    range means one tile).
     ``use_thumbnail``: append a whole-image thumbnail tile when the grid has more than one tile.
     """
 
@@ -62,16 +65,20 @@ class TilingConfig:
         return IMAGENET_STD if self.mode == "internvl" else CLIP_STD
 
     def tile_range(self, num_images: int) -> tuple[int, int]:
-        """(min, max) tiles of one image's grid in a sample with ``num_images`` images."""
-        hi = max(1, self.max_tiles // max(1, num_images))
-        return min(self.min_tiles, hi), hi
+        """(min, max) tiles of one image's grid in a sample with ``num_images`` images (may be empty)."""
+        return self.min_tiles, max(1, self.max_tiles // max(1, num_images))
 
 
 @lru_cache(maxsize=None)
 def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, fewest tiles first."""
-    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles}
-    return tuple(sorted(grids, key=lambda g: (g[0] * g[1], g[0])))
+    """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, fewest tiles first.
+
+    Grids with the same tile count keep the order of a Python set built as InternVL builds it (by
+    ``n``, then cols, then rows): that order decides which of two equally close grids wins a tie.
+    """
+    grids = {(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+             if min_tiles <= c * r <= max_tiles}
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
 def tile_grid(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> tuple[int, int]:

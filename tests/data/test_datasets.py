@@ -1,11 +1,14 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnibal_pl.data import InternVLDataset, LlavaDataset, SyntheticDataset, load_tokenizer
+from omnibal_pl.data import InternVLDataset, LlavaDataset, SyntheticDataset, TemplateConfig, TilingConfig, load_tokenizer
 from omnibal_pl.batch import IGNORE_INDEX
+from omnibal_pl.data.templates import FORMATS
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
 from tests.helpers import (
@@ -16,6 +19,7 @@ from tests.helpers import (
     TILE,
     conversation,
     llava_records,
+    make_image,
     make_tokenizer,
     write_json,
     write_jsonl,
@@ -113,25 +117,43 @@ def test_overlong_policies(tmp_path, tok):
     assert sorted(sum(skip.skip_report.skipped.values(), [])) == sorted(recs[r]["id"] for r in over)
     assert all(skip[i].num_tokens == table.tokens[i] <= cap for i in range(len(skip)))
 
+
+def test_truncate_keeps_the_first_max_tokens(tmp_path, tok):
+    recs = llava_records(tmp_path)
+    path = write_json(tmp_path / "a.json", recs)
+    full = llava(path, tok)
+    ctx = tok.token_id("<image>")
+    image_end = max(int(np.flatnonzero(full[r].input_ids == ctx)[-1]) + 1 for r in range(len(full)) if recs[r].get("image"))
+    cap = image_end + 3  # every image fits; text after it is cut
     trunc = llava(path, tok, max_tokens=cap, overlong="truncate")
     table = trunc.lengths()
-    ctx = tok.token_id("<image>")
+    assert (table.tokens == np.minimum(full.lengths().tokens, cap)).all() and (table.tokens == cap).any()
     for r in range(len(trunc)):
-        s, full = trunc[r], llava(path, tok)[r]
-        assert s.num_tokens == table.tokens[r] == min(cap, full.num_tokens)
-        assert (s.input_ids == ctx).sum() == (full.input_ids == ctx).sum()  # never cuts image tokens
-        text = s.input_ids[s.input_ids != ctx]
-        assert torch.equal(text, full.input_ids[full.input_ids != ctx][: len(text)])  # cuts from the end
+        s, f = trunc[r], full[r]
+        assert s.num_tokens == table.tokens[r]
+        assert torch.equal(s.input_ids, f.input_ids[:cap]) and torch.equal(s.labels, f.labels[:cap])  # a prefix, as the originals
 
 
-def test_truncate_cannot_cut_images(tmp_path, tok):
+def test_truncate_refuses_samples_whose_images_it_would_cut(tmp_path, tok):
     recs = llava_records(tmp_path)
     ds = llava(write_json(tmp_path / "a.json", recs), tok, max_tokens=10, overlong="truncate")
-    with pytest.raises(DataError, match="image tokens alone exceed max_tokens=10"):
+    with pytest.raises(DataError, match=r"6 samples have image tokens beyond the first max_tokens=10 tokens.*: s0, s1, s2, s3, s4, multi;"):
         ds.lengths()
-    with pytest.raises(DataError, match="image tokens alone"):
-        ds[6]  # two images: 18 image tokens
-    assert ds[0].num_tokens == 10  # 9 image tokens and the BOS fit
+    with pytest.raises(DataError, match=r"a\.json\[6\] \(id multi\): image tokens beyond the first max_tokens=10"):
+        ds[6]  # read without lengths(): refused, never cut
+    assert ds[5].num_tokens == 10  # the text-only sample is cut
+
+
+def test_seven_tiles_at_cap_1793_is_refused_at_lengths_time(tmp_path, tok):
+    # 7 tiles x 256 tokens + <img> + </img> = 1794 image tokens: more than the cap, with the text before them
+    make_image(tmp_path / "big.png", 800, 600)  # 3x2 grid + thumbnail at 448 px
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "seven", "image": "big.png", "conversations": conversation()}])
+    meta = write_json(tmp_path / "meta.json", {"d": {"root": ".", "annotation": "a.jsonl"}})
+    template = TemplateConfig(name="internlm2-chat", tokens_per_tile=256, image_context_token="<IMG_CONTEXT>")
+    ds = InternVLDataset(meta, tok, template, TilingConfig(image_size=448, max_tiles=6), max_tokens=1793, overlong="truncate")
+    assert ds.raw_lengths().image_flag.tolist() == [7]
+    with pytest.raises(DataError, match=r"beyond the first max_tokens=1793 tokens.*: seven;"):
+        ds.lengths()
 
 
 def test_missing_and_corrupt_images(tmp_path, tok):
@@ -232,7 +254,7 @@ def test_synthetic_supervises_some_tokens_and_rejects_impossible_rows():
         SyntheticDataset(table, tokens_per_tile=9, image_size=8)
 
 
-def test_fingerprint_follows_the_data(tmp_path, tok):
+def test_fingerprint_follows_the_data(tmp_path, tok, monkeypatch):
     recs = llava_records(tmp_path / "imgs")
     write_jsonl(tmp_path / "a.jsonl", recs)
     meta = write_json(tmp_path / "meta.json", {"d": {"root": "imgs", "annotation": "a.jsonl", "repeat_time": 0.5}})
@@ -240,5 +262,16 @@ def test_fingerprint_follows_the_data(tmp_path, tok):
     assert internvl(meta, tok).fingerprint() == base
     assert internvl(meta, tok, seed=5).fingerprint() != base  # another subsample
     assert InternVLDataset(meta, tok, INTERNVL_TEMPLATE, LLAVA_TILING).fingerprint() != base
+    v25 = TemplateConfig(name="internvl2_5", tokens_per_tile=4, image_context_token="<IMG_CONTEXT>")
+    assert InternVLDataset(meta, tok, v25, INTERNVL_TILING).fingerprint() != base  # another format
+    # the same tokenizer elsewhere keeps the cache; the same path with other contents does not
+    assert internvl(meta, load_tokenizer(make_tokenizer(tmp_path / "copy"))).fingerprint() == base
+    other = load_tokenizer(make_tokenizer(tmp_path / "copy"))
+    other.backend.add_tokens(["zebra"])
+    assert internvl(meta, other).fingerprint() != base
+    # a format whose definition changed in the code (a newline after the reply) invalidates the cache too
+    monkeypatch.setitem(FORMATS, "internlm2-chat", dataclasses.replace(FORMATS["internlm2-chat"], after_reply="\n"))
+    assert internvl(meta, tok).fingerprint() != base
+    monkeypatch.undo()
     write_jsonl(tmp_path / "a.jsonl", recs + recs[:1])
     assert internvl(meta, tok).fingerprint() != base

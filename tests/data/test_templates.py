@@ -1,18 +1,197 @@
+"""Chat formats: token ids and label masks exactly as the original training code makes them.
+
+The expected sequences (``GOLDEN``) were derived once by running the originals' own preprocessing on
+these conversations with the tokenizers of ``golden_tokenizers`` wrapped as HF fast tokenizers:
+InternVL's ``preprocess_internlm`` (``internlm2-chat``) and ``preprocess_internvl2_5``, after its
+dataset's ``<image>`` insertion; LLaVA's ``preprocess_multimodal`` + ``preprocess_v1`` (``vicuna_v1``),
+each ``IMAGE_TOKEN_INDEX`` replaced by ``tokens_per_tile x tiles`` image tokens. System message
+"Be brief.", 2 tokens per tile. Masks: ``x`` = supervised (label == id), ``.`` = -100.
+Tokenizers: ``sp`` = SentencePiece-style without a dummy prefix, with BOS (InternLM2-like); ``llama`` =
+SentencePiece-style with the legacy dummy prefix and BOS (LLaMA/Vicuna); ``bytes`` = byte-level, no
+BOS (Qwen-like).
+"""
+import numpy as np
 import pytest
 
-from omnibal_pl.data import ChatTokenizer, TemplateConfig, load_tokenizer
 from omnibal_pl.batch import IGNORE_INDEX
+from omnibal_pl.data import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
 from omnibal_pl.errors import ConfigError, DataError
+from tests.data.golden_tokenizers import byte_level_bpe, sentencepiece_bpe
 from tests.helpers import INTERNVL_TEMPLATE, LLAVA_TEMPLATE, conversation, make_tokenizer
+
+TOKENIZERS = {"sp": lambda: sentencepiece_bpe(dummy_prefix=False), "llama": lambda: sentencepiece_bpe(dummy_prefix=True),
+              "bytes": byte_level_bpe}
+CONTEXT_TOKEN = {"internlm2-chat": "<IMG_CONTEXT>", "internvl2_5": "<IMG_CONTEXT>", "vicuna_v1": "<image>"}
+
+
+def human(value):
+    return {"from": "human", "value": value}
+
+
+def gpt(value):
+    return {"from": "gpt", "value": value}
+
+
+# conversation, tiles per image
+CASES = {
+    "text": ([human("Hi there"), gpt("Hello! Name a color."), human(" Compare them. "), gpt("Red.\n")], []),
+    "one": ([human("<image>\nWhat is this?"), gpt("A cat."), human("Is it red?"), gpt("Yes, it is red.\n")], [2]),
+    "one_after": ([human("What is this?\n<image>"), gpt(" A cat.")], [3]),
+    "missing": ([human("What is this?"), gpt("A cat.")], [1]),
+    "two": ([human("<image>\n<image>\nCompare them."), gpt("The first is red.")], [2, 1]),
+    "three": ([human("Image-1: <image>\nImage-2: <image>\nWhat is this?"), gpt("Red."), human("And <image>?"), gpt(" Yes. ")],
+              [1, 2, 1]),
+}
+
+GOLDEN = {
+    # <s> <|im_start|> system \n Be ▁brief . <|im_end|> <|im_start|> user \n Hi ▁there <|im_end|> <|im_start|> assistant \n
+    # Hello* !* ▁Name* ... <|im_end|>* ... (values stripped: " Compare them. " and "Red.\n" lose their spaces/newline)
+    ('internlm2-chat', 'sp', 'text'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 3, 437, 19, 499, 425, 4, 3, 445, 19, 505, 332, 414, 345, 418, 329, 4, 3, 437, 19, 479, 465, 402, 329, 4, 3, 445, 19, 498, 329, 4],
+        '.................xxxxxxx...........xxx',
+    ),
+    ('internlm2-chat', 'sp', 'one'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 3, 437, 19, 5, 7, 7, 7, 7, 6, 19, 459, 385, 374, 331, 4, 3, 445, 19, 292, 377, 329, 4, 3, 437, 19, 300, 284, 386, 380, 331, 4, 3, 445, 19, 468, 330, 386, 385, 380, 329, 4],
+        '..........................xxxx............xxxxxxx',
+    ),
+    ('internlm2-chat', 'sp', 'missing'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 3, 437, 19, 5, 7, 7, 6, 19, 459, 385, 374, 331, 4, 3, 445, 19, 292, 377, 329, 4],
+        '........................xxxx',
+    ),
+    ('internlm2-chat', 'sp', 'two'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 3, 437, 19, 5, 7, 7, 7, 7, 6, 19, 5, 7, 7, 6, 19, 479, 465, 402, 329, 4, 3, 445, 19, 489, 407, 385, 380, 329, 4],
+        '...............................xxxxxx',
+    ),
+    ('internlm2-chat', 'sp', 'three'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 3, 437, 19, 300, 278, 266, 272, 270, 333, 319, 328, 265, 5, 7, 7, 6, 19, 300, 278, 266, 272, 270, 333, 320, 328, 265, 5, 7, 7, 7, 7, 6, 19, 459, 385, 374, 331, 4, 3, 445, 19, 498, 329, 4, 3, 437, 19, 292, 279, 269, 265, 5, 7, 7, 6, 331, 4, 3, 445, 19, 468, 329, 4],
+        '.................................................xxx................xxx',
+    ),
+    ('internvl2_5', 'bytes', 'text'): (
+        [3, 364, 19, 401, 323, 55, 4, 19, 3, 367, 19, 429, 355, 4, 19, 3, 375, 19, 435, 42, 344, 275, 348, 55, 4, 19, 3, 367, 19, 330, 332, 55, 41, 4, 19, 3, 375, 19, 428, 55, 19, 4, 19],
+        '..................xxxxxxx.............xxxx.',
+    ),
+    ('internvl2_5', 'bytes', 'one'): (
+        [3, 364, 19, 401, 323, 55, 4, 19, 3, 367, 19, 5, 7, 7, 7, 7, 6, 19, 389, 315, 304, 72, 4, 19, 3, 375, 19, 74, 307, 55, 4, 19, 3, 367, 19, 82, 124, 316, 310, 72, 4, 19, 3, 375, 19, 398, 53, 316, 315, 310, 55, 19, 4, 19],
+        '...........................xxxx..............xxxxxxxx.',
+    ),
+    ('internvl2_5', 'bytes', 'missing'): (
+        [3, 364, 19, 401, 323, 55, 4, 19, 3, 367, 19, 5, 7, 7, 6, 19, 389, 315, 304, 72, 4, 19, 3, 375, 19, 74, 307, 55, 4, 19],
+        '.........................xxxx.',
+    ),
+    ('internvl2_5', 'bytes', 'two'): (
+        [3, 364, 19, 401, 323, 55, 4, 19, 3, 367, 19, 5, 7, 7, 7, 7, 6, 19, 5, 7, 7, 6, 19, 409, 395, 332, 55, 4, 19, 3, 375, 19, 419, 337, 315, 310, 55, 4, 19],
+        '................................xxxxxx.',
+    ),
+    ('internvl2_5', 'bytes', 'three'): (
+        [3, 364, 19, 401, 323, 55, 4, 19, 3, 367, 19, 82, 118, 106, 112, 110, 54, 58, 67, 41, 5, 7, 7, 6, 19, 82, 118, 106, 112, 110, 54, 59, 67, 41, 5, 7, 7, 7, 7, 6, 19, 389, 315, 304, 72, 4, 19, 3, 375, 19, 428, 55, 4, 19, 3, 367, 19, 74, 119, 109, 41, 5, 7, 7, 6, 72, 4, 19, 3, 375, 19, 313, 55, 41, 4, 19],
+        '..................................................xxx..................xxxx.',
+    ),
+    ('internvl2_5', 'sp', 'one'): (
+        [1, 3, 434, 19, 471, 393, 329, 4, 19, 3, 437, 19, 5, 7, 7, 7, 7, 6, 19, 459, 385, 374, 331, 4, 19, 3, 445, 19, 292, 377, 329, 4, 19, 3, 437, 19, 300, 284, 386, 380, 331, 4, 19, 3, 445, 19, 468, 330, 386, 385, 380, 329, 19, 4, 19],
+        '............................xxxx..............xxxxxxxx.',
+    ),
+    ('vicuna_v1', 'llama', 'text'): (
+        [1, 388, 393, 329, 357, 328, 423, 425, 366, 328, 429, 332, 414, 345, 418, 329, 2, 357, 328, 265, 400, 402, 329, 265, 366, 328, 421, 329, 19, 2],
+        '..........xxxxxxx.........xxxx',
+    ),
+    ('vicuna_v1', 'llama', 'one'): (
+        [1, 388, 393, 329, 357, 328, 265, 8, 8, 8, 8, 265, 19, 459, 385, 374, 331, 366, 328, 358, 377, 329, 2, 357, 328, 265, 300, 284, 386, 380, 331, 366, 328, 383, 330, 386, 385, 380, 329, 19, 2],
+        '...................xxxx..........xxxxxxxx',
+    ),
+    ('vicuna_v1', 'llama', 'one_after'): (
+        [1, 388, 393, 329, 357, 328, 265, 8, 8, 8, 8, 8, 8, 265, 19, 459, 385, 374, 331, 366, 328, 265, 358, 377, 329, 2],
+        '.....................xxxxx',
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(make_tokenizer(tmp_path_factory.mktemp("tok")))
+def toks():
+    return {name: TextTokenizer(make()) for name, make in TOKENIZERS.items()}
 
 
-def _supervised_text(tok, ids, labels):
-    return [tok.backend.id_to_token(int(i)) for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+def chat_for(tok, name, tokens_per_tile=2, system="Be brief."):
+    cfg = TemplateConfig(name=name, tokens_per_tile=tokens_per_tile, image_context_token=CONTEXT_TOKEN[name],
+                         system_message=system)
+    return ChatTokenizer(tok, cfg)
+
+
+def render(tok, ids, labels):
+    return " ".join(tok.backend.id_to_token(int(i)) + ("*" if lab != IGNORE_INDEX else "") for i, lab in zip(ids, labels))
+
+
+@pytest.mark.parametrize("name, tokenizer, case", sorted(GOLDEN))
+def test_golden_tokens_and_labels(toks, name, tokenizer, case):
+    tok = toks[tokenizer]
+    conv, tiles = CASES[case]
+    ids, labels = chat_for(tok, name)(conv, tiles, case)
+    want_ids, want_mask = GOLDEN[name, tokenizer, case]
+    want_labels = [i if m == "x" else IGNORE_INDEX for i, m in zip(want_ids, want_mask)]
+    assert ids.dtype == labels.dtype == np.int64
+    assert (ids.tolist(), labels.tolist()) == (want_ids, want_labels), (
+        f"\n got  {render(tok, ids, labels)}\n want {render(tok, want_ids, want_labels)}")
+
+
+def test_whole_prompt_encoding_keeps_the_space_inside_the_first_word(toks):
+    # LLaMA-style: "ASSISTANT: A" is "▁ASSISTANT : ▁A", never a lone "▁" before the reply, and the
+    # supervised run starts at "▁A" (the token holding the space after "ASSISTANT:")
+    tok = toks["llama"]
+    ids, labels = chat_for(tok, "vicuna_v1")(CASES["text"][0], [], "t")
+    text = render(tok, ids, labels)
+    assert "▁ASSISTANT : ▁Hello* !*" in text and "▁USER : ▁Hi ▁there ▁ASSISTANT" in text
+    assert len(ids) == 30  # encoding "{system} ", "USER: q ", "ASSISTANT: " and each reply on its own gives 35
+
+
+def test_llava_moves_the_image_to_the_front_of_its_turn(toks):
+    tok = toks["llama"]
+    chat = chat_for(tok, "vicuna_v1", tokens_per_tile=1)
+    front, _ = chat([human("<image>\nWhat is this?"), gpt("A cat.")], [1], "a")
+    behind, _ = chat([human("  What is this?\n<image> "), gpt("A cat.")], [1], "b")
+    assert front.tolist() == behind.tolist()
+
+
+def test_default_system_messages(toks):
+    tok = toks["bytes"]
+    v15 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+    v25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    for name, system in (("internlm2-chat", v15), ("internvl2_5", v25)):
+        ids, _ = chat_for(tok, name, system=None)(CASES["text"][0], [], "t")
+        assert tok.backend.decode(ids.tolist(), skip_special_tokens=False).startswith(f"<|im_start|>system\n{system}<|im_end|>")
+
+
+def test_system_turn_replaces_the_system_message(toks):
+    tok = toks["sp"]
+    chat = chat_for(tok, "internvl2_5")
+    ids, labels = chat([{"from": "system", "value": "Hi there"}, *CASES["missing"][0]], [1], "t")
+    assert tok.backend.decode(ids.tolist(), skip_special_tokens=False).startswith("<s><|im_start|>system\nHi there<|im_end|>\n")
+    assert labels[0] == IGNORE_INDEX
+
+
+def test_fast_tokenizer_through_transformers_gives_the_same_sequence(toks):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=sentencepiece_bpe(dummy_prefix=False), bos_token="<s>"))
+    assert hf.bos_ids == toks["sp"].bos_ids == [1] and toks["bytes"].bos_ids == []
+    conv, tiles = CASES["three"]
+    a = chat_for(hf, "internlm2-chat")(conv, tiles, "t")
+    b = chat_for(toks["sp"], "internlm2-chat")(conv, tiles, "t")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_image_context_token_in_the_text_is_refused(toks):
+    chat = chat_for(toks["sp"], "internlm2-chat")
+    with pytest.raises(DataError, match="holds the image context token"):
+        chat([human("<image>\nsee <IMG_CONTEXT>"), gpt("A cat.")], [1], "t")
+
+
+def test_missing_image_placeholder_is_inserted_only_by_internvl(toks):
+    conv = CASES["missing"][0]
+    chat_for(toks["sp"], "internlm2-chat")(conv, [1], "t")  # inserted (golden "missing")
+    with pytest.raises(DataError, match=r"f\.json\[3\]: 0 '<image>' placeholders but 1 images"):
+        chat_for(toks["llama"], "vicuna_v1")(conv, [1], "f.json[3]")
+    with pytest.raises(DataError, match="0 '<image>' placeholders but 2 images"):
+        chat_for(toks["sp"], "internlm2-chat")(conv, [1, 1], "t")  # several images: never guessed
+    assert conv[0]["value"] == "What is this?"  # the record is not modified
 
 
 def test_load_tokenizer_from_file_and_folder(tmp_path):
@@ -39,43 +218,8 @@ def test_load_tokenizer_through_transformers(tmp_path):
         load_tokenizer(tmp_path / "hf")
 
 
-@pytest.mark.parametrize("template, reply_end", [(INTERNVL_TEMPLATE, "<|im_end|>"), (LLAVA_TEMPLATE, "</s>")])
-def test_labels_cover_exactly_the_replies(tok, template, reply_end):
-    chat = ChatTokenizer(tok, template)
-    ids, labels = chat(conversation(), [3], "t")
-    assert ids.dtype.name == "int64" and ids.shape == labels.shape
-    assert ids[0] == tok.token_id("<s>") and labels[0] == IGNORE_INDEX
-    sup = _supervised_text(tok, ids, labels)
-    assert sup == ["a", "red", "cat", reply_end] + "the cat is red and the dog is blue".split() + [reply_end]
-    # supervised positions carry their own ids
-    assert all(labels[k] == ids[k] for k in range(len(ids)) if labels[k] != IGNORE_INDEX)
-
-
-def test_image_expansion(tok):
-    chat = ChatTokenizer(tok, INTERNVL_TEMPLATE)
-    ids, labels = chat(conversation(images=2), [5, 1], "t")
-    ctx = tok.token_id("<IMG_CONTEXT>")
-    assert (ids == ctx).sum() == INTERNVL_TEMPLATE.tokens_per_tile * 6
-    assert (ids == tok.token_id("<img>")).sum() == 2 and (ids == tok.token_id("</img>")).sum() == 2
-    assert (labels[ids == ctx] == IGNORE_INDEX).all()
-    text_only, _ = chat(conversation(images=0), [], "t")
-    assert len(ids) - len(text_only) == 6 * 4 + 2 * 2  # context tokens and wrappers, nothing else
-
-    llava = ChatTokenizer(tok, LLAVA_TEMPLATE)
-    ids, _ = llava(conversation(), [1], "t")
-    assert (ids == tok.token_id("<image>")).sum() == 9
-    assert tok.token_id("<img>") not in ids
-
-
-def test_system_turn_and_system_message(tok):
-    chat = ChatTokenizer(tok, TemplateConfig(name="internlm2-chat", tokens_per_tile=4, system_message="hello"))
-    ids, _ = chat(conversation(images=0), [], "t")
-    assert tok.token_id("hello") in ids[:5]
-    ids2, _ = chat([{"from": "system", "value": "world"}] + conversation(images=0), [], "t")
-    assert tok.token_id("world") in ids2[:5] and tok.token_id("hello") not in ids2[:5]
-
-
-def test_bad_conversations(tok):
+def test_bad_conversations(tmp_path):
+    tok = load_tokenizer(make_tokenizer(tmp_path / "t"))
     chat = ChatTokenizer(tok, INTERNVL_TEMPLATE)
     with pytest.raises(DataError, match=r"f\.json\[3\]: 1 '<image>' placeholders but 2 images"):
         chat(conversation(), [1, 1], "f.json[3]")
@@ -87,6 +231,7 @@ def test_bad_conversations(tok):
         chat([], [], "x")
     with pytest.raises(DataError, match="string 'value'"):
         chat([{"from": "human", "value": 3}], [], "x")
+    ChatTokenizer(tok, LLAVA_TEMPLATE)(conversation(), [1], "x")
 
 
 def test_bad_template_config():

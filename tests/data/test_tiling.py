@@ -6,10 +6,25 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from omnibal_pl.data import TilingConfig, count_tiles, tile_grid, tile_image
-from omnibal_pl.data.tiling import CLIP_MEAN, IMAGENET_MEAN, IMAGENET_STD
 from omnibal_pl.errors import ConfigError
 
 CFG = TilingConfig(mode="internvl", image_size=448, min_tiles=1, max_tiles=6)
+# the published normalisation constants, written out (not read from the module under test)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def pattern(width, height):
+    """A deterministic RGB image with detail at every pixel (so resampling filters differ)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 37 + y * 11) % 256, (x * x + 3 * y) % 256, ((x ^ y) * 29) % 256], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def to_bytes(tiles, mean, std):
+    """Undoes the normalisation with the given constants: the 0..255 pixel values, int64 [t, H, W, 3]."""
+    x = tiles.permute(0, 2, 3, 1).double() * torch.tensor(std, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
+    return (x * 255).round().long()
 
 
 @pytest.mark.parametrize(
@@ -72,6 +87,45 @@ def test_tiles_are_cut_row_major_and_normalised():
     assert tiles[2, :, :, :10].mean() < 0 < tiles[2, :, :, -10:].mean()  # thumbnail: dark left, bright right
 
 
+def test_internvl_tiles_are_bicubic_and_imagenet_normalised():
+    # InternVL's dynamic_preprocess on a 23x17 image, 8 px tiles, max 6: 3x2 grid of the image resized
+    # (bicubic) to 24x16, then the bicubic 8x8 thumbnail; values below from PIL, per tile
+    tiles = tile_image(pattern(23, 17), TilingConfig(mode="internvl", image_size=8, max_tiles=6))
+    assert tiles.shape == (7, 3, 8, 8) and tiles.dtype == torch.float32
+    pixels = to_bytes(tiles, IMAGENET_MEAN, IMAGENET_STD)
+    assert [int(p.sum()) for p in pixels] == [15916, 23428, 23644, 18740, 25212, 23221, 21715]
+    assert pixels[0, 0, :, 0].tolist() == [0, 35, 70, 106, 141, 177, 230, 61]  # bilinear: 1, 36, 71, 107, ...
+    assert pixels[6, 0, :, 1].tolist() == [3, 16, 47, 93, 167, 126, 68, 187]
+    # red in the first row: 0 and 35 -> (v / 255 - mean) / std
+    assert tiles[0, 0, 0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-6)
+    assert tiles[0, 0, 0, 1].item() == pytest.approx((35 / 255 - 0.485) / 0.229, abs=1e-6)
+
+
+def test_llava_tile_is_padded_bicubic_and_clip_normalised():
+    # LLaVA: expand2square with the CLIP mean as bytes (122, 116, 104), then bicubic to 8x8; values from PIL
+    tiles = tile_image(pattern(23, 17), TilingConfig(mode="llava", image_size=8, max_tiles=1, use_thumbnail=False))
+    pixels = to_bytes(tiles, CLIP_MEAN, CLIP_STD)
+    assert tiles.shape == (1, 3, 8, 8) and int(pixels.sum()) == 21755
+    assert pixels[0, 0, :, 0].tolist() == [116, 123, 120, 119, 124, 118, 124, 120]
+    assert pixels[0, 4, :, 2].tolist() == [85, 116, 115, 40, 135, 173, 151, 93]
+    assert tiles[0, 0, 0, 0].item() == pytest.approx((116 / 255 - 0.48145466) / 0.26862954, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size, min_tiles, max_tiles, images, grid, tiles",
+    [
+        ((500, 500), 1, 6, 1, (1, 1), 1),  # tie 1x1 / 2x2: 250,000 px < half of 2x2's 802,816
+        ((1000, 400), 4, 12, 3, (4, 1), 5),  # tie 4x1 / 2x2 (aspect 2.5): 4x1 comes first in InternVL's order
+        ((1200, 480), 4, 12, 3, (2, 2), 5),  # same tie, enough pixels: the later 2x2 wins
+        ((1000, 400), 5, 12, 3, (1, 1), 1),  # min 5 > 12 // 3: no grid in range, one tile (no thumbnail)
+    ],
+)
+def test_grid_choice_as_internvl(size, min_tiles, max_tiles, images, grid, tiles):
+    cfg = TilingConfig(image_size=448, min_tiles=min_tiles, max_tiles=max_tiles)
+    assert tile_grid(*size, cfg, images) == grid
+    assert count_tiles(*size, cfg, images) == tiles
+
+
 def test_llava_pads_to_square_with_the_mean_colour():
     cfg = TilingConfig(mode="llava", image_size=28, max_tiles=1, use_thumbnail=False)
     img = Image.new("RGB", (100, 20), (255, 0, 0))
@@ -81,7 +135,7 @@ def test_llava_pads_to_square_with_the_mean_colour():
     assert tiles[0, :, :5, :].abs().max() < 0.02
     # the red band in the middle: red channel high, others low
     assert tiles[0, 0, 14, 14] > 1.5 and tiles[0, 1, 14, 14] < -1.5
-    assert np.allclose(cfg.mean, CLIP_MEAN)
+    assert cfg.mean == CLIP_MEAN and cfg.std == CLIP_STD
 
 
 def test_bad_config():
