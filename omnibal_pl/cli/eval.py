@@ -29,8 +29,8 @@ from omegaconf import OmegaConf
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import CONF_DIR
 from omnibal_pl.errors import DataError, OmniBalError
-from omnibal_pl.model.generate import GenerationResult, generate
-from omnibal_pl.model.sparsify import SparsifyConfig
+from omnibal_pl.model.generate import GenerationResult, generate_batch
+from omnibal_pl.model.sparsify import SparsifyConfig, is_original_predictor_key, load_original_predictors
 from omnibal_pl.model.vlm import VLM
 
 SPARSIFY_DIR = CONF_DIR / "model" / "sparsify"
@@ -90,6 +90,8 @@ class EvalStats:
     seconds: float = 0.0
     prefill_flops: float = 0.0
     prefill_flops_dense: float = 0.0
+    decode_flops: float = 0.0
+    decode_flops_dense: float = 0.0
     peak_kv_bytes: int = 0
     peak_kv_bytes_dense: int = 0
 
@@ -99,6 +101,8 @@ class EvalStats:
         self.seconds += r.prefill_seconds + r.decode_seconds
         self.prefill_flops += r.prefill_flops
         self.prefill_flops_dense += r.prefill_flops_dense
+        self.decode_flops += r.decode_flops
+        self.decode_flops_dense += r.decode_flops_dense
         self.peak_kv_bytes = max(self.peak_kv_bytes, r.kv_bytes)
         self.peak_kv_bytes_dense = max(self.peak_kv_bytes_dense, r.kv_bytes_dense)
 
@@ -109,19 +113,30 @@ class EvalStats:
         saved = 1 - self.prefill_flops / self.prefill_flops_dense if self.prefill_flops_dense else 0.0
         return (f"{self.questions} questions in {self.seconds:.1f} s: {rate:.2f} questions/s, {tps:.1f} new tokens/s; "
                 f"prefill {self.prefill_flops / n / 1e12:.4f} TFLOPs/question (dense {self.prefill_flops_dense / n / 1e12:.4f}, "
-                f"-{100 * saved:.0f}%); peak KV cache {self.peak_kv_bytes / 2**20:.2f} MiB "
+                f"-{100 * saved:.0f}%); decoding {self.decode_flops / n / 1e12:.4f} TFLOPs/question "
+                f"(dense {self.decode_flops_dense / n / 1e12:.4f}); peak KV cache {self.peak_kv_bytes / 2**20:.2f} MiB "
                 f"(dense {self.peak_kv_bytes_dense / 2**20:.2f} MiB)")
 
 
 def answer_questions(model: VLM, questions: Iterable[dict], encode: Callable[[dict], PackedBatch],
                      decode: Callable[[list[int]], str], model_id: str, max_new_tokens: int,
-                     temperature: float = 0.0, eos_token_id: int | None = None, seed: int = 0) -> tuple[list[dict], EvalStats]:
-    """Answer each question; ``encode`` gives its one-prompt batch, ``decode`` turns token ids into text."""
+                     temperature: float = 0.0, eos_token_id: int | None = None, seed: int = 0, batch_size: int = 1,
+                     use_cache: bool = True) -> tuple[list[dict], EvalStats]:
+    """Answer each question; ``encode`` gives its one-prompt batch, ``decode`` turns token ids into text.
+
+    ``batch_size`` questions are decoded together (:func:`~omnibal_pl.model.generate.generate_batch`; greedy
+    answers do not depend on it); ``use_cache=False`` decodes without a KV cache (the FLOPs show the cost)."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: answer at least 1 question at a time")
     stats = EvalStats()
     generator = torch.Generator().manual_seed(seed)
     answers = []
-    for q in questions:
-        r = generate(model, encode(q), max_new_tokens, temperature, eos_token_id, generator=generator)
+    questions = list(questions)
+    batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    results = (r for group in batches
+               for r in generate_batch(model, [encode(q) for q in group], max_new_tokens, temperature, eos_token_id,
+                                       generator=generator, use_cache=use_cache))
+    for q, r in zip(questions, results):
         stats.add(r)
         answers.append({
             "question_id": q["question_id"], "prompt": q["text"], "text": decode(r.tokens).strip(),
@@ -164,15 +179,19 @@ def _load_model(args: argparse.Namespace) -> VLM:
     if sparsify.enabled:
         if not args.predictor_weights:
             raise DataError("--sparsify enables predictors: give their trained weights with --predictor-weights "
-                            "(a torch state dict with our parameter names, e.g. llm.layers.2.sparsifier.*)")
+                            "(a torch state dict with our parameter names, e.g. llm.layers.2.sparsifier.*, or "
+                            "the original Dynamic-LLaVA's, model.image_score_predictor.*)")
         model.enable_sparsify(sparsify)
         state = torch.load(args.predictor_weights, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-        wanted = {n for n, _ in model.named_parameters() if ".sparsifier." in n}
-        found = {n.removeprefix("model."): t for n, t in state.items() if n.removeprefix("model.") in wanted}
-        if set(found) != wanted:
-            raise DataError(f"{args.predictor_weights}: lacks predictor weights {sorted(wanted - set(found))[:5]}")
-        model.load_state_dict(found, strict=False)
+        if any(is_original_predictor_key(k) for k in state):
+            load_original_predictors(model, state)
+        else:
+            wanted = {n for n, _ in model.named_parameters() if ".sparsifier." in n}
+            found = {n.removeprefix("model."): t for n, t in state.items() if n.removeprefix("model.") in wanted}
+            if set(found) != wanted:
+                raise DataError(f"{args.predictor_weights}: lacks predictor weights {sorted(wanted - set(found))[:5]}")
+            model.load_state_dict(found, strict=False)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return model.to(args.device, dtype).eval()
 
@@ -226,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="questions decoded together (per-sample cache lengths)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="decode without a KV cache: every step reruns prompt + answer (Dynamic-LLaVA's second mode)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "bfloat16", "float16"])
@@ -240,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         encode, decode, eos = _encoder(args, model)
         questions = get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
         answers, stats = answer_questions(model, questions, encode, decode, args.model_id or Path(args.model_path).name,
-                                          args.max_new_tokens, args.temperature, eos, args.seed)
+                                          args.max_new_tokens, args.temperature, eos, args.seed, args.batch_size,
+                                          not args.no_kv_cache)
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
         write_answers(args.answers_file, answers)
         print(f"{args.answers_file}: {stats.summary()}")

@@ -142,7 +142,8 @@ class GenerationResult:
     mode (cached: one token against the cache per step; without cache: a full pass per step);
     ``kv_bytes`` / ``kv_bytes_dense``: the cache at its peak (the end; 0 without cache) and a dense cache of
     the same tokens; ``admitted``: per decoded token (``decoded`` fed in all), whether its K/V entered the
-    sparsified layers; ``prefill_seconds``, ``decode_seconds``: wall times (of the whole batch when batched).
+    sparsified layers; ``prefill_seconds``, ``decode_seconds``: this prompt's share of the wall times (those of
+    its batch divided by the batch's prompts, so they add up over a batch).
     """
 
     tokens: list[int]
@@ -389,7 +390,7 @@ def _decode_cached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int, 
     for b, r in enumerate(results):
         r.kv_bytes = kv_cache_bytes(cfg, cache.sample_lengths(b), element)
         r.kv_bytes_dense = kv_cache_bytes(cfg, [r.prompt_tokens + r.decoded] * cfg.layers, element)
-        r.prefill_seconds, r.decode_seconds = prefill_seconds, decode_seconds
+        r.prefill_seconds, r.decode_seconds = prefill_seconds / len(results), decode_seconds / len(results)
     return results
 
 
@@ -419,5 +420,5 @@ def _decode_uncached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int
 
     for r in results:
         r.kv_bytes_dense = kv_cache_bytes(cfg, [r.prompt_tokens + r.decoded] * cfg.layers, element)
-        r.prefill_seconds, r.decode_seconds = prefill_seconds, decode_seconds
+        r.prefill_seconds, r.decode_seconds = prefill_seconds / len(results), decode_seconds / len(results)
     return results

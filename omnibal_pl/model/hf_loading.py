@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from omnibal_pl.model.sparsify.original_names import is_original_predictor_key, original_to_ours
 from omnibal_pl.model.vlm import VLM
 
 Tensors = list[torch.Tensor]
@@ -366,7 +367,9 @@ def load_hf_weights(model: VLM, path: str | Path, layout: Layout | None = None) 
     rules = layout.rules(model.cfg)
     needed = [k for r in rules for k in r.theirs]
     missing = sorted(set(needed) - set(files))
-    used = set(needed)
+    # Dynamic-LLaVA predictors under the original's names load into a model with sparsification on
+    predictors = [k for k in files if is_original_predictor_key(k)] if model.cfg.sparsify.enabled else []
+    used = set(needed) | set(predictors)
     unexpected = sorted(k for k in files if k not in used and not layout.skipped(k, model.cfg))
     if missing or unexpected:
         raise ConfigError(
@@ -385,7 +388,9 @@ def load_hf_weights(model: VLM, path: str | Path, layout: Layout | None = None) 
             if tuple(t.shape) != tuple(params[name].shape):
                 raise ConfigError(f"{path}: {rule.theirs} gives {name} shape {tuple(t.shape)}, model wants {tuple(params[name].shape)}")
             loaded[name] = t.to(params[name].dtype)
-    # Dynamic-LLaVA's predictors are new: they keep their initialisation
+    if predictors:
+        loaded.update(original_to_ours(model, _read_tensors(files, predictors)))
+    # Dynamic-LLaVA's predictors, when the checkpoint has none, are new: they keep their initialisation
     not_loaded = sorted(n for n in set(params) - set(loaded) if ".sparsifier." not in n)
     if not_loaded:
         raise ConfigError(f"{path}: no checkpoint tensor for parameters {not_loaded}")

@@ -170,3 +170,18 @@ def test_text_only_prompts_admit_every_decoded_token(published):
     with_image = generate(published, prompt(published.cfg, tiles=2), max_new_tokens=6)
     text_only = generate(published, prompt(published.cfg, tiles=0), max_new_tokens=6)
     assert with_image.admitted == [False] * 5 and text_only.admitted == [True] * 5
+
+
+def test_omnibal_eval_answers_the_same_batched_and_without_cache(published):
+    """omnibal-eval's --batch-size and --no-kv-cache change how, not what, it answers; decoding FLOPs are summed."""
+    from omnibal_pl.cli.eval import answer_questions
+
+    questions = [{"question_id": i, "text": str(i)} for i in range(5)]
+    encode = lambda q: prompt(published.cfg, text=5 + 3 * q["question_id"], tiles=q["question_id"] % 3)  # noqa: E731
+    runs = {(b, c): answer_questions(published, questions, encode, lambda ids: " ".join(map(str, ids)), "tiny", 6,
+                                     batch_size=b, use_cache=c)
+            for b, c in ((1, True), (3, True), (2, False))}
+    texts = {key: [a["text"] for a in answers] for key, (answers, _) in runs.items()}
+    assert texts[(3, True)] == texts[(1, True)] == texts[(2, False)]
+    cached, uncached = runs[(1, True)][1], runs[(2, False)][1]
+    assert cached.decode_flops == runs[(3, True)][1].decode_flops < uncached.decode_flops < uncached.decode_flops_dense

@@ -1,4 +1,6 @@
-"""Dynamic-LLaVA sparsification in training: schedule, masks, masked attention, keep-rate loss, spans."""
+"""Dynamic-LLaVA sparsification in training: schedule, masks, masked attention, keep-rate loss, spans, and the
+original checkpoints' predictor names."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +12,8 @@ from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch, varlen_attention
 from omnibal_pl.model.sparsify import (
     DROP, KEEP, Sparsifier, SparsifyConfig, TextPredictor, VisionPredictor, boundary_width, find_spans, gumbel_keep,
-    gumbel_tau, keep_rate_loss, masked_varlen_attention, predictor_flops, set_temperature, split_output, topk_keep,
+    gumbel_tau, keep_rate_loss, load_original_predictors, masked_varlen_attention, original_predictor_state_dict,
+    predictor_flops, set_temperature, split_output, topk_keep,
 )
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.optim import OptimConfig, param_groups
@@ -371,3 +374,97 @@ def test_keep_rate_loss_averages_over_every_answer_short_ones_counting_zero():
     output = (0.5 - 0.25) ** 2 / 4
     assert float(result.loss) == pytest.approx(10.0 * (vision + output), rel=1e-6)
     assert result.kept == pytest.approx({"vision": (0.25 + 3) / 4, "output_text": 0.25})
+
+
+# ---- the original checkpoints' predictor names ---------------------------------------------------------------
+
+def _original_predictor_shapes(hidden: int, d: int, mlp: int, blocks: int, text: tuple[str, ...]) -> dict[str, tuple]:
+    """Every predictor tensor of an original Dynamic-LLaVA checkpoint with its shape, written out from the
+    original's modules (VisionPredictor: down_mlp, timm-style blocks without qkv bias, output_mlp;
+    TextPredictor: output_mlp)."""
+    v = "model.image_score_predictor."
+    shapes = {f"{v}down_mlp.0.weight": (hidden,), f"{v}down_mlp.0.bias": (hidden,), f"{v}down_mlp.1.weight": (d, hidden),
+              f"{v}down_mlp.1.bias": (d,)}
+    for i in range(blocks):
+        b = f"{v}transformer.{i}."
+        shapes.update({f"{b}norm1.weight": (d,), f"{b}norm1.bias": (d,), f"{b}attn.qkv.weight": (3 * d, d),
+                       f"{b}attn.proj.weight": (d, d), f"{b}attn.proj.bias": (d,), f"{b}norm2.weight": (d,),
+                       f"{b}norm2.bias": (d,), f"{b}mlp.fc1.weight": (mlp, d), f"{b}mlp.fc1.bias": (mlp,),
+                       f"{b}mlp.fc2.weight": (d, mlp), f"{b}mlp.fc2.bias": (d,)})
+    head = [(d, d // 2), (d // 2, d // 4), (d // 4, 2)]
+    for k, (i, o) in zip((0, 2, 4), head):
+        shapes.update({f"{v}output_mlp.{k}.weight": (o, i), f"{v}output_mlp.{k}.bias": (o,)})
+    for name in text:
+        t = f"model.{name}."
+        shapes.update({f"{t}output_mlp.0.weight": (hidden,), f"{t}output_mlp.0.bias": (hidden,)})
+        for k, (i, o) in zip((1, 3, 5, 7), [(hidden, d), *head]):
+            shapes.update({f"{t}output_mlp.{k}.weight": (o, i), f"{t}output_mlp.{k}.bias": (o,)})
+    return shapes
+
+
+def _original_vision_forward(w: dict, x: torch.Tensor, heads: int, blocks: int) -> torch.Tensor:
+    """The original VisionPredictor's forward for one image ([n, hidden] -> [n, 2]), from its weights."""
+    F, v = torch.nn.functional, "model.image_score_predictor."
+
+    def ln(h, name):
+        return F.layer_norm(h, h.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def lin(h, name):
+        return F.linear(h, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+    h = F.gelu(lin(ln(x, f"{v}down_mlp.0"), f"{v}down_mlp.1"))
+    n, d = h.shape
+    for i in range(blocks):
+        b = f"{v}transformer.{i}."
+        q, k, vv = lin(ln(h, f"{b}norm1"), f"{b}attn.qkv").reshape(n, 3, heads, d // heads).permute(1, 2, 0, 3)
+        h = h + lin(F.scaled_dot_product_attention(q, k, vv).transpose(0, 1).reshape(n, d), f"{b}attn.proj")
+        h = h + lin(F.gelu(lin(ln(h, f"{b}norm2"), f"{b}mlp.fc1")), f"{b}mlp.fc2")
+    h = torch.cat([h[:, : d // 2], h[:, d // 2:].mean(0, keepdim=True).expand(n, -1)], dim=-1)
+    return lin(F.gelu(lin(F.gelu(lin(h, f"{v}output_mlp.0")), f"{v}output_mlp.2")), f"{v}output_mlp.4")
+
+
+def test_original_predictor_weights_load_one_to_one_and_export_back():
+    """A state dict in the original checkpoints' names (every key written out from the original's modules)
+    loads with no missing or unexpected key, computes what the original computes, and exports unchanged."""
+    model = VLM(tiny_cfg(instruct_text_predictor=True))
+    hidden = model.cfg.llm.hidden
+    shapes = _original_predictor_shapes(hidden, 32, 64, 2, ("output_text_score_predictor", "instruct_score_predictor"))
+    torch.manual_seed(0)
+    state = {k: torch.randn(s) * 0.3 for k, s in shapes.items()}
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(1)  # not a predictor: ignored
+    load_original_predictors(model, state)
+    exported = original_predictor_state_dict(model)
+    assert set(exported) == set(shapes) and all(torch.equal(exported[k], state[k]) for k in shapes)
+    sparsifier = model.llm.layers["1"].sparsifier
+    x = torch.randn(9, hidden)
+    torch.testing.assert_close(sparsifier.vision(x, torch.zeros(9, dtype=torch.long), 1),
+                               _original_vision_forward(state, x, heads=4, blocks=2), rtol=1e-5, atol=1e-5)
+    without_instruct = VLM(tiny_cfg())
+    with pytest.raises(ConfigError, match=r"unexpected \['model.instruct_score_predictor"):
+        load_original_predictors(without_instruct, state)
+
+
+def test_hf_checkpoint_with_original_predictor_names_loads_them(tmp_path):
+    """A checkpoint folder holding Dynamic-LLaVA predictors under the original names: load_hf_weights fills a
+    sparsified model's predictors from it (a dense model would report them as unexpected keys)."""
+    from safetensors.torch import save_file
+
+    from omnibal_pl.model.hf_loading import load_hf_weights
+    from tests.helpers import internvl_model, write_internvl_checkpoint
+
+    dense = internvl_model("Qwen2ForCausalLM")
+    write_internvl_checkpoint(dense, tmp_path, "Qwen2ForCausalLM", shards=1)
+    cfg = VLMConfig.from_dict({**dense.cfg.to_dict(), "sparsify": {"enabled": True, **SMALL_PREDICTOR}})
+    source = VLM(cfg)
+    predictors = original_predictor_state_dict(source)
+    save_file({k: t.contiguous() for k, t in predictors.items()}, tmp_path / "predictors.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    meta = json.loads(index.read_text())
+    meta["weight_map"].update({k: "predictors.safetensors" for k in predictors})
+    index.write_text(json.dumps(meta))
+    torch.manual_seed(7)
+    target = VLM(cfg)
+    load_hf_weights(target, tmp_path)
+    assert all(torch.equal(t, original_predictor_state_dict(target)[k]) for k, t in predictors.items())
+    with pytest.raises(ConfigError, match="unexpected keys"):
+        load_hf_weights(VLM(dense.cfg), tmp_path)

@@ -24,7 +24,8 @@ per boundary and one concatenation per masked layer.
 
 Modules: :mod:`.config` (:class:`SparsifyConfig`, no torch), :mod:`.spans` (which tokens may be dropped),
 :mod:`.predictors` (predictors, Gumbel / top-k decisions, :class:`Sparsifier`), :mod:`.masked_attention`,
-:mod:`.cost` (analytic FLOPs and memory), :mod:`.loss` (keep-rate loss), :mod:`.channel` (the mask channel).
+:mod:`.cost` (analytic FLOPs and memory), :mod:`.loss` (keep-rate loss), :mod:`.channel` (the mask channel),
+:mod:`.original_names` (the original checkpoints' predictor names).
 The training-loop callback that anneals the temperature is
 :class:`omnibal_pl.train.callbacks.GumbelTemperature`.
 """
@@ -35,6 +36,9 @@ from omnibal_pl.model.sparsify.config import PUBLISHED_SPARSE_LAYER, SparsifyCon
 from omnibal_pl.model.sparsify.cost import MaskedAttentionCost, masked_attention_cost, predictor_flops
 from omnibal_pl.model.sparsify.loss import KeepRateLoss, keep_rate_loss
 from omnibal_pl.model.sparsify.masked_attention import masked_varlen_attention
+from omnibal_pl.model.sparsify.original_names import (
+    is_original_predictor_key, load_original_predictors, original_predictor_state_dict, original_to_ours,
+)
 from omnibal_pl.model.sparsify.predictors import (
     DROP, KEEP, Sparsifier, TextPredictor, VisionPredictor, gumbel_keep, gumbel_tau, set_temperature, sparsified_spans,
     topk_keep,
@@ -61,9 +65,13 @@ __all__ = [
     "find_spans",
     "gumbel_keep",
     "gumbel_tau",
+    "is_original_predictor_key",
     "keep_rate_loss",
+    "load_original_predictors",
     "masked_attention_cost",
     "masked_varlen_attention",
+    "original_predictor_state_dict",
+    "original_to_ours",
     "predictor_flops",
     "set_temperature",
     "sparse_layer_for",
