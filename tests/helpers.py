@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -265,6 +267,25 @@ class RecordingModule(L.LightningModule):
         if self.out_dir:
             path = Path(self.out_dir) / f"rank{self.global_rank}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in self.seen))
+
+
+class FailAtStep(L.Callback):
+    """Makes global rank ``rank`` fail once a training batch ends at global step ``step`` or later, unless
+    ``marker`` exists: ``how="kill"`` ends the process with SIGKILL (as the OOM killer or a lost node would),
+    ``"hang"`` stops it making progress (sleeps forever, outside any collective). Writes the failure's wall time
+    to ``marker`` first, so a restarted run does not fail again and a test can time the job's end from it.
+    Usable from the command line: ``trainer.callbacks=[{_target_:tests.helpers.FailAtStep,...}]``."""
+
+    def __init__(self, rank: int, step: int, marker: str, how: str = "kill") -> None:
+        self.rank, self.step, self.marker, self.how = rank, step, Path(marker), how
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step and not self.marker.exists():
+            self.marker.write_text(f"{time.time()}\n")
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            while True:
+                time.sleep(1)
 
 
 _FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}

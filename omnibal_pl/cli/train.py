@@ -3,6 +3,7 @@
     omnibal-train                                    # the main job: tiny model, synthetic data, CPU
     omnibal-train model=internvl2_2b dataset=internvl dataset.meta=meta.json dataset.tokenizer=tok cluster=gpu8
     omnibal-train ckpt_path=outputs/train/<date>/<time>/checkpoints/last.ckpt
+    omnibal-train run_dir=runs/a ckpt_path=auto      # start, or continue after a kill (torchrun --max-restarts, requeue)
     omnibal-train -m balance.algorithm=balanced,random trainer.max_steps=50
     omnibal-train cluster=cpu_pp2                    # 2 pipeline stages on 2 CPU processes (omnibal strategy)
     omnibal-train cluster=gpu8 cluster.strategy=omnibal cluster.pp=4 plan.use=plans/internvl2_2b.yaml
@@ -22,6 +23,8 @@ from omnibal_pl.cli.conf import hydra_app
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.train.artifacts import write_artifacts
 from omnibal_pl.train.assemble import build_run, plan_for_launched_processes, resolve_run
+from omnibal_pl.train.checkpoints import resolve_ckpt_path
+from omnibal_pl.train.faults import collective_timeout, rank_and_step_on_failure
 from omnibal_pl.train.schemas import parse_run_config
 
 
@@ -39,9 +42,10 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     trainer, module, datamodule = build_run(run)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(run_cfg.ckpt_path, run_dir)
     start = time.perf_counter()
-    with plan_for_launched_processes(run):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=run_cfg.ckpt_path)
+    with plan_for_launched_processes(run), rank_and_step_on_failure(trainer, collective_timeout(run_cfg.faults)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return None

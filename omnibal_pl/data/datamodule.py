@@ -12,6 +12,8 @@
   report DP rank and size there) unless given; the DP size must be the one the caps were resolved for;
 - loader items: one micro-batch (:class:`~omnibal_pl.batch.PackedBatch`), or with ``whole_steps`` the
   list of a step's ``balance.micro_batches`` micro-batches (the pipeline module's batch);
+- validation (``data.val``, the held-out split): the same sampler, collate and loader items over the held-out
+  samples, epoch 0's arrangement every time (:meth:`val_dataloader`);
 - resume: the DataModule's ``state_dict`` (stored in Lightning checkpoints) records seed, epoch and the
   micro-batches the fit loop has processed; after a restore the loader skips exactly those.
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.metrics import dist_ratio
@@ -70,6 +72,7 @@ class OmniBalDataModule(L.LightningDataModule):
         self.whole_steps = whole_steps
         self.dp_rank = dp_rank
         self.sampler: BalancedSampler | None = None
+        self.val_sampler: BalancedSampler | None = None
         self._pending_state: dict[str, int] | None = None
 
     @classmethod
@@ -89,6 +92,11 @@ class OmniBalDataModule(L.LightningDataModule):
             raise ConfigError(f"the data's caps were resolved for {self.balance.dp} data-parallel ranks, the run has "
                               f"{size}; prepare the data with balance.dp={size}")
         self.sampler = BalancedSampler(self.lengths, self.balance, rank, size)
+        if self.data.val is not None:
+            self.val_sampler = BalancedSampler(self.data.val.lengths, self.balance, rank, size)
+            if self.val_sampler.micro_batches_per_epoch(0) == 0:
+                raise ConfigError(f"dataset.val_fraction holds out {len(self.data.val.lengths)} samples, too few for one "
+                                  f"step of {self.balance.micro_batches} micro-batches on {size} DP ranks; raise it")
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -100,18 +108,28 @@ class OmniBalDataModule(L.LightningDataModule):
             # Lightning sizes the epoch (len) before it calls set_epoch; an epoch's micro-batch count
             # depends on its grouping, so select the epoch first or the epoch would be cut short.
             self.sampler.set_epoch(self.trainer.current_epoch)
+        return self._loader(self.dataset, self.sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out samples, grouped, balanced and packed as for training (epoch 0's arrangement)."""
+        if self.sampler is None:
+            self.setup("fit")
+        if self.val_sampler is None:
+            raise ConfigError("no validation data: set dataset.val_fraction (e.g. 0.05) to hold out samples")
+        return self._loader(self.data.val.dataset, self.val_sampler)
+
+    def _loader(self, dataset: Dataset, sampler: BalancedSampler) -> DataLoader:
         spec = self.data.model
         vit_cap, token_cap = self._shape_caps()
         collate = PackingCollate(token_cap, vit_cap, self.packing.pad_to, self.packing.multiple,
                                  self.packing.loss_weighting, image_context_id=spec.image_context_id,
                                  tokens_per_tile=spec.tokens_per_tile)
-        dataset = self.dataset
         if self.whole_steps:
             dataset, collate = GroupsDataset(dataset), StepCollate(collate)
         workers = self.loader.num_workers
         return DataLoader(
             dataset,
-            batch_sampler=BalancedBatchSampler(self.sampler, self.whole_steps),
+            batch_sampler=BalancedBatchSampler(sampler, self.whole_steps),
             collate_fn=collate,
             num_workers=workers,
             pin_memory=self.loader.pin_memory,

@@ -26,6 +26,7 @@ from omnibal_pl.balance.search import CapSearch, resolve_shape
 from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.data.synthetic import SyntheticDataset
 from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
+from omnibal_pl.data.validation_split import HeldOut, split_validation
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable, load_lengths
 
@@ -46,7 +47,8 @@ class TrainingData:
 
     ``lengths`` are the per-sample statistics after the token cap (what the sampler groups);
     ``balance`` has ``vit_cap``/``token_cap`` set (None for the cap-free algorithms) and ``dp`` = the DP size
-    they were resolved for; ``search`` says how the caps were found.
+    they were resolved for; ``search`` says how the caps were found; ``val``: the held-out validation split
+    (``dataset.val_fraction``; None without validation).
     """
 
     dataset: Dataset
@@ -54,6 +56,7 @@ class TrainingData:
     balance: BalanceConfig
     search: CapSearch
     model: ModelSpec
+    val: HeldOut | None = None
 
 
 def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec) -> TrainingData:
@@ -83,7 +86,8 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
         over = int((lengths.vit > resolved.vit_cap).sum())
         raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={resolved.vit_cap} (largest: "
                           f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
-    return TrainingData(data, lengths, resolved, search, model)
+    data, lengths, val = split_validation(data, lengths, float(cfg.get("val_fraction") or 0.0), int(cfg.get("seed", 0)))
+    return TrainingData(data, lengths, resolved, search, model, val)
 
 
 def image_rows(lengths: LengthTable) -> np.ndarray:
@@ -101,7 +105,7 @@ def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
                           "dataset class (see conf/dataset/llava.yaml, internvl.yaml)")
     from hydra.utils import instantiate
 
-    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers", "require_image")}
+    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers", "val_fraction", "require_image")}
     return instantiate(node, _convert_="object")
 
 

@@ -15,14 +15,21 @@ Keys never mention the pipeline layout, so a checkpoint loads into any other lay
 
 ``<name>`` in the optimizer keys is the parameter's single-process name: the head's copy of a tied
 embedding is named ``llm.embed.tok.weight`` there (both copies have the same state).
+
+Crash safety: :func:`save` writes into ``<name>.tmp/`` and global rank 0 renames the folder to ``<name>`` once
+every rank's files, DCP's ``.metadata`` and ``meta.pt`` are on disk (:func:`publish`), so a folder with the
+final name is always complete. ``meta.pt`` is read with ``weights_only=True`` (:func:`load_meta`).
 """
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -33,6 +40,38 @@ from omnibal_pl.errors import ConfigError
 MODEL_KEY = "state_dict"
 OPTIMIZER_KEY = "optimizer_0"
 META_FILE = "meta.pt"
+TEMP_SUFFIX = ".tmp"  # a checkpoint being written; never read
+
+
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written before :func:`publish` renames it (same folder, so the rename is atomic)."""
+    return path.with_name(path.name + TEMP_SUFFIX)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Gives the finished ``tmp`` (a file, a folder or a symbolic link) the name ``path`` in one rename, after
+    flushing its contents to disk. A folder already at ``path`` is first moved aside to ``<name>.old.tmp`` and
+    removed after the rename (a kill in between leaves no checkpoint under that name, never a partial one)."""
+    if not tmp.is_symlink():
+        for f in ([tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]):
+            _fsync(f)
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(path.name + ".old" + TEMP_SUFFIX)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_state(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
@@ -64,11 +103,23 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Paramete
 
 def save(path: Path, model: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any], meta: dict[str, Any],
          is_global_zero: bool) -> None:
-    """Collective: write ``model`` and ``optimizer`` (this rank's entries) and, from rank 0, ``meta``."""
-    path.mkdir(parents=True, exist_ok=True)
-    dcp.save({MODEL_KEY: dict(model), OPTIMIZER_KEY: dict(optimizer)}, checkpoint_id=path)
+    """Collective: write ``model`` and ``optimizer`` (this rank's entries) and, from rank 0, ``meta`` into
+    ``<path>.tmp``; rank 0 then renames it to ``path`` (see the module docstring)."""
+    tmp = temp_path(path)
+    if is_global_zero and tmp.exists():
+        shutil.rmtree(tmp)  # left by a save that was killed
+    _barrier()
+    tmp.mkdir(parents=True, exist_ok=True)
+    dcp.save({MODEL_KEY: dict(model), OPTIMIZER_KEY: dict(optimizer)}, checkpoint_id=tmp)
     if is_global_zero:
-        torch.save(meta, path / META_FILE)
+        torch.save(meta, tmp / META_FILE)
+        publish(tmp, path)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,

@@ -75,6 +75,9 @@ def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
     m = cfg.model
     spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id)
     data = prepare_training_data(cfg.dataset, replace(cfg.balance, dp=dp), spec)
+    if pipelined and data.val is not None:
+        raise ConfigError("dataset.val_fraction: validation does not run under the pipeline strategy yet "
+                          "(cluster.strategy=omnibal); validate with a data-parallel run or omnibal-eval")
     plan = resolve_plan(cfg, run_dir, data) if pipelined else None
     return ResolvedRun(cfg, run_dir, dp, data, plan)
 
@@ -157,6 +160,10 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         callbacks=callbacks,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
+        # validation every val_check_interval optimizer steps (Lightning counts loader items), across epochs
+        val_check_interval=cfg.trainer.val_check_interval * (1 if run.pipelined else m),
+        check_val_every_n_epoch=None,
+        limit_val_batches=None if run.data.val is not None else 0,
         default_root_dir=run.run_dir,
     )
     return trainer, module, datamodule

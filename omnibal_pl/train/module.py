@@ -33,6 +33,7 @@ from omnibal_pl.model import VLM, VLMConfig, load_hf_weights
 from omnibal_pl.train.objective import LOSS_SCALE, micro_batch_objective
 from omnibal_pl.train.optim import OptimConfig, build_optimizer
 from omnibal_pl.train.step_metrics import StepMeter
+from omnibal_pl.train.validation import ValidationMeter
 
 
 class VLMTrainingModule(L.LightningModule):
@@ -49,6 +50,7 @@ class VLMTrainingModule(L.LightningModule):
         self.save_hyperparameters({"model": self.model_cfg.to_dict(), "optim": vars(self.optim),
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
         self.meter = StepMeter(self.model_cfg, peak_tflops, self.optim.freeze)
+        self.validation = ValidationMeter(self.model_cfg)
         self.model: VLM | None = self._initial_model()
 
     @property
@@ -128,6 +130,13 @@ class OmniBalModule(VLMTrainingModule):
         objective = micro_batch_objective(self.model(batch), batch, self.model_cfg)
         self.meter.add_loss(objective)
         return objective.value / LOSS_SCALE
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
+        self.validation.add(self.model(batch), batch)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.validation.finish(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
+        self.log_dict(metrics, prog_bar=True)  # global values (reduced), the same on every rank
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         reduced = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")

@@ -86,9 +86,12 @@ class OmniBalPipelineModule(VLMTrainingModule):
         optimizer.zero_grad(set_to_none=True)
         loss = self.runner.train_step(batch)
         norm = self.runner.clip_grad_norm_(float(self.gradient_clip_val or math.inf))  # inf: measure, do not clip
+        step_loss, grad_norm = torch.stack([loss.to(norm), norm]).tolist()  # read once, after the schedule
+        # both global (loss broadcast and averaged over DP, norm over all stages): every rank decides alike
+        if not self.nonfinite.admit(step_loss, grad_norm, self.global_step, self.meter.step_sample_ids):
+            optimizer.zero_grad(set_to_none=True)  # no gradient: no update, no moment change; the step still counts
         optimizer.step()
         self.lr_schedulers().step()
-        step_loss, grad_norm = torch.stack([loss.to(norm), norm]).tolist()  # read once, after the schedule
         self.log_step(step_loss, host[1:], grad_norm)
         return loss
 

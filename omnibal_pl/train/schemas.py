@@ -27,6 +27,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     deterministic: bool = False
     callbacks: list[Any] = field(default_factory=list)
+    val_check_interval: int = 100  # optimizer steps between validations (with dataset.val_fraction > 0)
 
 
 @dataclass

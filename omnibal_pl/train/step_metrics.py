@@ -42,6 +42,7 @@ class StepMeter:
         self.flops = 0.0
         self.micro_batches = 0
         self.start: float | None = None
+        self.sample_ids: list[torch.Tensor] = []  # the step's micro-batches' ids, read only if the run stops on them
 
     def account(self, batch: PackedBatch) -> None:
         """Add a micro-batch's real tokens, samples, tiles and training FLOPs (host facts only: no device read)."""
@@ -52,6 +53,11 @@ class StepMeter:
         self.tiles += batch.num_tiles
         self.flops += train_flops(self.cfg, batch.num_tiles, batch.sample_seqlens, self.frozen)
         self.micro_batches += 1
+        self.sample_ids.append(batch.sample_ids)
+
+    def step_sample_ids(self) -> list[int]:
+        """The dataset indices of this process's micro-batches of the running step (reads the device)."""
+        return [int(i) for ids in self.sample_ids for i in ids.tolist()]
 
     def add_loss(self, objective: Objective) -> None:
         """Add a micro-batch's weighted CE sum, weight and keep-rate penalty, on their device (no host read)."""

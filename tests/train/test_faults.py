@@ -1,0 +1,170 @@
+"""Bounded failure (omnibal_pl/train/faults.py): a killed or hung rank, and a SIGTERM to a hung run, end every
+process of a real 2-process job (gloo) within a bound, naming the rank and the step; non-finite steps are skipped
+on every rank alike, counted, and stop the run after ``faults.max_nonfinite_steps`` in a row."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import omnibal_pl.train.module as module_file
+from omnibal_pl.cli.train import train
+from omnibal_pl.train.faults import EXIT_SIGTERM, FaultWatch, NonFiniteLossError, NonFiniteSteps
+
+from tests.helpers import FAST, cfg_of, losses_in
+
+DDP = ["cluster.devices=2", "cluster.strategy=ddp"]
+PP2 = ["cluster=cpu_pp2", "plan.use=uniform"]
+
+
+def fail_at(rank: int, step: int, marker: Path, how: str) -> str:
+    return (f"trainer.callbacks=[{{_target_:tests.helpers.FailAtStep,rank:{rank},step:{step},"
+            f"marker:'{marker}',how:{how}}}]")
+
+
+def run_job(run_dir: Path, *overrides: str, signal_after_failure: int | None = None,
+            limit_s: float = 110) -> tuple[int, str, float]:
+    """``omnibal-train`` in its own session; returns (exit status of rank 0, its stderr, seconds from the
+    failure written to ``run_dir/failed`` until no process of the session is left). ``signal_after_failure``:
+    sent to the whole session 2 s after the failure."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    err = open(run_dir / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "omnibal_pl.cli.train", *FAST, *overrides, f"run_dir={run_dir}",
+                             "trainer.max_steps=1000"], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    marker, deadline, sent = run_dir / "failed", time.time() + limit_s, False
+    try:
+        while time.time() < deadline:
+            proc.poll()
+            if signal_after_failure and not sent and marker.exists() and time.time() > float(marker.read_text()) + 2:
+                os.killpg(proc.pid, signal_after_failure)
+                sent = True
+            if proc.returncode is not None and not _alive(proc.pid):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the job still runs {limit_s} s after start: {(run_dir / 'stderr.txt').read_text()[-3000:]}")
+    finally:
+        if _alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        err.close()
+    return proc.returncode, (run_dir / "stderr.txt").read_text(), time.time() - float(marker.read_text())
+
+
+def _alive(session: int) -> bool:
+    """Whether any process of the session (process group) ``session`` is left (zombies aside: none are ours)."""
+    try:
+        os.killpg(session, 0)
+    except ProcessLookupError:
+        return False
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(session)], capture_output=True, text=True).stdout.split()
+    return any(not s.startswith("Z") for s in out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("cluster", [DDP, PP2], ids=["ddp", "cpu_pp2"])
+def test_a_killed_rank_ends_the_job_naming_rank_and_step(tmp_path, cluster):
+    status, stderr, seconds = run_job(tmp_path, *cluster, fail_at(1, 2, tmp_path / "failed", "kill"))
+    assert status != 0 and seconds < 60
+    assert "global rank 0 of 2 failed at step 2" in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_a_hung_rank_ends_the_job(tmp_path):
+    """Rank 1 stops making progress outside any collective: rank 0's next collective times out
+    (faults.collective_timeout_s) and rank 1's watchdog ends it (faults.step_timeout_s)."""
+    status, stderr, seconds = run_job(tmp_path, *DDP, fail_at(1, 2, tmp_path / "failed", "hang"),
+                                      "faults.collective_timeout_s=20", "faults.step_timeout_s=40")
+    assert status != 0 and seconds < 60
+    assert "global rank 0 of 2 failed at step 2" in stderr, stderr[-3000:]
+    assert "global rank 1 at step 2: no training step finished" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_sigterm_ends_a_hung_run(tmp_path):
+    """Issue 19's hang: no timeout would fire for 30 minutes, rank 0 is blocked inside a collective (where no
+    Python signal handler runs) and Lightning's handler on rank 1 waits in a broadcast; a SIGTERM to every
+    process (as SLURM and torchrun send it) still ends the job within faults.sigterm_grace_s."""
+    status, stderr, seconds = run_job(tmp_path, *DDP, fail_at(1, 2, tmp_path / "failed", "hang"),
+                                      "faults.collective_timeout_s=null", "faults.step_timeout_s=null",
+                                      "faults.sigterm_grace_s=5", signal_after_failure=signal.SIGTERM)
+    assert status == EXIT_SIGTERM and seconds < 2 + 5 + 15, stderr[-3000:]
+    assert "global rank 0 got SIGTERM at step 2" in stderr and "global rank 1 got SIGTERM" in stderr
+
+
+def test_watchdog_ends_a_process_without_progress_and_spares_one_with_progress():
+    ended: list[int] = []
+    watch = FaultWatch(step_timeout_s=0.5, sigterm_grace_s=30, exit=ended.append)
+    trainer = type("T", (), {"global_rank": 0, "global_step": 7})()
+    watch.on_train_start(trainer, None)
+    try:
+        for _ in range(8):  # 1.6 s of steps of 0.2 s each: never idle for 0.5 s
+            time.sleep(0.2)
+            watch.on_train_batch_end(trainer, None, None, None, 0)
+        assert ended == []
+        time.sleep(1.5)
+        assert ended == [3]
+    finally:
+        watch._shutdown()
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+def test_nonfinite_steps_are_counted_and_stop_at_the_limit():
+    guard = NonFiniteSteps(limit=2)
+    assert guard.admit(1.0, 2.0, 0, list)
+    assert not guard.admit(math.nan, 2.0, 1, list)
+    assert guard.admit(1.0, 2.0, 2, list)  # a finite step resets the run of non-finite ones
+    assert not guard.admit(1.0, math.inf, 3, list)
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive .* at step 4 .* samples \[5, 9\]"):
+        guard.admit(math.nan, math.nan, 4, lambda: [5, 9])
+    assert guard.skipped == 3
+
+
+def poison(monkeypatch, steps: set[int]) -> None:
+    """The objective of every micro-batch of the given optimizer steps becomes NaN (as a bad sample's would)."""
+    original = module_file.micro_batch_objective
+    counter = {"micro": 0}
+
+    def objective(out, batch, cfg):
+        result = original(out, batch, cfg)
+        step = counter["micro"] // 2  # FAST's runs accumulate balance.micro_batches=2 micro-batches a step
+        counter["micro"] += 1
+        if step in steps:
+            nan = torch.tensor(math.nan)
+            return result._replace(value=result.value * nan, loss_sum=result.loss_sum * nan)
+        return result
+
+    monkeypatch.setattr(module_file, "micro_batch_objective", objective)
+
+
+def test_a_nonfinite_step_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    common = [*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1"]
+    poison(monkeypatch, {3})
+    train(cfg_of(*common, f"run_dir={tmp_path}"))
+    states = {s: torch.load(tmp_path / "checkpoints" / f"step{s:06d}.ckpt", weights_only=True) for s in (3, 4, 5)}
+    for name, value in states[3]["state_dict"].items():  # step 3 (the 4th) was skipped: weights and moments kept
+        assert torch.equal(states[4]["state_dict"][name], value), name
+    assert states[4]["optimizer_states"][0]["state"][0]["step"] == states[3]["optimizer_states"][0]["state"][0]["step"]
+    assert any(not torch.equal(states[5]["state_dict"][n], v) for n, v in states[4]["state_dict"].items())
+    losses = losses_in(tmp_path)
+    assert math.isnan(losses[3]) and all(math.isfinite(v) for s, v in losses.items() if s != 3)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_step_and_samples(tmp_path, monkeypatch):
+    poison(monkeypatch, {2, 3})
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .* on samples \[\d+"):
+        train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "faults.max_nonfinite_steps=2",
+                     f"run_dir={tmp_path}"))
