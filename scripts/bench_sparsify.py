@@ -5,13 +5,17 @@ Measures (CPU by default, CUDA with --device cuda), at the published keep rates 
   of two samples with one image each: the cost of the predictors and the masked eager attention path in
   layers >= sparse_layer (nothing is removed in training), beside the analytic FLOPs;
 - prefill time and LLM FLOPs of one prompt (576 image tokens, the top int(576 * 0.2) = 115 kept);
-- decode tokens/s and the KV cache at the end of generation.
+- decode tokens/s and the KV cache at the end of generation; decoding FLOPs with the KV cache and without it
+  (the original's second mode: every step reruns prompt + answer, the dropped tokens removed from
+  sparse_layer on), and the time of decoding without cache;
+- batched decoding: ``--batch`` prompts decoded together (per-sample cache lengths) against the same
+  prompts one at a time, in new tokens per second.
 Off and on runs alternate and the best of ``--reps`` counts, so load from other processes hits both alike.
 The predictors are untrained here. The vision predictor's top-k keeps exactly the published count whatever
 its scores; the output-text predictor decides per token, so its keep bias is calibrated on the dense run's
 decoded tokens to keep about half of them (the published 0.5); the admitted count is printed.
 
-    .venv/bin/python scripts/bench_sparsify.py [--reps 2] [--new-tokens 32] [--device cpu] [--threads 1]
+    .venv/bin/python scripts/bench_sparsify.py [--reps 2] [--new-tokens 32] [--batch 4] [--device cpu] [--threads 1]
 
 On a CPU shared with other jobs, ``--threads 1`` gives steadier figures than torch's default thread count.
 """
@@ -28,7 +32,7 @@ import torch
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.model.flops import train_flops
-from omnibal_pl.model.generate import GenerationResult, generate
+from omnibal_pl.model.generate import GenerationResult, generate, generate_batch
 from omnibal_pl.model.sparsify import (
     DROP, KEEP, SparsifyConfig, keep_rate_loss, masked_attention_cost, predictor_flops, split_output,
 )
@@ -104,12 +108,13 @@ def calibrate_output_predictor(model: VLM, prompt: PackedBatch, tokens: list[int
         predictor.net[-1].bias[KEEP] -= (logits[:, KEEP] - logits[:, DROP]).median()
 
 
-def fastest_generations(models: list[VLM], prompt: PackedBatch, new_tokens: int, reps: int) -> list[GenerationResult]:
+def fastest_generations(models: list[VLM], prompt: PackedBatch, new_tokens: int, reps: int,
+                        use_cache: bool = True) -> list[GenerationResult]:
     """Each model's fastest of ``reps`` greedy generations (one per model per round, in turn); warm them first."""
     best: list[GenerationResult | None] = [None] * len(models)
     for _ in range(reps):
         for i, model in enumerate(models):
-            r = generate(model, prompt, new_tokens)
+            r = generate(model, prompt, new_tokens, use_cache=use_cache)
             if best[i] is None or r.prefill_seconds + r.decode_seconds < best[i].prefill_seconds + best[i].decode_seconds:
                 best[i] = r
     return best
@@ -119,6 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=2, help="timed repetitions of each measurement (after a warm-up)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--batch", type=int, default=4, help="prompts of the batched-decoding measurement")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
@@ -149,6 +155,11 @@ def main() -> None:
     calibrate_output_predictor(on, prompt, warm.tokens)
     generate(on, prompt, args.new_tokens)
     r_off, r_on = fastest_generations([off, on], prompt, args.new_tokens, args.reps)
+    u_off, u_on = fastest_generations([off, on], prompt, args.new_tokens, args.reps, use_cache=False)
+    prompts = [dummy_batch(cfg, [40 + 3 * k], [1], seed=2 + k).to(device) for k in range(args.batch)]
+    new_tokens = args.batch * args.new_tokens  # no end token: every prompt generates them all
+    batch_s = best_seconds([lambda: [generate(on, q, args.new_tokens) for q in prompts],
+                            lambda: generate_batch(on, prompts, args.new_tokens)], args.reps, sync)
 
     print(f"model: {params:.0f}M parameters (+{predictor_params:.1f}M predictors), {cfg.llm.layers} LLM layers, "
           f"sparse_layer {sp.sparse_layer}, vision keep {sp.vision_keep_rate}, output-text keep {sp.output_text_keep_rate}; "
@@ -166,6 +177,9 @@ def main() -> None:
         ("decode tokens/s", r_off.decode_tokens_per_second, r_on.decode_tokens_per_second),
         (f"decoded tokens cached >= {sp.sparse_layer}", r_off.decoded_cached, r_on.decoded_cached),
         ("KV cache at end, MiB", r_off.kv_bytes / 2**20, r_on.kv_bytes / 2**20),
+        ("decode GFLOPs, KV cache", r_off.decode_flops / 1e9, r_on.decode_flops / 1e9),
+        ("decode GFLOPs, no KV cache", u_off.decode_flops / 1e9, u_on.decode_flops / 1e9),
+        ("decode s, no KV cache", u_off.decode_seconds, u_on.decode_seconds),
     ]
     print(f"{'metric':<32}{'off':>12}{'on':>12}{'on/off':>10}")
     for name, a, b in rows:
@@ -174,7 +188,11 @@ def main() -> None:
     print(f"train GFLOPs on = off + 3 x (masked attention path, +{masked.extra_flops / 1e9:.3g} GFLOPs forward in each of "
           f"{cfg.llm.layers - sp.sparse_layer} layers, {masked.saved_bytes / 2**20:.0f} MiB of float32 scores kept for backward "
           f"per layer + predictors); prefill s includes the vision encoder and, when on, the predictors; "
-          f"decoded tokens admitted {r_on.decoded_cached}/{r_on.decoded}")
+          f"decoded tokens admitted {r_on.decoded_cached}/{r_on.decoded}; without cache the same tokens: "
+          f"{u_on.tokens == r_on.tokens and u_off.tokens == r_off.tokens}")
+    print(f"sparsified model, {args.batch} prompts x {args.new_tokens} new tokens (prefill included): one at a time "
+          f"{new_tokens / batch_s[0]:.1f} tokens/s, batched {new_tokens / batch_s[1]:.1f} tokens/s "
+          f"({batch_s[0] / batch_s[1]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -321,13 +321,40 @@ def generate_batch(model: VLM, prompts: Sequence[PackedBatch], max_new_tokens: i
         model.train(was_training)
 
 
-def _result(model: VLM, prompt: PackedBatch, pre: Prefill, element_size: int) -> GenerationResult:
-    """A result holding the prompt's prefill figures; decoding fills in the rest."""
-    cfg, n = model.cfg.llm, prompt.input_ids.shape[1]
-    return GenerationResult(tokens=[], prompt_tokens=n, prefill_kept=pre.tokens_per_layer[-1],
-                            prefill_flops=prefill_flops(cfg, pre.tokens_per_layer),
-                            prefill_flops_dense=prefill_flops(cfg, [n] * cfg.layers),
-                            kv_bytes=0, kv_bytes_dense=kv_cache_bytes(cfg, [n] * cfg.layers, element_size))
+@dataclass
+class _Started:
+    """Every prompt prefilled: the ``prefills``, one ``results`` entry each holding the prefill figures (decoding
+    fills in the rest), each prompt's first ``picked`` token and the prefill wall time."""
+
+    prefills: list[Prefill]
+    results: list[GenerationResult]
+    picked: list[int | None]
+    seconds: float
+
+
+def _start(model: VLM, prompts: list[PackedBatch], sparsify: bool, temperature: float,
+           generator: torch.Generator | None) -> _Started:
+    cfg, start = model.cfg.llm, time.perf_counter()
+    prefills = [_prefill(model, p, (), sparsify) for p in prompts]
+    element = prefills[0].hidden.element_size()
+    results = []
+    for p, pre in zip(prompts, prefills):
+        n = p.input_ids.shape[1]
+        results.append(GenerationResult(tokens=[], prompt_tokens=n, prefill_kept=pre.tokens_per_layer[-1],
+                                        prefill_flops=prefill_flops(cfg, pre.tokens_per_layer),
+                                        prefill_flops_dense=prefill_flops(cfg, [n] * cfg.layers), kv_bytes=0,
+                                        kv_bytes_dense=kv_cache_bytes(cfg, [n] * cfg.layers, element)))
+    picked: list[int | None] = [_pick(_logits(model, pre.hidden[-1:])[0], temperature, generator) for pre in prefills]
+    return _Started(prefills, results, picked, time.perf_counter() - start)
+
+
+def _finish_results(model: VLM, started: _Started, decode_seconds: float) -> list[GenerationResult]:
+    """Sets each result's dense cache size at the end and its share of the batch's wall times."""
+    cfg, element, n = model.cfg.llm, started.prefills[0].hidden.element_size(), len(started.results)
+    for r in started.results:
+        r.kv_bytes_dense = kv_cache_bytes(cfg, [r.prompt_tokens + r.decoded] * cfg.layers, element)
+        r.prefill_seconds, r.decode_seconds = started.seconds / n, decode_seconds / n
+    return started.results
 
 
 def _to_feed(results: list[GenerationResult], picked: list[int | None], max_new_tokens: int,
@@ -350,19 +377,14 @@ def _to_feed(results: list[GenerationResult], picked: list[int | None], max_new_
 def _decode_cached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int, temperature: float,
                    eos_token_id: int | None, sparsify: bool, generator: torch.Generator | None) -> list[GenerationResult]:
     llm, cfg = model.llm, model.cfg.llm
-    start = time.perf_counter()
-    pres = [_prefill(model, p, (), sparsify) for p in prompts]
-    element = pres[0].hidden.element_size()
-    results = [_result(model, p, pre, element) for p, pre in zip(prompts, pres)]
-    picked: list[int | None] = [_pick(_logits(model, pre.hidden[-1:])[0], temperature, generator) for pre in pres]
-    prefill_seconds = time.perf_counter() - start
-
+    started = _start(model, prompts, sparsify, temperature, generator)
+    results, picked = started.results, started.picked
     start = time.perf_counter()
     cut = _sparse_layer(model, sparsify)
     judged = [cut is not None and _admits_text(model, p) for p in prompts]
-    cache = BatchKVCache([pre.cache for pre in pres], max(p.input_ids.shape[1] for p in prompts) + max_new_tokens)
+    cache = BatchKVCache([pre.cache for pre in started.prefills], max(p.input_ids.shape[1] for p in prompts) + max_new_tokens)
     position = [int(p.position_ids[0, -1]) + 1 for p in prompts]
-    device = pres[0].hidden.device
+    device = started.prefills[0].hidden.device
     while True:
         feed = _to_feed(results, picked, max_new_tokens, eos_token_id)
         if not any(feed):
@@ -386,24 +408,17 @@ def _decode_cached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int, 
             position[b] += 1
             picked[b] = _pick(logits[b], temperature, generator)
     decode_seconds = time.perf_counter() - start
-
+    element = started.prefills[0].hidden.element_size()
     for b, r in enumerate(results):
         r.kv_bytes = kv_cache_bytes(cfg, cache.sample_lengths(b), element)
-        r.kv_bytes_dense = kv_cache_bytes(cfg, [r.prompt_tokens + r.decoded] * cfg.layers, element)
-        r.prefill_seconds, r.decode_seconds = prefill_seconds / len(results), decode_seconds / len(results)
-    return results
+    return _finish_results(model, started, decode_seconds)
 
 
 def _decode_uncached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int, temperature: float,
                      eos_token_id: int | None, sparsify: bool, generator: torch.Generator | None) -> list[GenerationResult]:
     cfg = model.cfg.llm
-    start = time.perf_counter()
-    pres = [_prefill(model, p, (), sparsify) for p in prompts]
-    element = pres[0].hidden.element_size()
-    results = [_result(model, p, pre, element) for p, pre in zip(prompts, pres)]
-    picked: list[int | None] = [_pick(_logits(model, pre.hidden[-1:])[0], temperature, generator) for pre in pres]
-    prefill_seconds = time.perf_counter() - start
-
+    started = _start(model, prompts, sparsify, temperature, generator)
+    results, picked = started.results, started.picked
     start = time.perf_counter()
     while True:
         feed = _to_feed(results, picked, max_new_tokens, eos_token_id)
@@ -416,9 +431,4 @@ def _decode_uncached(model: VLM, prompts: list[PackedBatch], max_new_tokens: int
             r.decode_flops += prefill_flops(cfg, pre.tokens_per_layer)
             r.decode_flops_dense += prefill_flops(cfg, [r.prompt_tokens + len(r.tokens)] * cfg.layers)
             picked[b] = _pick(_logits(model, pre.hidden[-1:])[0], temperature, generator)
-    decode_seconds = time.perf_counter() - start
-
-    for r in results:
-        r.kv_bytes_dense = kv_cache_bytes(cfg, [r.prompt_tokens + r.decoded] * cfg.layers, element)
-        r.prefill_seconds, r.decode_seconds = prefill_seconds / len(results), decode_seconds / len(results)
-    return results
+    return _finish_results(model, started, time.perf_counter() - start)

@@ -22,12 +22,11 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from omnibal_pl.balance.search import micro_batch_shape
@@ -39,6 +38,8 @@ from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.plan.make import make_plan, resolve_source
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
 from omnibal_pl.train.callbacks import GumbelTemperature
+from omnibal_pl.train.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, CrashSafeCheckpoint
+from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_with_timeout
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
@@ -128,16 +129,16 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
     m = run.data.balance.micro_batches
     datamodule = OmniBalDataModule(run.data, cfg.packing, cfg.loader, whole_steps=run.pipelined)
     module_args = dict(model=cfg.model, optim=cfg.optim, peak_tflops=c.peak_tflops, seed=cfg.seed,
-                       init_from=cfg.init_from)
+                       init_from=cfg.init_from, max_nonfinite_steps=cfg.faults.max_nonfinite_steps)
     if run.pipelined:
         module: VLMTrainingModule = OmniBalPipelineModule(**module_args, gradient_clip_val=cfg.trainer.gradient_clip_val)
-        strategy: str | OmniBalStrategy = OmniBalStrategy(run.plan, dp=run.dp)
+        strategy: Any = OmniBalStrategy(run.plan, dp=run.dp, timeout=collective_timeout(cfg.faults))
     else:
-        module, strategy = OmniBalModule(**module_args), c.strategy
-    checkpoint = ModelCheckpoint(dirpath=run.run_dir / "checkpoints", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False)
+        module, strategy = OmniBalModule(**module_args), strategy_with_timeout(c.strategy, collective_timeout(cfg.faults))
+    checkpoint = CrashSafeCheckpoint(run.run_dir / CHECKPOINT_DIR, cfg.trainer.checkpoint_every_n_steps)
     memory = MemoryReport(run.run_dir / "memory_report.json", run.plan)
-    callbacks = [checkpoint, memory, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
+    watch = FaultWatch(cfg.faults.step_timeout_s, cfg.faults.sigterm_grace_s)
+    callbacks = [checkpoint, memory, watch, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
     if cfg.model.sparsify.enabled:
         callbacks.append(GumbelTemperature())
     loggers = build_loggers(cfg.logger, run.run_dir)
@@ -164,6 +165,7 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         val_check_interval=cfg.trainer.val_check_interval * (1 if run.pipelined else m),
         check_val_every_n_epoch=None,
         limit_val_batches=None if run.data.val is not None else 0,
+        plugins=None if run.pipelined else [AtomicCheckpointIO()],  # the pipeline's checkpoints: parallel/dcp.py
         default_root_dir=run.run_dir,
     )
     return trainer, module, datamodule

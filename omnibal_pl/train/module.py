@@ -30,6 +30,7 @@ from torch import nn
 
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model import VLM, VLMConfig, load_hf_weights
+from omnibal_pl.train.faults import NonFiniteSteps
 from omnibal_pl.train.objective import LOSS_SCALE, micro_batch_objective
 from omnibal_pl.train.optim import OptimConfig, build_optimizer
 from omnibal_pl.train.step_metrics import StepMeter
@@ -39,10 +40,12 @@ from omnibal_pl.train.validation import ValidationMeter
 class VLMTrainingModule(L.LightningModule):
     """What every training module shares: a VLM built from ``model`` (a :class:`VLMConfig` or its mapping),
     randomly initialised from ``seed`` or loaded from ``init_from`` (a local Hugging Face InternVL-Chat /
-    LLaVA-1.5 checkpoint folder), its AdamW + schedule, and the per-step metrics."""
+    LLaVA-1.5 checkpoint folder), its AdamW + schedule, the per-step metrics, and the skipping of non-finite
+    steps (``max_nonfinite_steps`` consecutive ones stop the run: :class:`~omnibal_pl.train.faults.NonFiniteSteps`)."""
 
     def __init__(self, model: VLMConfig | dict[str, Any], optim: OptimConfig | None = None,
-                 peak_tflops: float | None = None, seed: int = 0, init_from: str | None = None) -> None:
+                 peak_tflops: float | None = None, seed: int = 0, init_from: str | None = None,
+                 max_nonfinite_steps: int = 3) -> None:
         super().__init__()
         self.model_cfg = model if isinstance(model, VLMConfig) else VLMConfig.from_dict(model)
         self.optim = optim or OptimConfig()
@@ -51,6 +54,7 @@ class VLMTrainingModule(L.LightningModule):
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
         self.meter = StepMeter(self.model_cfg, peak_tflops, self.optim.freeze)
         self.validation = ValidationMeter(self.model_cfg)
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.model: VLM | None = self._initial_model()
 
     @property
@@ -95,6 +99,7 @@ class VLMTrainingModule(L.LightningModule):
         sched = self.lr_schedulers()
         lr = self.optim.lr * sched.lr_lambdas[0](sched.last_epoch)  # the LLM's rate now, the same on every rank
         metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size, grad_norm)
+        metrics["train/skipped_steps"] = float(self.nonfinite.skipped)
         metrics.update(self._balance_metrics())
         # every value is global (reduced or broadcast), so every rank logs it for its callbacks
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
@@ -146,6 +151,12 @@ class OmniBalModule(VLMTrainingModule):
         *totals, unscaled_norm = torch.cat([reduced, norm.to(reduced)[None]]).tolist()
         total_weight = max(totals[1], 1e-12)
         scale = LOSS_SCALE * self.trainer.accumulate_grad_batches * self.trainer.world_size / total_weight
-        for g in grads:
-            g.mul_(scale)
-        self.log_step(totals[0] / total_weight, totals[2:], unscaled_norm * scale)
+        loss, grad_norm = totals[0] / total_weight, unscaled_norm * scale
+        # both global (reduced; gradients equal on every DP rank): every rank decides alike
+        if self.nonfinite.admit(loss, grad_norm, self.global_step, self.meter.step_sample_ids):
+            for g in grads:
+                g.mul_(scale)
+        else:
+            for p in self.model.parameters():
+                p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+        self.log_step(loss, totals[2:], grad_norm)

@@ -12,6 +12,7 @@ from omnibal_pl.data.datamodule import LoaderConfig, PackingConfig
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLMConfig
 from omnibal_pl.model.hf_loading import RUN_SIDE_FIELDS, folder_differences, vlm_config_from_hf
+from omnibal_pl.train.faults import FaultConfig
 from omnibal_pl.train.optim import OptimConfig
 
 
@@ -57,6 +58,7 @@ class RunConfig:
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None
     logger: dict[str, Any] = field(default_factory=dict)  # name -> _target_ spec (conf/logger/)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 AUTO_MODEL = "auto"  # model=auto: the architecture of init_from's folder
@@ -106,5 +108,6 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         init_from=cfg.get("init_from"),
         ckpt_path=cfg.get("ckpt_path"),
         run_dir=cfg.get("run_dir"),
+        faults=to_dataclass(cfg.faults, FaultConfig, "faults"),
         logger=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
     )

@@ -1,0 +1,46 @@
+"""Validation loss and token accuracy over the held-out split (``dataset.val_fraction``).
+
+One pass sums, over every micro-batch of every DP rank: the weighted cross-entropy sum_t w_t * CE_t and the
+weight sum_t w_t (the training objective's terms, so ``val/loss`` is comparable to ``train/loss``), and the
+supervised next-token predictions and how many of them the argmax gets right. The sums stay on the device
+until the pass ends; one all-reduce and one host read give
+
+- ``val/loss`` = sum(w * CE) / sum(w), the global weighted mean, whatever the DP size;
+- ``val/token_acc`` = correct / supervised predictions (unweighted).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
+from omnibal_pl.model.config import VLMConfig
+from omnibal_pl.model.sparsify import split_output
+from omnibal_pl.train.objective import packed_loss_sum
+
+
+class ValidationMeter:
+    """Sums of one validation pass (see the module docstring): [CE sum, weight, correct, predictions], float64."""
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        self.cfg = cfg
+        self.totals: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor, batch: PackedBatch) -> None:
+        """Add a micro-batch's terms from the model's output (no host read)."""
+        logits, _ = split_output(out, self.cfg.sparsify)
+        loss_sum, weight = packed_loss_sum(logits, batch)
+        targets = batch.labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
+        terms = torch.stack([loss_sum.double(), weight.double(), correct.double(), supervised.sum().double()])
+        self.totals = terms if self.totals is None else self.totals + terms
+
+    def finish(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
+        """The pass's global metrics (``all_reduce_sum``: the sum over DP ranks); resets for the next pass.
+        A rank that validated nothing contributes zeros, so every rank takes part in the reduction."""
+        local = self.totals if self.totals is not None else torch.zeros(4, dtype=torch.float64, device=device)
+        self.totals = None
+        loss_sum, weight, correct, predictions = all_reduce_sum(local).tolist()
+        return {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0)}

@@ -1,0 +1,100 @@
+"""Validation on a held-out split: disjoint seeded split, val loss and token accuracy every val_check_interval steps
+equal to a direct computation over the held-out micro-batches, a ModelCheckpoint monitoring it, DDP."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnibal_pl.batch import IGNORE_INDEX
+from omnibal_pl.cli.train import train
+from omnibal_pl.data.validation_split import split_validation
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.lengths import LengthTable
+from omnibal_pl.train.assemble import build_run, resolve_run
+from omnibal_pl.train.schemas import parse_run_config
+from omnibal_pl.train.trained_model import read_trained_model
+
+from tests.helpers import FAST, cfg_of
+
+VAL = ["dataset.val_fraction=0.1", "trainer.val_check_interval=2", "trainer.max_steps=4",
+       "trainer.checkpoint_every_n_steps=4", "optim.lr=1e-3"]
+
+
+def val_rows(run_dir: Path) -> dict[int, dict[str, float]]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): {"loss": float(r["val/loss"]), "acc": float(r["val/token_acc"])}
+                for r in csv.DictReader(f) if r.get("val/loss")}
+
+
+def test_the_split_is_disjoint_seeded_and_sized():
+    n = 50
+    table = LengthTable(np.ones(n, np.int64), np.arange(10, 10 + n), np.ones(n, np.int64), np.zeros(n, np.int64), ["s"])
+    dataset = list(range(n))
+    train_set, train_lengths, held = split_validation(dataset, table, 0.2, seed=3)
+    train_ids, val_ids = [train_set[i] for i in range(len(train_set))], [held.dataset[i] for i in range(len(held.dataset))]
+    assert len(val_ids) == 10 and sorted(train_ids + val_ids) == dataset
+    assert train_lengths.tokens.tolist() == [10 + i for i in train_ids]  # statistics stay aligned with the rows
+    assert held.lengths.tokens.tolist() == [10 + i for i in val_ids]
+    assert [held.dataset[i] for i in range(10)] == [split_validation(dataset, table, 0.2, seed=3)[2].dataset[i] for i in range(10)]
+    assert val_ids != [split_validation(dataset, table, 0.2, seed=4)[2].dataset[i] for i in range(10)]
+    assert split_validation(dataset, table, 0.0, seed=3) == (dataset, table, None)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        split_validation(dataset, table, 1.0, seed=3)
+
+
+def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monitored(tmp_path):
+    best = tmp_path / "best"
+    monitor = (f"trainer.callbacks=[{{_target_:lightning.pytorch.callbacks.ModelCheckpoint,monitor:val/loss,"
+               f"mode:min,save_top_k:1,dirpath:'{best}',filename:best}}]")
+    cfg = cfg_of(*FAST, *VAL, monitor, f"run_dir={tmp_path}")
+    train(cfg)
+    rows = val_rows(tmp_path)
+    assert sorted(rows) == [1, 3]  # after optimizer steps 2 and 4 (Lightning logs the step index)
+    assert (best / "best.ckpt").is_file()
+    saved = torch.load(best / "best.ckpt", map_location="cpu", weights_only=False)
+    callback = next(v for k, v in saved["callbacks"].items() if "ModelCheckpoint" in k and "val/loss" in k)
+    assert float(callback["best_model_score"]) == pytest.approx(min(r["loss"] for r in rows.values()))
+
+    # the last validation, recomputed by hand over the held-out micro-batches with the final weights
+    model = read_trained_model(tmp_path / "checkpoints" / "last.ckpt").build()
+    run = resolve_run(parse_run_config(cfg), tmp_path / "again")
+    _, _, datamodule = build_run(run)
+    datamodule.setup("fit")
+    loss_sum = weight = correct = predictions = 0.0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            logits = model(batch)[0, :-1]
+            targets, w = batch.labels[0, 1:], batch.loss_weight[0, 1:].float()
+            mask = targets != IGNORE_INDEX
+            ce = F.cross_entropy(logits[mask], targets[mask], reduction="none")
+            loss_sum += float((ce * w[mask]).sum())
+            weight += float(w[mask].sum())
+            correct += float((logits[mask].argmax(-1) == targets[mask]).sum())
+            predictions += float(mask.sum())
+    assert predictions > 0 and len(run.data.val.lengths) == 60
+    assert rows[3]["loss"] == pytest.approx(loss_sum / weight, rel=1e-5)
+    assert rows[3]["acc"] == pytest.approx(correct / predictions, rel=1e-6)
+
+
+def test_validation_under_the_pipeline_strategy_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.val_fraction: validation does not run under the pipeline"):
+        resolve_run(parse_run_config(cfg_of(*FAST, "cluster=cpu_pp2", "dataset.val_fraction=0.1")), tmp_path)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_two_process_ddp_validation(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", "cluster.devices=2", "cluster.strategy=ddp",
+                          f"hydra.run.dir={tmp_path}", *FAST, *VAL], capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = val_rows(tmp_path)
+    assert sorted(rows) == [1, 3] and all(0 < r["loss"] < 20 and 0 <= r["acc"] <= 1 for r in rows.values())
+    assert json.loads((tmp_path / "balance_report.json").read_text())["dp_size"] == 2
