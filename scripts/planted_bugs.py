@@ -62,7 +62,7 @@ def one(name: str, area: str, path: str, before: str, after: str, *tests: str, r
 GROUPING, METRICS = "tests/balance/test_grouping.py", "tests/balance/test_metrics.py"
 SAMPLER = "tests/balance/test_sampler.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
-DATA = ("tests/data/",)
+DATA = ("tests/data/test_templates.py", "tests/data/test_tiling.py", "tests/data/test_datasets.py")
 SPARSIFY = ("tests/model/test_sparsify.py", "tests/model/test_generate.py", "tests/train/test_sparsify_train.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -173,7 +173,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "self.lengths[i] = [max(lengths) + int(any(admit))] * len(lengths)", *SPARSIFY),
     one("require_image_ignored", "sparsify", "omnibal_pl/data/training_data.py",
         'image_only = bool(cfg.get("require_image", False))', "image_only = False", *SPARSIFY),
-    # ---- data: pixel bugs of issue 18 (its golden tests are to catch them) ----
+    # ---- data: pixel bugs of issue 18 (the pixel tests against written constants are to catch them) ----
     one("imagenet_std_typo", "data", "omnibal_pl/data/tiling.py",
         "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.229, 0.224, 0.255)", *DATA),
     one("llava_normalised_with_imagenet_std", "data", "omnibal_pl/data/tiling.py",
@@ -183,6 +183,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "resized = image.resize((cols * s, rows * s), Image.BILINEAR)", *DATA),
     one("aspect_tie_factor_quarter", "data", "omnibal_pl/data/tiling.py",
         "area > 0.5 * cfg.image_size**2 * cols * rows", "area > 0.25 * cfg.image_size**2 * cols * rows", *DATA),
+    # ---- data: token bugs of issue 18 (the golden sequences are to catch them) ----
+    one("newline_after_reply_supervised", "data", "omnibal_pl/data/templates.py",
+        "(reply, True), (fmt.after_reply, False)]", "(reply, True), (fmt.after_reply, True)]", *DATA),
+    one("newline_after_user_turn_removed", "data", "omnibal_pl/data/templates.py",
+        'user="<|im_start|>user\\n{message}<|im_end|>\\n",', 'user="<|im_start|>user\\n{message}<|im_end|>",', *DATA),
+    one("v15_values_not_stripped", "data", "omnibal_pl/data/templates.py",
+        "strip_values=True,", "strip_values=False,", *DATA),
+    one("llava_image_left_in_place", "data", "omnibal_pl/data/templates.py",
+        "image_first=True,", "image_first=False,", *DATA),
+    one("multi_image_min_tiles_clamped", "data", "omnibal_pl/data/tiling.py",
+        "return self.min_tiles, max(1, self.max_tiles // max(1, num_images))",
+        "return min(self.min_tiles, self.max_tiles // max(1, num_images)), max(1, self.max_tiles // max(1, num_images))",
+        *DATA),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (
