@@ -1,11 +1,18 @@
 """Benchmark of the grouping algorithms on the real statistics and on a 1.2M-sample resample.
 
     .venv/bin/python scripts/bench_balance.py [--data ../shared/data/omnibal_lengths] [--big 1200000]
+        [--time-model time_model.json] [--micro-batches 1] [--time-dps 8 32 64]
 
-For each data set: caps searched once on the 70k real set (ISF: the published search; balanced: ours),
-then every algorithm grouped at DP=8 with one group per rank per step, plus the pure-Python ISF
-reference on the same input (its groups must equal the C++ ones). Prints one table per data set and the
+For each data set: caps searched once on the 70k real set (ISF: the published search; balanced: ours; the
+packers take balanced's token cap), then every algorithm grouped at DP=8 with ``--micro-batches`` groups
+per rank per step (DistTrain's LPT deal only differs from random with more than one), plus the pure-Python
+ISF reference on the same input (its groups must equal the C++ ones). Prints one table per data set and the
 C++/Python ISF speed ratio. Times are single-threaded wall clock on this machine.
+
+With ``--time-model`` (a fitted micro-batch time model, e.g. from ``bench_train.py --save-time-model``):
+every row also reports the modelled rank-time balance (time dist ratio, max/mean rank time), a
+``balanced (fitted)`` row forms its steps on that model, and a last table gives max/mean modelled rank
+time of every algorithm on the real statistics at each DP of ``--time-dps``.
 """
 from __future__ import annotations
 
@@ -16,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from omnibal_pl.balance import BalanceConfig, balance_metrics, form_steps, group_samples, isf_reference, resolve_caps
+from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange_steps, balance_metrics, group_samples, isf_reference,
+                                resolve_caps)
+from omnibal_pl.balance.cost import steps_weight
 from omnibal_pl.lengths import LengthTable, load_lengths
 
 COLUMNS = (("seconds", "time s", "{:.3f}"), ("groups", "groups", "{:,}"), ("avg_group_size", "per group", "{:.2f}"),
            ("samples_lost", "lost", "{:,}"), ("vit_dist_ratio", "vit dist", "{:.4f}"),
            ("llm_dist_ratio", "llm dist", "{:.4f}"), ("pad_ratio", "pad", "{:.4f}"), ("vit_fill", "vit fill", "{:.3f}"),
-           ("token_fill", "tok fill", "{:.3f}"), ("groups_vs_lower_bound", "grp/LB", "{:.4f}"))
+           ("token_fill", "tok fill", "{:.3f}"), ("groups_vs_lower_bound", "grp/LB", "{:.4f}"),
+           ("time_dist_ratio", "t dist", "{:.4f}"), ("max_mean_time", "t max/mn", "{:.4f}"))
 
 
 def timed(fn, repeats: int = 1):
@@ -34,12 +44,31 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
-def row(name: str, table: LengthTable, cfg: BalanceConfig, repeats: int) -> dict:
+def row(name: str, table: LengthTable, cfg: BalanceConfig, repeats: int, model: TimeModel | None = None) -> dict:
+    """Grouping time (best of ``repeats``) and the metrics; modelled rank times under ``model`` when given."""
     grouping, seconds = timed(lambda: group_samples(table, cfg), repeats)
-    steps = form_steps(*grouping.sums(table), cfg.dp, 1, cfg.resolved_step_order, cfg.seed)
-    m = balance_metrics(table, grouping, steps)
+    steps = arrange_steps(table, grouping, cfg, time_model=steps_weight(cfg, model))
+    m = balance_metrics(table, grouping, steps, model)
     m.update(name=name, seconds=seconds)
     return m
+
+
+def algorithms(isf: BalanceConfig, bal: BalanceConfig, base: BalanceConfig) -> list[tuple[str, BalanceConfig]]:
+    """The compared settings: ours (counts, and fitted when ``base`` names a model), ISF both ways, the baselines."""
+    fitted = base.time_model is not None
+    rows = [("balanced (ours, C++)", bal)]
+    if fitted:
+        rows.append(("balanced (ours, fitted)", replace(bal, cost="fitted")))
+    packers = replace(base, token_cap=bal.token_cap)
+    return rows + [
+        ("isf (C++, Megatron steps)", isf),
+        ("isf (C++, matched steps)", replace(isf, step_order="matched")),
+        ("disttrain (LPT)", replace(base, algorithm="disttrain", cost="fitted" if fitted else "counts")),
+        ("llamafactory (knapsack)", replace(packers, algorithm="llamafactory")),
+        ("swift (binpacking)", replace(packers, algorithm="swift")),
+        ("random", replace(base, algorithm="random")),
+        ("length_grouped", replace(base, algorithm="length_grouped")),
+    ]
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -50,23 +79,18 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 
 def bench(table: LengthTable, title: str, isf: BalanceConfig, bal: BalanceConfig, base: BalanceConfig,
-          python_reference: bool) -> None:
+          python_reference: bool, model: TimeModel | None) -> None:
     repeats = 3 if len(table) < 200_000 else 1
-    rows = [
-        row("balanced (ours, C++)", table, bal, repeats),
-        row("isf (C++, Megatron steps)", table, isf, repeats),
-        row("isf (C++, matched steps)", table, replace(isf, step_order="matched"), repeats),
-        row("random", table, replace(base, algorithm="random"), repeats),
-        row("length_grouped", table, replace(base, algorithm="length_grouped"), repeats),
-    ]
+    rows = [row(name, table, cfg, repeats, model) for name, cfg in algorithms(isf, bal, base)]
     if python_reference:
         ref, seconds = timed(lambda: isf_reference(table.vit.tolist(), table.tokens.tolist(), isf.vit_cap,
                                                    isf.token_cap, isf.token_cap - 128, isf.iterations, isf.seed))
         cpp = group_samples(table, isf)
         same = [cpp.group(k).tolist() for k in range(len(cpp))] == ref
-        rows.append({**rows[1], "name": "isf (Python reference)", "seconds": seconds})
+        isf_row = next(r for r in rows if r["name"].startswith("isf (C++, Megatron"))
+        rows.append({**isf_row, "name": "isf (Python reference)", "seconds": seconds})
         print_table(title, rows)
-        print(f"C++ ISF vs Python reference: {seconds / rows[1]['seconds']:.0f}x faster, identical groups: {same}")
+        print(f"C++ ISF vs Python reference: {seconds / isf_row['seconds']:.0f}x faster, identical groups: {same}")
     else:
         print_table(title, rows)
 
@@ -78,12 +102,17 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=8)
     parser.add_argument("--samples-per-group", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro-batches", type=int, default=1, help="groups per DP rank per step")
+    parser.add_argument("--time-model", type=Path, default=None, help="fitted micro-batch time model (JSON)")
+    parser.add_argument("--time-dps", type=int, nargs="+", default=[8, 32, 64])
     args = parser.parse_args()
+    model = TimeModel.load(args.time_model) if args.time_model else None
 
     table = load_lengths(sorted(Path(args.data).glob("*.json")))
     print(f"real statistics: {len(table):,} samples, {table.total_vit:,} tiles, {table.total_tokens:,} tokens "
-          f"from {len(table.sources)} files; DP={args.dp}, one group per rank per step")
-    base = BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, seed=args.seed)
+          f"from {len(table.sources)} files; DP={args.dp}, {args.micro_batches} group(s) per rank per step")
+    base = BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, seed=args.seed,
+                         micro_batches=args.micro_batches, time_model=str(args.time_model) if model else None)
     isf_caps = resolve_caps(table, replace(base, algorithm="isf"))
     bal_caps = resolve_caps(table, base)
     print(f"argument search: isf (published procedure) {isf_caps.seconds:.2f} s -> vit {isf_caps.vit_cap}, "
@@ -91,13 +120,26 @@ def main() -> None:
           f"tokens {bal_caps.token_cap}  (published search: 22.8 s)")
     isf = replace(base, algorithm="isf", vit_cap=isf_caps.vit_cap, token_cap=isf_caps.token_cap)
     bal = replace(base, vit_cap=bal_caps.vit_cap, token_cap=bal_caps.token_cap)
-    bench(table, f"four real files ({len(table):,} samples)", isf, bal, base, python_reference=True)
+    bench(table, f"four real files ({len(table):,} samples)", isf, bal, base, python_reference=True, model=model)
     if args.big:
         big = table.resample(args.big, seed=args.seed)
-        bench(big, f"seeded resample ({len(big):,} samples), same caps", isf, bal, base, python_reference=True)
+        bench(big, f"seeded resample ({len(big):,} samples), same caps", isf, bal, base, python_reference=True,
+              model=model)
+    if model is not None:
+        time_by_dp(table, isf, bal, base, model, args.time_dps)
     default = replace(isf, vit_cap=9, token_cap=4096)
     d = row("isf at published defaults 9/4096", table, default, 1)
     print_table("published defaults (reference: 43,904 groups, vit dist 0.293, llm dist 0.328)", [d])
+
+
+def time_by_dp(table: LengthTable, isf: BalanceConfig, bal: BalanceConfig, base: BalanceConfig, model: TimeModel,
+               dps: list[int]) -> None:
+    """Max/mean modelled rank time per step of every algorithm at each DP (caps as searched for DP=8)."""
+    print(f"\nmodelled max/mean rank time per step, real statistics ({base.micro_batches} group(s) per rank per step)")
+    print(f"{'algorithm':<28}" + "".join(f"{'DP ' + str(dp):>10}" for dp in dps))
+    for name, cfg in algorithms(isf, bal, base):
+        cells = [row(name, table, replace(cfg, dp=dp), 1, model)["max_mean_time"] for dp in dps]
+        print(f"{name:<28}" + "".join(f"{c:>10.4f}" for c in cells))
 
 
 if __name__ == "__main__":

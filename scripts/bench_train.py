@@ -1,61 +1,112 @@
 """Training throughput at simulated DP: the slowest rank sets the step time, so balance is speed.
 
-    .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 4] [--dp 8]
+    .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
+        [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random] [--save-time-model PATH]
 
-For each model and sampler (``balanced``, ``isf``, ``random``), one process plays all DP ranks: each
-step, every rank's micro-batch (from its own ``OmniBalDataModule``, exactly as in training) really runs
-forward + backward in turn and is timed; the step's time is the slowest rank's (what a synchronous
-data-parallel step waits for), the ideal is the mean rank's (perfect balance of the same work).
-Printed per sampler: mean step time, the ideal, idle fraction (1 - ideal / step), LLM tokens and
-samples per step, throughput of the whole simulated DP group in tokens/s and samples/s, and the
-speedup over ``random`` in samples/s, i.e. in epoch time (samplers put different amounts of work in a
-step, so step times alone do not compare). The ideal (mean-rank time) is the limit balance can reach.
+For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
+``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
+time is the slowest rank's (what a synchronous data-parallel step waits for), the ideal is the mean rank's
+over the same micro-batches (perfect balance of the same work, the limit balance can reach).
 
-Timing: each micro-batch runs ``--reps`` times and its fastest run counts; on a shared machine that is
-the least disturbed one (the median still carries other processes' load).
+Samplers: ``balanced`` (counts), ``balanced_fitted`` (``balance.cost=fitted``: steps formed on the fitted
+time model), ``isf``, ``disttrain`` (LPT on the fitted model when one fits, else on tokens), the
+``llamafactory`` and ``swift`` packers (the token cap ``balanced`` searched, tiles uncapped) and ``random``.
 
+Time model: before the samplers run, ``--calibration`` micro-batches of random samples (1 to
+``3 x samples-per-group`` samples each, so sample counts, tiles and tokens vary independently) are timed and
+a :class:`~omnibal_pl.balance.TimeModel` is fitted on them; its prediction error is then reported on every
+micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured). A fit that
+fails (too few micro-batches, a negative coefficient) is printed and ``balanced_fitted`` is skipped.
+
+Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
+rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
+over repeats and the spread (min..max) of samples/s, the median step time, ideal and idle fraction.
+Speedups compare medians in samples/s (epoch time: samplers put different amounts of work in a step).
+
+Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed).
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
-``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs
-with ``pad_to=multiple`` (varlen attention over the real tokens), so step times differ only by how the
-work is spread. On CUDA (``--device cuda``): bf16 autocast and the fastest attention backend.
+``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs with
+``pad_to=multiple`` (varlen attention over the real tokens). On CUDA (``--device cuda``): bf16 autocast.
 """
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from omnibal_pl.balance import BalanceConfig
-from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
+from omnibal_pl.balance import BalanceConfig, TimeModel, fit_time_model
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import preset
+from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
+from omnibal_pl.data.collate import PackingCollate
 from omnibal_pl.data.datamodule import PackingConfig
+from omnibal_pl.errors import BalanceError
 from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.train.objective import packed_loss_sum
 
-ALGORITHMS = ("balanced", "isf", "random")
+ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random")
+PACKING = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
 
 
 def load_model_config(name: str) -> VLMConfig:
     return VLMConfig.from_dict(preset("model", name))
 
 
-def rank_batches(cfg: VLMConfig, algorithm: str, args: argparse.Namespace) -> list[list[PackedBatch]]:
+def dataset_config(args: argparse.Namespace) -> dict:
+    return {"name": "synthetic", "kind": "synthetic", "paths": [], "text_scale": args.text_scale, "seed": 0,
+            "generator": {"samples": args.samples, "seed": 0, "max_tokens": None}}
+
+
+def model_spec(cfg: VLMConfig) -> ModelSpec:
+    return ModelSpec(cfg.llm.vocab_size, cfg.vision.image_size, cfg.tokens_per_tile, cfg.image_context_id)
+
+
+def batch_features(batch: PackedBatch) -> list[float]:
+    """The time model's features of a packed micro-batch: tiles run, tokens, squared sample lengths, samples."""
+    lengths = batch.seqlens[: batch.num_samples]
+    return [float(batch.pixel_values.shape[0]), float(sum(lengths)), float(sum(n * n for n in lengths)),
+            float(batch.num_samples)]
+
+
+def balance_config(algorithm: str, args: argparse.Namespace, model_path: Path | None) -> BalanceConfig:
+    if algorithm == "balanced_fitted":
+        return BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, cost="fitted",
+                             time_model=str(model_path))
+    cost = "fitted" if algorithm == "disttrain" and model_path else "counts"
+    return BalanceConfig(algorithm=algorithm, dp=args.dp, samples_per_group=args.samples_per_group, cost=cost,
+                         time_model=str(model_path) if model_path else None)
+
+
+def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespace) -> list[list[PackedBatch]]:
     """``[step][rank]`` packed micro-batches of the first ``args.steps`` steps, one DataModule per DP rank."""
-    dataset = {"name": "synthetic", "kind": "synthetic", "paths": [], "text_scale": args.text_scale, "seed": 0,
-               "generator": {"samples": args.samples, "seed": 0, "max_tokens": None}}
-    balance = BalanceConfig(algorithm=algorithm, dp=args.dp, samples_per_group=args.samples_per_group)
-    spec = ModelSpec(cfg.llm.vocab_size, cfg.vision.image_size, cfg.tokens_per_tile, cfg.image_context_id)
-    packing = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
-    data = prepare_training_data(dataset, balance, spec)  # caps resolved once for args.dp ranks
+    data = prepare_training_data(dataset_config(args), balance, model_spec(cfg))  # caps resolved for args.dp ranks
     per_rank = []
     for rank in range(args.dp):
-        dm = OmniBalDataModule(data, packing, dp_rank=rank)
+        dm = OmniBalDataModule(data, PACKING, dp_rank=rank)
         dm.setup("fit")
         loader = iter(dm.train_dataloader())
         per_rank.append([next(loader) for _ in range(args.steps)])
     return [list(step) for step in zip(*per_rank)]
+
+
+def calibration_batches(cfg: VLMConfig, args: argparse.Namespace) -> list[PackedBatch]:
+    """Micro-batches of 1 .. 3 x samples-per-group random samples (varied counts, tiles and tokens)."""
+    data = prepare_training_data(dataset_config(args), BalanceConfig(algorithm="random", dp=args.dp), model_spec(cfg))
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(args.calibration):
+        ids = rng.choice(len(data.dataset), size=int(rng.integers(1, 3 * args.samples_per_group + 1)), replace=False)
+        samples = [data.dataset[int(i)] for i in ids]
+        tokens, tiles = sum(s.num_tokens for s in samples), sum(s.num_tiles for s in samples)
+        collate = PackingCollate(-(-tokens // 64) * 64, tiles, PACKING.pad_to, PACKING.multiple, PACKING.loss_weighting)
+        out.append(collate(samples))
+    return out
 
 
 def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps: int) -> float:
@@ -76,34 +127,76 @@ def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps:
     return min(times)
 
 
+def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
+                       path: Path) -> TimeModel | None:
+    batches = calibration_batches(cfg, args)
+    seconds = [time_micro_batch(model, b, device, args.reps) for b in batches]
+    try:
+        fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds))
+    except BalanceError as e:
+        print(f"time model: fit failed, balanced_fitted skipped and disttrain weighs tokens (cost=counts): {e}")
+        return None
+    fitted.save(path)
+    terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(("tiles", "tokens", "tokens^2", "samples"), fitted.coefficients))
+    print(f"time model fitted on {len(batches)} calibration micro-batches (s per unit): {terms}; "
+          f"rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms; saved {path}")
+    return fitted
+
+
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:
     cfg = load_model_config(name)
     torch.manual_seed(0)
     model = VLM(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
-    data = {algo: rank_batches(cfg, algo, args) for algo in args.algorithms}
-    warm = data[args.algorithms[0]][0][0]
+    warm = calibration_batches(cfg, argparse.Namespace(**{**vars(args), "calibration": 1}))[0]
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
-    rows = {}
-    for algo, steps in data.items():
-        step_s, ideal_s, tokens, samples = 0.0, 0.0, 0, 0
-        for step in steps:
-            ranks = [time_micro_batch(model, b, device, args.reps) for b in step]
-            step_s += max(ranks)
-            ideal_s += sum(ranks) / len(ranks)
-            tokens += sum(b.num_tokens for b in step)
-            samples += sum(b.num_samples for b in step)
-        rows[algo] = (step_s, ideal_s, tokens, samples)
+    path = args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json"
+    fitted = fit_on_calibration(model, cfg, args, device, Path(path))
+    algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
+    data = {a: rank_batches(cfg, balance_config(a, args, Path(path) if fitted else None), args) for a in algorithms}
+
+    runs: dict[str, list[tuple[float, float, int, int]]] = {a: [] for a in algorithms}
+    errors: dict[str, list[float]] = {a: [] for a in algorithms}
+    for r in range(args.repeats):
+        for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
+            step_s = ideal_s = 0.0
+            for step in data[algo]:
+                ranks = [time_micro_batch(model, b, device, args.reps) for b in step]
+                step_s += max(ranks)
+                ideal_s += sum(ranks) / len(ranks)
+                if fitted is not None:
+                    predicted = fitted.predict(np.array([batch_features(b) for b in step]))
+                    errors[algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
+            tokens = sum(b.num_tokens for step in data[algo] for b in step)
+            samples = sum(b.num_samples for step in data[algo] for b in step)
+            runs[algo].append((step_s, ideal_s, tokens, samples))
+    report(name, params, cfg, args, device, runs, errors)
+
+
+def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
+           runs: dict[str, list[tuple[float, float, int, int]]], errors: dict[str, list[float]]) -> None:
     n = args.steps
-    base = rows["random"][3] / rows["random"][0] if "random" in rows else None
+    rate = {a: [s / step for step, _, _, s in rs] for a, rs in runs.items()}  # samples/s per repeat
+    median = {a: statistics.median(v) for a, v in rate.items()}
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
-          f"{n} steps, {device.type}")
-    print(f"{'sampler':<10}{'step s':>9}{'ideal s':>9}{'idle':>7}{'tok/step':>10}{'smp/step':>10}"
-          f"{'tokens/s':>10}{'ideal':>10}{'samples/s':>11}{'vs random':>11}")
-    for algo, (step, ideal, tokens, samples) in rows.items():
-        speedup = f"{samples / step / base:.2f}x" if base else "-"
-        print(f"{algo:<10}{step / n:>9.3f}{ideal / n:>9.3f}{1 - ideal / step:>7.1%}{tokens / n:>10,.0f}"
-              f"{samples / n:>10.1f}{tokens / step:>10,.0f}{tokens / ideal:>10,.0f}{samples / step:>11.1f}{speedup:>11}")
+          f"{n} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
+    print(f"{'sampler':<16}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
+          f"{'spread':>16}{'vs random':>10}{'model err':>11}{'p90':>6}")
+    for algo, rs in runs.items():
+        step = statistics.median(r[0] for r in rs) / n
+        ideal = statistics.median(r[1] for r in rs) / n
+        idle = statistics.median(1 - r[1] / r[0] for r in rs)
+        tokens, samples = rs[0][2] / n, rs[0][3] / n
+        spread = f"{min(rate[algo]):.2f}..{max(rate[algo]):.2f}"
+        vs = f"{median[algo] / median['random']:.2f}x" if "random" in median else "-"
+        err = errors[algo]
+        err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
+        print(f"{algo:<16}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
+              f"{spread:>16}{vs:>10}{err_s}")
+    for ours in ("balanced", "balanced_fitted"):
+        if ours in median:
+            others = ", ".join(f"{a} {median[ours] / median[a]:.2f}x" for a in median if not a.startswith("balanced"))
+            print(f"{ours} vs: {others}")
 
 
 def main() -> None:
@@ -111,8 +204,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--dp", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="steps measured per sampler")
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per micro-batch (the fastest counts)")
+    parser.add_argument("--steps", type=int, default=6, help="steps measured per sampler and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole measurement (median, spread)")
+    parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
+    parser.add_argument("--calibration", type=int, default=48, help="random micro-batches timed to fit the model")
+    parser.add_argument("--save-time-model", type=Path, default=None, help="where to write the fitted model JSON")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
     parser.add_argument("--samples-per-group", type=int, default=2)
     parser.add_argument("--text-scale", type=float, default=0.25)
@@ -121,6 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    random.seed(0)
     device = torch.device(args.device)
     for name in args.models:
         bench_model(name, args, device)
