@@ -7,16 +7,56 @@ of Lightning's ``LearningRateMonitor``), because Lightning hands each ``log`` ca
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any, Mapping
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from omnibal_pl.errors import ConfigError
 
 OPTIONAL_EXTRA = "loggers"  # pyproject.toml's extra with tensorboard, wandb, mlflow-skinny (+ its SQLite store)
+
+
+class _ContinuedMetrics(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` (the run resumed in its own directory) is
+    continued, not deleted: its columns are kept, and its rows from the first step this process logs onward
+    (logged after the checkpoint the run resumed from) are replaced by the new ones. Lightning's writer
+    warns whenever the folder holds any file and deletes the metrics, which in a run directory is every run."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._resumed = self._fs.isfile(self.metrics_file_path)
+        if self._resumed:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+    def save(self) -> None:
+        if self._resumed and self.metrics:
+            first_step = min(m["step"] for m in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < first_step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self._resumed = False
+        super().save()
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` in the run directory, continued across resumes (:class:`_ContinuedMetrics`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedMetrics(log_dir=self.log_dir)
+        return self._experiment
 
 
 class LocalMLFlowLogger(MLFlowLogger):

@@ -3,6 +3,7 @@ offline, mlflow into a local store; a bad entry fails naming it."""
 from __future__ import annotations
 
 import csv
+import warnings
 
 import pytest
 from hydra.errors import MissingConfigException
@@ -52,6 +53,21 @@ def test_mlflow_writes_a_local_store(tmp_path):
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert {m.step: m.value for m in history} == pytest.approx(losses_in(tmp_path))
+
+
+def test_a_fresh_run_does_not_warn_and_a_resumed_one_continues_its_metrics(tmp_path):
+    common = [*FAST, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", f"run_dir={tmp_path}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg_of(*common))
+    assert not [w for w in caught if "not empty" in str(w.message)]
+    first = losses_in(tmp_path)
+    # resumed from step 2 in the same directory: rows 0-1 kept, rows 2-3 replaced by the resumed run's
+    train(cfg_of(*common, f"ckpt_path={tmp_path / 'checkpoints' / 'step000002.ckpt'}"))
+    with open(tmp_path / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3]
+    assert losses_in(tmp_path) == pytest.approx(first, rel=1e-5)
 
 
 def test_bad_logger_entries_are_named(tmp_path):
