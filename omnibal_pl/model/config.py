@@ -180,6 +180,52 @@ class LLMConfig:
         return self.hidden // self.heads
 
 
+ADAPTER_KINDS = ("none", "lora")
+
+
+@dataclass
+class AdapterConfig:
+    """Parameter-efficient fine-tuning (the ``model/adapter`` config group): ``none`` trains the model as
+    ``optim`` says, ``lora`` freezes every parameter and adds a trainable low-rank update
+    ``(alpha / r) * B A`` to each targeted linear layer (:mod:`omnibal_pl.model.lora`).
+
+    Fields:
+        kind: ``none`` or ``lora``.
+        r: rank of the update (rows of A, columns of B).
+        alpha: scale numerator; the update is multiplied by ``alpha / r``.
+        dropout: dropout probability on the update's input (training only).
+        targets: ``fnmatch`` patterns over the full names of ``nn.Linear`` modules that get an adapter
+            (``llm.layers.*.attn.*`` = q, k, v, o of every decoder layer; add ``vision.blocks.*.attn.qkv``
+            to adapt the vision encoder). Every pattern must match at least one linear layer.
+        trainable: ``fnmatch`` patterns over parameter names trained in full beside the adapters
+            (``projector.*``); everything else stays frozen.
+    """
+
+    kind: str = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["llm.layers.*.attn.*", "llm.layers.*.mlp.*"])
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ADAPTER_KINDS, "adapter.kind", f"{self.kind!r} is not one of {ADAPTER_KINDS}")
+        _require(int(self.r) > 0, "adapter.r", f"must be > 0, got {self.r}")
+        _require(self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.kind == "none" or len(self.targets) > 0, "adapter.targets",
+                 "lora needs at least one target pattern (e.g. 'llm.layers.*.attn.*')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def scale(self) -> float:
+        """Multiplier of the low-rank update, ``alpha / r``."""
+        return self.alpha / self.r
+
+
 @dataclass
 class VLMConfig:
     """The whole model: vision encoder -> projector -> LLM.
@@ -194,6 +240,7 @@ class VLMConfig:
             torch's varlen kernel, compiled flex, SDPA per segment), ``flash``, ``flex`` or ``sdpa``
             (see :mod:`omnibal_pl.model.attention`).
         sparsify: Dynamic-LLaVA token sparsification (off by default; see :mod:`omnibal_pl.model.sparsify`).
+        adapter: LoRA fine-tuning (off by default; see :class:`AdapterConfig`).
     """
 
     name: str
@@ -203,6 +250,7 @@ class VLMConfig:
     image_context_id: int = 0
     attention_backend: str = "auto"
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
@@ -231,7 +279,7 @@ class VLMConfig:
         """Build from a plain nested mapping (e.g. a loaded ``conf/model/*.yaml``)."""
         data = dict(data)
         for key, sub in (("vision", VisionConfig), ("llm", LLMConfig), ("projector", ProjectorConfig),
-                         ("sparsify", SparsifyConfig)):
+                         ("sparsify", SparsifyConfig), ("adapter", AdapterConfig)):
             if key in data and not isinstance(data[key], sub):
                 data[key] = _build(sub, data[key], key)
         return _build(cls, data, "model")

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from omnibal_pl.model.sparsify.original_names import is_original_predictor_key, original_to_ours
+from omnibal_pl.model.lora import is_adapter_param
 from omnibal_pl.model.vlm import VLM
 
 Tensors = list[torch.Tensor]
@@ -390,8 +391,8 @@ def load_hf_weights(model: VLM, path: str | Path, layout: Layout | None = None) 
             loaded[name] = t.to(params[name].dtype)
     if predictors:
         loaded.update(original_to_ours(model, _read_tensors(files, predictors)))
-    # Dynamic-LLaVA's predictors, when the checkpoint has none, are new: they keep their initialisation
-    not_loaded = sorted(n for n in set(params) - set(loaded) if ".sparsifier." not in n)
+    # Dynamic-LLaVA's predictors (when the checkpoint has none) and LoRA adapters are new: they keep their initialisation
+    not_loaded = sorted(n for n in set(params) - set(loaded) if ".sparsifier." not in n and not is_adapter_param(n))
     if not_loaded:
         raise ConfigError(f"{path}: no checkpoint tensor for parameters {not_loaded}")
     model.load_state_dict(loaded, strict=False, assign=True)

@@ -30,6 +30,7 @@ from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.llm import LanguageModel
+from omnibal_pl.model.lora import apply_lora
 from omnibal_pl.model.norms import RMSNorm
 from omnibal_pl.model.projector import Projector
 from omnibal_pl.model.sparsify import SparsifyConfig
@@ -46,6 +47,8 @@ class VLM(nn.Module):
         self.projector = Projector(cfg)
         self.llm = LanguageModel(cfg)
         self.init_weights()
+        if cfg.adapter.enabled:  # after the base init: a seed gives the same base weights with or without LoRA
+            apply_lora(self, cfg.adapter)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The present blocks in execution order, with their stable names."""

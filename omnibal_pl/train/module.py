@@ -29,7 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from omnibal_pl.batch import PackedBatch
+from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig, load_hf_weights
+from omnibal_pl.model.lora import trainable_state_dict
+from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.train.faults import NonFiniteSteps
 from omnibal_pl.train.objective import LOSS_SCALE, micro_batch_objective
 from omnibal_pl.train.optim import OptimConfig, build_optimizer
@@ -118,8 +121,11 @@ class VLMTrainingModule(L.LightningModule):
         return None
 
     def configure_optimizers(self) -> dict[str, Any]:
+        # a pipeline rank holds only its stages, which may all be frozen (LoRA on the LLM, vision stages)
+        pipelined = isinstance(self.trainer.strategy, OmniBalStrategy)
         opt, sched = build_optimizer(self.named_trainable_parameters(), self.optim, self.model_cfg.sparsify,
-                                     self.trainer.estimated_stepping_batches, self.optimizer_shard_group())
+                                     self.trainer.estimated_stepping_batches, self.optimizer_shard_group(),
+                                     allow_frozen=pipelined)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -142,6 +148,25 @@ class OmniBalModule(VLMTrainingModule):
     def on_validation_epoch_end(self) -> None:
         metrics = self.validation.finish(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
         self.log_dict(metrics, prog_bar=True)  # global values (reduced), the same on every rank
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With an adapter (``model/adapter=lora``) the checkpoint holds only the trained parameters: the frozen
+        ones are rebuilt from the seed or ``init_from`` on resume (:meth:`on_load_checkpoint`)."""
+        if self.model_cfg.adapter.enabled:
+            trained = {f"model.{n}" for n in trainable_state_dict(self.model)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """An adapter checkpoint's trained parameters over this module's frozen ones (built as the saving run
+        built them); a checkpoint lacking a trained parameter is an error, not a silent fresh adapter."""
+        if not self.model_cfg.adapter.enabled:
+            return
+        saved = checkpoint["state_dict"]
+        missing = sorted(f"model.{n}" for n in trainable_state_dict(self.model) if f"model.{n}" not in saved)
+        if missing:
+            raise ConfigError(f"checkpoint lacks trained parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
+                              "it was saved without this adapter config (model.adapter)")
+        checkpoint["state_dict"] = {**self.state_dict(), **saved}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         reduced = self.trainer.strategy.reduce(self.meter.local_totals(self.device), reduce_op="sum")

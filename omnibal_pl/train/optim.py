@@ -85,14 +85,19 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, sparsify: SparsifyConfig,
-                    total_steps: int, shard_group: dist.ProcessGroup | None = None
+                    total_steps: int, shard_group: dist.ProcessGroup | None = None, allow_frozen: bool = False
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``named`` (model names, each parameter once) and its per-step warmup + cosine schedule
     over ``total_steps`` optimizer steps. With ``shard_group`` (ZeRO 1) the AdamW state is partitioned over
-    that group by ``ZeroRedundancyOptimizer``: each rank updates its parameters and broadcasts them."""
+    that group by ``ZeroRedundancyOptimizer``: each rank updates its parameters and broadcasts them.
+
+    ``named`` without a trainable parameter is an error, unless ``allow_frozen`` (a pipeline rank whose stages
+    are all frozen, e.g. the vision stages under LoRA on the LLM): then the optimizer has one empty group."""
     groups = param_groups(named, optim, sparsify.predictor_lr, sparsify.predictor_weight_decay)
+    if not groups and allow_frozen:
+        groups = [{"name": "frozen", "params": [], "lr": optim.lr, "weight_decay": 0.0}]
     if not groups:
-        raise ConfigError("optim.freeze leaves no trainable parameter; unfreeze a part")
+        raise ConfigError("optim.freeze (or model.adapter) leaves no trainable parameter; unfreeze a part")
     if shard_group is None:
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
     else:
