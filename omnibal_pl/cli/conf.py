@@ -25,9 +25,9 @@ def hydra_app(config_name: str, prog: str, task: Callable[[DictConfig], Any]) ->
     """
 
     @functools.wraps(task)
-    def guarded(cfg: DictConfig) -> None:
+    def guarded(cfg: DictConfig) -> Any:
         try:
-            task(cfg)
+            return task(cfg)  # a sweeper optimises the value a task returns
         except OmniBalError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -52,7 +52,14 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     return write_artifacts(module, datamodule, run_dir, seconds)
 
 
-main = hydra_app("train", "omnibal-train", train)
+def optimised_train(cfg: DictConfig) -> float | None:
+    """The Hydra task of ``omnibal-train``: trains, and returns what a sweeper (``hydra/sweeper=optuna``) minimises:
+    the last validation loss, else the final training loss (``summary["objective"]``; None off global rank 0)."""
+    summary = train(cfg)
+    return None if summary is None else summary["objective"]
+
+
+main = hydra_app("train", "omnibal-train", optimised_train)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ from omnibal_pl.train.module import VLMTrainingModule
 
 
 def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict[str, Any]:
-    """The run's summary: loss start/end, throughput (from metrics.csv) and the balance of epoch 0."""
+    """The run's summary: loss start/end, the last validation loss (NaN without validation), ``objective`` (that
+    validation loss, else the final training loss), throughput (from metrics.csv) and the balance of epoch 0."""
     rows = _metrics_rows(run_dir / "metrics.csv")
     losses = module.losses
     report = datamodule.balance_report(0)
@@ -23,10 +24,14 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
 
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
+    loss_end = sum(tail) / len(tail) if losses else float("nan")
+    val_loss = module.validation.last.get("val/loss", float("nan"))
     return {
         "steps": len(losses),
         "loss_start": sum(head) / len(head) if losses else float("nan"),
-        "loss_end": sum(tail) / len(tail) if losses else float("nan"),
+        "loss_end": loss_end,
+        "val_loss": val_loss,
+        "objective": val_loss if val_loss == val_loss else loss_end,  # what a sweeper minimises (NaN != NaN)
         "tokens_per_s": mean("train/tokens_per_s"),
         "samples_per_s": mean("train/samples_per_s"),
         "tiles_per_s": mean("train/tiles_per_s"),
@@ -61,6 +66,7 @@ def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, ru
     mfu = f"{summary['mfu']:.3f}" if summary["mfu"] == summary["mfu"] else "n/a (cluster.peak_tflops unset)"
     rows = [("steps", f"{summary['steps']}"),
             ("loss start -> end", f"{summary['loss_start']:.4f} -> {summary['loss_end']:.4f}"),
+            *([("val loss (last)", f"{summary['val_loss']:.4f}")] if summary["val_loss"] == summary["val_loss"] else []),
             ("tokens/s", f"{summary['tokens_per_s']:,.0f}"), ("samples/s", f"{summary['samples_per_s']:,.1f}"),
             ("tiles/s", f"{summary['tiles_per_s']:,.1f}"), ("MFU", mfu),
             ("balance", f"{summary['algorithm']} caps {summary['vit_cap']} tiles / {summary['token_cap']} tokens"),

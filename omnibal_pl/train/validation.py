@@ -26,6 +26,7 @@ class ValidationMeter:
     def __init__(self, cfg: VLMConfig) -> None:
         self.cfg = cfg
         self.totals: torch.Tensor | None = None
+        self.last: dict[str, float] = {}  # the metrics of the last finished pass
 
     def add(self, out: torch.Tensor, batch: PackedBatch) -> None:
         """Add a micro-batch's terms from the model's output (no host read)."""
@@ -43,4 +44,5 @@ class ValidationMeter:
         local = self.totals if self.totals is not None else torch.zeros(4, dtype=torch.float64, device=device)
         self.totals = None
         loss_sum, weight, correct, predictions = all_reduce_sum(local).tolist()
-        return {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0)}
+        self.last = {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0)}
+        return dict(self.last)
