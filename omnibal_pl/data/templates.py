@@ -4,18 +4,21 @@ training code makes them.
 A conversation is ``[{"from": "human" | "gpt", "value": str}, ...]`` (an optional leading ``"system"``
 turn replaces the format's system message). A :class:`ChatFormat` says how turns are written, which text
 is supervised (each reply and its end marker; never image tokens), how values and ``<image>``
-placeholders are normalised, and which pieces of the prompt the original encodes in one tokenizer call:
+placeholders are normalised, and which pieces of the prompt are encoded in one tokenizer call:
 
 - ``internlm2-chat`` (InternVL-Chat-V1.5, ``preprocess_internlm``): MPT style with ``<|im_end|>`` as the
   separator and no newline after it; values stripped; the whole prompt encoded at once.
 - ``internvl2_5`` (InternVL 2.5, ``preprocess_internvl2_5``): ``<|im_end|>\\n`` after every turn, the
-  newline after a reply unsupervised; values kept as written; every turn encoded on its own.
+  newline after a reply unsupervised; values kept as written. The original encodes every turn on its
+  own; we encode the whole prompt, which gives the same tokens: each turn starts with ``<|im_start|>``,
+  so every piece of text lies between special tokens, which a tokenizer splits off before normalising
+  and pre-tokenising, and no piece starts the input (where some tokenizers prepend ``▁``) in either.
 - ``vicuna_v1`` (LLaVA-1.5, ``preprocess_v1``): ``"{system} USER: {q} ASSISTANT: {a}</s>"``; a turn
   holding ``<image>`` is rewritten as ``<image>\\n`` + its stripped text; the prompt is encoded in the
   pieces between images (``tokenizer_image_token``).
 
-Each encoded piece starts with the tokenizer's own BOS where the tokenizer adds one (LLaMA, InternLM2;
-Qwen adds none), once per sample. Labels follow the characters: a token is supervised when any character
+A sample starts with the tokenizer's own BOS where the tokenizer adds one (LLaMA, InternLM2; Qwen adds
+none), as the originals' tokenizer calls do. Labels follow the characters: a token is supervised when any character
 it covers (from the tokenizer's offsets) belongs to a reply, so the space that a SentencePiece or
 byte-level token carries in front of a reply's first word belongs to the reply, as in the originals. The
 first token of a sample is never supervised, so labels can be shifted inside a packed sequence.
@@ -38,7 +41,6 @@ from omnibal_pl.batch import IGNORE_INDEX
 from omnibal_pl.errors import ConfigError, DataError
 
 IMAGE_PLACEHOLDER = "<image>"
-UNITS = ("prompt", "turn", "image")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ class ChatFormat:
     ``strip_values``: strip every turn's value. ``image_first``: a value holding ``<image>`` becomes
     ``<image>\\n`` (once per placeholder) + the rest stripped. ``insert_image``: a one-image sample without
     a placeholder gets ``<image>\\n`` in front of its first human turn.
-    ``units``: what the original encodes in one tokenizer call: the whole ``prompt``, each ``turn``, or
-    the pieces between ``image`` placeholders (image tokens placed between them, not tokenised).
+    ``split_at_images``: encode the pieces of the prompt between ``<image>`` placeholders one by one and
+    place the image tokens between them (LLaVA's ``tokenizer_image_token``); otherwise the whole prompt
+    is encoded at once, each image written as its block of special tokens.
     """
 
     system: str
@@ -68,7 +71,7 @@ class ChatFormat:
     strip_values: bool
     image_first: bool
     insert_image: bool
-    units: str
+    split_at_images: bool
 
 
 INTERNVL_V15_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -89,7 +92,7 @@ FORMATS: dict[str, ChatFormat] = {
         strip_values=True,
         image_first=False,
         insert_image=True,
-        units="prompt",
+        split_at_images=False,
     ),
     # "<|im_start|>system\n{s}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n..."
     "internvl2_5": ChatFormat(
@@ -105,7 +108,7 @@ FORMATS: dict[str, ChatFormat] = {
         strip_values=False,
         image_first=False,
         insert_image=True,
-        units="turn",
+        split_at_images=False,
     ),
     # "<s>{s} USER: {q} ASSISTANT: {a}</s>USER: ..."
     "vicuna_v1": ChatFormat(
@@ -122,7 +125,7 @@ FORMATS: dict[str, ChatFormat] = {
         strip_values=False,
         image_first=True,
         insert_image=False,
-        units="image",
+        split_at_images=True,
     ),
 }
 
@@ -271,25 +274,19 @@ class ChatTokenizer:
         """
         system, turns = self._turns(conversations, len(tiles_per_image), origin)
         fmt = self.fmt
-        units: list[list[tuple[str, bool]]] = [[(fmt.system.format(system=system), False)]]
+        parts: list[tuple[str, bool]] = [(fmt.system.format(system=system), False)]  # (text, supervised)
         for turn in turns:
             if turn["from"] == "human":
-                units.append([(fmt.user.format(message=turn["value"]), False)])
+                parts.append((fmt.user.format(message=turn["value"]), False))
             else:
                 reply = fmt.reply_start + turn["value"] + fmt.assistant_end
-                units.append([(fmt.assistant_prompt, False), (reply, True), (fmt.after_reply, False)])
-        if fmt.units != "turn":
-            units = [[part for unit in units for part in unit]]
+                parts += [(fmt.assistant_prompt, False), (reply, True), (fmt.after_reply, False)]
+        text = "".join(t for t, _ in parts)
+        chars = np.concatenate([np.full(len(t), s, bool) for t, s in parts])  # per character: supervised?
         ids: list[int] = list(self.tokenizer.bos_ids)
         sup: list[bool] = [False] * len(ids)
-        tiles = iter(tiles_per_image)
-        for unit in units:
-            text = "".join(t for t, _ in unit)
-            chars = np.concatenate([np.full(len(t), s, bool) for t, s in unit])
-            if fmt.units == "image":
-                self._encode_between_images(text, chars, tiles, ids, sup)
-            else:
-                self._encode_with_images(text, chars, tiles, ids, sup)
+        encode = self._encode_between_images if fmt.split_at_images else self._encode_with_images
+        encode(text, chars, iter(tiles_per_image), ids, sup)
         input_ids = np.asarray(ids, dtype=np.int64)
         labels = np.where(np.asarray(sup, dtype=bool), input_ids, IGNORE_INDEX)
         return input_ids, labels

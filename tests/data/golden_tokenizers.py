@@ -1,9 +1,10 @@
 """Whitespace-sensitive BPE tokenizers built in the tests, shaped like the ones the real checkpoints ship.
 
 - :func:`sentencepiece_bpe`: SentencePiece-style, spaces become ``▁``, unknown characters fall back to
-  ``<0xNN>`` byte tokens, ``<s>`` is added in front. ``dummy_prefix=True`` also prepends ``▁`` to every
-  piece of text between special tokens, as LLaMA's (legacy) tokenizer does; ``False`` does not, as
-  InternLM2's does.
+  ``<0xNN>`` byte tokens, ``<s>`` is added in front. ``prefix="every"`` also prepends ``▁`` to every
+  piece of text between special tokens, as LLaMA's (legacy) tokenizer does; ``"first"`` only to a piece
+  that starts the input (``Metaspace(prepend_scheme="first")``, as newer LLaMA-family tokenizer.json
+  files); ``"none"`` never, as InternLM2's.
 - :func:`byte_level_bpe`: GPT-2 / Qwen style byte-level BPE (``Ġ`` for a space, ``Ċ`` for a newline),
   no BOS.
 
@@ -46,13 +47,19 @@ def _bpe(base: list[str], words: list[str], **kw) -> Tokenizer:
     return tok
 
 
-def sentencepiece_bpe(dummy_prefix: bool) -> Tokenizer:
-    """SentencePiece-style BPE with ``▁`` and byte fallback; adds ``<s>`` in front of an encoding."""
+def sentencepiece_bpe(prefix: str) -> Tokenizer:
+    """SentencePiece-style BPE with ``▁`` and byte fallback; adds ``<s>`` in front of an encoding.
+
+    ``prefix``: where a ``▁`` is prepended to text: ``"every"`` piece, the ``"first"`` or ``"none"``.
+    """
     words = ["▁" + w for w in WORDS] + WORDS
     base = [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + list(ASCII)
     tok = _bpe(base, words, unk_token="<unk>", byte_fallback=True)
-    steps = [normalizers.Prepend("▁")] if dummy_prefix else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    if prefix == "first":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        steps = [normalizers.Prepend("▁")] if prefix == "every" else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return tok

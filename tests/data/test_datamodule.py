@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tokenizers import Tokenizer
 
 from omnibal_pl.balance import BalanceConfig, dist_ratio
 from omnibal_pl.data.datamodule import OmniBalDataModule
@@ -144,6 +145,13 @@ def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
         prepare_training_data(cfg, balance, spec)
     new = list(root.glob("train.json.lengths-*.obl"))
     assert len(new) == 1 and new != caches
+    # the same tokenizer path with other contents: the counts may differ, so the cache is rebuilt too
+    raw = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    raw.add_tokens(["zebra"])
+    raw.save(str(tok / "tokenizer.json"))
+    with pytest.warns(UserWarning, match="no longer matches its data"):
+        prepare_training_data(cfg, balance, spec)
+    assert list(root.glob("train.json.lengths-*.obl")) not in (new, caches)
 
 
 def test_synthetic_samples_longer_than_the_token_cap_are_truncated_not_failed():

@@ -144,6 +144,16 @@ def test_truncate_refuses_samples_whose_images_it_would_cut(tmp_path, tok):
     assert ds[5].num_tokens == 10  # the text-only sample is cut
 
 
+def test_truncate_keeps_an_image_ending_exactly_at_the_cap(tmp_path, tok):
+    recs = llava_records(tmp_path)[:1]
+    path = write_json(tmp_path / "a.json", recs)
+    ids = llava(path, tok)[0].input_ids
+    end = int(np.flatnonzero(ids == tok.token_id("<image>"))[-1]) + 1  # tokens up to the last image token
+    assert llava(path, tok, max_tokens=end, overlong="truncate").lengths().tokens.tolist() == [end]
+    with pytest.raises(DataError, match=f"beyond the first max_tokens={end - 1} tokens.*: s0;"):
+        llava(path, tok, max_tokens=end - 1, overlong="truncate").lengths()
+
+
 def test_seven_tiles_at_cap_1793_is_refused_at_lengths_time(tmp_path, tok):
     # 7 tiles x 256 tokens + <img> + </img> = 1794 image tokens: more than the cap, with the text before them
     make_image(tmp_path / "big.png", 800, 600)  # 3x2 grid + thumbnail at 448 px
