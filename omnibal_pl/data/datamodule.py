@@ -15,7 +15,9 @@
 - validation (``data.val``, the held-out split): the same sampler, collate and loader items over the held-out
   samples, epoch 0's arrangement every time (:meth:`val_dataloader`);
 - resume: the DataModule's ``state_dict`` (stored in Lightning checkpoints) records seed, epoch and the
-  micro-batches the fit loop has processed; after a restore the loader skips exactly those.
+  micro-batches the fit loop has processed; after a restore the loader skips exactly those. The training
+  loader (:class:`ResumableDataLoader`) implements Lightning's stateful-loader protocol with that state, so
+  Lightning also records it in the fit loop's state and restores it into the loader it builds on resume.
 
 The Trainer must not wrap the loader in a DistributedSampler: pass ``use_distributed_sampler=False``
 (``setup`` raises a :class:`ConfigError` saying so when it is left on in a distributed run). ``setup``
@@ -56,6 +58,21 @@ class PackingConfig:
     pad_to: str = "cap"
     multiple: int = 64
     loss_weighting: str = "token"
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: Lightning's stateful-loader protocol (``state_dict`` / ``load_state_dict``) over its
+    DataModule's sampler position (read from the fit loop's progress, not from what the loader has prefetched)."""
+
+    def __init__(self, *args: Any, datamodule: "OmniBalDataModule", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state)
 
 
 class OmniBalDataModule(L.LightningDataModule):
@@ -108,7 +125,7 @@ class OmniBalDataModule(L.LightningDataModule):
             # Lightning sizes the epoch (len) before it calls set_epoch; an epoch's micro-batch count
             # depends on its grouping, so select the epoch first or the epoch would be cut short.
             self.sampler.set_epoch(self.trainer.current_epoch)
-        return self._loader(self.dataset, self.sampler)
+        return self._loader(self.dataset, self.sampler, ResumableDataLoader, datamodule=self)
 
     def val_dataloader(self) -> DataLoader:
         """The held-out samples, grouped, balanced and packed as for training (epoch 0's arrangement)."""
@@ -118,7 +135,8 @@ class OmniBalDataModule(L.LightningDataModule):
             raise ConfigError("no validation data: set dataset.val_fraction (e.g. 0.05) to hold out samples")
         return self._loader(self.data.val.dataset, self.val_sampler)
 
-    def _loader(self, dataset: Dataset, sampler: BalancedSampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: BalancedSampler, loader_class: type[DataLoader] = DataLoader,
+                **loader_args: Any) -> DataLoader:
         spec = self.data.model
         vit_cap, token_cap = self._shape_caps()
         collate = PackingCollate(token_cap, vit_cap, self.packing.pad_to, self.packing.multiple,
@@ -127,7 +145,7 @@ class OmniBalDataModule(L.LightningDataModule):
         if self.whole_steps:
             dataset, collate = GroupsDataset(dataset), StepCollate(collate)
         workers = self.loader.num_workers
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_sampler=BalancedBatchSampler(sampler, self.whole_steps),
             collate_fn=collate,
@@ -135,6 +153,7 @@ class OmniBalDataModule(L.LightningDataModule):
             pin_memory=self.loader.pin_memory,
             persistent_workers=self.loader.persistent_workers and workers > 0,
             prefetch_factor=self.loader.prefetch_factor if workers > 0 else None,
+            **loader_args,
         )
 
     def _shape_caps(self) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 epoch 0, the loss plot, ``summary.json``, and the summary table printed at the end."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,13 @@ from omnibal_pl.train.module import VLMTrainingModule
 
 def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict[str, Any]:
     """The run's summary: loss start/end, the last validation loss (NaN without validation), ``objective`` (that
-    validation loss, else the final training loss), throughput (from metrics.csv) and the balance of epoch 0."""
-    rows = _metrics_rows(run_dir / "metrics.csv")
+    validation loss, else the final training loss), throughput (means over every optimizer step, whatever the
+    loggers and ``log_every_n_steps``) and the balance of epoch 0."""
     losses = module.losses
     report = datamodule.balance_report(0)
 
     def mean(key: str) -> float:
-        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        vals = [step[key] for step in module.step_history if key in step]
         return sum(vals) / len(vals) if vals else float("nan")
 
     head = losses[: max(1, len(losses) // 10)]
@@ -45,13 +44,6 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
         "token_fill": report["token_fill"],
         "algorithm": report["algorithm"],
     }
-
-
-def _metrics_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict:

@@ -44,6 +44,7 @@ from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
+from omnibal_pl.train.progress import StepProgressBar
 from omnibal_pl.train.schemas import RunConfig
 
 PLAN_ENV = "OMNIBAL_PLAN"  # the plan file rank 0 resolved, for the processes Lightning launches
@@ -144,6 +145,8 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
     loggers = build_loggers(cfg.logger, run.run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     trainer = L.Trainer(
         accelerator=c.accelerator,
         devices=c.devices,

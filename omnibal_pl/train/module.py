@@ -57,6 +57,7 @@ class VLMTrainingModule(L.LightningModule):
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
         self.meter = StepMeter(self.model_cfg, peak_tflops, self.optim.freeze)
         self.validation = ValidationMeter(self.model_cfg)
+        self.step_history: list[dict[str, float]] = []  # every optimizer step's logged metrics, whatever the loggers
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.model: VLM | None = self._initial_model()
 
@@ -104,6 +105,7 @@ class VLMTrainingModule(L.LightningModule):
         metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size, grad_norm)
         metrics["train/skipped_steps"] = float(self.nonfinite.skipped)
         metrics.update(self._balance_metrics())
+        self.step_history.append(metrics)
         # every value is global (reduced or broadcast), so every rank logs it for its callbacks
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
