@@ -18,16 +18,16 @@ placeholders are normalised, and which pieces of the prompt are encoded in one t
   pieces between images (``tokenizer_image_token``).
 
 A sample starts with the tokenizer's own BOS where the tokenizer adds one (LLaMA, InternLM2; Qwen adds
-none), as the originals' tokenizer calls do. Labels follow the characters: a token is supervised when any character
-it covers (from the tokenizer's offsets) belongs to a reply, so the space that a SentencePiece or
-byte-level token carries in front of a reply's first word belongs to the reply, as in the originals. The
+none), as the originals' tokenizer calls do. Labels follow the characters: a token is supervised when
+every character it covers (from the tokenizer's offsets) belongs to a reply or its end marker. The
 first token of a sample is never supervised, so labels can be shifted inside a packed sequence.
 
-Where the originals' own bookkeeping goes wrong we do not follow it: InternVL counts tokens piece by piece
-to place its labels and, when the count disagrees with the whole-prompt encoding (a tokenizer without
-BOS under ``internlm2-chat``), trains on no token of the sample; ``internvl2_5`` leaves only the last token
-of a reply's turn unsupervised, so a tokenizer that writes the closing newline as two tokens (``▁`` and
-``\n``) gets the ``▁`` supervised there, and not here.
+The originals place labels by counting the tokens of pieces encoded on their own. Where that count
+agrees with the encoding (the usual case, and every golden test) the labels are the same; where it does
+not we do not follow it: ``internlm2-chat`` then trains on no token of the sample (InternVL's "tokenization
+mismatch", e.g. a tokenizer without BOS); ``internvl2_5`` leaves only the last token of a reply's turn
+unsupervised, so a tokenizer writing the closing newline as ``▁`` + ``\\n`` gets the ``▁`` supervised there,
+not here.
 """
 from __future__ import annotations
 
@@ -318,11 +318,13 @@ class ChatTokenizer:
         return system, turns
 
     def _encode_text(self, text: str, chars: np.ndarray, ids: list[int], sup: list[bool]) -> None:
-        """Appends the ids of ``text`` (one tokenizer call) and whether each covers a supervised character."""
+        """Appends the ids of ``text`` (one tokenizer call) and whether each covers supervised characters only
+        (a token with an empty span, e.g. a trimmed byte-level space, goes with the character at its start)."""
         piece, offsets = self.tokenizer.encode_with_offsets(text)
-        covered = np.concatenate([[0], np.cumsum(chars)])
+        supervised_before = np.concatenate([[0], np.cumsum(chars)])  # supervised characters in text[:k]
         ids.extend(piece)
-        sup.extend(bool(covered[e] > covered[s] or (s == e < len(chars) and chars[s])) for s, e in offsets)
+        sup.extend(bool(supervised_before[e] - supervised_before[s] == e - s if e > s else s < len(chars) and chars[s])
+                   for s, e in offsets)
 
     def _encode_with_images(self, text: str, chars: np.ndarray, tiles: Iterator[int], ids: list[int], sup: list[bool]) -> None:
         """One tokenizer call over ``text``, each ``<image>`` written as its image block.

@@ -195,6 +195,14 @@ def test_whole_prompt_encoding_keeps_the_space_inside_the_first_word(toks):
     assert len(ids) == 30  # encoding "{system} ", "USER: q ", "ASSISTANT: " and each reply on its own gives 35
 
 
+def test_a_token_holding_prompt_and_reply_characters_is_not_supervised(toks):
+    # "assistant\n" + reply "\n\nRed.": the first two newlines make one token (ĊĊ) holding the prompt's
+    # newline; it is not supervised, the rest of the reply is (InternVL's preprocess_internvl2_5 gives the same)
+    tok = toks["bytes"]
+    ids, labels = chat_for(tok, "internvl2_5")([human("Hi"), gpt("\n\nRed.")], [], "t")
+    assert render(tok, ids, labels).endswith("<|im_start|> assistant ĊĊ Ċ* Red* .* <|im_end|>* Ċ")
+
+
 def test_llava_moves_the_image_to_the_front_of_its_turn(toks):
     tok = toks["llama"]
     chat = chat_for(tok, "vicuna_v1", tokens_per_tile=1)
