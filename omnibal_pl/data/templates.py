@@ -331,7 +331,8 @@ class ChatTokenizer:
 
         The block is tokenised with a single context token and expanded afterwards: the context token and
         its wrappers are special tokens, which the tokenizer splits off before anything else, so the text
-        around them encodes the same way whatever the repeat count (and 256 x 12 repeats cost 30x the time).
+        around them encodes the same way whatever the repeat count (and the tokenizer is spared matching
+        thousands of repeats per sample).
         """
         pieces = text.split(IMAGE_PLACEHOLDER)
         keep = [chars[:len(pieces[0])]]
