@@ -27,6 +27,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from omnibal_pl.batch import PackedBatch
+from omnibal_pl.cli.vqa import vqa_accuracy
 from omnibal_pl.conf import CONF_DIR
 from omnibal_pl.errors import DataError, OmniBalError
 from omnibal_pl.model.generate import GenerationResult, generate_batch
@@ -267,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
         write_answers(args.answers_file, answers)
         print(f"{args.answers_file}: {stats.summary()}")
+        accuracy, scored = vqa_accuracy(questions, [a["text"] for a in answers])
+        if scored:
+            print(f"VQA accuracy {100 * accuracy:.2f}% over {scored} questions with answers (normalised exact match)")
     except OmniBalError as e:
         raise SystemExit(f"omnibal-eval: {e}") from e
 

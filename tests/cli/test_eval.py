@@ -5,15 +5,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_module
 
 from omnibal_pl.cli.eval import answer_questions, get_chunk, load_sparsify, main, prompt_batch, read_questions, write_answers
+from omnibal_pl.cli.export import export
+from omnibal_pl.cli.train import train
+from omnibal_pl.cli.vqa import normalize_answer, vqa_accuracy, vqa_score
 from omnibal_pl.conf import preset
 from omnibal_pl.errors import DataError
 from omnibal_pl.model import VLM
 from omnibal_pl.model.sparsify import SparsifyConfig
-from tests.helpers import SMALL_PREDICTOR, internvl_model, make_image, make_tokenizer, tiny_cfg, write_internvl_checkpoint
+from tests.helpers import (FAST, SMALL_PREDICTOR, cfg_of, internvl_model, make_image, make_tokenizer, tiny_cfg,
+                           write_internvl_checkpoint, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_export(*overrides: str):
+    with initialize_config_module(config_module="omnibal_pl.conf", version_base="1.3"):
+        return compose(config_name="export", overrides=list(overrides))
 
 
 @pytest.fixture
@@ -110,3 +120,54 @@ def test_omnibal_eval_cli_on_a_checkpoint_in_chunks(tmp_path, capsys):
     assert kept[0][0] < kept[1][0] and kept[0][2] < kept[1][2] and kept[0][1] == kept[1][1]  # image tokens removed
     with pytest.raises(SystemExit, match="predictor-weights"):
         main([*dense_args, "--sparsify", str(tmp_path / "sparsify.yaml"), "--answers-file", str(tmp_path / "x.jsonl")])
+
+
+# ---------------------------------------------------------------- VQA accuracy, and an exported fine-tune
+
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("Two.", "2"), ("The Dog!", "dog"), ("yes,", "yes"), ("3.5", "3.5"), ("1,000", "1000"), ("dont know", "don't know"),
+    ("a red\tcat", "red cat"), ("black-and-white", "black and white"), ("(none)", "0"),
+])
+def test_vqa_normalisation(raw, normalised):
+    assert normalize_answer(raw) == normalised
+
+
+def test_vqa_scores():
+    assert vqa_score("Two dogs.", ["2 dogs"]) == 1.0 and vqa_score("two", ["three"]) == 0.0
+    assert vqa_score("yes", ["yes", "yes", "no", "Yes!", "no"]) == 1.0  # 3 matches of 5 references
+    assert vqa_score("no", ["yes", "yes", "no", "Yes!", "no"]) == pytest.approx(2 / 3)
+    questions = [{"answer": "cat"}, {"answers": [{"answer": "dog"}]}, {"text": "no reference"}, {"answer": "red"}]
+    assert vqa_accuracy(questions, ["The cat.", "cat", "anything", "red"]) == (pytest.approx(2 / 3), 3)
+
+
+@pytest.mark.timeout(300)
+def test_eval_scores_an_exported_fine_tune_in_one_batch(tmp_path, capsys):
+    """train 3 steps from an InternVL-Chat folder -> omnibal-export -> omnibal-eval answers 4 questions in one batch
+    and scores the 2 that carry the answers it gives (a batched answer that differed from the single one would
+    change the score)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    write_internvl_checkpoint(internvl_model("Qwen2ForCausalLM"), source, "Qwen2ForCausalLM")
+    make_tokenizer(source)
+    train(cfg_of(*FAST, "trainer.max_steps=3", "model=auto", f"init_from={source}", f"run_dir={tmp_path / 'run'}"))
+    export(compose_export(f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"target={tmp_path / 'hf'}"))
+    make_image(tmp_path / "images" / "cat.jpg", 60, 40)
+    questions = [{"question_id": 1, "image": "cat.jpg", "text": "what is this"},
+                 {"question_id": 2, "text": "describe the dog"},
+                 {"question_id": 3, "image": "cat.jpg", "text": "is it red"},
+                 {"question_id": 4, "text": "hello world"}]
+    common = ["--model-path", str(tmp_path / "hf"), "--template", "internlm2-chat", "--image-token", "<IMG_CONTEXT>",
+              "--tiling", "internvl", "--max-tiles", "2", "--image-folder", str(tmp_path / "images"),
+              "--max-new-tokens", "3", "--device", "cpu", "--dtype", "float32"]
+    write_jsonl(tmp_path / "q.jsonl", questions)
+    main([*common, "--question-file", str(tmp_path / "q.jsonl"), "--answers-file", str(tmp_path / "single.jsonl")])
+    single = [json.loads(line)["text"] for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    scored = [{**questions[0], "answer": single[0]}, questions[1], {**questions[2], "answer": single[2] + " x"},
+              {**questions[3], "answers": [single[3]]}]
+    write_jsonl(tmp_path / "scored.jsonl", scored)
+    capsys.readouterr()
+    main([*common, "--question-file", str(tmp_path / "scored.jsonl"), "--answers-file", str(tmp_path / "batch.jsonl"),
+          "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "4 questions" in out and "VQA accuracy 66.67% over 3 questions" in out, out
