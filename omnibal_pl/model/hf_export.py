@@ -182,6 +182,9 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
     if cfg.sparsify.enabled:
         raise ConfigError("model.sparsify.enabled: exporting Dynamic-LLaVA's predictors is not supported; the "
                           "published families have no place for them")
+    if cfg.adapter.enabled:
+        raise ConfigError("model.adapter: the model still holds LoRA adapters; fold them into the base weights first "
+                          "(omnibal_pl.model.lora.merge_lora; omnibal-export does it)")
     check_family(cfg, family_of(cfg) if family == "auto" else family)
     source = Path(source) if source is not None else None
     if source is not None:

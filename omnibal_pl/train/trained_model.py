@@ -7,8 +7,13 @@ Two checkpoint kinds, by what ``path`` is:
   layout and ZeRO level: its keys name the model's own parameters, and DCP reassembles sharded tensors
   into their full shapes when read into plain tensors.
 
-Either way the model config and ``init_from`` come from the checkpoint's ``hyper_parameters`` (what
+Either way the model config, ``init_from`` and the seed come from the checkpoint's ``hyper_parameters`` (what
 :class:`~omnibal_pl.train.module.VLMTrainingModule` saved), so no ``model=`` is needed to read it.
+
+LoRA runs (``model/adapter=lora``): a data-parallel checkpoint holds only the trained parameters; the frozen
+ones are rebuilt as the run built them (the seed, then ``init_from``'s weights). :meth:`TrainedModel.build`
+returns the adapted model with its adapters folded into the base weights (:func:`~omnibal_pl.model.lora.merge_lora`),
+a plain model under the base names, which is what an export writes.
 """
 from __future__ import annotations
 
@@ -21,28 +26,45 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.model.lora import merge_lora, trainable_state_dict
 from omnibal_pl.parallel.dcp import META_FILE, MODEL_KEY, load_meta
+from omnibal_pl.train.module import VLMTrainingModule
 
 _PREFIX = "model."  # the LightningModule holds the VLM as ``self.model``
 
 
 @dataclass
 class TrainedModel:
-    """A checkpoint's model: its config, its full state (``VLM.state_dict()`` names, on CPU) and the Hugging
-    Face folder the run was initialised from (None: trained from a seeded initialisation)."""
+    """A checkpoint's model: its config, its state (``VLM.state_dict()`` names, on CPU; a LoRA run's
+    data-parallel checkpoint holds only the trained parameters), the Hugging Face folder the run was
+    initialised from (None: trained from a seeded initialisation) and the run's model seed."""
 
     cfg: VLMConfig
     state: dict[str, torch.Tensor]
     init_from: str | None
+    seed: int = 0
 
     def build(self) -> VLM:
-        """The :class:`VLM` holding ``state`` (every parameter and persistent buffer must be in it)."""
+        """The trained :class:`VLM` in eval mode, adapters merged (see the module docstring)."""
+        if self.cfg.adapter.enabled:
+            return merge_lora(self._adapted()).eval()
         with torch.device("meta"):
             model = VLM(self.cfg)
         model.load_state_dict(self.state, strict=True, assign=True)
         if self.cfg.llm.tie_embeddings:
             model.llm.head.out.weight = model.llm.embed.tok.weight
         return model.eval()
+
+    def _adapted(self) -> VLM:
+        """The LoRA model: the frozen weights as the run built them, the checkpoint's over them (all the trained ones
+        must be there)."""
+        model = VLMTrainingModule(self.cfg, seed=self.seed, init_from=self.init_from).model  # built as the run did
+        missing = sorted(set(trainable_state_dict(model)) - set(self.state))
+        if missing:
+            raise ConfigError(f"checkpoint: lacks trained parameters {missing[:6]}; it was saved with another "
+                              "model.adapter config")
+        model.load_state_dict(self.state, strict=False)
+        return model
 
 
 def read_trained_model(path: str | Path) -> TrainedModel:
@@ -64,7 +86,7 @@ def read_trained_model(path: str | Path) -> TrainedModel:
     hyper = meta.get("hyper_parameters") or {}
     if "model" not in hyper:
         raise ConfigError(f"checkpoint={path}: its hyper_parameters hold no model config; it was not written by omnibal-train")
-    return TrainedModel(VLMConfig.from_dict(hyper["model"]), state, hyper.get("init_from"))
+    return TrainedModel(VLMConfig.from_dict(hyper["model"]), state, hyper.get("init_from"), int(hyper.get("seed", 0)))
 
 
 def _read_dcp_model(path: Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from tests.helpers import FAST, cfg_of, internvl_model, make_tokenizer, write_in
 
 transformers = pytest.importorskip("transformers")
 
-IMAGE_TOKEN = 30  # "<image>" is not in make_tokenizer's vocabulary; any id inside the 64-word LLM vocabulary works
+IMAGE_TOKEN = 8  # "<image>" in make_tokenizer's vocabulary
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 TRAIN = [*FAST, "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=3", "optim.lr=1e-2", "optim.warmup_ratio=0"]
 
@@ -115,6 +115,30 @@ def test_export_then_init_from_computes_identical_logits(tmp_path, llava_checkpo
     # and a run started from the export reads its architecture from it (model=auto)
     run = parse_run_config(cfg_of("model=auto", f"init_from={target}"))
     assert run.model.vision == ours.cfg.vision and run.model.llm == ours.cfg.llm
+
+
+def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, llava_source):
+    """A LoRA run's checkpoint holds only the adapters: the export rebuilds the frozen weights from init_from, folds
+    the trained updates in, and transformers computes the adapted model's logits."""
+    run_dir = tmp_path / "run"
+    train(cfg_of(*TRAIN, "model=auto", "model/adapter=lora", "model.adapter.dropout=0", f"init_from={llava_source}",
+                 f"run_dir={run_dir}"))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    trained = read_trained_model(checkpoint)
+    assert trained.state and all("lora_" in k for k in trained.state)  # only the adapters were saved
+    target = tmp_path / "hf"
+    export(export_cfg(f"checkpoint={checkpoint}", f"target={target}"))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(target).eval()
+    ours = trained.build()
+    batch = dummy_batch(ours.cfg, [21], [2], seed=4)
+    with torch.no_grad():
+        theirs = hf(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits
+    torch.testing.assert_close(theirs, logits_of(ours, batch), atol=1e-4, rtol=1e-4)
+    exported, original = all_tensors(target), all_tensors(llava_source)
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(exported[q], original[q])  # the adapter's update is in the weight
+    for key in ("vision_tower.encoder.layers.0.mlp.fc1.weight", "language_model.lm_head.weight"):
+        torch.testing.assert_close(exported[key], original[key], rtol=0, atol=0)  # frozen: the source's
 
 
 @pytest.fixture(scope="module")
