@@ -13,8 +13,9 @@ from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.sparsify.config import SparsifyConfig
 
 NORM_TYPES = ("layernorm", "rmsnorm")
-VISION_ACTIVATIONS = ("gelu", "quick_gelu")
-PROJECTOR_KINDS = ("pixel_shuffle_mlp", "mlp2x_gelu")
+VISION_ACTIVATIONS = ("gelu", "quick_gelu", "swiglu")
+VISION_FAMILIES = ("vit", "qwen2_vl", "qwen2_5_vl")
+PROJECTOR_KINDS = ("pixel_shuffle_mlp", "mlp2x_gelu", "patch_merger")
 ATTENTION_BACKENDS = ("auto", "flash", "flex", "sdpa")
 TRANSFORMER_BLOCK_PREFIXES = ("vision.blocks.", "llm.layers.")  # blocks that can recompute their attention only
 
@@ -60,6 +61,16 @@ class VisionConfig:
         select_layer: which block's output feeds the projector, Python-index style over the
             ``depth`` block outputs: -1 = last (InternVL), -2 = penultimate (LLaVA). Blocks after it
             are not built, so no parameter goes unused.
+        family: ``vit`` (fixed-size tiles, above) or ``qwen2_vl`` / ``qwen2_5_vl`` (Qwen's dynamic-resolution
+            encoder, :mod:`omnibal_pl.model.qwen_vision`: every image is its own grid of patches with 2-D
+            rotary positions; a "tile" is one ``spatial_merge`` x ``spatial_merge`` block of patches, so
+            ``image_size`` = ``patch_size * spatial_merge`` and ``act`` ``swiglu`` is Qwen2.5's gated MLP).
+        temporal_patch_size: frames per patch (Qwen: 2; a still image is repeated).
+        spatial_merge: patches per side merged into one LLM token (Qwen: 2).
+        window_size: window side in pixels of the windowed-attention blocks (Qwen2.5: 112); 0 = every block
+            attends over the whole image.
+        full_attention_blocks: blocks that attend over the whole image when ``window_size`` > 0.
+        rope_theta: base of the vision encoder's 2-D rotary positions (Qwen: 10000).
     """
 
     image_size: int
@@ -78,6 +89,12 @@ class VisionConfig:
     patch_bias: bool = True
     embed_norm: bool = False
     select_layer: int = -1
+    family: str = "vit"
+    temporal_patch_size: int = 2
+    spatial_merge: int = 2
+    window_size: int = 0
+    full_attention_blocks: list[int] = field(default_factory=list)
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim"):
@@ -90,6 +107,18 @@ class VisionConfig:
         _require(-self.depth <= self.select_layer < self.depth, "vision.select_layer",
                  f"{self.select_layer} is outside [-{self.depth}, {self.depth - 1}]")
         _require(self.num_blocks > 0, "vision.select_layer", "selects no block output")
+        _require(self.family in VISION_FAMILIES, "vision.family", f"{self.family!r} is not one of {VISION_FAMILIES}")
+        if self.family != "vit":
+            _require(self.image_size == self.patch_size * self.spatial_merge, "vision.image_size",
+                     f"a Qwen tile is one merge block: patch_size x spatial_merge = "
+                     f"{self.patch_size * self.spatial_merge}, got {self.image_size}")
+            _require(not self.class_token and not self.layerscale, "vision.class_token",
+                     "Qwen's encoder has neither a class token nor layer scales")
+            _require(self.window_size % (self.patch_size * self.spatial_merge) == 0, "vision.window_size",
+                     f"{self.window_size} px is not a multiple of a merge block ({self.patch_size * self.spatial_merge} px)")
+            _require(all(0 <= b < self.depth for b in self.full_attention_blocks), "vision.full_attention_blocks",
+                     f"{self.full_attention_blocks} are not all blocks of a {self.depth}-block encoder")
+        _require(self.act != "swiglu" or self.family != "vit", "vision.act", "swiglu is Qwen2.5's MLP (family qwen2_5_vl)")
 
     @property
     def grid(self) -> int:
@@ -136,7 +165,7 @@ class ProjectorConfig:
     @property
     def merge(self) -> int:
         """Patch tokens merged into one LLM token (4 for pixel shuffle 0.5, else 1)."""
-        return 4 if self.kind == "pixel_shuffle_mlp" else 1
+        return 4 if self.kind in ("pixel_shuffle_mlp", "patch_merger") else 1
 
 
 @dataclass
@@ -154,6 +183,9 @@ class LLMConfig:
         rms_eps: RMSNorm epsilon.
         tie_embeddings: the output head shares the input embedding matrix.
         qkv_bias: bias on the q/k/v projections (Qwen2).
+        mrope_section: multimodal rotary positions (Qwen2-VL's M-RoPE): how many of the ``head_dim / 2``
+            rotary frequencies follow the temporal, height and width position (e.g. [16, 24, 24]); empty =
+            ordinary 1-D RoPE. Needs ``position_ids`` [3, L].
     """
 
     vocab_size: int
@@ -166,6 +198,7 @@ class LLMConfig:
     rms_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    mrope_section: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate"):
@@ -174,6 +207,8 @@ class LLMConfig:
         _require(self.heads % self.kv_heads == 0, "llm.kv_heads",
                  f"heads {self.heads} not divisible by kv_heads {self.kv_heads}")
         _require((self.hidden // self.heads) % 2 == 0, "llm.heads", "head_dim must be even for RoPE")
+        _require(not self.mrope_section or (len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2),
+                 "llm.mrope_section", f"{self.mrope_section} must be 3 sections summing to head_dim / 2 = {self.head_dim // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -259,6 +294,9 @@ class VLMConfig:
                  f"{self.sparsify.sparse_layer} is not a layer of the {self.llm.layers}-layer LLM")
         _require(0 <= self.image_context_id < self.llm.vocab_size, "image_context_id",
                  f"{self.image_context_id} is outside the vocabulary [0, {self.llm.vocab_size})")
+        _require((self.projector.kind == "patch_merger") == (self.vision.family != "vit"), "projector.kind",
+                 f"{self.projector.kind!r} does not fit vision.family {self.vision.family!r}: Qwen's encoders take "
+                 "patch_merger, InternViT/CLIP pixel_shuffle_mlp or mlp2x_gelu")
         if self.projector.kind == "pixel_shuffle_mlp":
             _require(self.vision.grid % 2 == 0, "vision.image_size",
                      f"pixel shuffle needs an even patch grid, got {self.vision.grid} x {self.vision.grid}")

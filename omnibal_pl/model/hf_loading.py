@@ -7,6 +7,8 @@ Supported layouts (by the checkpoint's ``config.json``):
   ``feed_forward.w1/w2/w3``, ``output``) or Llama/Qwen2 names (``self_attn.q_proj`` ..., ``lm_head``).
 - ``llava`` (transformers' ``LlavaForConditionalGeneration``, both the hub layout
   ``vision_tower.vision_model.* / language_model.model.*`` and transformers 5's ``model.*`` variants).
+- ``qwen2_vl`` / ``qwen2_5_vl`` (transformers' ``Qwen2VLForConditionalGeneration`` /
+  ``Qwen2_5_VLForConditionalGeneration``: ``visual.*`` and the Qwen2 LLM, hub or transformers-5 spelling).
 
 The mapping is a list of :class:`Rule` s, each tying some of our parameters to some checkpoint tensors
 with a conversion both ways, so loading and exporting (:func:`to_hf_state_dict`) share one table.
@@ -16,6 +18,7 @@ keys.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from omnibal_pl.model.lora import is_adapter_param
 from omnibal_pl.model.vlm import VLM
 
 Tensors = list[torch.Tensor]
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # transformers' Qwen2VL/Qwen2_5_VLForConditionalGeneration layouts
 
 
 def _same(ts: Tensors) -> Tensors:
@@ -76,7 +80,24 @@ def _internlm2_wqkv(prefix: str, theirs: str, llm: LLMConfig) -> Rule:
     return Rule(tuple(f"{prefix}.attn.{n}.weight" for n in "qkv"), (theirs,), split, fuse)
 
 
+def _qwen_vision_rules(cfg: VisionConfig) -> list[Rule]:
+    """Qwen2-VL / Qwen2.5-VL ``visual.*``: the patch Conv3d is our linear patch embedding (kernel = stride)."""
+    d, patch = cfg.width, (3, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    rules = [_reshaped("vision.embed.proj.weight", "visual.patch_embed.proj.weight", (d, *patch), (d, -1))]
+    mlp = ("gate", "up", "down") if cfg.act == "swiglu" else ("fc1", "fc2")
+    norms = ("weight", "bias") if cfg.norm == "layernorm" else ("weight",)
+    for i in range(cfg.num_blocks):
+        ours, theirs = f"vision.blocks.{i}", f"visual.blocks.{i}"
+        rules += [_one(f"{ours}.{n}.{k}", f"{theirs}.{n}.{k}") for n in ("norm1", "norm2") for k in norms]
+        rules += [_one(f"{ours}.attn.{n}.{k}", f"{theirs}.attn.{n}.{k}") for n in ("qkv", "proj") for k in ("weight", "bias")]
+        rules += [_one(f"{ours}.mlp.{n}.{k}", f"{theirs}.mlp.{n}{'_proj' if cfg.act == 'swiglu' else ''}.{k}")
+                  for n in mlp for k in ("weight", "bias")]
+    return rules
+
+
 def _vision_rules(cfg: VisionConfig, style: str) -> list[Rule]:
+    if style == "qwen":
+        return _qwen_vision_rules(cfg)
     d = cfg.width
     if style == "internvit":
         p = "vision_model"
@@ -118,6 +139,11 @@ def _vision_rules(cfg: VisionConfig, style: str) -> list[Rule]:
 
 
 def _projector_rules(cfg: VLMConfig, style: str) -> list[Rule]:
+    if style == "qwen":
+        norm = ("weight", "bias") if cfg.vision.norm == "layernorm" else ("weight",)
+        return [_one(f"projector.norm.{k}", f"visual.merger.ln_q.{k}") for k in norm] + [
+            _one(f"projector.{o}.{k}", f"visual.merger.mlp.{t}.{k}") for o, t in (("fc1", 0), ("fc2", 2))
+            for k in ("weight", "bias")]
     if style == "internvit":
         pairs = {"norm": "mlp1.0", "fc1": "mlp1.1", "fc2": "mlp1.3"}
     else:
@@ -152,7 +178,7 @@ def _llm_rules(llm: LLMConfig, style: str) -> list[Rule]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which naming a checkpoint uses: ``vision`` in {internvit, clip}, ``llm`` in {internlm2, llama}."""
+    """Which naming a checkpoint uses: ``vision`` in {internvit, clip, qwen}, ``llm`` in {internlm2, llama}."""
 
     vision: str
     llm: str
@@ -186,10 +212,13 @@ def _layout(config: dict, path: Path) -> Layout:
     kind = config.get("model_type")
     if kind == "llava":
         return Layout("clip", "llama")
+    if kind in QWEN_VL_TYPES:
+        return Layout("qwen", "llama")
     if kind == "internvl_chat":
         arch = (config["llm_config"].get("architectures") or [""])[0]
         return Layout("internvit", "internlm2" if arch.startswith("InternLM2") else "llama")
-    raise ConfigError(f"{path}: model_type {kind!r} is not supported; expected 'internvl_chat' or 'llava'")
+    raise ConfigError(f"{path}: model_type {kind!r} is not supported; expected 'internvl_chat', 'llava', "
+                      f"'qwen2_vl' or 'qwen2_5_vl'")
 
 
 def _rope_theta(text: dict) -> float:
@@ -237,6 +266,29 @@ def _find_token_id(path: Path, token: str) -> int | None:
     return None
 
 
+def _qwen_vl_config(config: dict, name: str, where: str) -> VLMConfig:
+    """Qwen2-VL / Qwen2.5-VL: the text fields at the top (hub) or under ``text_config`` (transformers 5)."""
+    v, text = config["vision_config"], config.get("text_config") or config
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not rope.get("mrope_section"):
+        raise ConfigError(f"{where}: no mrope_section in rope_parameters / rope_scaling")
+    qwen25 = config["model_type"] == "qwen2_5_vl"
+    merge, patch = v.get("spatial_merge_size", 2), v.get("patch_size", 14)
+    width = v["hidden_size"] if qwen25 else v["embed_dim"]
+    vision = VisionConfig(
+        image_size=patch * merge, patch_size=patch, width=width, depth=v["depth"], heads=v["num_heads"],
+        mlp_dim=v["intermediate_size"] if qwen25 else int(width * v.get("mlp_ratio", 4)),
+        norm="rmsnorm" if qwen25 else "layernorm", norm_eps=1e-6, act="swiglu" if qwen25 else "quick_gelu",
+        qkv_bias=True, qk_norm=False, layerscale=False, class_token=False, patch_bias=False, embed_norm=False,
+        family=config["model_type"], temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge=merge,
+        window_size=v.get("window_size", 0) if qwen25 else 0,
+        full_attention_blocks=list(v.get("fullatt_block_indexes", [])) if qwen25 else [])
+    llm = dataclasses.replace(_llm_config(text, qkv_bias=True), mrope_section=list(rope["mrope_section"]))
+    image_id = config.get("image_token_id", text.get("image_token_id", 151655))
+    return VLMConfig(name=name, vision=vision, projector=ProjectorConfig(kind="patch_merger"), llm=llm,
+                     image_context_id=int(image_id))
+
+
 def vlm_config_from_hf(path: str | Path, image_context_id: int | None = None, name: str | None = None) -> VLMConfig:
     """Our :class:`VLMConfig` from a checkpoint directory's ``config.json``.
 
@@ -247,6 +299,9 @@ def vlm_config_from_hf(path: str | Path, image_context_id: int | None = None, na
     config = _read_json(path / "config.json")
     layout = _layout(config, path)
     where = str(path / "config.json")
+    if layout.vision == "qwen":
+        cfg = _qwen_vl_config(config, name or path.name, where)
+        return dataclasses.replace(cfg, image_context_id=image_context_id) if image_context_id is not None else cfg
     if layout.vision == "clip":
         v = config["vision_config"]
         if config.get("vision_feature_select_strategy", "default") != "default":
@@ -322,8 +377,9 @@ def folder_differences(cfg: VLMConfig, path: str | Path) -> list[str]:
 
 def _normalise_key(key: str) -> str:
     """Map transformers-5 / hub spellings of LLaVA keys onto one spelling (the rules' names)."""
-    key = re.sub(r"^model\.(vision_tower|multi_modal_projector)\.", r"\1.", key)
+    key = re.sub(r"^model\.(vision_tower|multi_modal_projector|visual)\.", r"\1.", key)
     key = re.sub(r"^model\.language_model\.", "language_model.model.", key)
+    key = re.sub(r"^model\.(layers|embed_tokens|norm)\.", r"language_model.model.\1.", key)  # Qwen2-VL hub files
     key = re.sub(r"^lm_head\.", "language_model.lm_head.", key)
     return key.replace("vision_tower.vision_model.", "vision_tower.")
 

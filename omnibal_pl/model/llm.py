@@ -15,6 +15,7 @@ from omnibal_pl.model.attention import varlen_attention
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import LLMConfig, VLMConfig
 from omnibal_pl.model.norms import RMSNorm
+from omnibal_pl.model.rope import mrope_cos_sin
 from omnibal_pl.model.sparsify import Sparsifier, masked_varlen_attention
 
 
@@ -103,7 +104,10 @@ class Attention(nn.Module):
         q = self.q(x).view(length, self.cfg.heads, hd)
         k = self.k(x).view(length, self.cfg.kv_heads, hd)
         v = self.v(x).view(length, self.cfg.kv_heads, hd)
-        cos, sin = rope_cos_sin(batch.position_ids[0].to(x.device), hd, self.cfg.rope_theta)
+        if self.cfg.mrope_section:  # Qwen2-VL's multimodal positions: position_ids [3, L]
+            cos, sin = mrope_cos_sin(batch.position_ids.to(x.device), hd, self.cfg.rope_theta, self.cfg.mrope_section)
+        else:
+            cos, sin = rope_cos_sin(batch.position_ids[0].to(x.device), hd, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cu_seqlens = batch.cu_seqlens.to(x.device)
         if keep is None:

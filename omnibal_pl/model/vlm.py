@@ -33,6 +33,7 @@ from omnibal_pl.model.llm import LanguageModel
 from omnibal_pl.model.lora import apply_lora
 from omnibal_pl.model.norms import RMSNorm
 from omnibal_pl.model.projector import Projector
+from omnibal_pl.model.qwen_vision import PatchMerger, QwenVisionEncoder
 from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.model.vision import VisionEncoder
 
@@ -43,8 +44,12 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg.vision)
-        self.projector = Projector(cfg)
+        if cfg.vision.family == "vit":
+            self.vision: nn.Module = VisionEncoder(cfg.vision)
+            self.projector: nn.Module = Projector(cfg)
+        else:  # Qwen2-VL / Qwen2.5-VL: dynamic-resolution patches, merged 2x2 into LLM tokens
+            self.vision = QwenVisionEncoder(cfg.vision, cfg.attention_backend)
+            self.projector = PatchMerger(cfg)
         self.llm = LanguageModel(cfg)
         self.init_weights()
         if cfg.adapter.enabled:  # after the base init: a seed gives the same base weights with or without LoRA

@@ -1,0 +1,153 @@
+"""Qwen2-VL and Qwen2.5-VL: logits of a packed batch against transformers, M-RoPE positions, the window
+layout, blocks for the pipeline, and the published sizes."""
+import pytest
+import torch
+
+from omnibal_pl.errors import DataError
+from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.model.hf_loading import load_hf_model, vlm_config_from_hf
+from omnibal_pl.model.qwen_vision import pack_qwen_samples, vision_layout
+from omnibal_pl.model.rope import mrope_position_ids
+
+from tests.helpers import model_config
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 7
+PATCH_DIM = 3 * 2 * 14 * 14
+
+
+def hf_model(family: str):
+    text = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]})
+    ids = dict(image_token_id=IMAGE, vision_start_token_id=5, vision_end_token_id=6, video_token_id=8)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=48)
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        return transformers.Qwen2VLForConditionalGeneration(config)
+    # 56 px windows = 2 x 2 merge blocks; block 1 attends over whole images
+    vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=40, out_hidden_size=48, window_size=56,
+                  fullatt_block_indexes=[1])
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_dir(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = hf_model(request.param).eval()
+    with torch.no_grad():  # large random weights, norms and biases: a position or order mistake shows in the logits
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path, model
+
+
+# sample 0: text, a 4 x 6 patch image, text; sample 1: text, an 8 x 4 image, text, a 2 x 2 image, text
+GRIDS = [[(1, 4, 6)], [(1, 8, 4), (1, 2, 2)]]
+
+
+def sample_ids(grids, texts, seed, image_id=IMAGE):
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for n, grid in zip(texts, [*grids, None]):
+        parts.append(torch.randint(10, 96, (n,), generator=gen))
+        if grid is not None:
+            parts.append(torch.full((grid[0] * grid[1] * grid[2] // 4,), image_id))
+    return torch.cat(parts)
+
+
+def packed_inputs(cfg: VLMConfig, token_cap: int, block_cap: int):
+    image = cfg.image_context_id
+    ids = [sample_ids(GRIDS[0], [5, 4], 1, image), sample_ids(GRIDS[1], [3, 6, 2], 2, image)]
+    gen = torch.Generator().manual_seed(3)
+    pixels = [torch.randn(sum(t * h * w for t, h, w in g), PATCH_DIM, generator=gen) for g in GRIDS]
+    return ids, pixels, pack_qwen_samples(cfg, ids, pixels, GRIDS, token_cap=token_cap, block_cap=block_cap)
+
+
+def test_config_is_read_from_config_json(qwen_dir):
+    path, hf = qwen_dir
+    cfg = vlm_config_from_hf(path)
+    assert cfg.vision.family == hf.config.model_type and cfg.projector.kind == "patch_merger"
+    assert cfg.llm.mrope_section == [2, 2, 2] and cfg.llm.qkv_bias and cfg.llm.rope_theta == 1e6
+    assert cfg.image_context_id == IMAGE and cfg.tokens_per_tile == 1
+    if cfg.vision.family == "qwen2_5_vl":
+        assert cfg.vision.act == "swiglu" and cfg.vision.window_size == 56 and cfg.vision.full_attention_blocks == [1]
+
+
+def test_packed_logits_match_transformers(qwen_dir):
+    """Two samples of different image sizes packed (with token and patch padding) against transformers run on
+    each sample alone, fp32."""
+    path, hf = qwen_dir
+    ours = load_hf_model(path).eval()
+    ids, pixels, batch = packed_inputs(ours.cfg, token_cap=80, block_cap=20)
+    with torch.no_grad():
+        got = ours(batch)[0]
+        bounds = batch.cu_seqlens.tolist()
+        for s in range(2):
+            token_types = (ids[s] == IMAGE).int()[None]  # 1 = image token, as the processor returns them
+            expected = hf(input_ids=ids[s][None], pixel_values=pixels[s], image_grid_thw=torch.tensor(GRIDS[s]),
+                          mm_token_type_ids=token_types).logits[0]
+            torch.testing.assert_close(got[bounds[s]:bounds[s + 1]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mrope_positions_follow_the_image_grid():
+    ids = torch.tensor([1, 2, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3])  # a 4 x 6 patch image: 2 x 3 tokens
+    pos = mrope_position_ids(ids, [(1, 4, 6)], IMAGE, spatial_merge=2)
+    assert pos.tolist() == [[0, 1, 2, 2, 2, 2, 2, 2, 5],
+                            [0, 1, 2, 2, 2, 3, 3, 3, 5],
+                            [0, 1, 2, 3, 4, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="do not match"):
+        mrope_position_ids(ids, [(1, 4, 4)], IMAGE, spatial_merge=2)
+
+
+def test_packed_positions_restart_per_sample():
+    cfg = model_config("qwen2_5_vl_tiny")
+    ids, _, batch = packed_inputs(cfg, token_cap=80, block_cap=20)
+    start = batch.cu_seqlens[1].item()
+    torch.testing.assert_close(batch.position_ids[:, start:start + len(ids[1])],
+                               mrope_position_ids(ids[1], GRIDS[1], cfg.image_context_id, 2))
+    assert batch.position_ids[:, start].tolist() == [0, 0, 0]
+
+
+def test_window_layout_segments_and_order():
+    """A 4 x 6 patch image (2 x 3 merge blocks) in windows of 2 x 2 blocks: windows of 4 and 2 blocks; block
+    order 0 1 3 4 | 2 5; then 2 padding blocks in place."""
+    layout = vision_layout(((1, 4, 6),), 32, 2, 2, 8, 10000.0, torch.device("cpu"))
+    assert layout.image_bounds == (0, 24, 32) and layout.window_bounds == (0, 16, 24, 32)
+    assert layout.order.tolist() == [0, 1, 3, 4, 2, 5, 6, 7]
+    assert layout.order[layout.restore].tolist() == list(range(8))
+    with pytest.raises(DataError, match="need 24 patches"):
+        vision_layout(((1, 4, 6),), 20, 2, 2, 8, 10000.0, torch.device("cpu"))
+
+
+def test_blocks_chain_equals_forward_and_only_real_blocks_reach_the_llm():
+    torch.manual_seed(0)
+    model = VLM(model_config("qwen2_5_vl_tiny")).eval()
+    cfg = model.cfg
+    assert [n for n, _ in model.blocks()] == cfg.block_names()
+    _, _, batch = packed_inputs(cfg, token_cap=80, block_cap=24)
+    x = batch.pixel_values
+    with torch.no_grad():
+        for _, block in model.blocks():
+            x = block(x, batch)
+        torch.testing.assert_close(model(batch), x)
+        # changing the padding patches changes nothing
+        batch.pixel_values[4 * 18:] = torch.randn(4 * 6, PATCH_DIM)
+        torch.testing.assert_close(model(batch), x)
+
+
+# Published totals: Qwen/Qwen2.5-VL-3B-Instruct "3.75B", Qwen/Qwen2.5-VL-7B-Instruct "8.29B" (model cards).
+PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    cfg = model_config(name)
+    with torch.device("meta"):
+        model = VLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.005, f"{name}: {total / 1e9:.4f}B"
+    assert cfg.vision.full_attention_blocks == [7, 15, 23, 31] and cfg.llm.mrope_section == [16, 24, 24]
