@@ -151,3 +151,37 @@ def test_published_parameter_counts(name):
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.005, f"{name}: {total / 1e9:.4f}B"
     assert cfg.vision.full_attention_blocks == [7, 15, 23, 31] and cfg.llm.mrope_section == [16, 24, 24]
+
+
+def test_pipeline_stages_and_recompute_give_the_whole_models_outputs_and_gradients():
+    """Stages built as the pipeline builds them (meta model, foreign blocks deleted, filled by name), cut
+    inside the vision encoder and inside the LLM, with full and attention-only recompute: the chained stages
+    compute the whole model's logits and gradients."""
+    from omnibal_pl.parallel import build_stage, initial_state_dict
+
+    from tests.helpers import plan_of
+
+    cfg = model_config("qwen2_5_vl_tiny")
+    names = cfg.block_names()
+    cut_vision, cut_llm = names.index("vision.blocks.2"), names.index("llm.layers.1")
+    stages = [names[:cut_vision], names[cut_vision:cut_llm], names[cut_llm:]]
+    recompute = {"vision.blocks.0": "full", "vision.blocks.1": "attention", "vision.blocks.3": "attention",
+                 "llm.layers.0": "full"}
+    plan = plan_of(cfg, stages, recompute, pp=3, micro_batches=3)
+    state = initial_state_dict(cfg, seed=0)
+    whole = VLM(cfg)
+    whole.load_state_dict(state)
+    _, _, batch = packed_inputs(cfg, token_cap=80, block_cap=20)
+    expected = whole(batch)
+    expected.square().mean().backward()
+    x = batch.pixel_values
+    parts = [build_stage(cfg, plan, s, "cpu", state) for s in range(3)]
+    for part in parts:
+        part.micro_batches = [batch]
+        x = part(x, torch.tensor(0))
+    torch.testing.assert_close(x, expected)
+    x.square().mean().backward()
+    grads = {n: p.grad for part in parts for n, p in part.model.named_parameters()}
+    assert grads.keys() == {n for n, _ in whole.named_parameters()}
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
