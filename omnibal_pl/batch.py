@@ -86,6 +86,15 @@ class PackedBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor field, in field order."""
+        return [v for v in (getattr(self, f.name) for f in fields(self)) if isinstance(v, torch.Tensor)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all its tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor on ``device``. ``non_blocking=True`` makes host-to-device copies from
         pinned memory (:meth:`pin_memory`) asynchronous on the current stream; leave it False for

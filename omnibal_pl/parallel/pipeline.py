@@ -6,8 +6,8 @@ pipeline (all ranks of one pipeline get the same ones; DP replicas get different
 - Metadata: every stage module gets the step's list of :class:`PackedBatch` es, and the schedule hands
   each stage the micro-batch index ``k`` as the keyword argument ``mb_index`` (``step`` chunks the
   tensor ``arange(m)`` along dim 0, and keyword arguments reach every stage). The one tensor crossing
-  stages is the blocks' ``x``; the first stage's input is the micro-batches' ``pixel_values``,
-  concatenated and chunked back by the schedule.
+  stages is the blocks' ``x``; the first stage reads its micro-batch's ``pixel_values`` (the schedule's
+  input to it is a placeholder [m, 1] the schedule chunks).
 - Loss: on the last stage, ``loss_fn(logits, batch) -> scalar`` per micro-batch (the schedule's
   target is the micro-batch index). The step's loss and gradient are the *mean* over the step's
   ``m x dp`` micro-batches (the schedule divides gradients by ``m``, the DP all-reduce by ``dp``);
@@ -183,7 +183,9 @@ class PipelineRunner:
         for module in self.modules:
             module.micro_batches = batches
         index = torch.arange(len(batches))
-        args = (torch.cat([mb.pixel_values for mb in batches]),) if self.has_first else ()
+        # stage 0 reads each micro-batch's pixel_values itself (StageModule.forward): concatenating them for the
+        # schedule to chunk would hold a second copy of the step's pixels until its last backward
+        args = (index.to(self.device, torch.float32).view(-1, 1),) if self.has_first else ()
         losses: list[torch.Tensor] | None = [] if self.has_last else None
         try:
             self.schedule.step(*args, target=index if self.has_last else None, losses=losses,

@@ -34,8 +34,8 @@ from omnibal_pl.plan.plan import Plan
 class StageModule(nn.Module):
     """One pipeline stage: ``model`` is a :class:`VLM` pruned to ``block_names``, run in order.
 
-    ``forward(x, mb_index)`` runs the blocks on ``x`` (the one tensor crossing stages) with the
-    :class:`PackedBatch` ``micro_batches[mb_index]``; the pipeline runner sets ``micro_batches`` (the
+    ``forward(x, mb_index)`` runs the blocks on ``x`` (the one tensor crossing stages; stage 0 takes the
+    micro-batch's own ``pixel_values`` instead) with the :class:`PackedBatch` ``micro_batches[mb_index]``; the pipeline runner sets ``micro_batches`` (the
     step's micro-batches, the same list on every stage of a pipeline) before each step and passes each
     micro-batch's index as a keyword argument, which the pipeline schedule hands to every stage.
     Blocks in ``checkpointed`` (non-transformer blocks under ``full`` recompute) run under
@@ -52,6 +52,8 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, mb_index: torch.Tensor) -> torch.Tensor:
         batch = self.micro_batches[int(mb_index)]
+        if self.stage_index == 0:
+            x = batch.pixel_values  # the schedule's input to stage 0 is a placeholder (PipelineRunner.train_step)
         for name, block in self.model.blocks():
             if name in self.checkpointed and torch.is_grad_enabled():
                 x = checkpoint(block, x, batch, use_reentrant=False)

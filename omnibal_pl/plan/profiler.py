@@ -9,9 +9,9 @@ model on a :func:`~omnibal_pl.model.dummy.dummy_batch` of the shape), in the run
 - the attention core's forward seconds (the time ``attention`` recompute adds), timed around
   :meth:`TransformerBlock.attention_core`; ``full`` recompute adds one forward;
 - activation bytes kept for backward under each recompute mode: the distinct storages autograd saves
-  during the block's forward (``saved_tensors_hooks``), the block input included; parameters and what is
-  computed from one parameter alone (the bf16 copies autocast casts the weights to, shared by every
-  micro-batch of a step) excluded;
+  during the block's forward (:mod:`omnibal_pl.plan.saved_bytes`), the block input included; parameters,
+  what is computed from one parameter alone (the bf16 copies autocast casts the weights to, shared by every
+  micro-batch of a step) and the micro-batch's own tensors (input data, counted apart) excluded;
 - parameter bytes and gradient + AdamW state bytes (:func:`~omnibal_pl.plan.costs.training_static_bytes`)
   at the precision's parameter storage size (4 bytes under ``*-mixed``, 2 under ``bf16-true``).
 
@@ -37,10 +37,11 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from omnibal_pl.batch import IGNORE_INDEX, MicroBatchShape, PackedBatch
 from omnibal_pl.errors import ConfigError
@@ -51,6 +52,10 @@ from omnibal_pl.model.flops import block_kind
 from omnibal_pl.model.sparsify import split_output
 from omnibal_pl.model.vlm import VLM
 from omnibal_pl.plan.costs import BlockCost, CostProfile, ZeroSharding, training_static_bytes
+from omnibal_pl.plan.saved_bytes import ParameterFilter, saved_bytes
+
+MEASUREMENT_VERSION = 3  # part of the cache key: bump when what is measured changes (3: input data excluded,
+#                          non-transformer blocks measured under checkpoint for ``full``)
 
 HeadLoss = Callable[[torch.Tensor, PackedBatch], torch.Tensor]  # (logits [1, L, vocab], batch) -> scalar loss
 
@@ -161,42 +166,6 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, floa
     return out, time.perf_counter() - begin
 
 
-class _ParameterFilter:
-    """Which saved tensors are no activation: a parameter's storage, or a tensor computed from one parameter
-    alone through single-input autograd nodes (autocast's cast of a weight, a transpose of that cast).
-    Autocast caches those casts for a whole autocast region, so they cost once per step, not per micro-batch."""
-
-    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
-        params = list(parameters)
-        self.storages = {p.untyped_storage().data_ptr() for p in params}
-        self.ids = {id(p) for p in params}
-
-    def __contains__(self, t: torch.Tensor) -> bool:
-        if t.untyped_storage().data_ptr() in self.storages:
-            return True
-        fn = t.grad_fn
-        while fn is not None and not hasattr(fn, "variable"):  # AccumulateGrad (a leaf) has ``variable``
-            inputs = [n for n, _ in fn.next_functions if n is not None]
-            fn = inputs[0] if len(inputs) == 1 else None
-        return fn is not None and id(fn.variable) in self.ids
-
-
-def _saved_bytes(run: Callable[[], torch.Tensor], skip: _ParameterFilter) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct storages autograd saves while ``run()`` executes (tensors in ``skip``
-    excluded), and its output."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t not in skip:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return sum(storages.values()), out
-
-
 class _CoreTimer:
     """Times every ``attention_core`` call of one transformer block while installed."""
 
@@ -220,19 +189,21 @@ class _CoreTimer:
 
 def _forward_step(block: torch.nn.Module, x: torch.Tensor, batch: PackedBatch, precision: Precision,
                   device: torch.device, loss: Callable[[torch.Tensor], torch.Tensor] | None
-                  ) -> Callable[[], torch.Tensor]:
-    """One forward of ``block`` on ``x`` in the precision's autocast region: its output, or ``loss`` of it."""
+                  ) -> Callable[..., torch.Tensor]:
+    """One forward of ``block`` on ``x`` in the precision's autocast region: its output, or ``loss`` of it.
+    ``step(checkpointed=True)`` runs the block under ``torch.utils.checkpoint``, as a pipeline stage runs a
+    non-transformer block under ``full`` recompute."""
 
-    def step() -> torch.Tensor:
+    def step(checkpointed: bool = False) -> torch.Tensor:
         with precision.context(device):
-            out = block(x, batch)
+            out = checkpoint(block, x, batch, use_reentrant=False) if checkpointed else block(x, batch)
             return out if loss is None else loss(out)
 
     return step
 
 
 def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.Tensor], device: torch.device,
-                   warmup: int, repeats: int, skip: _ParameterFilter, static: tuple[int, int]) -> BlockCost:
+                   warmup: int, repeats: int, skip: ParameterFilter, static: tuple[int, int]) -> BlockCost:
     """The :class:`BlockCost` of ``block`` whose forward is ``step()``; ``static``: its
     ``(param_bytes, grad_opt_bytes)``."""
     forward, backward, core = [], [], []
@@ -250,10 +221,10 @@ def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.T
             if rep >= warmup:
                 core.append(timer.seconds)
     act = {}
-    for mode in RECOMPUTE_MODES if transformer else ("none",):
+    for mode in RECOMPUTE_MODES if transformer else ("none", "full"):
         if transformer:
             block.recompute = mode
-        act[mode], out = _saved_bytes(step, skip)
+        act[mode], out = saved_bytes(partial(step, checkpointed=not transformer and mode == "full"), skip)
         del out
     if transformer:
         block.recompute = "none"
@@ -261,9 +232,9 @@ def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.T
     return BlockCost(
         name=name, kind=block_kind(name), forward_s=f_s, backward_s=statistics.median(backward),
         act_none_bytes=act["none"], act_attention_bytes=act.get("attention", act["none"]),
-        act_full_bytes=act.get("full", act["none"]),
+        act_full_bytes=act["full"],
         recompute_attention_s=statistics.median(core) if core else 0.0,
-        recompute_full_s=f_s if transformer else 0.0,
+        recompute_full_s=f_s,
         param_bytes=static[0], grad_opt_bytes=static[1],
     )
 
@@ -271,7 +242,7 @@ def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.T
 def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, device: torch.device,
                precision: str, sharding: ZeroSharding) -> Path:
     """Where the profile of this model, device, precision and shape is cached (one file per precision)."""
-    digest = hashlib.sha1(f"{cfg!r}|{sharding}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{MEASUREMENT_VERSION}|{cfg!r}|{sharding}".encode()).hexdigest()[:10]
     tag = precision_of(precision).tag
     return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{tag}-t{shape.vit_cap}-L{shape.token_cap}"
                               f"-s{shape.samples}-{digest}.json")
@@ -313,7 +284,7 @@ def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None
     model = VLM(cfg).to(device=dev, dtype=prec.params).train()
     batch = profile_batch(cfg, shape, seed).to(dev)
     blocks = model.blocks()
-    skip = _ParameterFilter(model.parameters())
+    skip = ParameterFilter([*model.parameters(), *batch.tensors()])  # the step's input data is no activation
 
     def logits_loss(out: torch.Tensor) -> torch.Tensor:
         return head_loss(split_output(out, cfg.sparsify)[0], batch)

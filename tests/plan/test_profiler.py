@@ -10,8 +10,9 @@ from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM
 from omnibal_pl.plan.costs import CostProfile, ZeroSharding
-from omnibal_pl.plan.profiler import (PRECISIONS, _ParameterFilter, _saved_bytes, cache_path, local_device,
+from omnibal_pl.plan.profiler import (PRECISIONS, cache_path, local_device,
                                       precision_of, profile_blocks)
+from omnibal_pl.plan.saved_bytes import ParameterFilter, saved_bytes
 
 from tests.helpers import model_config
 
@@ -53,8 +54,13 @@ def test_bf16_mixed_keeps_fp32_parameters_and_autocasts_activations(profiles) ->
     # residual stream and norms stay fp32: about 0.55 for the ViT blocks, 0.8 for the LLM layers here)
     ratio = transformer_activation_bytes(mixed) / transformer_activation_bytes(full)
     assert ratio < 0.85
-    for m, f in zip(mixed.blocks, full.blocks):
+    for m, f in zip(mixed.blocks[1:], full.blocks[1:]):
         assert m.act_none_bytes <= f.act_none_bytes
+    # the patch embedding saves its input: under 32-true that is the micro-batch's pixel_values (input data,
+    # counted apart, not an activation); under autocast its bf16 copy, made per micro-batch
+    pixels = SHAPE.vit_cap * 3 * model_config("tiny").vision.image_size ** 2
+    assert (full.blocks[0].name, full.blocks[0].act_none_bytes) == ("vision.embed", 0)
+    assert mixed.blocks[0].act_none_bytes == 2 * pixels
 
 
 def test_autocast_weight_copies_are_not_activations(profiles) -> None:
@@ -63,7 +69,7 @@ def test_autocast_weight_copies_are_not_activations(profiles) -> None:
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(16, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        saved, out = _saved_bytes(lambda: linear(x), _ParameterFilter(linear.parameters()))
+        saved, out = saved_bytes(lambda: linear(x), ParameterFilter(linear.parameters()))
     assert out.dtype == torch.bfloat16
     assert saved == x.numel() * 2  # the bf16 cast of x; the bf16 cast of the weight (32 x 64) is excluded
     layer = next(b for b in profiles["bf16-mixed"].blocks if b.name == "llm.layers.0")
