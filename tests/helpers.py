@@ -272,20 +272,36 @@ class RecordingModule(L.LightningModule):
 class FailAtStep(L.Callback):
     """Makes global rank ``rank`` fail once a training batch ends at global step ``step`` or later, unless
     ``marker`` exists: ``how="kill"`` ends the process with SIGKILL (as the OOM killer or a lost node would),
-    ``"hang"`` stops it making progress (sleeps forever, outside any collective). Writes the failure's wall time
-    to ``marker`` first, so a restarted run does not fail again and a test can time the job's end from it.
+    ``"hang"`` stops it making progress (sleeps forever, outside any collective), ``"save"`` kills it inside the
+    next checkpoint save, after the checkpoint is written under its temporary name, which is torn to half its
+    bytes, and before it is renamed. Writes the failure's wall time to ``marker`` first, so a restarted run does
+    not fail again and a test can time the job's end from it.
     Usable from the command line: ``trainer.callbacks=[{_target_:tests.helpers.FailAtStep,...}]``."""
 
     def __init__(self, rank: int, step: int, marker: str, how: str = "kill") -> None:
         self.rank, self.step, self.marker, self.how = rank, step, Path(marker), how
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_rank == self.rank and trainer.global_step >= self.step and not self.marker.exists():
-            self.marker.write_text(f"{time.time()}\n")
-            if self.how == "kill":
+        if trainer.global_rank != self.rank or trainer.global_step < self.step or self.marker.exists():
+            return
+        if self.how == "save":
+            import omnibal_pl.parallel.dcp as dcp_module
+            import omnibal_pl.train.checkpoints as checkpoints_module
+
+            def torn_then_killed(tmp: Path, path: Path) -> None:
+                self.marker.write_text(f"{time.time()}\n")
+                torn = tmp if tmp.is_file() else tmp / ".metadata"
+                with open(torn, "r+b") as f:
+                    f.truncate(torn.stat().st_size // 2)
                 os.kill(os.getpid(), signal.SIGKILL)
-            while True:
-                time.sleep(1)
+
+            dcp_module.publish = checkpoints_module.publish = torn_then_killed
+            return
+        self.marker.write_text(f"{time.time()}\n")
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            time.sleep(1)
 
 
 _FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}

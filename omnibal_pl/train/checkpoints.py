@@ -15,17 +15,21 @@ complete checkpoint in the run directory's ``checkpoints/`` folder (:func:`lates
 its name), or to no checkpoint (a fresh start) when there is none yet. The same command line therefore starts
 a run and continues it after a kill: torchrun's ``--max-restarts`` and a requeued SLURM job (hydra-submitit's
 checkpoint hook resubmits the same job into the same run directory, ``cluster=slurm`` sets ``ckpt_path: auto``)
-resume where the last checkpoint left off. Checkpoints are loaded with ``weights_only=True``: plain containers,
+resume where the last checkpoint left off. torchrun's c10d rendezvous (``--standalone``, ``--rdzv-backend=c10d``)
+keeps one store across restarts by default, so a restarted worker can read the previous attempt's addresses and
+fail to connect; launch it with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a warning says so at start). Checkpoints
+are loaded with ``weights_only=True``: plain containers,
 numbers, strings and tensors; anything else is refused before it can run.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -68,6 +72,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     if ckpt_path is None:
         return None
     if ckpt_path in AUTO_RESUME:
+        _warn_on_shared_rendezvous_store(os.environ)
         found = latest_checkpoint(run_dir / CHECKPOINT_DIR)
         log.info("ckpt_path=%s: %s", ckpt_path, f"resuming from {found}" if found else
                  f"no complete checkpoint in {run_dir / CHECKPOINT_DIR}: starting fresh")
@@ -76,6 +81,15 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint; give an existing file or folder, or "
                           "ckpt_path=auto to resume from the run directory's newest checkpoint")
     return ckpt_path
+
+
+def _warn_on_shared_rendezvous_store(env: Mapping[str, str]) -> None:
+    """Warns when torchrun may restart this job (``--max-restarts``) with its shared rendezvous store."""
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("RANK", "0") == "0":
+        warnings.warn("torchrun --max-restarts with the shared rendezvous store: a restarted worker may read the last "
+                      "attempt's addresses and fail to connect; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                      stacklevel=3)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
