@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,33 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(tmp_p
     torch.load(evil, weights_only=False)  # the payload is real: unpickled without the guard, it runs
     assert (tmp_path / "ran").exists()
     os.remove(tmp_path / "ran")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_preempted_submitit_job_is_requeued_and_resumes_with_every_sample_once(tmp_path):
+    """SLURM's preemption signal (USR2, as submitit asks SLURM to send it) reaches the job's process; submitit's
+    handler calls hydra-submitit-launcher's checkpoint hook, which resubmits the same job: it runs again in the
+    same run directory (Hydra's resolved sweep folder travels with it) and ckpt_path=auto resumes it. Submitit's
+    local executor requeues the same way SLURM does, without scontrol."""
+    samples = tmp_path / "samples" / "rank0.jsonl"
+    args = ["trainer.max_steps=24", "trainer.checkpoint_every_n_steps=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "omnibal_pl.cli.train", "-m", "hydra/launcher=submitit_local",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=10", *FAST, *args,
+                             "ckpt_path=auto", f"trainer.callbacks=[{{_target_:omnibal_pl.train.callbacks.SampleLog,"
+                             f"folder:'{tmp_path / 'samples'}'}}]"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (samples.exists() and len(samples.read_text().splitlines()) >= 5):
+            time.sleep(0.1)
+        os.kill(json.loads(samples.read_text().splitlines()[-1])["pid"], signal.SIGUSR2)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len({r["pid"] for r in rows}) == 2  # preempted once, requeued once
+    committed = committed_micro_batches(samples)
+    assert [r["ids"] for r in committed] == expected_micro_batches(args, tmp_path / "resolve", 0, 24)
+    check_attempts_agree(samples)
