@@ -41,7 +41,8 @@ def block_kind(name: str) -> str:
 
 def attention_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
     """The attention-core part (softmax(QK^T)V, the s^2 terms) of :func:`block_forward_flops`; 0 for
-    blocks without attention."""
+    blocks without attention. Qwen's vision blocks attend over whole images or windows, which ``tiles``
+    alone does not describe: their term here spans one merge block (4 patches), a lower bound."""
     if kind == "vision_block":
         return tiles * 4.0 * cfg.vision.seq_len**2 * cfg.vision.width
     if kind == "llm_layer":
@@ -57,10 +58,16 @@ def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence
     v, llm = cfg.vision, cfg.llm
     s = v.seq_len  # tokens per tile inside the encoder
     tokens = int(sum(seqlens))
+    frames = v.temporal_patch_size if v.family != "vit" else 1  # Qwen's patches hold 2 frames
+    mlp_matrices = 3 if v.act == "swiglu" else 2
     if kind == "vision_embed":
-        return 2.0 * tiles * v.num_patches * 3 * v.patch_size**2 * v.width
+        return 2.0 * tiles * v.num_patches * 3 * frames * v.patch_size**2 * v.width
     if kind == "vision_block":
-        return tiles * 2.0 * s * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + attention_forward_flops(cfg, kind, tiles, seqlens)
+        linear = tiles * 2.0 * s * (4 * v.width**2 + mlp_matrices * v.width * v.mlp_dim)
+        return linear + attention_forward_flops(cfg, kind, tiles, seqlens)
+    if kind == "projector" and cfg.projector.kind == "patch_merger":  # Qwen: Linear(4w, 4w), Linear(4w, hidden)
+        width_in = v.width * cfg.projector.merge
+        return 2.0 * tiles * width_in * (width_in + llm.hidden)
     if kind == "projector":
         width_in = v.width * cfg.projector.merge
         rows = tiles * cfg.tokens_per_tile

@@ -185,3 +185,28 @@ def test_pipeline_stages_and_recompute_give_the_whole_models_outputs_and_gradien
     assert grads.keys() == {n for n, _ in whole.named_parameters()}
     for name, p in whole.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+def test_block_flops_count_the_qwen_matrices():
+    """vision.embed (2-frame patches), a vision block's linear layers (gated MLP: 3 matrices) and the merger
+    (4w x 4w, then 4w x hidden) against torch's FLOP counter; attention cores are not in the comparison."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
+
+    cfg = model_config("qwen2_5_vl_tiny")
+    model = VLM(cfg).eval()
+    _, _, batch = packed_inputs(cfg, token_cap=80, block_cap=20)
+    x = batch.pixel_values
+    with torch.no_grad():
+        for name, block in model.blocks():
+            kind = block_kind(name)
+            with FlopCounterMode(display=False) as counter:
+                out = block(x, batch)
+            x = out
+            if kind not in ("vision_embed", "vision_block", "projector"):
+                continue
+            # linear layers run as (add)mm; the attention core (SDPA's math path on CPU) as bmm
+            counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+            expected = block_forward_flops(cfg, kind, 20, [80]) - attention_forward_flops(cfg, kind, 20, [80])
+            assert counted == expected, name
