@@ -99,6 +99,7 @@ class PlanSettings:
     ``cluster.device`` preset) or ``auto`` (profile models under 1B parameters); ``virtual_stages``: stages
     per rank under the interleaved schedule; ``memory_fraction``: the share of device memory a stage may
     plan for (the training state is split over DP as ``cluster.zero`` splits it);
+    ``memory_gb``: the memory budget per rank in GiB instead (None: ``memory_fraction`` of the device's);
     ``profile_cache``: folder of measured profiles (None: the run directory's); ``threads``: CPU threads
     while profiling (None: torch's default).
     """
@@ -106,5 +107,6 @@ class PlanSettings:
     source: str = "auto"
     virtual_stages: int = 2
     memory_fraction: float = 0.9
+    memory_gb: Optional[float] = None
     profile_cache: Optional[str] = None
     threads: Optional[int] = None

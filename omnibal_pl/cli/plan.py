@@ -71,7 +71,8 @@ def run_plan(cfg: DictConfig, run_dir: Path) -> Plan:
             model, cluster.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=cluster.dp,
             schedule=cluster.schedule, device=cluster.device or "local", source=source,
             profile_cache=settings.profile_cache, samples=shape.samples, virtual_stages=settings.virtual_stages,
-            memory_fraction=settings.memory_fraction, zero=zero, precision=cluster.precision)
+            memory_fraction=settings.memory_fraction, zero=zero, precision=cluster.precision,
+            memory_gb=settings.memory_gb)
 
     inputs = level_inputs(cluster.zero)
     searched = search_partition(inputs.profile, inputs.config)

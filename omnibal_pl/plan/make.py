@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.model.config import VLMConfig
+from omnibal_pl.model.config import TRANSFORMER_BLOCK_PREFIXES, VLMConfig
 from omnibal_pl.plan.cost_model import PRESETS, block_parameters, cost_model_profile, device_preset, fit_device, hop_seconds
 from omnibal_pl.plan.costs import CostProfile, ZeroSharding
 from omnibal_pl.plan.partition import ScoredPartition, search_partition
@@ -29,7 +29,8 @@ class PlanInputs:
 def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
                     schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
                     profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-                    memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed") -> PlanInputs:
+                    memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed",
+                    memory_gb: float | None = None) -> PlanInputs:
     """Block costs and pipeline config for :func:`make_plan` (its docstring has the arguments)."""
     sharding = ZeroSharding(zero, dp)
     element_bytes = precision_of(precision).compute.itemsize
@@ -37,6 +38,8 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
         raise ConfigError(f"plan source {source!r}: use 'profile' (measure the blocks here) or 'cost_model'")
     if not 0 < memory_fraction <= 1:
         raise ConfigError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+    if memory_gb is not None and memory_gb <= 0:
+        raise ConfigError(f"plan.memory_gb={memory_gb} must be > 0 (or null: memory_fraction of the device's memory)")
     shape = MicroBatchShape(vit_cap, token_cap, samples)
     if device not in (*PRESETS, "measured", "local"):
         device_preset(device)  # raises the error listing the presets
@@ -57,7 +60,8 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
     profile.check_blocks(model.block_names())
     config = PipelineConfig(pp=pp, micro_batches=micro_batches, schedule=schedule,
                             virtual_stages=virtual_stages if schedule == "interleaved" else 1, hop_s=hop,
-                            memory_budget_bytes=memory * memory_fraction, dp=dp)
+                            memory_budget_bytes=memory_gb * 2**30 if memory_gb is not None else memory * memory_fraction,
+                            dp=dp)
     return PlanInputs(profile=profile, config=config, shape=shape, device=device)
 
 
@@ -72,7 +76,8 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
     return Plan(
         model=model.name,
         stages=tuple(tuple(names[i:j]) for i, j in zip(bounds, bounds[1:])),
-        recompute={n: m for n, m in zip(names, scored.modes) if m != "none"},
+        recompute={n: m for n, m in zip(names, scored.modes)
+                   if m == "full" or (m == "attention" and n.startswith(TRANSFORMER_BLOCK_PREFIXES))},
         schedule=inputs.config.schedule, pp=inputs.config.pp, micro_batches=inputs.config.micro_batches,
         vit_cap=inputs.shape.vit_cap, token_cap=inputs.shape.token_cap,
         predicted_step_s=scored.step_s, stage_memory_bytes=tuple(memory), source=inputs.profile.source,
@@ -88,7 +93,8 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
 def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
               schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
               profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
-              memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed") -> Plan:
+              memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed",
+              memory_gb: float | None = None) -> Plan:
     """The searched partition of ``model`` into pipeline stages with adaptive per-stage recompute.
 
     ``vit_cap`` tiles and ``token_cap`` tokens per micro-batch, packed as ``samples`` samples; ``pp``
@@ -96,7 +102,8 @@ def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token
     rank). ``source``: ``cost_model`` (FLOPs timed by the ``device`` preset: ``h100_80gb``, ``h200``,
     ``a100_80gb``, or ``measured``/``local``: fitted to a profile of this machine) or ``profile``
     (measured here, cached in ``profile_cache``). The memory budget per rank is ``memory_fraction`` of
-    the device's memory (the preset's, or this machine's for ``measured``/``local``); parameters,
+    the device's memory (the preset's, or this machine's for ``measured``/``local``), or ``memory_gb``
+    GiB when given; parameters,
     gradients and optimizer state are split over the ``dp`` ranks as ZeRO level ``zero`` splits them
     (:class:`~omnibal_pl.plan.costs.ZeroSharding`), and the plan records the level. ``precision``: the run's
     Lightning precision (:data:`~omnibal_pl.plan.profiler.PRECISIONS`): a profile measures in it; the cost
@@ -106,7 +113,7 @@ def make_plan(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token
     inputs = planning_inputs(model, pp, micro_batches, vit_cap, token_cap, dp=dp, schedule=schedule, device=device,
                              source=source, profile_cache=profile_cache, samples=samples,
                              virtual_stages=virtual_stages, memory_fraction=memory_fraction, zero=zero,
-                             precision=precision)
+                             precision=precision, memory_gb=memory_gb)
     return plan_from_partition(model, inputs, search_partition(inputs.profile, inputs.config), zero)
 
 

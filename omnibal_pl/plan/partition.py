@@ -127,6 +127,14 @@ def search_partition(profile: CostProfile, config: PipelineConfig, policy: str =
     """OmniBal's search: the balanced split, the candidates around it (every boundary shifted by up to
     ``r <= radius`` blocks, ``r`` the largest with at most ``max_candidates`` combinations) ranked by
     simulation, then steepest descent over single-boundary shifts of up to ``radius`` blocks."""
+    return ranked_partitions(profile, config, 1, policy, radius, max_candidates)[0]
+
+
+def ranked_partitions(profile: CostProfile, config: PipelineConfig, k: int, policy: str = "adaptive",
+                      radius: int = 2, max_candidates: int = 2048) -> list[ScoredPartition]:
+    """The ``k`` partitions with the least simulated step time among those :func:`search_partition`
+    scores (fewer when fewer fit), best first: the first is the search's result. Measured refinement
+    (``plan.refine``) runs them on the real ranks."""
     check_stage_count(len(profile.blocks), config)
     costs = StageCosts(profile, config, policy)
     _, balanced = _balanced(costs)
@@ -149,8 +157,10 @@ def search_partition(profile: CostProfile, config: PipelineConfig, policy: str =
         neighbours = {_shifted(best, move) for move in moves} - {None}
         candidate = min(neighbours, key=score, default=best)
         if score(candidate) >= score(best):
-            return _scored(costs, best)
+            break
         best = candidate
+    runners_up = sorted((b for b, sc in scores.items() if b != best and sc[0] < INF), key=score)
+    return [_scored(costs, b) for b in [best, *runners_up][:k]]
 
 
 @lru_cache(maxsize=64)

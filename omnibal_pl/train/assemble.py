@@ -35,7 +35,8 @@ from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_train
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.launch_env import launch_rank
 from omnibal_pl.parallel import OmniBalStrategy
-from omnibal_pl.plan.make import make_plan, resolve_source
+from omnibal_pl.plan.make import PlanInputs, plan_from_partition, planning_inputs, resolve_source
+from omnibal_pl.plan.partition import search_partition
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, CrashSafeCheckpoint
@@ -43,6 +44,7 @@ from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_wit
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
+from omnibal_pl.train.plan_search import adapt_plan, first_step_batches, refine_plan
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.progress import StepProgressBar
 from omnibal_pl.train.schemas import RunConfig
@@ -109,16 +111,39 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
             raise ConfigError("plan.source=cost_model needs cluster.device (a preset: h100_80gb, h200, a100_80gb)")
         if settings.threads or c.threads:
             torch.set_num_threads(settings.threads or c.threads)
-        plan = make_plan(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
-                         schedule=c.schedule, device=c.device or "local", source=source,
-                         profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
-                         samples=shape.samples, virtual_stages=settings.virtual_stages,
-                         memory_fraction=settings.memory_fraction, zero=c.zero, precision=c.precision)
+        inputs = planning_inputs(cfg.model, c.pp, balance.micro_batches, shape.vit_cap, shape.token_cap, dp=balance.dp,
+                                 schedule=c.schedule, device=c.device or "local", source=source,
+                                 profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
+                                 samples=shape.samples, virtual_stages=settings.virtual_stages,
+                                 memory_fraction=settings.memory_fraction, zero=c.zero, precision=c.precision,
+                                 memory_gb=settings.memory_gb)
+        plan = measured_plan(cfg, inputs, data, trials=rank == 0)
     plan.check_model(cfg.model)
     plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)
     if rank == 0:
         plan.save(run_dir / "plan.yaml")
     return plan
+
+
+def measured_plan(cfg: RunConfig, inputs: PlanInputs, data: TrainingData, trials: bool) -> Plan:
+    """The searched plan, refined and adapted on this machine's devices as ``plan.refine`` and
+    ``plan.adapt`` ask (:mod:`omnibal_pl.train.plan_search`) when ``trials`` (global rank 0: the other
+    ranks take rank 0's plan); the search's best as it is otherwise."""
+    settings, c = cfg.plan, cfg.cluster
+    if settings.refine < 0 or settings.trial_steps < 1:
+        raise ConfigError(f"plan.refine={settings.refine} must be >= 0 and plan.trial_steps={settings.trial_steps} >= 1")
+    searched = plan_from_partition(cfg.model, inputs, search_partition(inputs.profile, inputs.config), c.zero)
+    if not trials or not (settings.refine > 1 or settings.adapt):
+        return searched
+    if c.num_nodes > 1:
+        raise ConfigError("plan.refine / plan.adapt run trial steps on this node's devices only; with "
+                          "cluster.num_nodes > 1 make the plan on one node (omnibal-train ... plan.adapt=true "
+                          "trainer.max_steps=0) and pass it as plan.use=<plan.yaml>")
+    batches = first_step_batches(data, cfg.packing)
+    trial_args = dict(steps=settings.trial_steps, device_type="cuda" if c.accelerator == "gpu" else "cpu",
+                      seed=cfg.seed, threads=c.threads or 1, precision=str(c.precision))
+    plan = refine_plan(cfg.model, inputs, settings.refine, batches, c.zero, **trial_args) if settings.refine > 1 else searched
+    return adapt_plan(cfg.model, plan, inputs, batches, **trial_args) if settings.adapt else plan
 
 
 def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDataModule]:

@@ -35,9 +35,15 @@ class TrainerConfig:
 class TrainPlanSettings(PlanSettings):
     """:class:`PlanSettings` plus ``use``: the plan a pipeline run (``cluster.strategy=omnibal``) executes:
     ``auto`` (searched for this model, cluster and the data's caps), ``uniform`` (equal block counts, no
-    recompute) or the path of a plan file (checked against the run's settings)."""
+    recompute) or the path of a plan file (checked against the run's settings). With ``use=auto``, before
+    training (:mod:`omnibal_pl.train.plan_search`): ``refine`` > 1 runs the search's ``refine`` best
+    partitions for ``trial_steps`` steps each and keeps the fastest; ``adapt`` chooses recompute again from
+    each rank's measured memory."""
 
     use: str = "auto"
+    refine: int = 0
+    adapt: bool = False
+    trial_steps: int = 2
 
 
 @dataclass
@@ -108,6 +114,6 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         init_from=cfg.get("init_from"),
         ckpt_path=cfg.get("ckpt_path"),
         run_dir=cfg.get("run_dir"),
-        faults=to_dataclass(cfg.faults, FaultConfig, "faults"),
         logger=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
+        faults=to_dataclass(cfg.faults, FaultConfig, "faults"),
     )
