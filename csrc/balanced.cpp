@@ -10,8 +10,11 @@
 //     drain in proportion and the mix stays stable to the end), among counts whose leftover tile
 //     remainder can still be filled exactly; then takes the sample of v tiles whose tokens are closest
 //     to v * (remaining tokens / remaining tiles), keeping the group on the cap's token-per-tile ratio.
-// Bucket look-ups ("largest unused <= x", "smallest unused >= x") use path-compressed skip lists, so
-// the whole grouping is O(n log n) for the sort plus near-constant work per sample.
+// Samples are put in buckets by a stable counting sort on tokens: set-up O(n + largest token count).
+// Inside a bucket, look-ups ("a sample with the largest tokens <= x", "a uniform unused one with tokens
+// in [lo, hi]") count unused samples per distinct token count in a Fenwick tree (a few thousand entries
+// at most, so it stays in cache however many samples there are: O(log distinct counts) per look-up),
+// then draw one of that count's unused samples uniformly from its swap-remove list (O(1)).
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -24,29 +27,30 @@
 namespace omnibal {
 namespace {
 
-// Availability of a bucket's slots (sorted by tokens) as a Fenwick tree: counts and order
-// statistics over the unused samples in O(log n).
+// Unused samples per distinct token count of a bucket (ascending) as a Fenwick tree: counts and order
+// statistics over the unused samples in O(log distinct counts).
 class Fenwick {
  public:
-  explicit Fenwick(size_t n) : tree_(n + 1, 0) {
+  explicit Fenwick(const std::vector<int32_t>& counts) : tree_(counts.size() + 1, 0) {
+    const size_t n = counts.size();
     for (size_t i = 1; i <= n; ++i) {
-      tree_[i] += 1;
+      tree_[i] += counts[i - 1];
       size_t up = i + (i & (~i + 1));
       if (up <= n) tree_[up] += tree_[i];
     }
     top_ = 1;
     while (top_ * 2 <= n) top_ *= 2;
   }
-  // Unused slots among the first k.
+  // Unused samples among the first k token counts.
   int64_t prefix(size_t k) const {
     int64_t s = 0;
     for (; k > 0; k -= k & (~k + 1)) s += tree_[k];
     return s;
   }
-  void remove(size_t slot) {  // 0-based
-    for (size_t i = slot + 1; i < tree_.size(); i += i & (~i + 1)) tree_[i] -= 1;
+  void remove(size_t value) {  // one sample of the value-th token count (0-based) is used
+    for (size_t i = value + 1; i < tree_.size(); i += i & (~i + 1)) tree_[i] -= 1;
   }
-  // 0-based slot of the k-th unused slot (k >= 1, k <= unused count).
+  // 0-based token-count index holding the k-th unused sample (k >= 1, k <= unused count).
   size_t kth(int64_t k) const {
     size_t pos = 0;
     for (size_t step = top_; step > 0; step >>= 1) {
@@ -64,42 +68,61 @@ class Fenwick {
 };
 
 struct Bucket {
-  std::vector<int64_t> items;   // sample indices, ascending tokens
+  std::vector<int64_t> items;   // sample indices, ascending tokens (equal tokens: in shuffled order)
   std::vector<int32_t> tokens;  // tokens of items, ascending
-  Fenwick unused{0};
+  std::vector<int32_t> values;  // distinct token counts of the bucket, ascending
+  std::vector<int32_t> value_of;  // per slot: index of its token count in `values`
+  // Unused slots of token count v: unused_slots[start[v] .. start[v] + count[v]), in no particular order
+  // (a slot leaves by swapping with the segment's last); where[slot] is its position there.
+  std::vector<int32_t> unused_slots, where, count;
+  std::vector<int64_t> start;
+  Fenwick unused{{}};
   std::vector<char> taken;
   int64_t left = 0, first = 0, last = -1;
   bool extremes_changed = false;  // the last take() changed min_tokens(), max_tokens() or emptied it
 
   void init() {
-    unused = Fenwick(items.size());
+    value_of.resize(items.size());
+    unused_slots.resize(items.size());
+    where.resize(items.size());
+    for (size_t k = 0; k < items.size(); ++k) {
+      if (k == 0 || tokens[k] != tokens[k - 1]) {
+        values.push_back(tokens[k]);
+        start.push_back(static_cast<int64_t>(k));
+        count.push_back(0);
+      }
+      ++count.back();
+      value_of[k] = static_cast<int32_t>(values.size() - 1);
+      unused_slots[k] = where[k] = static_cast<int32_t>(k);
+    }
+    unused = Fenwick(count);
     taken.assign(items.size(), 0);
     left = static_cast<int64_t>(items.size());
     first = 0;
     last = left - 1;
   }
   int64_t count_below(int64_t x) const {  // unused with tokens < x
-    return unused.prefix(std::lower_bound(tokens.begin(), tokens.end(), x) - tokens.begin());
+    return unused.prefix(std::lower_bound(values.begin(), values.end(), x) - values.begin());
   }
   int64_t count_at_most(int64_t x) const {
-    return unused.prefix(std::upper_bound(tokens.begin(), tokens.end(), x) - tokens.begin());
+    return unused.prefix(std::upper_bound(values.begin(), values.end(), x) - values.begin());
   }
-  // Slot of the largest unused item with tokens <= x, or -1.
-  int64_t largest_at_most(int64_t x) const {
+  // Slot of an unused item drawn uniformly among those of the token count holding the k-th unused item.
+  int64_t kth_slot(int64_t k, SplitMix64& rng) const {
+    const size_t v = unused.kth(k);
+    return unused_slots[start[v] + static_cast<int64_t>(rng.below(static_cast<uint64_t>(count[v])))];
+  }
+  // Slot of an unused item with the largest token count <= x, or -1.
+  int64_t largest_at_most(int64_t x, SplitMix64& rng) const {
     int64_t c = count_at_most(x);
-    return c == 0 ? -1 : static_cast<int64_t>(unused.kth(c));
-  }
-  // Slot of the smallest unused item with tokens >= x, or -1.
-  int64_t smallest_at_least(int64_t x) const {
-    int64_t c = count_below(x);
-    return c == left ? -1 : static_cast<int64_t>(unused.kth(c + 1));
+    return c == 0 ? -1 : kth_slot(c, rng);
   }
   // Slot of an unused item drawn uniformly among those with tokens in [lo, hi], or -1.
   int64_t uniform_between(int64_t lo, int64_t hi, SplitMix64& rng) const {
     if (lo > hi) return -1;
     int64_t a = count_below(lo), b = count_at_most(hi);
     if (b <= a) return -1;
-    return static_cast<int64_t>(unused.kth(a + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(b - a)))));
+    return kth_slot(a + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(b - a))), rng);
   }
   // Weight of this bucket in a growing move: its size, sharpened by how much of it is left, so
   // buckets that closing moves drain faster (small tile counts) are spared by growing moves and all
@@ -115,7 +138,12 @@ struct Bucket {
     if (slot < 0 || slot >= static_cast<int64_t>(items.size()) || taken[slot])
       throw std::out_of_range("balanced: slot " + std::to_string(slot) + " of a bucket of " +
                               std::to_string(items.size()) + " is outside it or already taken");
-    unused.remove(static_cast<size_t>(slot));
+    const int32_t v = value_of[slot];
+    unused.remove(static_cast<size_t>(v));
+    const int64_t last_unused = start[v] + --count[v];
+    const int32_t moved = unused_slots[last_unused];
+    unused_slots[where[slot]] = moved;
+    where[moved] = where[slot];
     taken[slot] = 1;
     --left;
     // Items only ever leave, so the smallest / largest unused slot only moves inwards.
@@ -141,14 +169,27 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t
   int32_t vmax = 0;
   for (int64_t i : order) vmax = std::max(vmax, len.vit[i]);
   std::vector<Bucket> buckets(vmax + 1);
-  for (int64_t i : order) buckets[len.vit[i]].items.push_back(i);
+  {
+    // Stable counting sort on tokens, then a stable split by tile count: every bucket is sorted by tokens,
+    // and equal token counts keep their shuffled order (ties broken at random).
+    int32_t tmax = 0;
+    for (int64_t i : order) tmax = std::max(tmax, len.tokens[i]);
+    std::vector<int64_t> at(static_cast<size_t>(tmax) + 2, 0), by_tokens(order.size());
+    std::vector<int64_t> per_bucket(vmax + 1, 0);
+    for (int64_t i : order) {
+      ++at[len.tokens[i] + 1];
+      ++per_bucket[len.vit[i]];
+    }
+    std::partial_sum(at.begin(), at.end(), at.begin());
+    for (int64_t i : order) by_tokens[at[len.tokens[i]]++] = i;
+    for (int32_t v = 0; v <= vmax; ++v) buckets[v].items.reserve(per_bucket[v]);
+    for (int64_t i : by_tokens) buckets[len.vit[i]].items.push_back(i);
+  }
   std::vector<int64_t> slot_of(static_cast<size_t>(len.n), -1);  // position of a sample in its bucket
   for (auto& b : buckets) {
-    // Stable: equal token counts keep their shuffled order, so ties are broken at random.
-    std::stable_sort(b.items.begin(), b.items.end(),
-                     [&](int64_t a, int64_t c) { return len.tokens[a] < len.tokens[c]; });
+    b.tokens.resize(b.items.size());
     for (size_t k = 0; k < b.items.size(); ++k) {
-      b.tokens.push_back(len.tokens[b.items[k]]);
+      b.tokens[k] = len.tokens[b.items[k]];
       slot_of[b.items[k]] = static_cast<int64_t>(k);
     }
     b.init();
@@ -202,7 +243,7 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t
 
     while (vit < vit_cap) {
       const int64_t rv = vit_cap - vit, rt = token_cap - tok;
-      int64_t close_pos = rv <= vmax && buckets[rv].left > 0 ? buckets[rv].largest_at_most(rt) : -1;
+      int64_t close_pos = rv <= vmax && buckets[rv].left > 0 ? buckets[rv].largest_at_most(rt, rng) : -1;
       if (close_pos >= 0 && rt - buckets[rv].tokens[close_pos] <= close_slack) {
         add(static_cast<int32_t>(rv), close_pos);
         break;

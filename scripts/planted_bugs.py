@@ -61,6 +61,7 @@ def one(name: str, area: str, path: str, before: str, after: str, *tests: str, r
 
 GROUPING, METRICS = "tests/balance/test_grouping.py", "tests/balance/test_metrics.py"
 SAMPLER = "tests/balance/test_sampler.py"
+BASELINES, COST = "tests/balance/test_baselines.py", "tests/balance/test_cost.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
 DATA = ("tests/data/test_templates.py", "tests/data/test_tiling.py", "tests/data/test_datasets.py")
 SPARSIFY = ("tests/model/test_sparsify.py", "tests/model/test_generate.py", "tests/train/test_sparsify_train.py")
@@ -109,6 +110,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ranked = np.lexsort((-token_sums, -vit_sums))", "ranked = rng.permutation(n)", METRICS),
     one("epoch_seed_ignores_epoch", "balance", "omnibal_pl/balance/sampler.py",
         "(seed * 1_000_003 + epoch * 7_919 + 17)", "(seed * 1_000_003 + 17)", SAMPLER),
+    # ---- balance: issue 13's baselines and time model ----
+    one("lpt_most_loaded_rank", "balance", "omnibal_pl/balance/steps.py",
+        "rank = open_load.argmin(axis=1)", "rank = np.where(np.isinf(open_load), -1, open_load).argmax(axis=1)",
+        BASELINES),
+    one("lpt_order_plain_ascending", "balance", "omnibal_pl/balance/steps.py",
+        "ascending[:, :, small_ends]", "ascending", BASELINES),
+    one("knapsack_strict_fit", "balance", "csrc/knapsack.cpp",
+        "std::upper_bound(sorted_tokens.begin(), sorted_tokens.end(), room)",
+        "std::lower_bound(sorted_tokens.begin(), sorted_tokens.end(), room)", BASELINES),
+    one("fitted_cost_ignored_by_matched", "balance", "omnibal_pl/balance/steps.py",
+        "if cost is None else np.argsort(-cost, kind=\"stable\")", "", COST),
+    one("time_model_length_not_squared", "balance", "omnibal_pl/balance/cost.py",
+        "tokens * tokens, np.ones(len(table))", "tokens, np.ones(len(table))", COST),
+    one("negative_coefficients_accepted", "balance", "omnibal_pl/balance/cost.py",
+        "if negative:", "if False:", COST),
     # ---- plan: the survivors of issue 20 ----
     one("hop_on_same_rank_inputs", "plan", "omnibal_pl/plan/simulator.py",
         "ready = end[dep] + hop if crosses else end[dep]", "ready = end[dep] + hop", SIMULATOR),
