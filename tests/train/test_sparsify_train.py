@@ -1,5 +1,6 @@
-"""Dynamic-LLaVA in omnibal-train: the model/sparsify group composes with any model and the experiment,
-and the tiny model trains end to end with it (keep-rate loss logged, predictors in their own groups)."""
+"""Dynamic-LLaVA in omnibal-train: the model/sparsify group composes with any model (the default one with no
+other override) and the experiment (image samples, token-mean loss), the tiny model trains end to end with it
+(keep-rate loss logged, predictors in their own groups), and dataset.require_image keeps the image samples."""
 import csv
 import json
 import math
