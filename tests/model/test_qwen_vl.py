@@ -210,3 +210,24 @@ def test_block_flops_count_the_qwen_matrices():
             counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
             expected = block_forward_flops(cfg, kind, 20, [80]) - attention_forward_flops(cfg, kind, 20, [80])
             assert counted == expected, name
+
+
+def test_dynamic_resolution_matches_qwens_resize_rule():
+    """Grid and token count from the image size alone equal transformers' smart_resize, over sizes from tiny
+    (upscaled to min_pixels) to huge (downscaled to max_pixels), with half-way roundings."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from omnibal_pl.image_grid import MAX_PIXELS, MIN_PIXELS, image_grid, image_tokens, resized_size
+
+    sizes = [(1, 1), (10, 30), (27, 29), (42, 42), (70, 98), (224, 224), (336, 500), (480, 640), (1080, 1920),
+             (4000, 3000), (14, 2000), (700, 130)]
+    for h, w in sizes:
+        assert resized_size(h, w) == smart_resize(h, w, 28, MIN_PIXELS, MAX_PIXELS), (h, w)
+        rh, rw = smart_resize(h, w, 28, MIN_PIXELS, MAX_PIXELS)
+        assert image_grid(h, w) == (1, rh // 14, rw // 14)
+        assert image_tokens(h, w) == rh * rw // 28**2
+    assert image_tokens(448, 448, min_pixels=256 * 28 * 28, max_pixels=256 * 28 * 28) == 256
+    with pytest.raises(DataError, match="aspect ratio"):
+        resized_size(10, 2500)
+    with pytest.raises(DataError, match="no pixels"):
+        resized_size(0, 10)
