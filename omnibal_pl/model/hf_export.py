@@ -1,12 +1,14 @@
 """Write a :class:`VLM` as a Hugging Face folder that the published loaders read (the inverse of :mod:`.hf_loading`).
 
-Two families, by the model config:
+Three families (``family``; by default the source folder's, else by the projector kind):
 
 - ``llava`` (``projector.kind = mlp2x_gelu``, a CLIP tower): transformers' ``LlavaForConditionalGeneration``
   layout and ``config.json`` (``model_type: llava``), loadable with ``from_pretrained``;
 - ``internvl_chat`` (``projector.kind = pixel_shuffle_mlp``, an InternViT tower): OpenGVLab's remote-code
   ``InternVLChatModel`` layout (``vision_model.*``, ``mlp1.*``, ``language_model.*``), with the remote-code
-  ``*.py`` files of the folder the model was loaded from.
+  ``*.py`` files of the folder the model was loaded from;
+- ``internvl``: the same model as transformers' native ``InternVLForConditionalGeneration`` (``model_type:
+  internvl``; Qwen2 or Llama LLMs), loadable with ``from_pretrained`` without remote code.
 
 Tensors the model never held: :class:`VLM` builds the vision tower only up to its selected layer (and CLIP's
 post-layernorm is never used). When the model came from a Hugging Face folder (``source``) those tensors are
@@ -30,11 +32,16 @@ import torch
 from safetensors.torch import save_file
 
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.model.config import VLMConfig
+from omnibal_pl.model.config import LLMConfig, VLMConfig
 from omnibal_pl.model.hf_loading import Layout, folder_differences, hf_layout, skipped_tensors, to_hf_state_dict
 from omnibal_pl.model.vlm import VLM
 
-FAMILIES = ("llava", "internvl_chat")
+FAMILIES = ("llava", "internvl_chat", "internvl")
+_FAMILY_OF_PROJECTOR = {"mlp2x_gelu": "llava", "pixel_shuffle_mlp": "internvl_chat"}
+_FAMILY_OF_VISION_LAYOUT = {"clip": "llava", "internvit": "internvl_chat", "internvl_hf": "internvl"}
+# Without a source: InternVL's LLM under Llama/Qwen2 names (Qwen2 when the q/k/v projections have biases)
+_DEFAULT_LAYOUT = {"llava": Layout("clip", "llama"), "internvl_chat": Layout("internvit", "llama"),
+                   "internvl": Layout("internvl_hf", "llama")}
 
 # What a tokenizer source may hold: tokenizer, chat template and processor settings (copied when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -48,6 +55,9 @@ _FAMILY_FIELDS = {
               "vision.class_token": True},
     "internvl_chat": {"projector.kind": "pixel_shuffle_mlp", "vision.act": "gelu", "vision.layerscale": True,
                       "vision.embed_norm": False, "vision.patch_bias": True, "vision.class_token": True},
+    "internvl": {"projector.kind": "pixel_shuffle_mlp", "vision.act": "gelu", "vision.layerscale": True,
+                 "vision.embed_norm": False, "vision.patch_bias": True, "vision.class_token": True,
+                 "projector.norm_eps": 1e-5},  # transformers' projector LayerNorm has the default epsilon
 }
 
 
@@ -63,8 +73,11 @@ class ExportResult:
 
 
 def family_of(cfg: VLMConfig) -> str:
-    """``llava`` or ``internvl_chat``, from the projector kind."""
-    return "llava" if cfg.projector.kind == "mlp2x_gelu" else "internvl_chat"
+    """``llava`` or ``internvl_chat``, from the projector kind; :class:`ConfigError` for a model no family holds."""
+    if cfg.projector.kind not in _FAMILY_OF_PROJECTOR:
+        raise ConfigError(f"model.projector.kind={cfg.projector.kind!r}: no Hugging Face export for this model family "
+                          f"(projector kinds {sorted(_FAMILY_OF_PROJECTOR)})")
+    return _FAMILY_OF_PROJECTOR[cfg.projector.kind]
 
 
 def check_family(cfg: VLMConfig, family: str) -> None:
@@ -82,6 +95,37 @@ def _field(cfg: VLMConfig, dotted: str) -> object:
     return getattr(getattr(cfg, part), name)
 
 
+def _text_config(t: LLMConfig) -> dict:
+    """transformers' Qwen2Config (biases on q/k/v only) or LlamaConfig of the LLM, as JSON."""
+    qwen = t.qkv_bias
+    return {
+        "model_type": "qwen2" if qwen else "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden,
+        "intermediate_size": t.intermediate, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+        "num_key_value_heads": t.kv_heads, "head_dim": t.head_dim, "rms_norm_eps": t.rms_eps, "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta}, "tie_word_embeddings": t.tie_embeddings,
+        **({"use_sliding_window": False} if qwen else {"attention_bias": False, "mlp_bias": False}),
+    }
+
+
+def _internvl_config(cfg: VLMConfig) -> dict:
+    """transformers' native InternVLConfig as JSON for the tower as built (features from its last block)."""
+    v, t = cfg.vision, cfg.llm
+    return {
+        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+        "image_token_id": cfg.image_context_id, "image_seq_length": cfg.tokens_per_tile,
+        "downsample_ratio": cfg.projector.downsample_ratio, "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "tie_word_embeddings": t.tie_embeddings,
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": v.width, "num_hidden_layers": v.num_blocks,
+            "num_attention_heads": v.heads, "intermediate_size": v.mlp_dim, "image_size": [v.image_size] * 2,
+            "patch_size": [v.patch_size] * 2, "norm_type": "rms_norm" if v.norm == "rmsnorm" else "layer_norm",
+            "layer_norm_eps": v.norm_eps, "use_qk_norm": v.qk_norm, "attention_bias": v.qkv_bias, "hidden_act": "gelu",
+            "use_mean_pooling": True, "use_absolute_position_embeddings": True, "num_channels": 3,
+        },
+        "text_config": _text_config(t),
+    }
+
+
 def _llava_config(cfg: VLMConfig) -> dict:
     """transformers' LlavaConfig as JSON for the tower as built (features from its last block)."""
     v, t = cfg.vision, cfg.llm
@@ -95,13 +139,7 @@ def _llava_config(cfg: VLMConfig) -> dict:
             "num_hidden_layers": v.num_blocks, "num_attention_heads": v.heads, "image_size": v.image_size,
             "patch_size": v.patch_size, "hidden_act": v.act, "layer_norm_eps": v.norm_eps, "num_channels": 3,
         },
-        "text_config": {
-            "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden, "intermediate_size": t.intermediate,
-            "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads,
-            "head_dim": t.head_dim, "rms_norm_eps": t.rms_eps, "attention_bias": t.qkv_bias, "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
-            "tie_word_embeddings": t.tie_embeddings,
-        },
+        "text_config": _text_config(t),
     }
 
 
@@ -185,18 +223,24 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
     if cfg.adapter.enabled:
         raise ConfigError("model.adapter: the model still holds LoRA adapters; fold them into the base weights first "
                           "(omnibal_pl.model.lora.merge_lora; omnibal-export does it)")
-    check_family(cfg, family_of(cfg) if family == "auto" else family)
     source = Path(source) if source is not None else None
     if source is not None:
         differences = folder_differences(cfg, source)
         if differences:
             raise ConfigError(f"source={source}: its config.json describes another model than the checkpoint's: "
                               f"{'; '.join(differences)}")
+    source_family = _FAMILY_OF_VISION_LAYOUT.get(hf_layout(source).vision) if source is not None else None
+    if source is not None and source_family is None:
+        raise ConfigError(f"source={source}: no Hugging Face export for its model_type; pass source=null")
+    if family == "auto":
+        family = source_family or family_of(cfg)
+    elif source_family not in (None, family):
+        raise ConfigError(f"family={family}, but source={source} is a {source_family} folder; pass source=null to write "
+                          f"the {family} layout from the checkpoint alone")
+    check_family(cfg, family)
     if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
         raise ConfigError(f"tokenizer={tokenizer_source}: no such folder")
-    # InternVL's LLM without a source: Llama names (Qwen2 when the q/k/v projections have biases)
-    layout = hf_layout(source) if source is not None else Layout(*(
-        ("clip", "llama") if family_of(cfg) == "llava" else ("internvit", "llama")))
+    layout = hf_layout(source) if source is not None else _DEFAULT_LAYOUT[family]
     state = to_hf_state_dict(model, layout)
     copied = 0
     if source is not None:
@@ -204,9 +248,11 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
         copied = len(unbuilt)
         state.update(unbuilt)
         config = json.loads((source / "config.json").read_text())
-    elif layout.vision == "clip":
+    elif family == "llava":
         state.update(_identity_post_layernorm(cfg))
         config = _llava_config(cfg)
+    elif family == "internvl":
+        config = _internvl_config(cfg)
     else:
         config = _internvl_chat_config(cfg, layout)
     if dtype is not None:

@@ -95,9 +95,35 @@ def _qwen_vision_rules(cfg: VisionConfig) -> list[Rule]:
     return rules
 
 
+def _internvl_hf_vision_rules(cfg: VisionConfig) -> list[Rule]:
+    """transformers' native InternVL ``vision_tower.*`` (``InternVLVisionModel``): q/k/v as separate projections."""
+    d, p = cfg.width, "vision_tower"
+    rules = [
+        _reshaped("vision.embed.cls", f"{p}.embeddings.cls_token", (1, 1, d), (d,)),
+        _reshaped("vision.embed.pos", f"{p}.embeddings.position_embeddings", (1, cfg.seq_len, d), (cfg.seq_len, d)),
+        _one("vision.embed.patch.weight", f"{p}.embeddings.patch_embeddings.projection.weight"),
+        _one("vision.embed.patch.bias", f"{p}.embeddings.patch_embeddings.projection.bias"),
+    ]
+    norms = ("weight", "bias") if cfg.norm == "layernorm" else ("weight",)
+    for i in range(cfg.num_blocks):
+        ours, theirs = f"vision.blocks.{i}", f"{p}.encoder.layer.{i}"
+        rules += [_one(f"{ours}.{o}.{k}", f"{theirs}.{t}.{k}") for o, t in (("norm1", "layernorm_before"),
+                  ("norm2", "layernorm_after")) for k in norms]
+        rules += [_one(f"{ours}.{o}.{k}", f"{theirs}.{t}.{k}") for o, t in (("attn.proj", "attention.projection_layer"),
+                  ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")) for k in ("weight", "bias")]
+        rules += [_one(f"{ours}.ls1", f"{theirs}.lambda_1"), _one(f"{ours}.ls2", f"{theirs}.lambda_2")]
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            rules.append(_fused_qkv(f"{ours}.attn.qkv.{kind}", [f"{theirs}.attention.{n}_proj.{kind}" for n in "qkv"]))
+        if cfg.qk_norm:
+            rules += [_one(f"{ours}.attn.{n}.weight", f"{theirs}.attention.{n}.weight") for n in ("q_norm", "k_norm")]
+    return rules
+
+
 def _vision_rules(cfg: VisionConfig, style: str) -> list[Rule]:
     if style == "qwen":
         return _qwen_vision_rules(cfg)
+    if style == "internvl_hf":
+        return _internvl_hf_vision_rules(cfg)
     d = cfg.width
     if style == "internvit":
         p = "vision_model"
@@ -146,6 +172,9 @@ def _projector_rules(cfg: VLMConfig, style: str) -> list[Rule]:
             for k in ("weight", "bias")]
     if style == "internvit":
         pairs = {"norm": "mlp1.0", "fc1": "mlp1.1", "fc2": "mlp1.3"}
+    elif style == "internvl_hf":
+        pairs = {"norm": "multi_modal_projector.layer_norm", "fc1": "multi_modal_projector.linear_1",
+                 "fc2": "multi_modal_projector.linear_2"}
     else:
         pairs = {"fc1": "multi_modal_projector.linear_1", "fc2": "multi_modal_projector.linear_2"}
     return [_one(f"projector.{o}.{k}", f"{t}.{k}") for o, t in pairs.items() for k in ("weight", "bias")]
@@ -178,7 +207,8 @@ def _llm_rules(llm: LLMConfig, style: str) -> list[Rule]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which naming a checkpoint uses: ``vision`` in {internvit, clip, qwen}, ``llm`` in {internlm2, llama}."""
+    """Which naming a checkpoint uses: ``vision`` in {internvit, internvl_hf (transformers' native InternVL), clip,
+    qwen}, ``llm`` in {internlm2, llama}."""
 
     vision: str
     llm: str
@@ -188,7 +218,7 @@ class Layout:
 
     def skipped(self, key: str, cfg: VLMConfig) -> bool:
         """Checkpoint tensors we deliberately do not load."""
-        layer = re.match(r"(vision_model|vision_tower)\.encoder\.layers\.(\d+)\.", key)
+        layer = re.match(r"(vision_model|vision_tower)\.encoder\.layers?\.(\d+)\.", key)
         if layer and int(layer.group(2)) >= cfg.vision.num_blocks:
             return True  # blocks after the selected feature layer never influence the output
         if key.startswith("vision_tower.post_layernorm.") or key.endswith("embeddings.position_ids"):
@@ -214,10 +244,12 @@ def _layout(config: dict, path: Path) -> Layout:
         return Layout("clip", "llama")
     if kind in QWEN_VL_TYPES:
         return Layout("qwen", "llama")
+    if kind == "internvl":
+        return Layout("internvl_hf", "llama")
     if kind == "internvl_chat":
         arch = (config["llm_config"].get("architectures") or [""])[0]
         return Layout("internvit", "internlm2" if arch.startswith("InternLM2") else "llama")
-    raise ConfigError(f"{path}: model_type {kind!r} is not supported; expected 'internvl_chat', 'llava', "
+    raise ConfigError(f"{path}: model_type {kind!r} is not supported; expected 'internvl_chat', 'internvl', 'llava', "
                       f"'qwen2_vl' or 'qwen2_5_vl'")
 
 
@@ -289,6 +321,36 @@ def _qwen_vl_config(config: dict, name: str, where: str) -> VLMConfig:
                      image_context_id=int(image_id))
 
 
+def _square(size: int | Sequence[int], where: str) -> int:
+    sides = [size, size] if isinstance(size, int) else list(size)
+    if len(sides) != 2 or sides[0] != sides[1]:
+        raise ConfigError(f"{where}: only square images and patches are supported, got {size}")
+    return int(sides[0])
+
+
+def _internvl_hf_config(config: dict, name: str, where: str) -> VLMConfig:
+    """transformers' native ``InternVLConfig`` (``model_type: internvl``): InternViT + pixel shuffle + Qwen2/Llama."""
+    v, text = config["vision_config"], config["text_config"]
+    if config.get("downsample_ratio", 0.5) != 0.5 or config.get("projector_hidden_act", "gelu") != "gelu" \
+            or config.get("vision_feature_select_strategy", "default") != "default":
+        raise ConfigError(f"{where}: only downsample_ratio 0.5, a GELU projector and the 'default' feature strategy "
+                          "are supported")
+    vision = VisionConfig(
+        image_size=_square(v.get("image_size", 448), where), patch_size=_square(v.get("patch_size", 14), where),
+        width=v.get("hidden_size", 1024), depth=v.get("num_hidden_layers", 24), heads=v.get("num_attention_heads", 16),
+        mlp_dim=v.get("intermediate_size", 4096), norm="rmsnorm" if v.get("norm_type") == "rms_norm" else "layernorm",
+        norm_eps=v.get("layer_norm_eps", 1e-6), act="gelu", qkv_bias=bool(v.get("attention_bias", False)),
+        qk_norm=bool(v.get("use_qk_norm", False)), layerscale=True, class_token=True, patch_bias=True,
+        embed_norm=False, select_layer=_select_layer(config.get("vision_feature_layer", -1), where),
+    )
+    qwen = text.get("model_type", "qwen2") == "qwen2"
+    # the top-level flag decides (InternVLConfig's default: tied); the text config's own is ignored by transformers
+    tied = bool(config.get("tie_word_embeddings", True))
+    llm = _llm_config({**text, "tie_word_embeddings": tied}, qkv_bias=qwen or bool(text.get("attention_bias", False)))
+    return VLMConfig(name=name, vision=vision, projector=ProjectorConfig(kind="pixel_shuffle_mlp"), llm=llm,
+                     image_context_id=int(config.get("image_token_id", 0)))
+
+
 def vlm_config_from_hf(path: str | Path, image_context_id: int | None = None, name: str | None = None) -> VLMConfig:
     """Our :class:`VLMConfig` from a checkpoint directory's ``config.json``.
 
@@ -299,8 +361,9 @@ def vlm_config_from_hf(path: str | Path, image_context_id: int | None = None, na
     config = _read_json(path / "config.json")
     layout = _layout(config, path)
     where = str(path / "config.json")
-    if layout.vision == "qwen":
-        cfg = _qwen_vl_config(config, name or path.name, where)
+    if layout.vision in ("qwen", "internvl_hf"):
+        read = _qwen_vl_config if layout.vision == "qwen" else _internvl_hf_config
+        cfg = read(config, name or path.name, where)
         return dataclasses.replace(cfg, image_context_id=image_context_id) if image_context_id is not None else cfg
     if layout.vision == "clip":
         v = config["vision_config"]

@@ -168,6 +168,33 @@ def test_internvl_chat_export_keeps_the_remote_code_layout(tmp_path, internvl_so
     torch.testing.assert_close(logits_of(load_hf_model(target).eval(), batch), logits_of(ours, batch), rtol=0, atol=0)
 
 
+def test_internvl_exports_as_transformers_native_internvl(tmp_path):
+    """family=internvl: transformers' InternVLForConditionalGeneration loads the folder with no missing or unexpected
+    key and computes our logits; our loader reads it back (model=auto) with identical logits."""
+    source = tmp_path / "source"
+    source.mkdir()
+    write_internvl_checkpoint(internvl_model("Qwen2ForCausalLM"), source, "Qwen2ForCausalLM")
+    make_tokenizer(source)
+    run_dir = tmp_path / "run"
+    train(cfg_of(*TRAIN, "model=auto", f"init_from={source}", f"run_dir={run_dir}"))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="family=internvl, but source=.* is a internvl_chat folder; pass source=null"):
+        export(export_cfg(f"checkpoint={checkpoint}", f"target={tmp_path / 'x'}", "family=internvl"))
+    target = tmp_path / "hf"
+    export(export_cfg(f"checkpoint={checkpoint}", f"target={target}", "family=internvl", "source=null",
+                      f"tokenizer={source}"))
+    hf, info = transformers.InternVLForConditionalGeneration.from_pretrained(target, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours = read_trained_model(checkpoint).build()
+    batch = dummy_batch(ours.cfg, [21], [2], seed=4)
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits
+    torch.testing.assert_close(theirs, logits_of(ours, batch), atol=1e-4, rtol=1e-4)
+    again = load_hf_model(target).eval()
+    assert again.cfg.vision == ours.cfg.vision and again.cfg.llm == ours.cfg.llm
+    torch.testing.assert_close(logits_of(again, batch), logits_of(ours, batch), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
@@ -206,7 +233,8 @@ def test_an_existing_target_is_refused_unless_overwrite(tmp_path, llava_checkpoi
 
 def test_a_family_the_config_does_not_match_is_refused(tmp_path, llava_checkpoint):
     with pytest.raises(ConfigError, match=r"family=internvl_chat.*model\.projector\.kind='mlp2x_gelu'"):
-        export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'hf'}", "family=internvl_chat"))
+        export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'hf'}", "family=internvl_chat",
+                          "source=null"))
     assert not (tmp_path / "hf").exists()
 
 
