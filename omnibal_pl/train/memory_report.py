@@ -1,10 +1,12 @@
 """What each rank of a run holds, measured after a few optimizer steps, beside the plan's prediction.
 
-Every run writes ``memory_report.json`` (global rank 0, gathered from every rank) once optimizer step
-``at_step`` has finished (past the pipeline's shape inference and the optimizer's lazy state):
+Every run writes ``memory_report.json`` (global rank 0, gathered from every rank) once the batch after
+optimizer step ``at_step`` has finished (past the pipeline's shape inference and the optimizer's lazy state):
 
 - measured, per rank: parameter, gradient and optimizer-state bytes this rank holds (local shards under
-  ZeRO 2/3, this rank's partition of the state under ZeRO 1), and on CUDA the allocator's peak
+  ZeRO 2/3, this rank's partition of the state under ZeRO 1); the peak of activation bytes autograd held
+  during that step's batch (:class:`~omnibal_pl.plan.saved_bytes.PeakSavedBytes`: the whole step under
+  the pipeline strategy, its first micro-batch otherwise); on CUDA the allocator's peak
   (``torch.cuda.max_memory_allocated``) since the run started;
 - predicted: the plan's static bytes (parameters + gradients + optimizer state) and in-flight activation
   bytes of this rank's stages (``plan.notes``), or, without a plan, the memory model's static bytes of the
@@ -27,6 +29,7 @@ from omnibal_pl.parallel.dcp import state_holder
 from omnibal_pl.parallel.sharding import local_tensor
 from omnibal_pl.plan.costs import ZeroSharding, training_static_bytes
 from omnibal_pl.plan.plan import Plan
+from omnibal_pl.plan.saved_bytes import ParameterFilter, PeakSavedBytes
 
 
 def held_bytes(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -47,13 +50,25 @@ class MemoryReport(pl.Callback):
     def __init__(self, path: Path, plan: Plan | None, at_step: int = 2) -> None:
         self.path, self.plan, self.at_step = Path(path), plan, at_step
         self.written = False
+        self.probe: PeakSavedBytes | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.written or trainer.global_step < self.at_step or self.probe is not None:
+            return
+        micro_batches = batch if isinstance(batch, (list, tuple)) else [batch]
+        self.probe = PeakSavedBytes(ParameterFilter([*pl_module.parameters(),
+                                                     *(t for mb in micro_batches for t in mb.tensors())]))
+        self.probe.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.written or trainer.global_step < self.at_step:
+        if self.written or self.probe is None:
             return
+        self.probe.__exit__(None, None, None)
         self.written = True
         row = self._measure(trainer, pl_module)
+        row["measured_activations"] = self.probe.peak
         rows = [row]
         if dist.is_available() and dist.is_initialized():
             rows = [None] * dist.get_world_size()

@@ -337,6 +337,9 @@ def test_cli_plan_auto_trains_like_one_process(tmp_path):
         report = json.loads((tmp_path / name / "memory_report.json").read_text())
         assert len(report["ranks"]) == ranks
         assert all(r["measured_static"] == r["predicted_static"] > 0 for r in report["ranks"]), report
+        if name == "pp":  # the activation peak of a real step, against the plan's in-flight x profiled bytes
+            for r in report["ranks"]:
+                assert r["measured_activations"] == pytest.approx(r["predicted_activations"], rel=0.10), report
     plan = Plan.load(tmp_path / "pp" / "plan.yaml")
     assert plan.pp == 2 and plan.source == "profile" and plan.micro_batches == 4
     assert (tmp_path / "pp" / "checkpoints" / "last.ckpt" / ".metadata").is_file()
