@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -283,12 +283,11 @@ class ChatTokenizer:
                 parts += [(fmt.assistant_prompt, False), (reply, True), (fmt.after_reply, False)]
         text = "".join(t for t, _ in parts)
         chars = np.concatenate([np.full(len(t), s, bool) for t, s in parts])  # per character: supervised?
-        ids: list[int] = list(self.tokenizer.bos_ids)
-        sup: list[bool] = [False] * len(ids)
         encode = self._encode_between_images if fmt.split_at_images else self._encode_with_images
-        encode(text, chars, iter(tiles_per_image), ids, sup)
-        input_ids = np.asarray(ids, dtype=np.int64)
-        labels = np.where(np.asarray(sup, dtype=bool), input_ids, IGNORE_INDEX)
+        ids, supervised = encode(text, chars, list(tiles_per_image))
+        bos = np.asarray(self.tokenizer.bos_ids, dtype=np.int64)
+        input_ids = np.concatenate([bos, ids])
+        labels = np.where(np.concatenate([np.zeros(len(bos), bool), supervised]), input_ids, IGNORE_INDEX)
         return input_ids, labels
 
     def _turns(self, conversations: Sequence[dict], num_images: int, origin: str) -> tuple[str, list[dict]]:
@@ -317,16 +316,17 @@ class ChatTokenizer:
                 turn["value"] = ((IMAGE_PLACEHOLDER + "\n") * k + rest).strip()
         return system, turns
 
-    def _encode_text(self, text: str, chars: np.ndarray, ids: list[int], sup: list[bool]) -> None:
-        """Appends the ids of ``text`` (one tokenizer call) and whether each covers supervised characters only
-        (a token with an empty span, e.g. a trimmed byte-level space, goes with the character at its start)."""
+    def _encode_text(self, text: str, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of ``text`` (one tokenizer call) and, per id, whether all the characters it covers are
+        supervised (an id with an empty span, e.g. a trimmed byte-level space, goes with the character at
+        its start)."""
         piece, offsets = self.tokenizer.encode_with_offsets(text)
+        start, end = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
         supervised_before = np.concatenate([[0], np.cumsum(chars)])  # supervised characters in text[:k]
-        ids.extend(piece)
-        sup.extend(bool(supervised_before[e] - supervised_before[s] == e - s if e > s else s < len(chars) and chars[s])
-                   for s, e in offsets)
+        whole = supervised_before[end] - supervised_before[start] == end - start
+        return np.asarray(piece, dtype=np.int64), np.where(end > start, whole, np.append(chars, False)[start])
 
-    def _encode_with_images(self, text: str, chars: np.ndarray, tiles: Iterator[int], ids: list[int], sup: list[bool]) -> None:
+    def _encode_with_images(self, text: str, chars: np.ndarray, tiles: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """One tokenizer call over ``text``, each ``<image>`` written as its image block.
 
         The block is tokenised with a single context token and expanded afterwards: the context token and
@@ -335,37 +335,38 @@ class ChatTokenizer:
         thousands of repeats per sample).
         """
         pieces = text.split(IMAGE_PLACEHOLDER)
-        keep = [chars[:len(pieces[0])]]
+        compact_chars = [chars[: len(pieces[0])]]
         at = len(pieces[0])
         for piece in pieces[1:]:
             at += len(IMAGE_PLACEHOLDER)
-            keep += [np.zeros(len(self._image_text), bool), chars[at : at + len(piece)]]
+            compact_chars += [np.zeros(len(self._image_text), bool), chars[at : at + len(piece)]]
             at += len(piece)
-        compact: list[int] = []
-        compact_sup: list[bool] = []
-        self._encode_text(self._image_text.join(pieces), np.concatenate(keep), compact, compact_sup)
-        image_ids = set(self.image_token_ids)
-        for i, s in zip(compact, compact_sup):
-            if i == self.image_context_id:
-                block = [i] * (self.cfg.tokens_per_tile * next(tiles))
-                ids.extend(block)
-                sup.extend([False] * len(block))
-            else:
-                ids.append(i)
-                sup.append(s and i not in image_ids)
+        ids, supervised = self._encode_text(self._image_text.join(pieces), np.concatenate(compact_chars))
+        supervised &= ~np.isin(ids, self.image_token_ids)
+        context = ids == self.image_context_id
+        if context.sum() != len(tiles):
+            raise DataError(f"{self.tokenizer.origin}: {self._image_text!r} does not encode as its special tokens; "
+                            "add them to the tokenizer as special tokens")
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[context] = self.cfg.tokens_per_tile * np.asarray(tiles, dtype=np.int64)
+        return np.repeat(ids, repeats), np.repeat(supervised, repeats)
 
-    def _encode_between_images(self, text: str, chars: np.ndarray, tiles: Iterator[int], ids: list[int], sup: list[bool]) -> None:
+    def _encode_between_images(self, text: str, chars: np.ndarray, tiles: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """One tokenizer call per piece of ``text`` between ``<image>`` placeholders, image blocks between."""
+        ids: list[np.ndarray] = []
+        supervised: list[np.ndarray] = []
         at = 0
         for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if k:
-                block = self.image_block(next(tiles))
-                ids.extend(block)
-                sup.extend([False] * len(block))
+                block = np.asarray(self.image_block(tiles[k - 1]), dtype=np.int64)
+                ids.append(block)
+                supervised.append(np.zeros(len(block), bool))
                 at += len(IMAGE_PLACEHOLDER)
-            if piece:
-                self._encode_text(piece, chars[at : at + len(piece)], ids, sup)
+            piece_ids, piece_supervised = self._encode_text(piece, chars[at : at + len(piece)])
+            ids.append(piece_ids)
+            supervised.append(piece_supervised)
             at += len(piece)
+        return np.concatenate(ids), np.concatenate(supervised)
 
 
 def _check_turns(turns: list, origin: str) -> None:
