@@ -245,6 +245,18 @@ def test_image_context_token_in_the_text_is_refused(toks):
         chat([human("<image>\nsee <IMG_CONTEXT>"), gpt("A cat.")], [1], "t")
 
 
+def test_image_block_must_encode_as_special_tokens():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    plain = Tokenizer(WordLevel({t: i for i, t in enumerate(["<unk>", "<img>", "</img>", "<IMG_CONTEXT>", "hi"])}, "<unk>"))
+    plain.pre_tokenizer = Whitespace()  # the image tokens are vocabulary words, not added special tokens
+    chat = ChatTokenizer(TextTokenizer(plain, "plain"), TemplateConfig(name="internvl2_5", tokens_per_tile=1))
+    with pytest.raises(DataError, match="plain: '<img><IMG_CONTEXT></img>' does not encode as its special tokens"):
+        chat([human("<image>\nhi"), gpt("hi")], [1], "t")
+
+
 def test_missing_image_placeholder_is_inserted_only_by_internvl(toks):
     conv = CASES["missing"][0]
     chat_for(toks["sp"], "internlm2-chat")(conv, [1], "t")  # inserted (golden "missing")
