@@ -17,6 +17,11 @@ export has the original architecture. Without a source the exported config descr
 ``depth = select_layer's block count``, features taken from the last block, and CLIP's unused
 post-layernorm written as the identity (ones, zeros). Either way the exported model computes the same logits.
 
+A Dynamic-LLaVA model's predictors are written beside the weights under the original repository's names
+(``model.image_score_predictor.*``, ``model.output_text_score_predictor.*``, ``model.instruct_score_predictor.*``):
+transformers ignores them (it reports them as unexpected keys), ``init_from`` with ``model/sparsify=dynamic_llava``
+and ``omnibal-eval --sparsify`` load them.
+
 Tokenizer files and the chat template are copied from ``tokenizer_source`` (typically the same source folder).
 The folder is written under a temporary name and renamed into place, so a failed export leaves no half folder.
 """
@@ -34,6 +39,7 @@ from safetensors.torch import save_file
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import LLMConfig, VLMConfig
 from omnibal_pl.model.hf_loading import Layout, folder_differences, hf_layout, skipped_tensors, to_hf_state_dict
+from omnibal_pl.model.sparsify.original_names import original_predictor_state_dict
 from omnibal_pl.model.vlm import VLM
 
 FAMILIES = ("llava", "internvl_chat", "internvl")
@@ -217,9 +223,6 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
     cfg = model.cfg
     if target.exists() and not overwrite:
         raise ConfigError(f"target={target} exists; choose another folder or pass overwrite=true to replace it")
-    if cfg.sparsify.enabled:
-        raise ConfigError("model.sparsify.enabled: exporting Dynamic-LLaVA's predictors is not supported; the "
-                          "published families have no place for them")
     if cfg.adapter.enabled:
         raise ConfigError("model.adapter: the model still holds LoRA adapters; fold them into the base weights first "
                           "(omnibal_pl.model.lora.merge_lora; omnibal-export does it)")
@@ -242,6 +245,8 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
         raise ConfigError(f"tokenizer={tokenizer_source}: no such folder")
     layout = hf_layout(source) if source is not None else _DEFAULT_LAYOUT[family]
     state = to_hf_state_dict(model, layout)
+    if cfg.sparsify.enabled:  # Dynamic-LLaVA's predictors, under the original checkpoints' names
+        state.update(original_predictor_state_dict(model))
     copied = 0
     if source is not None:
         unbuilt = skipped_tensors(source, cfg, layout)

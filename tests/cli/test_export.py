@@ -17,10 +17,11 @@ from omnibal_pl.cli.train import train
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import dummy_batch
 from omnibal_pl.model.hf_loading import load_hf_model
+from omnibal_pl.train.module import OmniBalModule
 from omnibal_pl.train.schemas import parse_run_config
 from omnibal_pl.train.trained_model import read_trained_model
 
-from tests.helpers import FAST, cfg_of, internvl_model, make_tokenizer, write_internvl_checkpoint
+from tests.helpers import FAST, SMALL_PREDICTOR, cfg_of, internvl_model, make_tokenizer, write_internvl_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,6 +140,28 @@ def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, llava_source):
     assert not torch.equal(exported[q], original[q])  # the adapter's update is in the weight
     for key in ("vision_tower.encoder.layers.0.mlp.fc1.weight", "language_model.lm_head.weight"):
         torch.testing.assert_close(exported[key], original[key], rtol=0, atol=0)  # frozen: the source's
+
+
+def test_a_dynamic_llava_run_exports_its_predictors_under_the_original_names(tmp_path, llava_source):
+    sparsify = ["model/sparsify=dynamic_llava", *(f"model.sparsify.{k}={v}" for k, v in SMALL_PREDICTOR.items())]
+    run_dir = tmp_path / "run"
+    train(cfg_of(*TRAIN, "model=auto", *sparsify, f"init_from={llava_source}", f"run_dir={run_dir}"))
+    target = tmp_path / "hf"
+    export(export_cfg(f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", f"target={target}"))
+    trained = read_trained_model(run_dir / "checkpoints" / "last.ckpt").build()
+    exported = all_tensors(target)
+    original = {k for k in exported if k.startswith(("model.image_score_predictor.", "model.output_text_score_predictor."))}
+    predictors = {n: p for n, p in trained.named_parameters() if ".sparsifier." in n}
+    assert original and len(original) == len(predictors)
+    _, info = transformers.LlavaForConditionalGeneration.from_pretrained(target, output_loading_info=True)
+    assert not info["missing_keys"] and {k.removeprefix("model.") for k in info["unexpected_keys"]} == {
+        k.removeprefix("model.") for k in original}  # transformers' LLaVA has no place for them; nothing else is off
+    run = parse_run_config(cfg_of("model=auto", *sparsify, f"init_from={target}"))
+    again = OmniBalModule(run.model, init_from=str(target)).model  # init_from a folder with predictors loads them
+    for name, p in predictors.items():
+        torch.testing.assert_close(again.get_parameter(name), p, rtol=0, atol=0, msg=name)
+    fresh = OmniBalModule(run.model).model  # the same seed's untrained predictors: training moved them
+    assert any(not torch.equal(fresh.get_parameter(n), p) for n, p in predictors.items())
 
 
 @pytest.fixture(scope="module")
