@@ -93,9 +93,10 @@ def _matching(names: list[str], patterns: list[str]) -> dict[str, list[str]]:
 
 
 def apply_lora(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Put adapters on the linear layers ``cfg.targets`` names; freeze every parameter except the adapters
-    and those ``cfg.trainable`` names. Returns the adapted module names. Raises :class:`ConfigError` for a
-    pattern that matches nothing (a typo would otherwise train nothing there, silently)."""
+    """Put adapters on the linear layers ``cfg.targets`` names; freeze every parameter except the adapters,
+    those ``cfg.trainable`` names and Dynamic-LLaVA's predictors (``.sparsifier.``: new, they have nothing to
+    keep). Returns the adapted module names. Raises :class:`ConfigError` for a pattern that matches nothing
+    (a typo would otherwise train nothing there, silently)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
     hits = _matching(linears, cfg.targets)
     empty = [p for p, found in hits.items() if not found]
@@ -112,7 +113,7 @@ def apply_lora(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     if empty:
         raise ConfigError(f"adapter.trainable {empty} match no parameter; names look like 'projector.*' or "
                           f"'llm.head.*'")
-    keep = {n for found in _matching(params, cfg.trainable).values() for n in found}
+    keep = {n for found in _matching(params, cfg.trainable).values() for n in found} | {n for n in params if ".sparsifier." in n}
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(name) or name in keep)
     return targets

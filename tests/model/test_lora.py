@@ -193,3 +193,16 @@ def test_a_pipeline_run_with_frozen_vision_stages_trains_only_the_adapters(tmp_p
     assert state.keys() == initial.keys()
     for name, start in initial.items():  # lora_a moves too, but B = 0 at the start gives it no gradient at step 0
         assert torch.equal(state[name], start) != is_adapter_param(name), name
+
+
+def test_dynamic_llava_predictors_train_beside_the_adapters():
+    from tests.helpers import SMALL_PREDICTOR
+
+    data = lora_cfg().to_dict()
+    data["sparsify"] = {"enabled": True, **SMALL_PREDICTOR}
+    torch.manual_seed(0)
+    model = VLM(VLMConfig.from_dict(data))
+    trained = trainable_state_dict(model)
+    predictors = [n for n, _ in model.named_parameters() if ".sparsifier." in n]
+    assert predictors and set(predictors) <= set(trained)
+    assert set(trained) == set(predictors) | {n for n in trained if is_adapter_param(n)}
