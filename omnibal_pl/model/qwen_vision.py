@@ -282,4 +282,5 @@ def pack_qwen_samples(cfg: VLMConfig, input_ids: Sequence[torch.Tensor], pixel_v
         cu_seqlens=cu, max_seqlen=max(segments), pixel_values=F.pad(pixels, (0, 0, 0, (cap - blocks) * unit)),
         image_flags=(torch.arange(cap) < blocks).long(), loss_weight=(labels[None] != IGNORE_INDEX).float(),
         sample_ids=torch.arange(len(input_ids)), num_samples=len(input_ids),
+        image_tokens=int((ids == cfg.image_context_id).sum()),  # host fact: the model checks it without a sync
         image_grids=tuple(tuple(g) for sample in grids for g in sample))

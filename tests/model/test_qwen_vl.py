@@ -139,8 +139,9 @@ def test_blocks_chain_equals_forward_and_only_real_blocks_reach_the_llm():
         torch.testing.assert_close(model(batch), x)
 
 
-# Published totals: Qwen/Qwen2.5-VL-3B-Instruct "3.75B", Qwen/Qwen2.5-VL-7B-Instruct "8.29B" (model cards).
-PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9}
+# Published totals: Qwen/Qwen2.5-VL-3B-Instruct "3.75B", Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen2-VL-7B-Instruct
+# "8.29B" (model cards).
+PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9, "qwen2_vl_7b": 8.29e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -150,7 +151,9 @@ def test_published_parameter_counts(name):
         model = VLM(cfg)
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - PUBLISHED[name]) / PUBLISHED[name] < 0.005, f"{name}: {total / 1e9:.4f}B"
-    assert cfg.vision.full_attention_blocks == [7, 15, 23, 31] and cfg.llm.mrope_section == [16, 24, 24]
+    assert cfg.llm.mrope_section == [16, 24, 24] and cfg.image_context_id == 151655
+    if cfg.vision.family == "qwen2_5_vl":
+        assert cfg.vision.full_attention_blocks == [7, 15, 23, 31] and cfg.vision.window_size == 112
 
 
 def test_pipeline_stages_and_recompute_give_the_whole_models_outputs_and_gradients():
