@@ -55,15 +55,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "preprocessor_config.json", "processor_config.json")
 
 # Field values each family's published model fixes (the loader maps exactly these structures).
+_INTERNVIT = {"projector.kind": "pixel_shuffle_mlp", "vision.act": "gelu", "vision.layerscale": True,
+              "vision.embed_norm": False, "vision.patch_bias": True, "vision.class_token": True}
 _FAMILY_FIELDS = {
     "llava": {"projector.kind": "mlp2x_gelu", "vision.norm": "layernorm", "vision.layerscale": False,
               "vision.embed_norm": True, "vision.patch_bias": False, "vision.qkv_bias": True, "vision.qk_norm": False,
               "vision.class_token": True},
-    "internvl_chat": {"projector.kind": "pixel_shuffle_mlp", "vision.act": "gelu", "vision.layerscale": True,
-                      "vision.embed_norm": False, "vision.patch_bias": True, "vision.class_token": True},
-    "internvl": {"projector.kind": "pixel_shuffle_mlp", "vision.act": "gelu", "vision.layerscale": True,
-                 "vision.embed_norm": False, "vision.patch_bias": True, "vision.class_token": True,
-                 "projector.norm_eps": 1e-5},  # transformers' projector LayerNorm has the default epsilon
+    "internvl_chat": _INTERNVIT,
+    "internvl": {**_INTERNVIT, "projector.norm_eps": 1e-5},  # transformers' projector LayerNorm: the default epsilon
 }
 
 
@@ -207,6 +206,44 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     return names
 
 
+def _resolve_family(cfg: VLMConfig, source: Path | None, family: str) -> str:
+    """The family to write: ``family``, or with ``auto`` the source folder's, else the config's; checked against
+    both (a source describing another model, or of another family, is an error naming what differs)."""
+    source_family = None
+    if source is not None:
+        differences = folder_differences(cfg, source)
+        if differences:
+            raise ConfigError(f"source={source}: its config.json describes another model than the checkpoint's: "
+                              f"{'; '.join(differences)}")
+        source_family = _FAMILY_OF_VISION_LAYOUT.get(hf_layout(source).vision)
+        if source_family is None:
+            raise ConfigError(f"source={source}: no Hugging Face export for its model_type; pass source=null")
+    if family == "auto":
+        family = source_family or family_of(cfg)
+    elif source_family not in (None, family):
+        raise ConfigError(f"family={family}, but source={source} is a {source_family} folder; pass source=null to write "
+                          f"the {family} layout from the checkpoint alone")
+    check_family(cfg, family)
+    return family
+
+
+def _state_and_config(model: VLM, family: str, source: Path | None) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """The folder's tensors (checkpoint names), its ``config.json`` and how many tensors came from ``source``."""
+    cfg = model.cfg
+    layout = hf_layout(source) if source is not None else _DEFAULT_LAYOUT[family]
+    state = to_hf_state_dict(model, layout)
+    if cfg.sparsify.enabled:  # Dynamic-LLaVA's predictors, under the original checkpoints' names
+        state.update(original_predictor_state_dict(model))
+    if source is not None:
+        unbuilt = skipped_tensors(source, cfg, layout)
+        state.update(unbuilt)
+        return state, json.loads((source / "config.json").read_text()), len(unbuilt)
+    if family == "llava":
+        state.update(_identity_post_layernorm(cfg))
+        return state, _llava_config(cfg), 0
+    return state, _internvl_config(cfg) if family == "internvl" else _internvl_chat_config(cfg, layout), 0
+
+
 def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = None,
               tokenizer_source: str | Path | None = None, family: str = "auto", dtype: torch.dtype | None = None,
               max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> ExportResult:
@@ -215,54 +252,22 @@ def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = Non
     ``source``: the Hugging Face folder the model was initialised from (its config must describe the same
     model: the error names the fields that differ); ``tokenizer_source``: a folder whose tokenizer files and
     chat template are copied (None: none copied, :attr:`ExportResult.tokenizer_files` is empty); ``family``:
-    ``auto`` (from the config) or one of :data:`FAMILIES`, checked against the config; ``dtype``: cast the
-    weights (None: as held); ``max_shard_bytes``: the largest safetensors file; ``overwrite``: replace an
-    existing ``target``.
+    ``auto`` (the source's, else from the config) or one of :data:`FAMILIES`, checked against the config;
+    ``dtype``: cast the weights (None: as held); ``max_shard_bytes``: the largest safetensors file;
+    ``overwrite``: replace an existing ``target``.
     """
     target = Path(target)
-    cfg = model.cfg
+    source = Path(source) if source is not None else None
     if target.exists() and not overwrite:
         raise ConfigError(f"target={target} exists; choose another folder or pass overwrite=true to replace it")
-    if cfg.adapter.enabled:
+    if model.cfg.adapter.enabled:
         raise ConfigError("model.adapter: the model still holds LoRA adapters; fold them into the base weights first "
                           "(omnibal_pl.model.lora.merge_lora; omnibal-export does it)")
-    source = Path(source) if source is not None else None
-    if source is not None:
-        differences = folder_differences(cfg, source)
-        if differences:
-            raise ConfigError(f"source={source}: its config.json describes another model than the checkpoint's: "
-                              f"{'; '.join(differences)}")
-    source_family = _FAMILY_OF_VISION_LAYOUT.get(hf_layout(source).vision) if source is not None else None
-    if source is not None and source_family is None:
-        raise ConfigError(f"source={source}: no Hugging Face export for its model_type; pass source=null")
-    if family == "auto":
-        family = source_family or family_of(cfg)
-    elif source_family not in (None, family):
-        raise ConfigError(f"family={family}, but source={source} is a {source_family} folder; pass source=null to write "
-                          f"the {family} layout from the checkpoint alone")
-    check_family(cfg, family)
     if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
         raise ConfigError(f"tokenizer={tokenizer_source}: no such folder")
-    layout = hf_layout(source) if source is not None else _DEFAULT_LAYOUT[family]
-    state = to_hf_state_dict(model, layout)
-    if cfg.sparsify.enabled:  # Dynamic-LLaVA's predictors, under the original checkpoints' names
-        state.update(original_predictor_state_dict(model))
-    copied = 0
-    if source is not None:
-        unbuilt = skipped_tensors(source, cfg, layout)
-        copied = len(unbuilt)
-        state.update(unbuilt)
-        config = json.loads((source / "config.json").read_text())
-    elif family == "llava":
-        state.update(_identity_post_layernorm(cfg))
-        config = _llava_config(cfg)
-    elif family == "internvl":
-        config = _internvl_config(cfg)
-    else:
-        config = _internvl_chat_config(cfg, layout)
-    if dtype is not None:
-        state = {k: t.to(dtype) for k, t in state.items()}
-    state = {k: t.detach().cpu().contiguous() for k, t in state.items()}
+    family = _resolve_family(model.cfg, source, family)
+    state, config, copied = _state_and_config(model, family, source)
+    state = {k: (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous() for k, t in state.items()}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
