@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from omegaconf import DictConfig
 
 from omnibal_pl.cli.conf import hydra_app
@@ -29,8 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ExportConfig:
-    """``conf/export.yaml``: ``source`` and ``tokenizer`` take ``auto`` (the checkpoint's ``init_from``, and
-    the source) or a folder or null; ``max_shard_gb`` in GiB."""
+    """``conf/export.yaml``: ``source`` and ``tokenizer`` take ``auto`` (the checkpoint's ``init_from``; the source,
+    else the run's ``dataset.tokenizer``) or a folder or null; ``max_shard_gb`` in GiB."""
 
     checkpoint: str
     target: str
@@ -40,6 +41,18 @@ class ExportConfig:
     dtype: Optional[str] = None
     max_shard_gb: float = 5.0
     overwrite: bool = False
+
+
+def run_tokenizer(checkpoint: Path) -> str | None:
+    """The folder of the tokenizer the run trained with (``dataset.tokenizer`` in its ``config.yaml``, the
+    checkpoint being ``<run_dir>/checkpoints/<name>``); None when the run has none (synthetic data)."""
+    config = checkpoint.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    tokenizer = ((yaml.safe_load(config.read_text()) or {}).get("dataset") or {}).get("tokenizer")
+    if not tokenizer:
+        return None
+    return str(Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent)
 
 
 def export(cfg: DictConfig) -> ExportResult:
@@ -55,7 +68,7 @@ def export(cfg: DictConfig) -> ExportResult:
     if source is not None and not Path(source, "config.json").is_file():
         key = "source (auto: the checkpoint's init_from)" if ecfg.source == "auto" else "source"
         raise ConfigError(f"{key}={source}: not a Hugging Face folder (no config.json); give source=<folder> or source=null")
-    tokenizer = source if ecfg.tokenizer == "auto" else ecfg.tokenizer
+    tokenizer = (source or run_tokenizer(Path(ecfg.checkpoint))) if ecfg.tokenizer == "auto" else ecfg.tokenizer
     result = export_hf(trained.build(), target, source=source, tokenizer_source=tokenizer, family=ecfg.family,
                        dtype=DTYPES[ecfg.dtype] if ecfg.dtype else None,
                        max_shard_bytes=int(ecfg.max_shard_gb * 2**30), overwrite=ecfg.overwrite)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from safetensors import safe_open
 
@@ -274,6 +275,17 @@ def test_without_a_tokenizer_the_weights_are_exported_and_the_missing_tokenizer_
     assert "tokenizer: no tokenizer files copied" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="tokenizer=.*no such folder"):
         export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'b'}", f"tokenizer={tmp_path / 'none'}"))
+
+
+def test_the_tokenizer_defaults_to_the_runs_own(tmp_path, llava_checkpoint, llava_source):
+    """Without a source (source=null), tokenizer=auto takes the run's dataset.tokenizer from its config.yaml."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").symlink_to(llava_checkpoint)
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": {"tokenizer": str(llava_source / "tokenizer.json")}}))
+    result = export(export_cfg(f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", f"target={tmp_path / 'hf'}",
+                               "source=null"))
+    assert "tokenizer.json" in result.tokenizer_files and "chat_template.jinja" in result.tokenizer_files
 
 
 def test_model_auto_and_a_disagreeing_model(llava_source):
