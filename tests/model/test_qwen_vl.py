@@ -93,6 +93,31 @@ def test_packed_logits_match_transformers(qwen_dir):
             torch.testing.assert_close(got[bounds[s]:bounds[s + 1]], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_the_hub_layout_loads_too(qwen_dir, tmp_path):
+    """The published checkpoints' spelling (transformers 4): text fields at the top of config.json with
+    rope_scaling {type: mrope}, tensors ``visual.*``, ``model.layers.*``, ``lm_head.*``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = qwen_dir
+    config = json.loads((path / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    hub = {**text, **config, "rope_theta": rope["rope_theta"],
+           "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    tensors = load_file(path / "model.safetensors")
+    renamed = {k.replace("model.visual.", "visual.").replace("model.language_model.", "model."): v for k, v in tensors.items()}
+    assert any(k.startswith("model.layers.") for k in renamed) and any(k.startswith("visual.") for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors")
+    assert vlm_config_from_hf(tmp_path) == vlm_config_from_hf(path, name=tmp_path.name)
+    ours, reference = load_hf_model(tmp_path).eval(), load_hf_model(path).eval()
+    _, _, batch = packed_inputs(ours.cfg, token_cap=80, block_cap=20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(batch), reference(batch), rtol=0, atol=0)
+
+
 def test_mrope_positions_follow_the_image_grid():
     ids = torch.tensor([1, 2, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3])  # a 4 x 6 patch image: 2 x 3 tokens
     pos = mrope_position_ids(ids, [(1, 4, 6)], IMAGE, spatial_merge=2)
