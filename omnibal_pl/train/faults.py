@@ -57,8 +57,8 @@ class FaultConfig:
 
     ``collective_timeout_s``: how long a collective waits for its peers before it raises (also the start-up
     rendezvous: keep it above the time the slowest rank takes to start);
-    ``step_timeout_s``: longest time without a finished training batch (the first included) before the
-    watchdog ends the process: set it above the slowest step plus a checkpoint save;
+    ``step_timeout_s``: longest time without a finished training or validation batch (the first included) before
+    the watchdog ends the process: set it above the slowest step plus a checkpoint save;
     ``sigterm_grace_s``: time between SIGTERM and the process's forced end, for Lightning's own stop at the
     end of the batch;
     ``max_nonfinite_steps``: this many consecutive optimizer steps with a non-finite loss or gradient norm
@@ -153,6 +153,10 @@ class FaultWatch(pl.Callback):
                            batch_idx: int) -> None:
         self._step = trainer.global_step
         self._last_progress = time.monotonic()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._last_progress = time.monotonic()  # validation inside the epoch is progress too
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._last_progress = time.monotonic()  # a save starts: its time is not a stalled step
