@@ -112,8 +112,9 @@ class OmniBalDataModule(L.LightningDataModule):
         if self.data.val is not None:
             self.val_sampler = BalancedSampler(self.data.val.lengths, self.balance, rank, size)
             if self.val_sampler.micro_batches_per_epoch(0) == 0:
-                raise ConfigError(f"dataset.val_fraction holds out {len(self.data.val.lengths)} samples, too few for one "
-                                  f"step of {self.balance.micro_batches} micro-batches on {size} DP ranks; raise it")
+                raise ConfigError(f"the validation data (dataset.val_fraction or dataset.val_*) has {len(self.data.val.lengths)} "
+                                  f"samples, too few for one step of {self.balance.micro_batches} micro-batches on {size} DP "
+                                  "ranks; hold out more")
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -26,7 +26,7 @@ from omnibal_pl.balance.search import CapSearch, resolve_shape
 from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.data.synthetic import SyntheticDataset
 from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
-from omnibal_pl.data.validation_split import HeldOut, split_validation
+from omnibal_pl.data.validation_split import HeldOut, split_validation, validation_overrides
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable, load_lengths
 
@@ -81,13 +81,40 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
         if image_only:  # after the cap: under overlong=skip the dataset's rows are the samples that fit
             rows = image_rows(lengths)
             data, lengths = Subset(data, rows.tolist()), lengths.subset(rows)
-    if resolved.vit_cap and int(lengths.vit.max()) > resolved.vit_cap:
-        # such a sample gets a group of its own that no micro-batch of the cap's shape can hold
-        over = int((lengths.vit > resolved.vit_cap).sum())
-        raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={resolved.vit_cap} (largest: "
-                          f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
-    data, lengths, val = split_validation(data, lengths, float(cfg.get("val_fraction") or 0.0), int(cfg.get("seed", 0)))
+    check_tile_cap(lengths, resolved.vit_cap)
+    fraction, separate = float(cfg.get("val_fraction") or 0.0), validation_overrides(cfg)
+    if separate:
+        if fraction or cfg.get("kind") == "synthetic":
+            raise ConfigError(f"dataset.val_{next(iter(separate))}: separate validation files need a real dataset "
+                              "(_target_) and no dataset.val_fraction; set one of them")
+        return TrainingData(data, lengths, resolved, search, model,
+                            separate_validation({**cfg, "paths": None, **separate}, resolved, image_only))
+    data, lengths, val = split_validation(data, lengths, fraction, int(cfg.get("seed", 0)))
     return TrainingData(data, lengths, resolved, search, model, val)
+
+
+def check_tile_cap(lengths: LengthTable, vit_cap: int | None) -> None:
+    """A sample with more tiles than the tile cap gets a group of its own that no micro-batch of the cap's shape can
+    hold: an error naming the count."""
+    if vit_cap and int(lengths.vit.max()) > vit_cap:
+        over = int((lengths.vit > vit_cap).sum())
+        raise ConfigError(f"{over} samples have more tiles than balance.vit_cap={vit_cap} (largest: "
+                          f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
+
+
+def separate_validation(cfg: Mapping[str, Any], resolved: BalanceConfig, image_only: bool) -> HeldOut:
+    """The validation dataset of the node ``cfg`` (the training node with its ``val_*`` entries in place), its
+    statistics cached next to its data, capped like the training data (the same token cap and tile check)."""
+    data = build_dataset(cfg)
+    raw = real_lengths(data, cfg)
+    if data.max_tokens is None:
+        data.max_tokens = resolved.token_cap
+    lengths = data.apply_token_cap(raw)
+    if image_only:
+        rows = image_rows(lengths)
+        data, lengths = Subset(data, rows.tolist()), lengths.subset(rows)
+    check_tile_cap(lengths, resolved.vit_cap)
+    return HeldOut(data, lengths)
 
 
 def image_rows(lengths: LengthTable) -> np.ndarray:
@@ -105,7 +132,8 @@ def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
                           "dataset class (see conf/dataset/llava.yaml, internvl.yaml)")
     from hydra.utils import instantiate
 
-    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers", "val_fraction", "require_image")}
+    node = {k: v for k, v in cfg.items()
+            if k not in ("name", "kind", "paths", "num_workers", "require_image") and not k.startswith("val_")}
     return instantiate(node, _convert_="object")
 
 

@@ -1,4 +1,5 @@
-"""The held-out validation split of a run's data (``dataset.val_fraction``).
+"""The validation data of a run: a held-out split of the training data (``dataset.val_fraction``), or a dataset of
+its own (``dataset.val_<key>`` entries, e.g. ``val_annotation``: the training node with those keys replaced).
 
 A seeded random ``fraction`` of the samples (at least one) is held out; the rest is the training data. Both
 keep their rows aligned with their statistics, so the validation samples are grouped, balanced and packed
@@ -9,6 +10,7 @@ samples that arrangement leaves out of its last full step are not validated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -40,3 +42,10 @@ def split_validation(dataset: Dataset, lengths: LengthTable, fraction: float,
     val_rows, train_rows = np.sort(order[:held]), np.sort(order[held:])
     held_out = HeldOut(Subset(dataset, val_rows.tolist()), lengths.subset(val_rows))
     return Subset(dataset, train_rows.tolist()), lengths.subset(train_rows), held_out
+
+
+def validation_overrides(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``{<key>: value}`` of the node's ``val_<key>`` entries other than ``val_fraction`` (``val_annotation``,
+    ``val_meta``, ``val_image_root``, ...): the node of a separate validation dataset is the training node with
+    these keys replaced; empty when there are none."""
+    return {k[len("val_"):]: v for k, v in cfg.items() if k.startswith("val_") and k != "val_fraction" and v is not None}

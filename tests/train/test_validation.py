@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.batch import IGNORE_INDEX
 from omnibal_pl.cli.train import train
+from omnibal_pl.data.training_data import ModelSpec, prepare_training_data
 from omnibal_pl.data.validation_split import split_validation
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable
@@ -22,7 +24,7 @@ from omnibal_pl.train.assemble import build_run, resolve_run
 from omnibal_pl.train.schemas import parse_run_config
 from omnibal_pl.train.trained_model import read_trained_model
 
-from tests.helpers import FAST, cfg_of
+from tests.helpers import FAST, LLAVA_TEMPLATE, LLAVA_TILING, cfg_of, llava_records, make_tokenizer, write_json
 
 VAL = ["dataset.val_fraction=0.1", "trainer.val_check_interval=2", "trainer.max_steps=4",
        "trainer.checkpoint_every_n_steps=4", "optim.lr=1e-3"]
@@ -48,6 +50,29 @@ def test_the_split_is_disjoint_seeded_and_sized():
     assert split_validation(dataset, table, 0.0, seed=3) == (dataset, table, None)
     with pytest.raises(ConfigError, match="val_fraction"):
         split_validation(dataset, table, 1.0, seed=3)
+
+
+def test_separate_validation_files_replace_the_training_node_keys(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    records = llava_records(root)
+    train_file = write_json(root / "train.json", records)
+    val_file = write_json(root / "val.json", [{**r, "id": f"val-{r['id']}"} for r in records[:3]])
+    node = {"name": "llava", "_target_": "omnibal_pl.data.LlavaDataset", "annotation": str(train_file),
+            "image_root": str(root), "tokenizer": str(make_tokenizer(tmp_path / "tok")), "overlong": "error",
+            "template": {"_target_": "omnibal_pl.data.TemplateConfig", "name": LLAVA_TEMPLATE.name,
+                         "tokens_per_tile": LLAVA_TEMPLATE.tokens_per_tile,
+                         "image_context_token": LLAVA_TEMPLATE.image_context_token},
+            "tiling": {"_target_": "omnibal_pl.data.TilingConfig", "mode": "llava", "image_size": LLAVA_TILING.image_size,
+                       "max_tiles": 1, "use_thumbnail": False},
+            "val_annotation": str(val_file)}
+    spec = ModelSpec(vocab_size=64, image_size=LLAVA_TILING.image_size, tokens_per_tile=9, image_context_id=8)
+    data = prepare_training_data(node, BalanceConfig(dp=1, vit_cap=4, token_cap=200), spec)
+    assert len(data.lengths) == len(records) and len(data.val.lengths) == 3  # nothing held out of the training file
+    assert data.val.dataset.files == [val_file] and data.val.dataset.max_tokens == 200  # same token cap
+    assert list(root.glob("val.json.lengths-*.obl"))  # its own statistics, cached next to it
+    with pytest.raises(ConfigError, match="dataset.val_annotation: .*no dataset.val_fraction"):
+        prepare_training_data({**node, "val_fraction": 0.1}, BalanceConfig(dp=1, vit_cap=4, token_cap=200), spec)
 
 
 def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monitored(tmp_path):
