@@ -13,7 +13,8 @@ pipeline (all ranks of one pipeline get the same ones; DP replicas get different
   ``m x dp`` micro-batches (the schedule divides gradients by ``m``, the DP all-reduce by ``dp``);
   a loss normalised by a global token count must fold that count into ``loss_fn``.
 - Gradients: accumulate into ``.grad`` over the micro-batches with no communication; after the last
-  micro-batch one flat all-reduce per dtype averages them over the "dp" mesh dimension, then a tied
+  micro-batch bucketed flat all-reduces (at most 25 MiB copied at a time) average them over the "dp" mesh
+  dimension, then a tied
   embedding split across ranks sums its two partial gradients (:mod:`omnibal_pl.parallel.tied`).
   They are not zeroed here: zero them before each step, as with ``loss.backward()``.
 - The step's loss is broadcast from the last stage and averaged over DP: every rank returns it.
@@ -62,25 +63,43 @@ def _unique_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
-    """Average ``params``' gradients over ``dp_group``: one flat all-reduce per dtype.
+GRAD_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes one all-reduce copies at a time (DDP's default bucket)
 
-    A parameter without a gradient gets zeros, so every replica runs the same collectives.
+
+def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup,
+                     bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
+    """Average ``params``' gradients over ``dp_group``: flat all-reduces of at most ``bucket_bytes`` each
+    (a bucket holds one dtype; a larger gradient goes alone), so the copy the collective works on never
+    holds more than one bucket (or the largest gradient) besides the gradients themselves.
+
+    Frozen parameters (``requires_grad=False``, the same on every replica) are skipped; a trainable one
+    without a gradient gets zeros, so every replica runs the same collectives.
     """
     size = dist.get_world_size(dp_group)
     if size == 1:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
+    buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def flush(grads: list[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=dp_group)
         flat.div_(size)
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
+        grads.clear()
+
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        bucket = buckets.setdefault(p.grad.dtype, [])
+        if bucket and (sum(g.numel() for g in bucket) + p.grad.numel()) * p.grad.element_size() > bucket_bytes:
+            flush(bucket)
+        bucket.append(p.grad)
+    for bucket in buckets.values():
+        if bucket:
+            flush(bucket)
 
 
 def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup,

@@ -20,7 +20,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from omnibal_pl.conf import preset
 from omnibal_pl.errors import ConfigError, DataError, PlanError
 from omnibal_pl.model import VLM, VLMConfig, dummy_batch
-from omnibal_pl.parallel import build_mesh, build_pipeline, gather_full_state_dict, initial_state_dict
+from omnibal_pl.parallel import all_reduce_grads, build_mesh, build_pipeline, gather_full_state_dict, initial_state_dict
 from omnibal_pl.parallel.dcp import state_holder
 from omnibal_pl.parallel.sharding import local_tensor
 
@@ -252,3 +252,38 @@ def test_bad_sizes_and_micro_batch_shapes_are_clear_errors(tmp_path):
         assert "dp: plan 2, run 1" in errors["dp"]
         assert "has 64 tokens" in errors["tokens"] and "token cap" in errors["tokens"]
         assert "has 4 tiles" in errors["tiles"] and "tile cap" in errors["tiles"]
+
+
+def grad_sync_worker(bucket_bytes: int) -> dict:
+    """Rank r's gradients are r + 1 everywhere; records every all-reduce's element count."""
+    rank = dist.get_rank()
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n, dtype in
+              ((10, torch.float32), (3, torch.float32), (40, torch.float32), (6, torch.bfloat16), (5, torch.float32))]
+    for p in params[:3] + params[3:4]:
+        p.grad = torch.full_like(p, rank + 1.0)
+    frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    sizes = []
+    original = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        sizes.append((tensor.numel(), tensor.dtype))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        all_reduce_grads([*params, frozen], dist.group.WORLD, bucket_bytes=bucket_bytes)
+    finally:
+        dist.all_reduce = original
+    return {"grads": [p.grad.float().tolist() for p in params], "frozen": frozen.grad, "sizes": sizes}
+
+
+def test_gradient_sync_averages_in_buckets_and_skips_frozen_parameters(tmp_path) -> None:
+    """Gradients are the mean over DP (a sum would double them), a trainable parameter without a gradient
+    joins with zeros, a frozen one is not communicated, and no all-reduce copies more than one bucket
+    (or one gradient larger than a bucket)."""
+    ranks = spawn(grad_sync_worker, 2, tmp_path, 64)  # 64 bytes: 16 fp32 elements per bucket
+    for out in ranks:
+        assert [g[0] for g in out["grads"]] == [1.5, 1.5, 1.5, 1.5, 0.0]
+        assert out["frozen"] is None
+    # fp32 in order 10, 3 | 40 (alone: larger than a bucket) | 5 (no grad: zeros); bf16: 6
+    assert ranks[0]["sizes"] == [(13, torch.float32), (40, torch.float32), (5, torch.float32), (6, torch.bfloat16)]
