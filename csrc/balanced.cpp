@@ -73,11 +73,10 @@ struct Bucket {
   std::vector<int32_t> values;  // distinct token counts of the bucket, ascending
   std::vector<int32_t> value_of;  // per slot: index of its token count in `values`
   // Unused slots of token count v: unused_slots[start[v] .. start[v] + count[v]), in no particular order
-  // (a slot leaves by swapping with the segment's last); where[slot] is its position there.
+  // (a slot leaves by swapping with the segment's last); where[slot] is its position there, -1 once taken.
   std::vector<int32_t> unused_slots, where, count;
   std::vector<int64_t> start;
   Fenwick unused{{}};
-  std::vector<char> taken;
   int64_t left = 0, first = 0, last = -1;
   bool extremes_changed = false;  // the last take() changed min_tokens(), max_tokens() or emptied it
 
@@ -96,7 +95,6 @@ struct Bucket {
       unused_slots[k] = where[k] = static_cast<int32_t>(k);
     }
     unused = Fenwick(count);
-    taken.assign(items.size(), 0);
     left = static_cast<int64_t>(items.size());
     first = 0;
     last = left - 1;
@@ -135,7 +133,7 @@ struct Bucket {
   int64_t take(int64_t slot) {
     // Once per sample, outside the look-up loops: a look-up bug becomes a Python IndexError, not a
     // write past the bucket or a sample taken twice.
-    if (slot < 0 || slot >= static_cast<int64_t>(items.size()) || taken[slot])
+    if (slot < 0 || slot >= static_cast<int64_t>(items.size()) || where[slot] < 0)
       throw std::out_of_range("balanced: slot " + std::to_string(slot) + " of a bucket of " +
                               std::to_string(items.size()) + " is outside it or already taken");
     const int32_t v = value_of[slot];
@@ -144,12 +142,12 @@ struct Bucket {
     const int32_t moved = unused_slots[last_unused];
     unused_slots[where[slot]] = moved;
     where[moved] = where[slot];
-    taken[slot] = 1;
+    where[slot] = -1;
     --left;
     // Items only ever leave, so the smallest / largest unused slot only moves inwards.
     const int64_t was_first = first, was_last = last;
-    while (left > 0 && taken[first]) ++first;
-    while (left > 0 && taken[last]) --last;
+    while (left > 0 && where[first] < 0) ++first;
+    while (left > 0 && where[last] < 0) --last;
     extremes_changed = left == 0 || first != was_first || last != was_last;
     return items[slot];
   }
@@ -160,9 +158,12 @@ struct Bucket {
 }  // namespace
 
 Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t seed, Oversize policy) {
+  if (len.n > std::numeric_limits<int32_t>::max())  // slots within a bucket are int32
+    throw std::invalid_argument("balanced groups at most 2^31 - 1 samples per call; split the data");
   Groups out;
   std::vector<int64_t> order = split_oversize(len, vit_cap, token_cap, policy, out);
   if (order.empty()) return out;
+  out.indices.reserve(out.indices.size() + order.size());
   SplitMix64 rng(seed);
   rng.shuffle(order);
 
@@ -185,12 +186,12 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t
     for (int32_t v = 0; v <= vmax; ++v) buckets[v].items.reserve(per_bucket[v]);
     for (int64_t i : by_tokens) buckets[len.vit[i]].items.push_back(i);
   }
-  std::vector<int64_t> slot_of(static_cast<size_t>(len.n), -1);  // position of a sample in its bucket
+  std::vector<int32_t> slot_of(static_cast<size_t>(len.n), -1);  // position of a sample in its bucket
   for (auto& b : buckets) {
     b.tokens.resize(b.items.size());
     for (size_t k = 0; k < b.items.size(); ++k) {
       b.tokens[k] = len.tokens[b.items[k]];
-      slot_of[b.items[k]] = static_cast<int64_t>(k);
+      slot_of[b.items[k]] = static_cast<int32_t>(k);
     }
     b.init();
   }
@@ -228,11 +229,12 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t
   std::vector<double> grow_weight;
   int64_t vit = 0, tok = 0;
   auto add = [&](int32_t v, int64_t pos) {
-    int64_t i = buckets[v].take(pos);
-    if (buckets[v].extremes_changed) bounds_upto = -1;
+    Bucket& b = buckets[v];
+    int64_t i = b.take(pos);
+    if (b.extremes_changed) bounds_upto = -1;
     used[i] = 1;
-    vit += len.vit[i];
-    tok += len.tokens[i];
+    vit += v;
+    tok += b.tokens[pos];
     out.indices.push_back(i);
   };
 
