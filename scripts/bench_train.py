@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random] [--save-time-model PATH]
+        [--calibration 48] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -152,6 +153,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
     path = args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json"
     fitted = fit_on_calibration(model, cfg, args, device, Path(path))
+    if args.fit_only:
+        return
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
     data = {a: rank_batches(cfg, balance_config(a, args, Path(path) if fitted else None), args) for a in algorithms}
 
@@ -209,6 +212,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
     parser.add_argument("--calibration", type=int, default=48, help="random micro-batches timed to fit the model")
     parser.add_argument("--save-time-model", type=Path, default=None, help="where to write the fitted model JSON")
+    parser.add_argument("--fit-only", action="store_true", help="fit (and save) the time model, run no sampler")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
     parser.add_argument("--samples-per-group", type=int, default=2)
     parser.add_argument("--text-scale", type=float, default=0.25)
