@@ -277,6 +277,13 @@ def test_without_a_tokenizer_the_weights_are_exported_and_the_missing_tokenizer_
         export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'b'}", f"tokenizer={tmp_path / 'none'}"))
 
 
+def test_dtype_casts_every_tensor_and_an_unknown_one_is_named(tmp_path, llava_checkpoint):
+    export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'hf'}", "dtype=bfloat16"))
+    assert {t.dtype for t in all_tensors(tmp_path / "hf").values()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="dtype='fp8' is not one of"):
+        export(export_cfg(f"checkpoint={llava_checkpoint}", f"target={tmp_path / 'x'}", "dtype=fp8"))
+
+
 def test_the_tokenizer_defaults_to_the_runs_own(tmp_path, llava_checkpoint, llava_source):
     """Without a source (source=null), tokenizer=auto takes the run's dataset.tokenizer from its config.yaml."""
     run = tmp_path / "run"
