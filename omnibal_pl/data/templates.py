@@ -27,7 +27,7 @@ agrees with the encoding (the usual case, and every golden test) the labels are 
 not we do not follow it: ``internlm2-chat`` then trains on no token of the sample (InternVL's "tokenization
 mismatch", e.g. a tokenizer without BOS); ``internvl2_5`` leaves only the last token of a reply's turn
 unsupervised, so a tokenizer writing the closing newline as ``▁`` + ``\\n`` gets the ``▁`` supervised there,
-not here.
+not here. InternVL also supervises the tokens of an image placed inside a reply; image tokens never are here.
 """
 from __future__ import annotations
 
@@ -339,10 +339,9 @@ class ChatTokenizer:
         at = len(pieces[0])
         for piece in pieces[1:]:
             at += len(IMAGE_PLACEHOLDER)
-            compact_chars += [np.zeros(len(self._image_text), bool), chars[at : at + len(piece)]]
+            compact_chars += [np.zeros(len(self._image_text), bool), chars[at : at + len(piece)]]  # images: never supervised
             at += len(piece)
         ids, supervised = self._encode_text(self._image_text.join(pieces), np.concatenate(compact_chars))
-        supervised &= ~np.isin(ids, self.image_token_ids)
         context = ids == self.image_context_id
         if context.sum() != len(tiles):
             raise DataError(f"{self.tokenizer.origin}: {self._image_text!r} does not encode as its special tokens; "

@@ -203,6 +203,16 @@ def test_a_token_holding_prompt_and_reply_characters_is_not_supervised(toks):
     assert render(tok, ids, labels).endswith("<|im_start|> assistant ĊĊ Ċ* Red* .* <|im_end|>* Ċ")
 
 
+@pytest.mark.parametrize("name", ["internlm2-chat", "vicuna_v1"])
+def test_an_image_inside_a_reply_is_not_supervised(toks, name):
+    tok = toks["sp"]
+    ids, labels = chat_for(tok, name, tokens_per_tile=1)([human("Hi"), gpt("Red. <image>")], [3], "t")
+    text = render(tok, ids, labels)
+    block = "<img> <IMG_CONTEXT> <IMG_CONTEXT> <IMG_CONTEXT> </img>" if name == "internlm2-chat" else "<image> <image> <image>"
+    # the image block carries no label, the reply around it does (LLaVA moves the image to the front first)
+    assert text.endswith(f"Red* .* ▁* {block} <|im_end|>*" if name == "internlm2-chat" else f": ▁* {block} <0x0A>* Red* .* </s>*")
+
+
 def test_llava_moves_the_image_to_the_front_of_its_turn(toks):
     tok = toks["llama"]
     chat = chat_for(tok, "vicuna_v1", tokens_per_tile=1)
