@@ -11,7 +11,8 @@ from omnibal_pl.plan.cost_model import PRESETS, block_parameters, cost_model_pro
 from omnibal_pl.plan.costs import CostProfile, ZeroSharding
 from omnibal_pl.plan.partition import ScoredPartition, search_partition
 from omnibal_pl.plan.plan import Plan
-from omnibal_pl.plan.profiler import device_memory_bytes, local_device, precision_of, profile_blocks
+from omnibal_pl.plan.profiler import (HeadLoss, device_memory_bytes, local_device, next_token_loss, precision_of,
+                                      profile_blocks)
 from omnibal_pl.plan.schedule import PipelineConfig
 
 
@@ -30,8 +31,9 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
                     schedule: str = "1f1b", device: str = "h100_80gb", source: str = "cost_model",
                     profile_cache: str | None = None, samples: int = 4, virtual_stages: int = 2,
                     memory_fraction: float = 0.9, zero: int = 0, precision: str = "bf16-mixed",
-                    memory_gb: float | None = None) -> PlanInputs:
-    """Block costs and pipeline config for :func:`make_plan` (its docstring has the arguments)."""
+                    memory_gb: float | None = None, head_loss: HeadLoss = next_token_loss) -> PlanInputs:
+    """Block costs and pipeline config for :func:`make_plan` (its docstring has the arguments); ``head_loss``:
+    the loss a profile measures with ``llm.head`` (:func:`~omnibal_pl.plan.profiler.profile_blocks`)."""
     sharding = ZeroSharding(zero, dp)
     element_bytes = precision_of(precision).compute.itemsize
     if source not in ("profile", "cost_model"):
@@ -45,7 +47,8 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
         device_preset(device)  # raises the error listing the presets
     measured = None
     if source == "profile" or device not in PRESETS:
-        measured = profile_blocks(model, shape, precision=precision, sharding=sharding, cache_dir=profile_cache)
+        measured = profile_blocks(model, shape, precision=precision, sharding=sharding, cache_dir=profile_cache,
+                                  head_loss=head_loss)
     if device in PRESETS:
         preset = device_preset(device)
         memory, hop = preset.memory_bytes, hop_seconds(model, shape, preset)

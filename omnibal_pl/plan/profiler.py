@@ -20,8 +20,7 @@ last stage runs it: its times include the loss's forward and backward, its activ
 loss saves. The default, :func:`next_token_loss`, is a plain cross-entropy: it keeps the fp32 log-softmax
 [L, vocab], an upper bound of the runtime's chunked loss (``train/objective.py: packed_loss_sum``, which
 keeps the logits and an fp32 log-sum-exp per position: equal under ``32-true``, half the figure under
-16-bit precisions). Pass ``head_loss=lambda logits, b: packed_loss_sum(logits, b)[0]`` from a floor that
-may import ``train`` for the runtime's own figure.
+16-bit precisions). ``omnibal-train`` passes the runtime's own (``train/objective.py: head_loss_sum``).
 
 Results are cached as JSON (``CostProfile.save``) under a name made of the model, the device, the precision
 (:attr:`Precision.tag`), the shape and a hash of the whole model config.
@@ -240,9 +239,10 @@ def _measure_block(name: str, block: torch.nn.Module, step: Callable[[], torch.T
 
 
 def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, device: torch.device,
-               precision: str, sharding: ZeroSharding) -> Path:
-    """Where the profile of this model, device, precision and shape is cached (one file per precision)."""
-    digest = hashlib.sha1(f"{MEASUREMENT_VERSION}|{cfg!r}|{sharding}".encode()).hexdigest()[:10]
+               precision: str, sharding: ZeroSharding, head_loss: HeadLoss = next_token_loss) -> Path:
+    """Where the profile of this model, device, precision, shape and head loss is cached (one file each)."""
+    loss_name = f"{head_loss.__module__}.{head_loss.__qualname__}"
+    digest = hashlib.sha1(f"{MEASUREMENT_VERSION}|{cfg!r}|{sharding}|{loss_name}".encode()).hexdigest()[:10]
     tag = precision_of(precision).tag
     return Path(cache_dir) / (f"{cfg.name}-{device_name(device)}-{tag}-t{shape.vit_cap}-L{shape.token_cap}"
                               f"-s{shape.samples}-{digest}.json")
@@ -271,13 +271,13 @@ def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None
     ``precision``: Lightning's name (:data:`PRECISIONS`), ``bf16-mixed`` on CUDA and ``32-true`` on CPU by
     default. ``head_loss``: the loss measured with ``llm.head`` (:data:`HeadLoss`). With ``cache_dir``, a
     cached profile of the same model config, device, precision and shape is returned without measuring
-    (the cache does not key on ``head_loss``).
+    (the cache keys on ``head_loss`` by its qualified name).
     """
     dev = local_device(device)
     prec = precision_of(precision or default_precision(dev))
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"profiler warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
-    path = cache_path(cache_dir, cfg, shape, dev, prec.name, sharding) if cache_dir is not None else None
+    path = cache_path(cache_dir, cfg, shape, dev, prec.name, sharding, head_loss) if cache_dir is not None else None
     if path is not None and path.exists():
         return CostProfile.load(path)
     torch.manual_seed(seed)

@@ -44,6 +44,7 @@ from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_wit
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
 from omnibal_pl.train.module import OmniBalModule, VLMTrainingModule
+from omnibal_pl.train.objective import head_loss_sum
 from omnibal_pl.train.plan_search import adapt_plan, first_step_batches, refine_plan
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.progress import StepProgressBar
@@ -116,7 +117,7 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
                                  profile_cache=settings.profile_cache or str(run_dir / "plan_profile"),
                                  samples=shape.samples, virtual_stages=settings.virtual_stages,
                                  memory_fraction=settings.memory_fraction, zero=c.zero, precision=c.precision,
-                                 memory_gb=settings.memory_gb)
+                                 memory_gb=settings.memory_gb, head_loss=head_loss_sum)
         plan = measured_plan(cfg, inputs, data, trials=rank == 0)
     plan.check_model(cfg.model)
     plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)

@@ -122,6 +122,12 @@ def packed_loss_sum(logits: torch.Tensor, batch: PackedBatch,
     return loss_sum, weights.sum()
 
 
+def head_loss_sum(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """sum_t w_t * CE_t of :func:`packed_loss_sum`: the loss the block profiler measures with ``llm.head``
+    for a training run (:data:`omnibal_pl.plan.profiler.HeadLoss`)."""
+    return packed_loss_sum(logits, batch)[0]
+
+
 def micro_batch_objective(out: torch.Tensor, batch: PackedBatch, cfg: VLMConfig) -> Objective:
     """The objective of one micro-batch from the model's output.
 

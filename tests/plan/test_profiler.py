@@ -11,7 +11,7 @@ from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM
 from omnibal_pl.plan.costs import CostProfile, ZeroSharding
 from omnibal_pl.plan.profiler import (PRECISIONS, cache_path, local_device,
-                                      precision_of, profile_blocks)
+                                      next_token_loss, precision_of, profile_blocks)
 from omnibal_pl.plan.saved_bytes import ParameterFilter, saved_bytes
 
 from tests.helpers import model_config
@@ -110,3 +110,22 @@ def test_cache_key_is_distinct_per_precision(tmp_path) -> None:
 def test_unknown_precision_names_the_choices() -> None:
     with pytest.raises(ConfigError, match="bf16-mixed"):
         precision_of("fp8")
+
+
+def test_the_runtime_loss_is_profiled_with_the_head_and_keys_the_cache(profiles, tmp_path) -> None:
+    """``omnibal-train`` profiles ``llm.head`` with its own chunked loss: under bf16-mixed it keeps the bf16
+    logits and an fp32 log-sum-exp per position, not the fp32 log-softmax of the plain loss; the cache
+    keeps the two apart."""
+    from omnibal_pl.train.objective import head_loss_sum
+
+    cfg = model_config("tiny")
+    runtime = profile_blocks(cfg, SHAPE, precision="bf16-mixed", warmup=0, repeats=1, head_loss=head_loss_sum)
+    head = {p: next(b for b in prof.blocks if b.name == "llm.head") for p, prof in
+            (("runtime", runtime), ("plain", profiles["bf16-mixed"]))}
+    logits = SHAPE.token_cap * cfg.llm.vocab_size
+    assert head["plain"].act_none_bytes >= 4 * logits  # the fp32 log-softmax [L, vocab]
+    assert head["runtime"].act_none_bytes >= 2 * logits  # the bf16 logits themselves
+    assert head["plain"].act_none_bytes - head["runtime"].act_none_bytes > 1.5 * logits  # ~2 bytes per logit less
+    paths = {cache_path(tmp_path, cfg, SHAPE, local_device(), "bf16-mixed", ZeroSharding(), loss)
+             for loss in (head_loss_sum, next_token_loss)}
+    assert len(paths) == 2
