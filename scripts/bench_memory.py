@@ -1,19 +1,26 @@
-"""Memory balance benchmark (CPU, gloo): what each rank holds at every built ZeRO level, measured on the real
-runtime beside the memory model's prediction, with the step time and the loss after a few steps.
+"""Memory balance benchmark: the memory model against the runtime it describes, per ZeRO level and recompute
+mode, and which published configs fit at which ZeRO level on 8 x 80 GB.
 
-For ``tiny`` and ``internvl_100m`` at pp 1 and 2 with dp 2 and ZeRO 0 to 3, every rank builds its
-stages of a uniform plan with :func:`omnibal_pl.parallel.build_pipeline`, trains ``--steps`` AdamW steps on
-fixed micro-batches and reports the bytes it holds in parameters, gradients and optimizer state (local
-shards) after the last step. The prediction is :func:`omnibal_pl.plan.costs.training_static_bytes`
-summed over the stage's blocks at the same level (fp32 parameters, as CPU and bf16-mixed runs keep
-them). It is the planner's figure for the step, so at ZeRO 2 it counts whole parameters, which FSDP2
-holds only from forward to backward: between steps they are sharded as at ZeRO 3, and the measured
-bytes are lower by the parameters' (dp - 1) / dp. The loss after the last step must be equal across ZeRO
-levels (same data, same seed). Activation memory is not measured here.
+Default (CPU, gloo): for ``tiny`` and ``internvl_100m`` at pp 1 and 2 with dp 2, every ZeRO level 0-3
+(recompute ``none``; at ZeRO 0 and 3 also ``attention`` and ``full``), the stages of a uniform split run
+``--steps`` AdamW steps on the same micro-batches (:func:`omnibal_pl.train.trial.run_trials`). Per
+pipeline rank (the larger DP replica) it prints the measured and predicted static bytes (parameters +
+gradients + optimizer state, local shards, after the last step) and activation peak (saved-tensor
+bytes over a step, :mod:`omnibal_pl.plan.saved_bytes`), the peak's error, static bytes against ZeRO 0,
+the step time and the loss (equal across levels and modes: same data, same seed). The prediction is the
+plan's (a profile of this machine, the schedule's in-flight counts, the ZeRO split). At ZeRO 2 the model
+counts whole parameters, which FSDP2 holds from forward to backward only: between steps, where static
+bytes are read, they are sharded as at ZeRO 3, so the measured bytes are lower by the parameters'
+(dp - 1) / dp.
 
     python scripts/bench_memory.py                     # both models
-    python scripts/bench_memory.py --models tiny --steps 3
+    python scripts/bench_memory.py --models tiny --steps 2
+    python scripts/bench_memory.py --published         # the cost model's ZeRO fit table, 8 x H100 80 GB
     python scripts/bench_memory.py --cross-entropy     # the loss alone: chunked vs plain fp32 upcast
+
+``--published``: for every published preset, pp in 1, 2, 4, 8 with dp = 8 / pp and ZeRO 0-3, whether a
+searched plan fits 0.9 x 80 GiB per GPU under the cost model (bf16-mixed, AdamW), the predicted step and
+the largest stage's memory, for a micro-batch of ``--vit-cap`` tiles and ``--token-cap`` tokens.
 
 ``--cross-entropy`` measures the loss's forward + backward on bf16 logits [1, L, vocab] in a fresh process
 per variant, as the growth of the process's peak resident memory (``ru_maxrss``) over the logits and
@@ -23,96 +30,87 @@ their gradient: the chunked loss of :mod:`omnibal_pl.train.objective` against th
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import socket
-import statistics
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omnibal_pl.batch import MicroBatchShape  # noqa: E402
 from omnibal_pl.conf import preset  # noqa: E402
-from omnibal_pl.model import VLMConfig, dummy_batch  # noqa: E402
-from omnibal_pl.parallel import build_mesh, build_pipeline, initial_state_dict  # noqa: E402
-from omnibal_pl.parallel.dcp import state_holder  # noqa: E402
-from omnibal_pl.parallel.sharding import local_tensor  # noqa: E402
-from omnibal_pl.plan import uniform_plan  # noqa: E402
+from omnibal_pl.errors import PlanError  # noqa: E402
+from omnibal_pl.model import VLMConfig  # noqa: E402
 from omnibal_pl.plan.cost_model import block_parameters  # noqa: E402
-from omnibal_pl.plan.costs import ZeroSharding, training_static_bytes  # noqa: E402
+from omnibal_pl.plan.make import plan_from_partition, planning_inputs  # noqa: E402
+from omnibal_pl.plan.partition import evaluate_partition, search_partition  # noqa: E402
+from omnibal_pl.plan.plan import even_bounds  # noqa: E402
+from omnibal_pl.plan.profiler import profile_batch  # noqa: E402
 from omnibal_pl.train.objective import packed_loss_sum  # noqa: E402
+from omnibal_pl.train.trial import run_trials  # noqa: E402
 
-MIB = 2**20
+MIB, GIB = 2**20, 2**30
 DP = 2
-VIT_CAP, TOKEN_CAP = 2, 128
+SHAPE = MicroBatchShape(vit_cap=2, token_cap=128, samples=2)
+PUBLISHED = ("internvl2_5_1b", "internvl2_2b", "qwen2_5_vl_3b", "llava_1_5_7b", "qwen2_5_vl_7b", "internvl2_8b",
+             "internvl3_8b", "internvl_chat_v1_5")
 
 
-def loss_fn(logits: torch.Tensor, batch) -> torch.Tensor:
-    loss_sum, weight = packed_loss_sum(logits, batch)
-    return loss_sum / weight.clamp(min=1)
+def runtime_table(names: list[str], steps: int, cache: str) -> None:
+    print(f"dp={DP}, micro-batch {SHAPE.vit_cap} tiles x {SHAPE.token_cap} tokens, 2 x pp micro-batches per step, "
+          f"AdamW fp32, gloo on CPU, {steps} measured steps; per pipeline rank (MiB): static = parameters + gradients + "
+          "optimizer state, act = activation peak")
+    print(f"{'model':14s} {'pp':>2s} {'zero':>4s} {'recompute':>9s} {'rank':>4s} {'static':>8s} {'pred':>8s} "
+          f"{'act':>8s} {'pred':>8s} {'peak err':>8s} {'vs zero 0':>9s} {'step s':>7s} {'loss':>8s}")
+    for name in names:
+        cfg = VLMConfig.from_dict(preset("model", name))
+        for pp in (1, 2):
+            m = 2 * pp
+            bounds = even_bounds(len(cfg.block_names()), pp)
+            batches = [[profile_batch(cfg, SHAPE, seed=100 * d + k) for k in range(m)] for d in range(DP)]
+            base: dict[int, float] = {}
+            for zero in (0, 1, 2, 3):
+                inputs = planning_inputs(cfg, pp, m, SHAPE.vit_cap, SHAPE.token_cap, dp=DP, device="local",
+                                         source="profile", profile_cache=cache, samples=SHAPE.samples, zero=zero,
+                                         precision="32-true")
+                modes = ("none", "attention", "full") if zero in (0, 3) else ("none",)
+                plans = [plan_from_partition(cfg, inputs, evaluate_partition(inputs.profile, inputs.config, bounds, mode),
+                                             zero) for mode in modes]
+                for mode, trial in zip(modes, run_trials(cfg, plans, batches, steps=steps)):
+                    notes = trial.plan.notes
+                    for rank in range(pp):
+                        static, act = trial.pp_rank_static(rank), trial.pp_rank_activations(rank)
+                        p_static, p_act = notes["stage_static_bytes"][rank], notes["stage_activation_bytes"][rank]
+                        base.setdefault(rank, static)
+                        err = (p_static + p_act) / (static + act) - 1
+                        print(f"{name:14s} {pp:>2d} {zero:>4d} {mode:>9s} {rank:>4d} {static / MIB:>8.2f} "
+                              f"{p_static / MIB:>8.2f} {act / MIB:>8.2f} {p_act / MIB:>8.2f} {100 * err:>+7.1f}% "
+                              f"{static / base[rank]:>9.3f} {trial.step_s:>7.3f} {trial.ranks[0].loss:>8.5f}")
 
 
-def micro_batches(cfg: VLMConfig, count: int, offset: int) -> list:
-    tokens = max(1, (TOKEN_CAP - cfg.tokens_per_tile) // 2 - 1)
-    return [dummy_batch(cfg, [tokens, tokens], [1, 0], token_cap=TOKEN_CAP, vit_cap=VIT_CAP, seed=offset + k)
-            for k in range(count)]
-
-
-def predicted_bytes(cfg: VLMConfig, stage_blocks: list[str], zero: int) -> int:
-    """The memory model's parameter + gradient + AdamW bytes of one rank holding these blocks."""
-    params = dict(block_parameters(cfg))
-    return sum(sum(training_static_bytes(params[n], 4, ZeroSharding(zero, DP))) for n in stage_blocks)
-
-
-def _worker(rank: int, world: int, port: int, out: str, cfg: VLMConfig, pp: int, zero: int, steps: int) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
-    try:
-        mesh, dims = build_mesh(pp)
-        m = 2 * pp
-        plan = uniform_plan(cfg, pp, m, VIT_CAP, TOKEN_CAP, dp=DP, zero=zero)
-        runner = build_pipeline(cfg, plan, mesh, initial_state_dict(cfg, 0), loss_fn)
-        params = list(runner.parameters())
-        opt = (ZeroRedundancyOptimizer(params, torch.optim.AdamW, process_group=runner.dp_group, lr=1e-3) if zero == 1
-               else torch.optim.AdamW(params, lr=1e-3))
-        times, loss = [], 0.0
-        for step in range(steps):
-            batches = micro_batches(cfg, DP * m, 100 * step)[dims.dp_rank * m:(dims.dp_rank + 1) * m]
-            dist.barrier()
-            start = time.perf_counter()
-            opt.zero_grad()
-            loss = float(runner.train_step(batches))
-            opt.step()
-            times.append(time.perf_counter() - start)
-        parts = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
-                 "optimizer": [v for p in params for v in state_holder(opt).state.get(p, {}).values() if v.dim() > 0]}
-        held = {k: sum(local_tensor(t).numel() * t.element_size() for t in ts) for k, ts in parts.items()}
-        blocks = [n for s in plan.stages_of_rank(dims.pp_rank) for n in plan.stages[s]]
-        torch.save({"rank": rank, "held": held, "predicted": predicted_bytes(cfg, blocks, zero),
-                    "step_s": statistics.median(times[1:] or times), "loss": loss}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def measure(cfg: VLMConfig, pp: int, zero: int, steps: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = pp * DP
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world, port, tmp, cfg, pp, zero, steps), nprocs=world, start_method="spawn",
-                           join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+def published_table(vit_cap: int, token_cap: int, micro_batches: int) -> None:
+    print(f"cost model, h100_80gb (budget 0.9 x 80 GiB per GPU), 8 GPUs = pp x dp, bf16-mixed AdamW, micro-batch "
+          f"{vit_cap} tiles x {token_cap} tokens, {micro_batches} micro-batches per step and DP rank")
+    print(f"{'model':20s} {'params B':>8s} {'pp':>2s} {'dp':>2s} " + " ".join(f"{f'zero {z}':>16s}" for z in range(4)))
+    for name in PUBLISHED:
+        cfg = VLMConfig.from_dict(preset("model", name))
+        params = sum(p for _, p in block_parameters(cfg))
+        for pp in (1, 2, 4, 8):
+            dp = 8 // pp
+            cells = []
+            for zero in range(4):
+                inputs = planning_inputs(cfg, pp, max(micro_batches, pp), vit_cap, token_cap, dp=dp, device="h100_80gb",
+                                         source="cost_model", zero=zero, precision="bf16-mixed")
+                try:
+                    scored = search_partition(inputs.profile, inputs.config)
+                except PlanError:
+                    cells.append("no fit")
+                    continue
+                peak = max(s + n * a for s, n, a in
+                           zip(scored.static_bytes, scored.sim.peak_in_flight, scored.activation_bytes))
+                cells.append(f"{scored.step_s:.2f}s {peak / GIB:.0f}GiB")
+            print(f"{name:20s} {params / 1e9:>8.2f} {pp:>2d} {dp:>2d} " + " ".join(f"{c:>16s}" for c in cells))
 
 
 def _cross_entropy_peak(variant: str, tokens: int, vocab: int) -> None:
@@ -161,33 +159,24 @@ def cross_entropy_table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--profile-cache", default="outputs/bench_memory/profiles")
+    parser.add_argument("--published", action="store_true", help="the cost model's ZeRO fit table (see the docstring)")
+    parser.add_argument("--vit-cap", type=int, default=16)
+    parser.add_argument("--token-cap", type=int, default=8192)
+    parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--cross-entropy", action="store_true", help="measure the loss alone (see the docstring)")
     parser.add_argument("--ce-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.ce_child:
         _cross_entropy_peak(args.ce_child[0], int(args.ce_child[1]), int(args.ce_child[2]))
-        return
-    if args.cross_entropy:
+    elif args.cross_entropy:
         cross_entropy_table()
-        return
-    print(f"dp={DP}, micro-batch {VIT_CAP} tiles x {TOKEN_CAP} tokens, AdamW fp32, gloo on CPU, {args.steps} steps; "
-          "per rank: parameters + gradients + optimizer state (local shards)")
-    print(f"{'model':15s} {'pp':>2s} {'zero':>4s} {'measured MiB':>12s} {'predicted MiB':>13s} {'error':>7s} "
-          f"{'vs zero 0':>9s} {'step s':>7s} {'loss':>8s}")
-    for name in args.models:
-        cfg = VLMConfig.from_dict(preset("model", name))
-        for pp in (1, 2):
-            base = None
-            for zero in (0, 1, 2, 3):
-                ranks = measure(cfg, pp, zero, args.steps)
-                worst = max(ranks, key=lambda r: sum(r["held"].values()))
-                held, predicted = sum(worst["held"].values()), worst["predicted"]
-                base = base or held
-                print(f"{name:15s} {pp:>2d} {zero:>4d} {held / MIB:>12.2f} {predicted / MIB:>13.2f} "
-                      f"{100 * (predicted - held) / held:>+6.1f}% {held / base:>9.3f} "
-                      f"{max(r['step_s'] for r in ranks):>7.3f} {ranks[0]['loss']:>8.5f}")
+    elif args.published:
+        published_table(args.vit_cap, args.token_cap, args.micro_batches)
+    else:
+        runtime_table(args.models, args.steps, args.profile_cache)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,49 @@ else:
 EOF
 [ $? -eq 0 ] || row "CUDA runtime checks" FAIL "$(tail -3 "$OUT_DIR/gpu_runtime.log" | tr '\n|' ' /')" "see gpu_runtime.log"
 
+# 2b. The plan's memory model against the CUDA allocator: a profile measured on the device (bf16-mixed), the
+#     plan's predicted static + activation bytes per recompute mode, and the trial runner's allocator peak.
+timeout 200 "$PY" - "$DEVICE" >>"$TABLE" 2>"$OUT_DIR/gpu_trial.log" <<'EOF'
+import sys
+from omnibal_pl.batch import MicroBatchShape
+from omnibal_pl.conf import preset
+from omnibal_pl.model import VLMConfig
+from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.make import plan_from_partition, planning_inputs
+from omnibal_pl.plan.partition import evaluate_partition
+from omnibal_pl.plan.profiler import profile_batch
+from omnibal_pl.train.trial import run_trials
+
+device = sys.argv[1]
+cuda = device == "cuda"
+cfg = VLMConfig.from_dict(preset("model", "internvl_100m"))
+shape = MicroBatchShape(vit_cap=8, token_cap=2048, samples=4)
+precision = "bf16-mixed" if cuda else "32-true"
+inputs = planning_inputs(cfg, 1, 2, shape.vit_cap, shape.token_cap, device="local", source="profile",
+                         samples=shape.samples, precision=precision, profile_cache="/tmp/gpu_check_profiles")
+bounds = (0, len(cfg.block_names()))
+plans = [plan_from_partition(cfg, inputs, evaluate_partition(inputs.profile, inputs.config, bounds, mode))
+         for mode in RECOMPUTE_MODES]
+batches = [[profile_batch(cfg, shape, seed=k) for k in range(2)]]
+trials = run_trials(cfg, plans, batches, steps=2, device_type=device, precision=precision)
+for mode, trial in zip(RECOMPUTE_MODES, trials):
+    r = trial.ranks[0]
+    predicted = trial.plan.notes["stage_static_bytes"][0] + trial.plan.notes["stage_activation_bytes"][0]
+    peak = r.device_peak_bytes if cuda else r.peak_bytes
+    print(f"| internvl_100m stage peak, recompute={mode} ({precision}, trial runner) | "
+          f"{'allocator' if cuda else 'saved-tensor probe'} | {peak / 2**20:.0f} MiB measured, "
+          f"{trial.step_s * 1e3:.0f} ms/step | {predicted / 2**20:.0f} MiB predicted (static + activations) |")
+EOF
+[ $? -eq 0 ] || row "trial runner memory vs plan" FAIL "$(tail -3 "$OUT_DIR/gpu_trial.log" | tr '\n|' ' /')" "see gpu_trial.log"
+
+# 2c. Dynamic-LLaVA decoding on the device: FLOPs, KV cache and time, sparsified beside dense.
+if timeout 120 "$PY" scripts/bench_sparsify.py --device "$DEVICE" >"$OUT_DIR/bench_sparsify.log" 2>&1; then
+  row "bench_sparsify.py --device $DEVICE" done "$(grep -m1 -i "sparsif" "$OUT_DIR/bench_sparsify.log" | tr -s ' |' ' ' | cut -c1-90)" \
+      "$(grep -m1 -i dense "$OUT_DIR/bench_sparsify.log" | tr -s ' |' ' ' | cut -c1-90)"
+else
+  row "bench_sparsify.py --device $DEVICE" FAIL "$(tail -1 "$OUT_DIR/bench_sparsify.log")" "see bench_sparsify.log"
+fi
+
 # 3. Simulated DP=8 step time per sampler on the device (the balance benchmark), beside random.
 if timeout 200 "$PY" scripts/bench_train.py --models internvl_100m --device "$DEVICE" --steps 3 --reps 2 \
     >"$OUT_DIR/bench_train.log" 2>&1; then
