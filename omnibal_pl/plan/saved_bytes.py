@@ -13,26 +13,32 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a ZeRO 2/3 parameter), the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class ParameterFilter:
-    """Which saved tensors are no activation: a parameter's storage, or a tensor computed from one parameter
-    alone through single-input autograd nodes (autocast's cast of a weight, a transpose of that cast).
-    Autocast caches those casts for a whole autocast region, so they cost once per step, not per micro-batch."""
+    """Which saved tensors are no activation: the storage of one of ``tensors`` (the parameters, the step's
+    input data), any ``nn.Parameter`` (also the unsharded copies FSDP2 registers while a block runs), or a
+    tensor computed from one parameter alone through single-input autograd nodes (autocast's cast of a
+    weight, a transpose of that cast). Autocast caches those casts for a whole autocast region, so they cost
+    once per step, not per micro-batch."""
 
-    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
-        params = list(parameters)
-        self.storages = {p.untyped_storage().data_ptr() for p in params}
-        self.ids = {id(p) for p in params}
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        self.storages = {_local(t).untyped_storage().data_ptr() for t in tensors}
 
     def __contains__(self, t: torch.Tensor) -> bool:
-        if t.untyped_storage().data_ptr() in self.storages:
+        if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in self.storages:
             return True
         fn = t.grad_fn
         while fn is not None and not hasattr(fn, "variable"):  # AccumulateGrad (a leaf) has ``variable``
             inputs = [n for n, _ in fn.next_functions if n is not None]
             fn = inputs[0] if len(inputs) == 1 else None
-        return fn is not None and id(fn.variable) in self.ids
+        return fn is not None and isinstance(fn.variable, torch.nn.Parameter)
 
 
 def saved_bytes(run: Callable[[], torch.Tensor], skip: ParameterFilter) -> tuple[int, torch.Tensor]:
