@@ -11,8 +11,10 @@ the sum over packed sequences of s^2 (never the square of the sum):
 Training (:func:`train_flops`) counts each part (vision, projector, llm, in model order) as a multiple
 of its forward: 3x when trainable (forward, input gradient, weight gradient); 2x when frozen after a
 trainable part (the gradient still flows through it to its inputs, but no weight gradient); 1x when
-frozen with nothing trainable before it (no backward reaches it). Recomputation adds forward work again
-and is not counted (MFU counts useful work only).
+frozen with nothing trainable before it (no backward reaches it). A part whose weights are frozen but
+which holds LoRA adapters (``model.adapter``) counts 2x, like a frozen part after a trainable one: the
+gradient flows through all of it to reach the adapters, whose own weight gradients are negligible.
+Recomputation adds forward work again and is not counted (MFU counts useful work only).
 """
 from __future__ import annotations
 
@@ -110,27 +112,44 @@ def model_forward_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> f
     return sum(part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)
 
 
-def pass_multiples(frozen: Collection[str] = ()) -> dict[str, float]:
+def pass_multiples(frozen: Collection[str] = (), adapted: Collection[str] = ()) -> dict[str, float]:
     """Training FLOPs of each part as a multiple of its forward FLOPs (see the module docstring):
-    3 trainable, 2 frozen after a trainable part, 1 frozen with nothing trainable before it."""
-    unknown = set(frozen) - {part for part, _ in PART_KINDS}
+    3 trainable, 2 frozen after a trainable part or holding adapters (``adapted``), 1 frozen with nothing
+    trainable before it."""
+    unknown = (set(frozen) | set(adapted)) - {part for part, _ in PART_KINDS}
     if unknown:
         raise ConfigError(f"frozen parts {sorted(unknown)} are not model parts; choose from {[p for p, _ in PART_KINDS]}")
     multiples: dict[str, float] = {}
     backward_reaches = False  # a trainable part earlier in the forward needs the gradient of its output
     for part, _ in PART_KINDS:
-        if part in frozen:
+        if part in adapted:
+            multiples[part], backward_reaches = 2.0, True
+        elif part in frozen:
             multiples[part] = 2.0 if backward_reaches else 1.0
         else:
             multiples[part], backward_reaches = 3.0, True
     return multiples
 
 
+def adapter_parts(cfg: VLMConfig) -> tuple[list[str], list[str]]:
+    """(frozen, adapted) parts of a LoRA model: a part is adapted when a ``targets`` pattern names it, trained
+    in full (neither) when a ``trainable`` pattern does, frozen otherwise. A pattern starting with a wildcard
+    counts for every part."""
+    def named(patterns: Sequence[str]) -> set[str]:
+        heads = {p.split(".", 1)[0] for p in patterns}
+        return {part for part, _ in PART_KINDS if part in heads or any(h[:1] in "*?[" for h in heads)}
+
+    trained, adapted = named(cfg.adapter.trainable), named(cfg.adapter.targets)
+    parts = [part for part, _ in PART_KINDS]
+    return ([p for p in parts if p not in trained and p not in adapted], [p for p in parts if p in adapted and p not in trained])
+
+
 def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int], frozen: Collection[str] = ()) -> float:
     """Forward + backward FLOPs of one micro-batch, without recomputation (useful work, for MFU).
 
     ``tiles``: real tiles (flag 1; padding and dummy tiles excluded); ``seqlens``: the real samples'
-    lengths (the padding segment excluded); ``frozen``: the ``optim.freeze`` parts.
+    lengths (the padding segment excluded); ``frozen``: the ``optim.freeze`` parts. With LoRA
+    (``cfg.adapter``) the parts come from the adapter config instead (:func:`adapter_parts`).
     """
-    multiples = pass_multiples(frozen)
+    multiples = pass_multiples(*adapter_parts(cfg)) if cfg.adapter.enabled else pass_multiples(frozen)
     return sum(multiples[part] * part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)

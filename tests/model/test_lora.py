@@ -226,3 +226,17 @@ def test_dynamic_llava_predictors_train_beside_the_adapters():
     predictors = [n for n, _ in model.named_parameters() if ".sparsifier." in n]
     assert predictors and set(predictors) <= set(trained)
     assert set(trained) == set(predictors) | {n for n in trained if is_adapter_param(n)}
+
+
+def test_training_flops_count_a_backward_through_the_adapted_parts_only():
+    """LoRA on the LLM: vision and projector forward only (1x), the LLM forward and the gradient through it
+    (2x), no weight gradients; the projector trained in full makes it 3x and the LLM's input gradient reach it."""
+    from omnibal_pl.model.flops import part_forward_flops, train_flops
+
+    seqlens, tiles = [40, 30], 6
+    fwd = {part: part_forward_flops(lora_cfg(), part, tiles, seqlens) for part in ("vision", "projector", "llm")}
+    assert train_flops(lora_cfg(), tiles, seqlens) == fwd["vision"] + fwd["projector"] + 2 * fwd["llm"]
+    cfg = lora_cfg(trainable=["projector.*"])
+    assert train_flops(cfg, tiles, seqlens) == fwd["vision"] + 3 * fwd["projector"] + 2 * fwd["llm"]
+    cfg = lora_cfg(targets=["vision.blocks.*.attn.qkv"])
+    assert train_flops(cfg, tiles, seqlens) == 2 * fwd["vision"] + 2 * fwd["projector"] + 2 * fwd["llm"]
