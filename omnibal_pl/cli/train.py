@@ -13,7 +13,6 @@ The run is resolved and built by :mod:`omnibal_pl.train.assemble`; docs/cli.md l
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +43,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(run_cfg.ckpt_path, run_dir)
-    # the DataModule's state resumes the sampler mid-epoch (its loader skips what was consumed); Lightning's check
-    # only looks at the DataLoader and would warn that it is "not resumable"
-    warnings.filterwarnings("ignore", message=".*ended before the epoch ended and your dataloader is not resumable")
     start = time.perf_counter()
     with plan_for_launched_processes(run), rank_and_step_on_failure(trainer, collective_timeout(run_cfg.faults)):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
