@@ -89,7 +89,7 @@ def _window_order(t: int, gh: int, gw: int, side: int) -> tuple[list[int], list[
     return order, sizes
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)  # the micro-batches in flight: every block of one reuses its layout
 def vision_layout(grids: tuple[Grid, ...], patches: int, merge: int, window_blocks: int, head_dim: int,
                   theta: float, device: torch.device) -> VisionLayout:
     """The :class:`VisionLayout` of ``patches`` patch rows holding images ``grids`` (then padding);
