@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from hydra import compose, initialize_config_module
 from safetensors import safe_open
@@ -222,16 +223,22 @@ def test_internvl_exports_as_transformers_native_internvl(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
-def test_a_pipeline_runs_distributed_checkpoint_exports_whole(tmp_path, llava_source):
-    """pp=2 stages on 2 processes with lr=0: the distributed checkpoint gathered into one process and exported
-    must give back the source folder's tensors bit for bit (a stage's tensors lost or misnamed cannot)."""
+@pytest.mark.parametrize("layout", [["cluster=cpu_pp2"],  # 2 pipeline stages, whole tensors per stage
+                                    ["cluster.devices=2", "cluster.strategy=omnibal", "cluster.zero=3"]],  # FSDP2 shards
+                         ids=["pp2", "dp2_zero3"])
+def test_a_pipeline_runs_distributed_checkpoint_exports_whole(tmp_path, llava_source, layout):
+    """2 processes with lr=0: the distributed checkpoint gathered into one process and exported must give back the
+    source folder's tensors bit for bit (a stage's tensors lost or misnamed, or a shard missing, cannot)."""
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", "cluster=cpu_pp2", "plan.use=uniform",
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *layout, "plan.use=uniform",
                           "model=auto", f"init_from={llava_source}", "optim.lr=0", *TRAIN[:-2],
                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=380)
     assert out.returncode == 0, out.stderr[-3000:]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"  # a folder (linked to the last step's)
     assert checkpoint.is_dir() and (checkpoint / ".metadata").is_file()
+    stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    chunked = [k for k, m in stored.items() if k.startswith("state_dict.") and len(getattr(m, "chunks", [])) > 1]
+    assert bool(chunked) == ("cluster.zero=3" in layout)  # ZeRO 3 saved each parameter as shards
     target = tmp_path / "hf"
     export(export_cfg(f"checkpoint={checkpoint}", f"target={target}"))
     exported, original = all_tensors(target), all_tensors(llava_source)
