@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
-from omnibal_pl.errors import OmniBalError
+from omnibal_pl.errors import ConfigError, OmniBalError
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,8 @@ class FaultWatch(pl.Callback):
             read, write = socket.socketpair()
             write.setblocking(False)
             self._wakeup = (read, write)
+            # Python's C-level handler writes every signal that has a Python handler (Lightning's SIGTERM one) here
             self._previous_fd = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                signal.signal(signal.SIGTERM, _raise_system_exit)  # a Python handler, so the wakeup fd hears it
         self._thread = threading.Thread(target=self._watch, name="omnibal-fault-watch", daemon=True)
         self._thread.start()
 
@@ -218,10 +217,6 @@ class FaultWatch(pl.Callback):
         self.exit(status)
 
 
-def _raise_system_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(EXIT_SIGTERM)
-
-
 class NonFiniteSteps:
     """Decides per optimizer step whether to apply it: not when the step's global loss or gradient norm is not
     finite. Counts the skipped steps (``skipped``) and raises :class:`NonFiniteLossError` at ``limit``
@@ -229,7 +224,7 @@ class NonFiniteSteps:
 
     def __init__(self, limit: int) -> None:
         if limit < 0:
-            raise ValueError(f"faults.max_nonfinite_steps={limit}: use 0 (never stop) or a positive count")
+            raise ConfigError(f"faults.max_nonfinite_steps={limit}: use 0 (never stop) or a positive count")
         self.limit = limit
         self.skipped = 0
         self.consecutive = 0
