@@ -91,3 +91,23 @@ def test_trials_refuse_plans_of_different_shapes(tmp_path) -> None:
         run_trials(CFG, [plan, replace(plan, token_cap=128)], batches())
     with pytest.raises(ConfigError, match="micro-batches for each of dp=1"):
         run_trials(CFG, [plan], [batches()[0][:2]])
+
+
+def test_zero_3_shards_the_state_not_the_activations(tmp_path) -> None:
+    """pp = 1, dp = 2: at ZeRO 3 a rank holds at most 0.53x the parameter + gradient + optimizer bytes of
+    ZeRO 0 (the model's prediction), the same activation peak (FSDP2's unsharded parameters are
+    not activations) and the same loss."""
+    plans = []
+    for zero in (0, 3):
+        inputs = planning_inputs(CFG, 1, 2, SHAPE.vit_cap, SHAPE.token_cap, dp=2, device="local", source="profile",
+                                 profile_cache=str(tmp_path / "profiles"), samples=SHAPE.samples,
+                                 precision="32-true", zero=zero)
+        plans.append(plan_from_partition(CFG, inputs, evaluate_partition(inputs.profile, inputs.config,
+                                                                         (0, len(CFG.block_names())), "none"), zero))
+    data = [[profile_batch(CFG, SHAPE, seed=10 * d + k) for k in range(2)] for d in range(2)]
+    zero0, zero3 = run_trials(CFG, plans, data, steps=1)
+    assert zero3.pp_rank_static(0) <= 0.53 * zero0.pp_rank_static(0)
+    # FSDP2 pads a parameter whose first dimension does not divide by dp: a few bytes over the model
+    assert zero3.pp_rank_static(0) == pytest.approx(zero3.plan.notes["stage_static_bytes"][0], rel=1e-3)
+    assert zero3.pp_rank_activations(0) == pytest.approx(zero0.pp_rank_activations(0), rel=0.02)
+    assert zero3.ranks[0].loss == pytest.approx(zero0.ranks[0].loss, rel=1e-5)
