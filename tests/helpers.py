@@ -304,6 +304,38 @@ class FailAtStep(L.Callback):
             time.sleep(1)
 
 
+class NaNLossAtSteps(L.Callback):
+    """Makes the objective of every micro-batch of the given optimizer steps (0-based) NaN, as a corrupt sample's
+    would be, in whichever training module runs (data-parallel or pipeline); patched from ``setup`` to
+    ``teardown`` in each process. Usable from the command line like :class:`FailAtStep`."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+        self._saved: list[tuple[Any, Callable]] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import omnibal_pl.train.module as dp_module
+        import omnibal_pl.train.pipeline_module as pipeline_module
+
+        for owner in (dp_module, pipeline_module):
+            original = owner.micro_batch_objective
+            self._saved.append((owner, original))
+
+            def poisoned(out, batch, cfg, original=original):
+                result = original(out, batch, cfg)
+                if trainer.global_step not in self.steps:
+                    return result
+                nan = torch.tensor(float("nan"), device=result.value.device)
+                return result._replace(value=result.value * nan, loss_sum=result.loss_sum * nan)
+
+            owner.micro_batch_objective = poisoned
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        for owner, original in self._saved:
+            owner.micro_batch_objective = original
+        self._saved = []
+
+
 _FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import omnibal_pl.train.module as module_file
 from omnibal_pl.cli.train import train
 from omnibal_pl.train.faults import EXIT_SIGTERM, FaultWatch, NonFiniteLossError, NonFiniteSteps
 
@@ -135,38 +135,55 @@ def test_nonfinite_steps_are_counted_and_stop_at_the_limit():
     assert guard.skipped == 3
 
 
-def poison(monkeypatch, steps: set[int]) -> None:
-    """The objective of every micro-batch of the given optimizer steps becomes NaN (as a bad sample's would)."""
-    original = module_file.micro_batch_objective
-    counter = {"micro": 0}
-
-    def objective(out, batch, cfg):
-        result = original(out, batch, cfg)
-        step = counter["micro"] // 2  # FAST's runs accumulate balance.micro_batches=2 micro-batches a step
-        counter["micro"] += 1
-        if step in steps:
-            nan = torch.tensor(math.nan)
-            return result._replace(value=result.value * nan, loss_sum=result.loss_sum * nan)
-        return result
-
-    monkeypatch.setattr(module_file, "micro_batch_objective", objective)
+def nan_at(*steps: int) -> str:
+    return f"trainer.callbacks=[{{_target_:tests.helpers.NaNLossAtSteps,steps:{list(steps)}}}]"
 
 
-def test_a_nonfinite_step_leaves_the_model_as_it_was(tmp_path, monkeypatch):
-    common = [*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1"]
-    poison(monkeypatch, {3})
-    train(cfg_of(*common, f"run_dir={tmp_path}"))
-    states = {s: torch.load(tmp_path / "checkpoints" / f"step{s:06d}.ckpt", weights_only=True) for s in (3, 4, 5)}
-    for name, value in states[3]["state_dict"].items():  # step 3 (the 4th) was skipped: weights and moments kept
-        assert torch.equal(states[4]["state_dict"][name], value), name
-    assert states[4]["optimizer_states"][0]["state"][0]["step"] == states[3]["optimizer_states"][0]["state"][0]["step"]
-    assert any(not torch.equal(states[5]["state_dict"][n], v) for n, v in states[4]["state_dict"].items())
-    losses = losses_in(tmp_path)
+def checkpoint_states(folder: Path, steps: tuple[int, ...]) -> dict[int, dict[str, torch.Tensor]]:
+    """The model tensors of ``step<N>.ckpt`` (a Lightning file, or a distributed checkpoint folder converted)."""
+    states = {}
+    for step in steps:
+        path = folder / f"step{step:06d}.ckpt"
+        if path.is_dir():
+            dcp_to_torch_save(path, folder / "converted.pt")
+            path = folder / "converted.pt"
+        ckpt = torch.load(path, weights_only=True)
+        states[step] = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return states
+
+
+def check_step_3_skipped(run_dir: Path) -> None:
+    states = checkpoint_states(run_dir / "checkpoints", (3, 4, 5))
+    for name, value in states[3].items():  # step 3 (the 4th) was skipped: the weights are those after step 2
+        assert torch.equal(states[4][name], value), name
+    assert any(not torch.equal(states[5][n], v) for n, v in states[4].items())  # step 4 trained again
+    losses = losses_in(run_dir)
+    assert sorted(losses) == list(range(6))  # the skipped step still counts: 6 steps logged, max_steps honoured
     assert math.isnan(losses[3]) and all(math.isfinite(v) for s, v in losses.items() if s != 3)
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_naming_step_and_samples(tmp_path, monkeypatch):
-    poison(monkeypatch, {2, 3})
+def test_a_nonfinite_step_leaves_the_model_as_it_was(tmp_path):
+    train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1",
+                 nan_at(3), f"run_dir={tmp_path}"))
+    check_step_3_skipped(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    moments = [torch.load(ckpts / f"step00000{s}.ckpt", weights_only=True)["optimizer_states"][0]["state"][0]
+               for s in (3, 4)]
+    assert moments[1]["step"] == moments[0]["step"] and torch.equal(moments[1]["exp_avg"], moments[0]["exp_avg"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_nonfinite_pipeline_step_is_skipped(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *FAST, "cluster.strategy=omnibal",
+                          "plan.use=uniform", "balance.micro_batches=2", "trainer.max_steps=6",
+                          "trainer.checkpoint_every_n_steps=1", nan_at(3), f"run_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_step_3_skipped(tmp_path)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_step_and_samples(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step 3 .* on samples \[\d+"):
         train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "faults.max_nonfinite_steps=2",
-                     f"run_dir={tmp_path}"))
+                     nan_at(2, 3), f"run_dir={tmp_path}"))
