@@ -27,6 +27,7 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
     val_loss = module.validation.last.get("val/loss", float("nan"))
     return {
         "steps": len(losses),
+        "skipped_steps": module.nonfinite.skipped,  # non-finite loss or gradient norm (faults.max_nonfinite_steps)
         "loss_start": sum(head) / len(head) if losses else float("nan"),
         "loss_end": loss_end,
         "val_loss": val_loss,

@@ -163,8 +163,9 @@ def check_step_3_skipped(run_dir: Path) -> None:
 
 
 def test_a_nonfinite_step_leaves_the_model_as_it_was(tmp_path):
-    train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1",
-                 nan_at(3), f"run_dir={tmp_path}"))
+    summary = train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1",
+                           nan_at(3), f"run_dir={tmp_path}"))
+    assert summary["skipped_steps"] == 1
     check_step_3_skipped(tmp_path)
     ckpts = tmp_path / "checkpoints"
     moments = [torch.load(ckpts / f"step00000{s}.ckpt", weights_only=True)["optimizer_states"][0]["state"][0]
