@@ -165,7 +165,9 @@ class QwenPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.proj.in_features:
-            raise DataError(f"vision.embed wants Qwen patches [P, {self.proj.in_features}], got {list(x.shape)}")
+            raise DataError(f"vision.embed wants Qwen patches [P, {self.proj.in_features}] (a QwenPackedBatch, e.g. from "
+                            f"pack_qwen_samples), got pixel_values {list(x.shape)}: tiles of a fixed-size dataset do "
+                            f"not fit a Qwen model")
         h = self.proj(x.to(self.proj.weight.dtype))
         layout = layout_of(batch, self.cfg, h.device)
         return h if layout.order is None else _by_blocks(h, layout.order, self.cfg.spatial_merge**2)

@@ -284,3 +284,11 @@ def test_the_tiny_model_learns_a_packed_batch_with_and_without_lora():
         if adapter["kind"] == "lora":  # gradients reached the vision adapters through the merger and the LLM
             grads = {n: p.grad for n, p in model.named_parameters() if is_adapter_param(n)}
             assert grads["vision.blocks.0.attn.qkv.lora_a"].abs().sum() > 0
+
+
+def test_a_tile_batch_is_a_named_error():
+    from omnibal_pl.model import dummy_batch
+
+    cfg = model_config("qwen2_5_vl_tiny")
+    with pytest.raises(DataError, match=r"wants Qwen patches \[P, 1176\]"):
+        VLM(cfg)(dummy_batch(cfg, [5], [1]))
