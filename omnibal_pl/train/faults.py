@@ -102,7 +102,7 @@ def rank_and_step_on_failure(trainer: pl.Trainer, timeout: timedelta | None) -> 
     step; the package's own errors pass unchanged (they already say what is wrong)."""
     try:
         yield
-    except (OmniBalError, KeyboardInterrupt):
+    except OmniBalError:
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0]
