@@ -9,6 +9,7 @@ copy when a ``csrc/`` file changed; then the mutation's tests run there with thi
     .venv/bin/python scripts/planted_bugs.py                 # every area
     .venv/bin/python scripts/planted_bugs.py --area balance  # one area
     .venv/bin/python scripts/planted_bugs.py --list          # the registry, no runs
+    .venv/bin/python scripts/planted_bugs.py --area balance --names lpt_order_plain_ascending  # some
 
 Mutations that change nothing measurable are kept apart in ``EQUIVALENT`` with the reason; they are
 listed, never run. Slow (minutes per area): not part of the default test run; see docs/planted_bugs.md.
@@ -359,11 +360,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--area", choices=areas, help="run one area (default: all)")
     parser.add_argument("--list", action="store_true", help="list the registry and exit")
+    parser.add_argument("--names", nargs="+", help="run only these mutations (of the area)")
     args = parser.parse_args()
     if args.list:
         list_registry(args.area)
         return
-    mutations = selected(args.area)
+    mutations = [m for m in selected(args.area) if not args.names or m.name in args.names]
     check_baseline(mutations)
     ok = True
     for area in ([args.area] if args.area else areas):
