@@ -155,13 +155,13 @@ class PipelineRunner:
         self.has_first = pipe_stages[0].is_first
         self.has_last = pipe_stages[-1].is_last
         self.last_rank = (num_stages - 1) % plan.pp
-        loss = _MicroBatchLoss(loss_fn, self.modules[-1])
+        self.loss = _MicroBatchLoss(loss_fn, self.modules[-1])
         m = plan.micro_batches
         if plan.schedule == "interleaved":
-            self.schedule = ScheduleInterleaved1F1B(pipe_stages, m, loss_fn=loss)
+            self.schedule = ScheduleInterleaved1F1B(pipe_stages, m, loss_fn=self.loss)
         else:
             cls = Schedule1F1B if plan.schedule == "1f1b" else ScheduleGPipe
-            self.schedule = cls(pipe_stages[0], m, loss_fn=loss)
+            self.schedule = cls(pipe_stages[0], m, loss_fn=self.loss)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (all its stages), each once: what its optimizer gets."""
@@ -191,12 +191,9 @@ class PipelineRunner:
                     f"at a fixed {tiles} tiles (the plan's vit_cap); pad every "
                     f"micro-batch's tiles to the tile cap")
 
-    def train_step(self, micro_batches: Sequence[PackedBatch]) -> torch.Tensor:
-        """Forward and backward of the step's micro-batches, then the DP gradient average.
-
-        Returns the step's loss (mean over the ``m x dp`` micro-batches, detached fp32 scalar) on
-        every rank. The optimizer step, clipping (:meth:`clip_grad_norm_`) and zeroing are the caller's.
-        """
+    def _run(self, micro_batches: Sequence[PackedBatch], train: bool) -> list[torch.Tensor] | None:
+        """One pass of the schedule over ``micro_batches`` (forward and backward, or forward only); the last
+        stage's per-micro-batch losses (None on other ranks)."""
         self.check_shapes(micro_batches)
         batches = [mb.to(self.device, non_blocking=True) for mb in micro_batches]
         for module in self.modules:
@@ -206,12 +203,37 @@ class PipelineRunner:
         # schedule to chunk would hold a second copy of the step's pixels until its last backward
         args = (index.to(self.device, torch.float32).view(-1, 1),) if self.has_first else ()
         losses: list[torch.Tensor] | None = [] if self.has_last else None
+        run = self.schedule.step if train else self.schedule.eval
         try:
-            self.schedule.step(*args, target=index if self.has_last else None, losses=losses,
-                               return_outputs=False, mb_index=index)
+            run(*args, target=index if self.has_last else None, losses=losses, return_outputs=False, mb_index=index)
         finally:
             for module in self.modules:
                 module.micro_batches = []
+        return losses
+
+    def eval_step(self, micro_batches: Sequence[PackedBatch], on_logits: LossFn) -> None:
+        """Forward only over ``micro_batches``, without gradients: the last stage calls ``on_logits(logits,
+        batch)`` per micro-batch (its return value is ignored) instead of the training loss."""
+        loss_fn = self.loss.loss_fn
+
+        def observe(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+            on_logits(logits, batch)
+            return logits.new_zeros(())  # the schedule collects a loss per micro-batch
+
+        self.loss.loss_fn = observe
+        try:
+            with torch.no_grad():
+                self._run(micro_batches, train=False)
+        finally:
+            self.loss.loss_fn = loss_fn
+
+    def train_step(self, micro_batches: Sequence[PackedBatch]) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches, then the DP gradient average.
+
+        Returns the step's loss (mean over the ``m x dp`` micro-batches, detached fp32 scalar) on
+        every rank. The optimizer step, clipping (:meth:`clip_grad_norm_`) and zeroing are the caller's.
+        """
+        losses = self._run(micro_batches, train=True)
         if not self.sharded:
             all_reduce_grads(list(self.parameters()), self.dp_group)
         if self.tied is not None:

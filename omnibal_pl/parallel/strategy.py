@@ -12,7 +12,8 @@ What the strategy owns (Lightning's split, as in ``ModelParallelStrategy``):
   full state dict) with the plan's per-block recompute and schedule;
 - checkpoints: distributed checkpoints keyed by model names (:mod:`omnibal_pl.parallel.dcp`),
   so a run resumes into any plan or PP size;
-- evaluation: not pipelined here; sanity validation is switched off and a ``validation_step`` is refused.
+- evaluation: ``validation_step`` runs the schedule forward only (:meth:`PipelineRunner.eval_step`), the
+  last stage measuring each micro-batch; sanity validation is switched off, ``test_step`` refused.
 
 What the module owns (:class:`omnibal_pl.train.pipeline_module.OmniBalPipelineModule`): manual
 optimisation, one ``training_step`` per optimizer step over the step's micro-batches (one loader item
@@ -172,9 +173,9 @@ class OmniBalStrategy(ParallelStrategy):
         if module.automatic_optimization:
             raise ConfigError("OmniBalStrategy runs one optimizer step per training_step over the step's micro-batches: "
                               "use a module with manual optimisation (OmniBalPipelineModule)")
-        if is_overridden("validation_step", module) or is_overridden("test_step", module):
-            raise ConfigError("OmniBalStrategy does not run evaluation through the pipeline; drop validation_step/"
-                              "test_step and evaluate a saved checkpoint with omnibal-eval")
+        if is_overridden("test_step", module):
+            raise ConfigError("OmniBalStrategy does not run test_step through the pipeline; validate during fit "
+                              "(dataset.val_fraction) or evaluate a saved checkpoint with omnibal-eval")
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise ConfigError("OmniBalStrategy: fp16 with a loss scaler is not supported (the schedule runs backward "
                               "itself); use precision bf16-mixed or 32-true")
@@ -262,5 +263,4 @@ class OmniBalStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConfigError("OmniBalStrategy does not run validation through the pipeline; evaluate a checkpoint "
-                          "with omnibal-eval")
+        return self.lightning_module.validation_step(*args, **kwargs)  # the module runs the pipeline forward only

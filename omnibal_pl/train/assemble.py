@@ -80,9 +80,6 @@ def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
     m = cfg.model
     spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id)
     data = prepare_training_data(cfg.dataset, replace(cfg.balance, dp=dp), spec)
-    if pipelined and data.val is not None:
-        raise ConfigError("dataset.val_fraction: validation does not run under the pipeline strategy yet "
-                          "(cluster.strategy=omnibal); validate with a data-parallel run or omnibal-eval")
     plan = resolve_plan(cfg, run_dir, data) if pipelined else None
     return ResolvedRun(cfg, run_dir, dp, data, plan)
 

@@ -130,6 +130,11 @@ class VLMTrainingModule(L.LightningModule):
                                      allow_frozen=pipelined)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_validation_epoch_end(self) -> None:
+        """The pass's global metrics: the sums of every rank (ranks without a last stage add zeros)."""
+        metrics = self.validation.finish(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
+        self.log_dict(metrics, prog_bar=True)  # global values (reduced), the same on every rank
+
 
 class OmniBalModule(VLMTrainingModule):
     """Data-parallel training: one micro-batch per ``training_step``, Lightning's accumulation over the
@@ -146,10 +151,6 @@ class OmniBalModule(VLMTrainingModule):
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         self.validation.add(self.model(batch), batch)
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = self.validation.finish(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
-        self.log_dict(metrics, prog_bar=True)  # global values (reduced), the same on every rank
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With an adapter (``model/adapter=lora``) the checkpoint holds only the trained parameters: the frozen

@@ -95,6 +95,10 @@ class OmniBalPipelineModule(VLMTrainingModule):
         self.log_step(step_loss, host[1:], grad_norm)
         return loss
 
+    def validation_step(self, batch: list[PackedBatch], batch_idx: int) -> None:
+        """Forward only through the pipeline; the last stage adds each micro-batch's terms to the meter."""
+        self.runner.eval_step(batch, self.validation.add)
+
     def _step_totals(self, batch: list[PackedBatch]) -> torch.Tensor:
         """[W, tokens, samples, tiles, FLOPs] of this rank's step (float64 on the module's device), to all-reduce:
         the supervised weight summed on the device, the work from the meter's host counts (no host read)."""

@@ -109,9 +109,21 @@ def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monito
     assert rows[3]["acc"] == pytest.approx(correct / predictions, rel=1e-6)
 
 
-def test_validation_under_the_pipeline_strategy_is_refused_naming_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="dataset.val_fraction: validation does not run under the pipeline"):
-        resolve_run(parse_run_config(cfg_of(*FAST, "cluster=cpu_pp2", "dataset.val_fraction=0.1")), tmp_path)
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_pipeline_validation_equals_the_single_process_one(tmp_path):
+    """cluster=cpu_pp2 runs validation forward only through the pipeline: the last stage measures, the other
+    adds zeros; the values equal one process's at the same steps (same weights, same held-out samples)."""
+    rows = {}
+    for name, extra in (("pp", ["cluster=cpu_pp2", "plan.use=uniform"]), ("one", ["balance.micro_batches=4"])):
+        out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *extra, f"hydra.run.dir={tmp_path / name}",
+                              *FAST, *VAL], capture_output=True, text=True, timeout=380)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[name] = val_rows(tmp_path / name)
+    assert sorted(rows["pp"]) == sorted(rows["one"]) == [1, 3]
+    for step in (1, 3):
+        assert rows["pp"][step]["loss"] == pytest.approx(rows["one"][step]["loss"], rel=1e-5)
+        assert rows["pp"][step]["acc"] == pytest.approx(rows["one"][step]["acc"], rel=1e-6)
 
 
 @pytest.mark.distributed
