@@ -1,7 +1,7 @@
 """Block profiler: measured per-block costs of a real model for one micro-batch shape.
 
-For every block of ``VLM(cfg).blocks()``, with the block's real input (from one forward of the whole
-model on a :func:`~omnibal_pl.model.dummy.dummy_batch` of the shape), in the run's precision
+For every block of ``VLM(cfg).blocks()``, with the block's real input (the previous block's output on a
+:func:`~omnibal_pl.model.dummy.dummy_batch` of the shape), in the run's precision
 (:class:`Precision`: Lightning's ``32-true``, ``16-true``, ``bf16-true``, ``16-mixed``, ``bf16-mixed``):
 
 - forward and backward seconds (backward of a random output gradient), medians over ``repeats`` after
@@ -14,6 +14,9 @@ model on a :func:`~omnibal_pl.model.dummy.dummy_batch` of the shape), in the run
   micro-batch of a step) and the micro-batch's own tensors (input data, counted apart) excluded;
 - parameter bytes and gradient + AdamW state bytes (:func:`~omnibal_pl.plan.costs.training_static_bytes`)
   at the precision's parameter storage size (4 bytes under ``*-mixed``, 2 under ``bf16-true``).
+
+Only the block being measured is on the device: the model is built on the host and each block moves to
+the device for its measurement and back, so a model larger than one device can be profiled block by block.
 
 The ``llm.head`` block is measured together with the training loss on its logits (``head_loss``), as the
 last stage runs it: its times include the loss's forward and backward, its activation bytes what the
@@ -248,20 +251,6 @@ def cache_path(cache_dir: str | Path, cfg: VLMConfig, shape: MicroBatchShape, de
                               f"-s{shape.samples}-{digest}.json")
 
 
-def _block_inputs(blocks: list[tuple[str, torch.nn.Module]], batch: PackedBatch, precision: Precision,
-                  device: torch.device) -> list[torch.Tensor]:
-    """Each block's input from one no-grad forward of the whole model in ``precision``, as a leaf that
-    requires grad where the runtime's does (floating point, past ``vision.embed``)."""
-    inputs = []
-    with torch.no_grad(), precision.context(device):
-        x = batch.pixel_values.to(precision.params)
-        for _, block in blocks:
-            inputs.append(x)
-            x = block(x, batch)
-    return [x.detach().requires_grad_(x.is_floating_point() and name != "vision.embed")
-            for (name, _), x in zip(blocks, inputs)]
-
-
 def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None = None,
                    precision: str | None = None, warmup: int = 2, repeats: int = 5,
                    sharding: ZeroSharding = ZeroSharding(), cache_dir: str | Path | None = None,
@@ -281,20 +270,28 @@ def profile_blocks(cfg: VLMConfig, shape: MicroBatchShape, *, device: str | None
     if path is not None and path.exists():
         return CostProfile.load(path)
     torch.manual_seed(seed)
-    model = VLM(cfg).to(device=dev, dtype=prec.params).train()
+    model = VLM(cfg).to(dtype=prec.params).train()  # on the host: only the block being measured is on ``dev``
     batch = profile_batch(cfg, shape, seed).to(dev)
-    blocks = model.blocks()
-    skip = ParameterFilter([*model.parameters(), *batch.tensors()])  # the step's input data is no activation
 
     def logits_loss(out: torch.Tensor) -> torch.Tensor:
         return head_loss(split_output(out, cfg.sparsify)[0], batch)
 
     costs = []
-    for (name, block), x in zip(blocks, _block_inputs(blocks, batch, prec, dev)):
+    x = batch.pixel_values.to(prec.params)
+    for name, block in model.blocks():
+        block.to(dev)
+        # the block's input as the runtime's: a leaf that requires grad where it does (floating point, past
+        # vision.embed); the step's input data is no activation
+        x = x.detach().requires_grad_(x.is_floating_point() and name != "vision.embed")
+        skip = ParameterFilter([*block.parameters(), *batch.tensors()])
         step = _forward_step(block, x, batch, prec, dev, logits_loss if name == "llm.head" else None)
         count = sum(p.numel() for p in block.parameters())
         static = training_static_bytes(count, prec.params.itemsize, sharding)
         costs.append(_measure_block(name, block, step, dev, warmup, repeats, skip, static))
+        with torch.no_grad(), prec.context(dev):
+            x = block(x, batch)  # the next block's input
+        block.zero_grad(set_to_none=True)
+        block.to("cpu")
     profile = CostProfile(blocks=costs, model=cfg.name, device=device_name(dev),
                           micro_batch={**shape.as_dict(), "precision": prec.name, "dtype": _dtype_name(prec.compute)},
                           source="profile")
