@@ -12,19 +12,23 @@ C++/Python ISF speed ratio. Times are single-threaded wall clock on this machine
 With ``--time-model`` (a fitted micro-batch time model, e.g. from ``bench_train.py --save-time-model``):
 every row also reports the modelled rank-time balance (time dist ratio, max/mean rank time), a
 ``balanced (fitted)`` row forms its steps on that model, and a last table gives max/mean modelled rank
-time of every algorithm on the real statistics at each DP of ``--time-dps``.
+time of every algorithm on the real statistics at each DP of ``--time-dps``. ``--flops-model PRESET``
+instead fits the time model to a model preset's training FLOPs (``omnibal_pl.model.flops.train_flops``) of
+random micro-batches of the real statistics: a noise-free stand-in for measured times, in units of
+1e15 FLOPs; written to ``--time-model`` when both are given.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange_steps, balance_metrics, group_samples, isf_reference,
-                                resolve_caps)
+from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange_steps, balance_metrics, fit_time_model, group_samples,
+                                isf_reference, resolve_caps)
 from omnibal_pl.balance.cost import steps_weight
 from omnibal_pl.lengths import LengthTable, load_lengths
 
@@ -105,10 +109,19 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=1, help="groups per DP rank per step")
     parser.add_argument("--time-model", type=Path, default=None, help="fitted micro-batch time model (JSON)")
     parser.add_argument("--time-dps", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--flops-model", default=None, help="fit the time model to this preset's FLOPs")
     args = parser.parse_args()
-    model = TimeModel.load(args.time_model) if args.time_model else None
 
     table = load_lengths(sorted(Path(args.data).glob("*.json")))
+    if args.flops_model:
+        model = flops_time_model(table, args.flops_model)
+        args.time_model = args.time_model or Path(tempfile.mkdtemp()) / "flops_time_model.json"
+        model.save(args.time_model)
+        print(f"time model fitted to {args.flops_model} training FLOPs (1e15 per unit): "
+              + ", ".join(f"{c:.3g}" for c in model.coefficients) + " (tiles, tokens, tokens^2, samples)")
+    else:
+        model = TimeModel.load(args.time_model) if args.time_model else None
+
     print(f"real statistics: {len(table):,} samples, {table.total_vit:,} tiles, {table.total_tokens:,} tokens "
           f"from {len(table.sources)} files; DP={args.dp}, {args.micro_batches} group(s) per rank per step")
     base = BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, seed=args.seed,
@@ -130,6 +143,23 @@ def main() -> None:
     default = replace(isf, vit_cap=9, token_cap=4096)
     d = row("isf at published defaults 9/4096", table, default, 1)
     print_table("published defaults (reference: 43,904 groups, vit dist 0.293, llm dist 0.328)", [d])
+
+
+def flops_time_model(table: LengthTable, preset_name: str, groups: int = 400, seed: int = 0) -> TimeModel:
+    """The time model fitted to ``preset_name``'s training FLOPs of random groups (1 .. 8 samples) of ``table``."""
+    from omnibal_pl.conf import preset
+    from omnibal_pl.model import VLMConfig
+    from omnibal_pl.model.flops import train_flops
+
+    cfg = VLMConfig.from_dict(preset("model", preset_name))
+    rng = np.random.default_rng(seed)
+    features, flops = [], []
+    for _ in range(groups):
+        rows = rng.integers(0, len(table), int(rng.integers(1, 9)))
+        lengths = table.tokens[rows].astype(np.int64)
+        features.append([table.vit[rows].sum(), lengths.sum(), (lengths**2).sum(), len(rows)])
+        flops.append(train_flops(cfg, int(table.vit[rows].sum()), lengths.tolist()) / 1e15)
+    return fit_time_model(np.array(features, float), np.array(flops))
 
 
 def time_by_dp(table: LengthTable, isf: BalanceConfig, bal: BalanceConfig, base: BalanceConfig, model: TimeModel,

@@ -28,6 +28,7 @@ from omnibal_pl.lengths import LengthTable
 
 TERMS = ("tiles", "tokens", "tokens_sq", "samples")
 MIN_FITS_PER_TERM = 3
+NUMERICAL_ZERO = 1e-9  # relative to the largest measured time
 
 
 @dataclass
@@ -101,6 +102,8 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
     scale = np.abs(features).max(axis=0)
     scale[scale == 0] = 1.0  # a term absent from every micro-batch gets coefficient 0
     solution, *_ = np.linalg.lstsq(features / scale, seconds, rcond=None)
+    # a term whose largest contribution is below rounding of the times is zero, whatever its sign
+    solution[np.abs(solution) <= NUMERICAL_ZERO * np.abs(seconds).max()] = 0.0
     coefficients = solution / scale
     rms = float(np.sqrt(np.mean((features @ coefficients - seconds) ** 2)))
     return TimeModel([float(c) for c in coefficients], rms, len(features))

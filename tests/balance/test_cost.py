@@ -90,3 +90,12 @@ def test_metrics_report_time_only_with_a_model():
     # steps (10, 10) and (10, 40): max/mean 1 and 1.6
     assert m["max_mean_time"] == pytest.approx(1.3)
     assert m["time_dist_ratio"] == pytest.approx((0 + 30 / 80) / 2)
+
+
+def test_a_term_absent_from_the_times_fits_to_exactly_zero():
+    rng = np.random.default_rng(2)
+    features = np.stack([rng.integers(1, 20, 50), rng.integers(100, 5000, 50), rng.integers(10**4, 10**7, 50),
+                         rng.integers(1, 8, 50)], axis=1).astype(float)
+    seconds = features[:, :3] @ np.array([3e-3, 2e-5, 4e-10])  # no per-sample cost: rounding may come out below 0
+    model = fit_time_model(features, seconds)
+    assert model.coefficients[3] == 0.0 and model.coefficients[0] == pytest.approx(3e-3)
