@@ -165,6 +165,8 @@ def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimi
 def _apply_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[nn.Parameter, str],
                            flat: Mapping[str, Any]) -> None:
     for group in optimizer.param_groups:
+        if not group["params"]:
+            continue  # a rank with nothing to train (a frozen stage under LoRA) has one empty group
         first = names[group["params"][0]]
         for k in group:
             if k != "params" and f"group.{first}.{k}" in flat:
