@@ -147,7 +147,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "backward = [costs.backward_s(i, j) + c.recompute_s for", "backward = [costs.backward_s(i, j) for",
         PARTITION),
     one("stage_capacity_ignores_static_bytes", "plan", "omnibal_pl/plan/stage_costs.py",
-        "capacity = (budget - self.static_bytes(i, j)) / n", "capacity = budget / n", PARTITION),
+        "capacity = (budget - self.static_bytes(i, j) - self.transient_bytes(i, j)) / n",
+        "capacity = (budget - self.transient_bytes(i, j)) / n", PARTITION),
+    one("stage_capacity_ignores_transient_bytes", "plan", "omnibal_pl/plan/stage_costs.py",
+        "capacity = (budget - self.static_bytes(i, j) - self.transient_bytes(i, j)) / n",
+        "capacity = (budget - self.static_bytes(i, j)) / n", PARTITION),
     # ---- plan: the memory model against the runtime, adaptive recompute, refinement's candidates ----
     one("adapt_activation_scale_inverted", "plan", "omnibal_pl/plan/adapt.py",
         "scale = measured_activations[rank] / predicted if", "scale = predicted / measured_activations[rank] if",

@@ -36,6 +36,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import DataError
 from omnibal_pl.model import VLMConfig
+from omnibal_pl.plan.costs import GRAD_BUCKET_BYTES
 from omnibal_pl.plan.plan import Plan
 from omnibal_pl.parallel.sharding import SHARDED_LEVELS, check_zero, local_tensor, shard_stages
 from omnibal_pl.parallel.stage import StageModule, build_stage
@@ -61,9 +62,6 @@ def _unique_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
         for p in module.parameters():
             seen.setdefault(id(p), p)
     return list(seen.values())
-
-
-GRAD_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes one all-reduce copies at a time (DDP's default bucket)
 
 
 def all_reduce_grads(params: Sequence[nn.Parameter], dp_group: dist.ProcessGroup,

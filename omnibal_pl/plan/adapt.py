@@ -8,7 +8,9 @@ profile's activation bytes ``act_b(mode)`` and the measured static bytes ``S`` a
 - the rank's *activation scale* is ``A / sum_b n_b act_b(mode_b)`` under the modes it ran with (1 when
   the plan keeps nothing): how far the runtime's activations are from the profile's;
 - the new modes are the least-recompute choice (:func:`~omnibal_pl.plan.recompute.choose_recompute`)
-  with ``sum_b n_b * scale * act_b(mode_b) <= budget - S``.
+  with ``sum_b n_b * scale * act_b(mode_b) <= budget - S - T``, ``T`` the rank's transient bytes
+  (:func:`~omnibal_pl.plan.costs.transient_bytes`: a recompute transient and communication buffers,
+  which the CPU measurement does not see).
 
 So a rank that measured headroom turns recompute off where the scaled bytes allow (relax), and a rank
 over its budget recomputes more (tighten). The runtime then measures the new choice again
@@ -21,7 +23,7 @@ from typing import Sequence
 
 from omnibal_pl.errors import PlanError
 from omnibal_pl.model.config import TRANSFORMER_BLOCK_PREFIXES
-from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.costs import CostProfile, ZeroSharding, transient_bytes
 from omnibal_pl.plan.plan import Plan
 from omnibal_pl.plan.recompute import choose_recompute
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
@@ -32,6 +34,14 @@ GIB = 2**30
 def _valid_mode(name: str, mode: str) -> str:
     """``attention`` only where a block has an attention core; the same bytes as ``none`` elsewhere."""
     return "none" if mode == "attention" and not name.startswith(TRANSFORMER_BLOCK_PREFIXES) else mode
+
+
+def rank_transient_bytes(plan: Plan, profile: CostProfile, config: PipelineConfig, rank: int) -> float:
+    """The transient bytes (:func:`~omnibal_pl.plan.costs.transient_bytes`) of pipeline rank ``rank``'s
+    stages: what the measured static bytes and activation peak do not show on CPU."""
+    cost = {b.name: b for b in profile.blocks}
+    sharding = ZeroSharding(config.zero, config.dp)
+    return sum(transient_bytes([cost[n] for n in plan.stages[s]], sharding) for s in plan.stages_of_rank(rank))
 
 
 def adapted_recompute(plan: Plan, profile: CostProfile, config: PipelineConfig, measured_static: Sequence[float],
@@ -53,17 +63,19 @@ def adapted_recompute(plan: Plan, profile: CostProfile, config: PipelineConfig, 
         members = [(multipliers[s], name) for s in plan.stages_of_rank(rank) for name in plan.stages[s]]
         predicted = sum(n * cost[name].activation_bytes(plan.mode(name)) for n, name in members)
         scale = measured_activations[rank] / predicted if predicted > 0 else 1.0
-        capacity = config.budget(rank) - measured_static[rank]
+        transient = rank_transient_bytes(plan, profile, config, rank)
+        capacity = config.budget(rank) - measured_static[rank] - transient
         choice = choose_recompute([cost[name] for _, name in members], [n * scale for n, _ in members], capacity)
         if choice is None:
             least = sum(n * scale * min(cost[name].activation_bytes(m) for m in ("none", "attention", "full"))
                         for n, name in members)
-            raise PlanError(f"pipeline rank {rank} measured {measured_static[rank] / GIB:.3f} GiB static and needs at "
-                            f"least {least / GIB:.3f} GiB of activations under full recompute, over its budget of "
+            raise PlanError(f"pipeline rank {rank} measured {measured_static[rank] / GIB:.3f} GiB static, reserves "
+                            f"{transient / GIB:.3f} GiB transient and needs at least {least / GIB:.3f} GiB of "
+                            f"activations under full recompute, over its budget of "
                             f"{config.budget(rank) / GIB:.3f} GiB; raise plan.memory_gb / plan.memory_fraction, "
                             "use more pipeline stages or a higher cluster.zero")
         recompute.update({name: _valid_mode(name, m) for (_, name), m in zip(members, choice.modes)})
-        memory[plan.stages_of_rank(rank)[0]] = measured_static[rank] + choice.activation_bytes
+        memory[plan.stages_of_rank(rank)[0]] = measured_static[rank] + choice.activation_bytes + transient
         scales.append(scale)
     notes = {**plan.notes, "activation_scale": scales}
     return replace(plan, recompute=recompute, stage_memory_bytes=tuple(memory), notes=notes)

@@ -173,3 +173,25 @@ def training_static_bytes(num_params: int, element_bytes: int, sharding: ZeroSha
     params = num_params * element_bytes // sharding.divisor(3)
     grads = num_params * element_bytes // sharding.divisor(2)
     return params, grads + num_params * state // sharding.divisor(1)
+
+
+GRAD_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes the DP sync copies at once (parallel/pipeline.py)
+
+
+def transient_bytes(blocks: Sequence[BlockCost], sharding: ZeroSharding = ZeroSharding()) -> float:
+    """Bytes a stage of ``blocks`` holds for a moment on top of its static bytes and kept activations, as the
+    runtime runs it: the largest recompute transient (one block's activations rebuilt during its backward,
+    ``act_none - act_full``; reserved whether or not the block recomputes) plus communication buffers: the
+    DP gradient bucket at ZeRO 0/1 (``dp > 1``), FSDP2's unsharded parameters of the block running and the
+    one prefetched (ZeRO 3) and the unsharded gradients of one block being reduce-scattered (ZeRO 2/3)."""
+    if not blocks:
+        return 0.0
+    recompute = max(b.act_none_bytes - b.act_full_bytes for b in blocks)
+    unsharded = max(b.param_bytes for b in blocks) * sharding.divisor(3)  # parameter (= gradient) bytes
+    if sharding.dp == 1:
+        comm = 0.0
+    elif sharding.zero >= 2:
+        comm = unsharded * (3 if sharding.zero == 3 else 1)
+    else:
+        comm = min(GRAD_BUCKET_BYTES, sum(b.param_bytes for b in blocks))
+    return float(max(recompute, 0) + comm)

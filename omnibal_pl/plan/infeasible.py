@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import accumulate
+from typing import Callable
 
 from omnibal_pl.errors import ConfigError, PlanError
 from omnibal_pl.model.block import RECOMPUTE_MODES
-from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.costs import CostProfile, ZeroSharding, transient_bytes
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
 from omnibal_pl.plan.stage_costs import INF, StageCosts, bottleneck_bounds, min_bottleneck
 
@@ -17,18 +18,29 @@ _POLICY_MODES = {"adaptive": RECOMPUTE_MODES, "none_where_fits": ("none", "full"
                  "attention": ("attention",), "full": ("full",)}
 
 
+def _held(profile: CostProfile, config: PipelineConfig) -> Callable[[int, int], float]:
+    """Bytes ``blocks[i:j]`` hold besides kept activations: static bytes plus their transient bytes."""
+    static = [0.0, *accumulate(b.static_bytes for b in profile.blocks)]
+    sharding = ZeroSharding(config.zero, config.dp)
+
+    def held(i: int, j: int) -> float:
+        return static[j] - static[i] + transient_bytes(profile.blocks[i:j], sharding)
+
+    return held
+
+
 def _memory_table(profile: CostProfile, config: PipelineConfig, modes: tuple[str, ...], act_scale: float = 1.0):
     """Per-stage need/budget with every block at its smallest activations among ``modes``: the
     min-bottleneck table and the cost function. A bottleneck <= 1 means some partition fits."""
     least = [0.0, *accumulate(min(b.activation_bytes(m) for m in modes) for b in profile.blocks)]
-    static = [0.0, *accumulate(b.static_bytes for b in profile.blocks)]
+    held = _held(profile, config)
     mult = stage_multipliers(config)
 
     def ratio(i: int, j: int, k: int) -> float:
-        need = static[j] - static[i] + mult[k] * act_scale * (least[j] - least[i])
+        need = held(i, j) + mult[k] * act_scale * (least[j] - least[i])
         return need / config.budget(config.rank_of(k))
 
-    return min_bottleneck(len(profile.blocks), config.num_stages, ratio), ratio, least, static
+    return min_bottleneck(len(profile.blocks), config.num_stages, ratio), ratio, least, held
 
 
 def _fits(profile: CostProfile, config: PipelineConfig, modes: tuple[str, ...], act_scale: float = 1.0) -> bool:
@@ -39,11 +51,11 @@ def _cap_factor(profile: CostProfile, config: PipelineConfig, modes: tuple[str, 
     """The largest factor on every block's activation bytes (~ on the micro-batch caps) that fits: 0 when
     static memory alone is too much somewhere for every partition."""
     least = [0.0, *accumulate(min(b.activation_bytes(m) for m in modes) for b in profile.blocks)]
-    static = [0.0, *accumulate(b.static_bytes for b in profile.blocks)]
+    held = _held(profile, config)
     mult = stage_multipliers(config)
 
     def needed(i: int, j: int, k: int) -> float:  # activation factor of stage k over what it may hold
-        room = config.budget(config.rank_of(k)) - (static[j] - static[i])
+        room = config.budget(config.rank_of(k)) - held(i, j)
         act = mult[k] * (least[j] - least[i])
         return INF if room < 0 else (act / room if room > 0 else (0.0 if act == 0 else INF))
 
@@ -55,7 +67,7 @@ def explain_infeasible(costs: StageCosts) -> PlanError:
     """Builds the error for ``costs`` (a profile, config and policy under which no partition fits)."""
     profile, config, policy = costs.profile, costs.config, costs.policy
     modes = _POLICY_MODES[policy]
-    table, ratio, least, static = _memory_table(profile, config, modes)
+    table, ratio, least, held = _memory_table(profile, config, modes)
     if table[0][0] == INF:
         return PlanError("no partition fits and the budgets are not finite; check memory_budget_bytes")
     bounds = bottleneck_bounds(table, ratio)
@@ -66,8 +78,8 @@ def explain_infeasible(costs: StageCosts) -> PlanError:
     lines = [
         f"no partition of {len(names)} blocks into {config.num_stages} stages fits in memory under recompute "
         f"policy {policy!r}: in the partition that needs the least, stage {worst} (blocks {names[i]}..{names[j - 1]}) "
-        f"needs {(static[j] - static[i] + n * (least[j] - least[i])) / GIB:.2f} GiB "
-        f"({(static[j] - static[i]) / GIB:.2f} GiB static + {n} in-flight micro-batches x "
+        f"needs {(held(i, j) + n * (least[j] - least[i])) / GIB:.2f} GiB "
+        f"({held(i, j) / GIB:.2f} GiB static and transient + {n} in-flight micro-batches x "
         f"{(least[j] - least[i]) / GIB:.2f} GiB activations), budget "
         f"{config.budget(config.rank_of(worst)) / GIB:.2f} GiB. Smallest changes that fit:"
     ]

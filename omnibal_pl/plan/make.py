@@ -64,7 +64,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
     config = PipelineConfig(pp=pp, micro_batches=micro_batches, schedule=schedule,
                             virtual_stages=virtual_stages if schedule == "interleaved" else 1, hop_s=hop,
                             memory_budget_bytes=memory_gb * 2**30 if memory_gb is not None else memory * memory_fraction,
-                            dp=dp)
+                            dp=dp, zero=zero)
     return PlanInputs(profile=profile, config=config, shape=shape, device=device)
 
 
@@ -75,7 +75,8 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
     names = inputs.profile.names
     bounds = scored.bounds
     sim = scored.sim
-    memory = [s + n * a for s, n, a in zip(scored.static_bytes, sim.peak_in_flight, scored.activation_bytes)]
+    memory = [s + n * a + t for s, n, a, t in
+              zip(scored.static_bytes, sim.peak_in_flight, scored.activation_bytes, scored.transient_bytes)]
     return Plan(
         model=model.name,
         stages=tuple(tuple(names[i:j]) for i, j in zip(bounds, bounds[1:])),
@@ -89,6 +90,7 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
         notes={"samples_per_micro_batch": inputs.shape.samples, "policy": scored.policy,
                "hop_s": inputs.config.hop_s, "profile_device": inputs.profile.device,
                "stage_static_bytes": [float(b) for b in scored.static_bytes],
+               "stage_transient_bytes": [float(b) for b in scored.transient_bytes],
                "stage_activation_bytes": [float(n * a) for n, a in zip(sim.peak_in_flight, scored.activation_bytes)]},
     )
 

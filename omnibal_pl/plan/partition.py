@@ -40,6 +40,7 @@ class ScoredPartition:
     recompute_s: list[float]
     activation_bytes: list[float]
     static_bytes: list[float]
+    transient_bytes: list[float]
     sim: SimResult
 
     @property
@@ -84,10 +85,10 @@ def _scored(costs: StageCosts, bounds: tuple[int, ...]) -> ScoredPartition:
     if isinstance(choices, int):
         s = choices
         i, j = bounds[s], bounds[s + 1]
-        need = costs.static_bytes(i, j) + costs.multipliers[s] * min(
+        need = costs.static_bytes(i, j) + costs.transient_bytes(i, j) + costs.multipliers[s] * min(
             costs.activation_bytes(i, j, mode) for mode in ("none", "attention", "full"))
         raise PlanError(f"stage {s} (blocks {i}..{j - 1}) cannot fit: it needs at least {need / 2**30:.2f} GiB "
-                        f"(static + {costs.multipliers[s]} in-flight micro-batches under recompute policy "
+                        f"(static + transient + {costs.multipliers[s]} in-flight micro-batches under recompute policy "
                         f"{costs.policy!r}), budget {costs.config.budget(costs.config.rank_of(s)) / 2**30:.2f} "
                         f"GiB; move blocks off this stage or use policy 'adaptive'")
     forward, backward = _stage_times(costs, bounds, choices)
@@ -97,6 +98,7 @@ def _scored(costs: StageCosts, bounds: tuple[int, ...]) -> ScoredPartition:
         bounds=bounds, policy=costs.policy, modes=tuple(m for c in choices for m in c.modes),
         forward_s=forward, backward_s=backward, recompute_s=[c.recompute_s for c in choices],
         activation_bytes=activation, static_bytes=static,
+        transient_bytes=[costs.transient_bytes(i, j) for i, j in zip(bounds, bounds[1:])],
         sim=simulate(costs.config, forward, backward, activation, static),
     )
 

@@ -21,7 +21,8 @@ class PipelineConfig:
     """How the pipeline runs: ``pp`` ranks, ``micro_batches`` per step, the schedule, ``virtual_stages``
     chunks per rank (interleaved only), ``hop_s`` seconds per point-to-point activation/gradient transfer
     between consecutive stages, and the memory budget per rank in bytes (one number for all ranks, one per
-    rank, or None for unlimited). ``dp`` is carried into the plan; it does not change the simulation.
+    rank, or None for unlimited). ``dp`` and ``zero`` size the communication buffers a stage holds
+(:func:`~omnibal_pl.plan.costs.transient_bytes`); they do not change the simulation.
     """
 
     pp: int
@@ -31,6 +32,7 @@ class PipelineConfig:
     hop_s: float = 0.0
     memory_budget_bytes: float | tuple[float, ...] | None = None
     dp: int = 1
+    zero: int = 0
 
     def __post_init__(self) -> None:
         check_pipeline_sizes(self.pp, self.micro_batches, self.schedule, self.virtual_stages, self.dp, runnable=False)

@@ -11,7 +11,7 @@ from itertools import accumulate
 from typing import Callable, Sequence
 
 from omnibal_pl.model.block import RECOMPUTE_MODES
-from omnibal_pl.plan.costs import CostProfile
+from omnibal_pl.plan.costs import CostProfile, ZeroSharding, transient_bytes
 from omnibal_pl.plan.recompute import (RecomputeChoice, RecomputeFrontier, apply_policy, check_policy,
                                        choose_recompute, knapsack_choice)
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
@@ -39,6 +39,8 @@ class StageCosts:
         self._rec = {m: _prefix([b.recompute_s(m) for b in blocks]) for m in RECOMPUTE_MODES}
         # no stage keeps more than a whole budget per micro-batch: prune front points beyond it
         self._max_kept = max(config.budget(r) for r in range(config.pp))
+        self._sharding = ZeroSharding(config.zero, config.dp)
+        self._transient: dict[tuple[int, int], float] = {}
         self._fronts: dict[tuple[int, int], RecomputeFrontier] = {}
         self._choices: dict[tuple[int, int, int, float], RecomputeChoice | None] = {}
 
@@ -54,6 +56,12 @@ class StageCosts:
 
     def activation_bytes(self, i: int, j: int, mode: str) -> float:
         return self._act[mode][j] - self._act[mode][i]
+
+    def transient_bytes(self, i: int, j: int) -> float:
+        """What ``blocks[i:j]`` hold for a moment besides static and kept bytes (:func:`transient_bytes`)."""
+        if (i, j) not in self._transient:
+            self._transient[(i, j)] = transient_bytes(self.profile.blocks[i:j], self._sharding)
+        return self._transient[(i, j)]
 
     def _front(self, i: int, j: int) -> RecomputeFrontier:
         start = j
@@ -71,7 +79,7 @@ class StageCosts:
         budget = self.config.budget(self.config.rank_of(stage))
         key = (i, j, n, budget)
         if key not in self._choices:
-            capacity = (budget - self.static_bytes(i, j)) / n
+            capacity = (budget - self.static_bytes(i, j) - self.transient_bytes(i, j)) / n
 
             def uniform(mode: str) -> RecomputeChoice:
                 return RecomputeChoice((mode,) * (j - i), self._rec[mode][j] - self._rec[mode][i],
@@ -108,7 +116,8 @@ class StageCosts:
         for rank in range(cfg.pp):
             stages = list(range(rank, cfg.num_stages, cfg.pp))
             members = [(s, b) for s in stages for b in range(bounds[s], bounds[s + 1])]
-            capacity = cfg.budget(rank) - sum(self.static_bytes(bounds[s], bounds[s + 1]) for s in stages)
+            capacity = cfg.budget(rank) - sum(self.static_bytes(bounds[s], bounds[s + 1])
+                                              + self.transient_bytes(bounds[s], bounds[s + 1]) for s in stages)
             choice = choose_recompute([blocks[b] for _, b in members],
                                       [self.multipliers[s] for s, _ in members], capacity, self.policy)
             if choice is None:

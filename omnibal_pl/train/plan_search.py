@@ -11,7 +11,8 @@ local devices, on the micro-batches of the run's first step (every candidate see
   and activation peak are measured, recompute is chosen again from the measurement
   (:func:`~omnibal_pl.plan.adapt.adapted_recompute`) and measured again, up to ``rounds`` times, until
   the choice no longer changes. The plan records each round (modes, measured and predicted bytes per
-  rank) under ``notes.adapt``; a plan whose measured peak is over budget on some rank is never returned.
+  rank) under ``notes.adapt``; a plan whose measured peak plus its transient bytes is over budget on
+  some rank is never returned.
 
 Trials start their own processes on this machine, so they run on global rank 0 before Lightning
 launches the run's processes, on one node (``cluster.num_nodes=1``).
@@ -26,7 +27,7 @@ from omnibal_pl.data.datamodule import LoaderConfig, OmniBalDataModule, PackingC
 from omnibal_pl.data.training_data import TrainingData
 from omnibal_pl.errors import PlanError
 from omnibal_pl.model import VLMConfig
-from omnibal_pl.plan.adapt import adapted_recompute
+from omnibal_pl.plan.adapt import adapted_recompute, rank_transient_bytes
 from omnibal_pl.plan.make import PlanInputs, plan_from_partition
 from omnibal_pl.plan.partition import ranked_partitions
 from omnibal_pl.plan.plan import Plan
@@ -75,7 +76,8 @@ def adapt_plan(model: VLMConfig, plan: Plan, inputs: PlanInputs, batches: list[l
         figures = _rank_figures(trial)
         history.append({"recompute": dict(current.recompute), "predicted_stage_bytes": list(current.stage_memory_bytes),
                         **figures})
-        fits = all(p <= b for p, b in zip(figures["peak_bytes"], budget))
+        transient = [rank_transient_bytes(current, inputs.profile, inputs.config, r) for r in range(plan.pp)]
+        fits = all(p + t <= b for p, t, b in zip(figures["peak_bytes"], transient, budget))
         if fits:
             fitting = current
         adapted = adapted_recompute(current, inputs.profile, inputs.config, figures["static_bytes"],

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from omnibal_pl.errors import PlanError
-from omnibal_pl.plan.adapt import adapted_recompute
+from omnibal_pl.plan.adapt import adapted_recompute, rank_transient_bytes
 from omnibal_pl.plan.make import PlanInputs, plan_from_partition
 from omnibal_pl.plan.partition import evaluate_partition, ranked_partitions, search_partition
 from omnibal_pl.plan.schedule import PipelineConfig, stage_multipliers
@@ -44,7 +44,9 @@ def test_measured_headroom_turns_recompute_off() -> None:
     adapted = adapted_recompute(plan, PROFILE, i.config, static, measured)
     assert adapted.recompute == {}  # no recompute: it all fits
     assert adapted.notes["activation_scale"] == pytest.approx([1.0, 1.0])
-    assert adapted.stage_memory_bytes[1] == pytest.approx(static[1] + kept(adapted, i.config, 1))
+    transient = rank_transient_bytes(adapted, PROFILE, i.config, 1)
+    assert transient == max(b.act_none_bytes - b.act_full_bytes for b in PROFILE.blocks[BOUNDS[1]:])  # dp = 1
+    assert adapted.stage_memory_bytes[1] == pytest.approx(static[1] + kept(adapted, i.config, 1) + transient)
 
 
 def test_a_rank_that_measures_more_than_modelled_recomputes_more() -> None:

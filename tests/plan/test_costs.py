@@ -12,7 +12,8 @@ from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.model.flops import block_forward_flops
 from omnibal_pl.model.sparsify import SparsifyConfig
 from omnibal_pl.plan.cost_model import block_work, cost_model_profile, device_preset, fit_device
-from omnibal_pl.plan.costs import CostProfile, ZeroSharding, training_static_bytes
+from omnibal_pl.plan.costs import (GRAD_BUCKET_BYTES, BlockCost, CostProfile, ZeroSharding, training_static_bytes,
+                                   transient_bytes)
 from omnibal_pl.plan.profiler import profile_blocks
 
 from tests.helpers import model_config
@@ -177,3 +178,22 @@ def test_static_bytes_split_by_zero_level(element, state) -> None:
     assert training_static_bytes(n, element, ZeroSharding(3, 1)) == rows[0]  # one rank shards nothing
     with pytest.raises(ConfigError, match="ZeRO level 4"):
         ZeroSharding(4, 2)
+
+
+def test_transient_bytes_follow_the_runtime_at_each_zero_level() -> None:
+    """The recompute transient (the largest act_none - act_full) plus what the runtime communicates: the DP
+    gradient bucket at ZeRO 0/1 (capped at 25 MiB), FSDP2's unsharded gradients of one block at ZeRO 2, and
+    at ZeRO 3 also the unsharded parameters of the running and the prefetched block; nothing at dp = 1."""
+    def block(name: str, params: int, none: int, full: int) -> BlockCost:
+        return BlockCost(name=name, kind="llm_layer", forward_s=1e-3, backward_s=2e-3, act_none_bytes=none,
+                         act_attention_bytes=none, act_full_bytes=full, recompute_attention_s=0.0,
+                         recompute_full_s=1e-3, param_bytes=params, grad_opt_bytes=3 * params)
+
+    blocks = [block("llm.layers.0", 10 * 2**20, 500, 100), block("llm.layers.1", 40 * 2**20, 300, 250)]
+    recompute = 400
+    assert transient_bytes(blocks, ZeroSharding(0, 1)) == recompute
+    assert transient_bytes(blocks, ZeroSharding(1, 4)) == recompute + GRAD_BUCKET_BYTES
+    assert transient_bytes(blocks[:1], ZeroSharding(0, 4)) == recompute + 10 * 2**20  # less than one bucket
+    assert transient_bytes(blocks, ZeroSharding(2, 4)) == recompute + 40 * 2**20
+    # at ZeRO 3 the profile's parameter bytes are this rank's shard: unsharded is dp times that
+    assert transient_bytes(blocks, ZeroSharding(3, 4)) == recompute + 3 * 4 * 40 * 2**20

@@ -245,3 +245,21 @@ def test_search_is_no_worse_than_its_best_starting_candidate(vision, llm, pp, m,
         if all(a < b for a, b in zip(bounds, bounds[1:])):
             best = min(best, evaluate_partition(profile, config, bounds).step_s)
     assert search_partition(profile, config).step_s <= best * (1 + 1e-12)
+
+
+def test_a_stage_reserves_its_transient_bytes_in_the_budget() -> None:
+    """A stage fits when static + in-flight activations + transient bytes (the largest recompute transient,
+    here at dp = 1) are within the budget, not before; the plan's stage memory counts all three."""
+    profile = synthetic_profile(2, 4, jitter=0.0)
+    n_blocks = len(profile.blocks)
+    static = sum(b.static_bytes for b in profile.blocks)
+    kept = sum(b.act_none_bytes for b in profile.blocks)
+    transient = max(b.act_none_bytes - b.act_full_bytes for b in profile.blocks)
+    n = stage_multipliers(PipelineConfig(pp=1, micro_batches=2))[0]
+    need = static + n * kept + transient
+    with pytest.raises(PlanError):
+        evaluate_partition(profile, PipelineConfig(pp=1, micro_batches=2, memory_budget_bytes=need - transient / 2),
+                           (0, n_blocks), "none")
+    scored = evaluate_partition(profile, PipelineConfig(pp=1, micro_batches=2, memory_budget_bytes=need),
+                                (0, n_blocks), "none")
+    assert scored.transient_bytes == [transient]

@@ -12,6 +12,7 @@ import pytest
 from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.block import RECOMPUTE_MODES
+from omnibal_pl.plan.costs import transient_bytes
 from omnibal_pl.plan.make import plan_from_partition, planning_inputs
 from omnibal_pl.plan.partition import evaluate_partition
 from omnibal_pl.plan.profiler import profile_batch
@@ -63,7 +64,7 @@ def test_adapt_tightens_to_a_measured_fit_and_refine_keeps_the_fastest(tmp_path)
     is recorded per round; refinement measures every candidate and returns the fastest one."""
     loose = tiny_inputs(tmp_path)
     bounds = (0, 6, len(CFG.block_names()))
-    static0 = sum(b.static_bytes for b in loose.profile.blocks[:6])
+    static0 = sum(b.static_bytes for b in loose.profile.blocks[:6]) + transient_bytes(loose.profile.blocks[:6])
     none = evaluate_partition(loose.profile, loose.config, bounds, "none")
     full = evaluate_partition(loose.profile, loose.config, bounds, "full")
     low, high = (static0 + 2 * s.activation_bytes[0] for s in (full, none))
