@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from omnibal_pl.data.synthetic import SyntheticDataset
 from omnibal_pl.data.synthetic_lengths import synthetic_lengths
 from omnibal_pl.lengths import LengthTable, load_lengths
 from omnibal_pl.model import VLM, VLMConfig
-from omnibal_pl.train.objective import packed_loss_sum
+from bench_train import time_micro_batch  # this folder: python scripts/bench_packing.py
 
 TILE_SIZE = 448  # px: 256 LLM tokens per tile
 
@@ -80,23 +79,6 @@ def micro_batch(samples: list[Sample], packed: bool, cfg: VLMConfig) -> PackedBa
         samples = [padded(s, longest) for s in samples]
     tokens, tiles = sum(s.num_tokens for s in samples), sum(s.num_tiles for s in samples)
     return PackingCollate(tokens, tiles, "none", image_context_id=cfg.image_context_id)(samples)
-
-
-def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps: int) -> float:
-    batch = batch.to(device)
-    best = float("inf")
-    for _ in range(reps):
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss_sum, weight = packed_loss_sum(model(batch), batch)
-        (loss_sum / weight.clamp(min=1)).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure_row(model: VLM, cfg: VLMConfig, stats: LengthTable, tiles: int | None, args: argparse.Namespace,

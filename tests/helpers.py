@@ -32,6 +32,7 @@ from omnibal_pl.model import VLM, TransformerBlock, VLMConfig
 from omnibal_pl.model.hf_loading import Layout, to_hf_state_dict
 from omnibal_pl.model.sparsify import Sparsifier
 from omnibal_pl.plan import Plan
+from omnibal_pl.train.objective import micro_batch_objective
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_LENGTH_FILES = sorted((SHARED_DATA / "omnibal_lengths").glob("*.json"))
@@ -335,6 +336,9 @@ class NaNLossAtSteps(L.Callback):
             owner.micro_batch_objective = original
         self._saved = []
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.teardown(trainer, pl_module, None)  # a run stopped by the non-finite rule skips teardown
+
 
 _FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.as_tensor}
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
@@ -419,3 +423,18 @@ def _omnibal_caller() -> str | None:
     if frame is None or f"{os.sep}omnibal_pl{os.sep}" not in frame.f_code.co_filename:
         return None
     return f"{frame.f_code.co_filename.split(os.sep + 'omnibal_pl' + os.sep)[-1]}:{frame.f_lineno}"
+
+
+def train_on(model: VLM, batch: PackedBatch, steps: int, lr: float = 1e-2, **adamw: Any) -> list[float]:
+    """``steps`` AdamW steps of ``model``'s trainable parameters on one batch; the loss of each step
+    (the training objective's weighted mean)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **adamw)
+    losses = []
+    for _ in range(steps):
+        objective = micro_batch_objective(model(batch), batch, model.cfg)
+        loss = objective.value / objective.weight
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -128,12 +128,13 @@ class OmniBalDataModule(L.LightningDataModule):
             self.sampler.set_epoch(self.trainer.current_epoch)
         return self._loader(self.dataset, self.sampler, ResumableDataLoader, datamodule=self)
 
-    def val_dataloader(self) -> DataLoader:
-        """The held-out samples, grouped, balanced and packed as for training (epoch 0's arrangement)."""
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out samples, grouped, balanced and packed as for training (epoch 0's arrangement); no
+        loader (an empty list, which Lightning skips) without held-out data (``dataset.val_fraction`` 0)."""
         if self.sampler is None:
             self.setup("fit")
         if self.val_sampler is None:
-            raise ConfigError("no validation data: set dataset.val_fraction (e.g. 0.05) to hold out samples")
+            return []
         return self._loader(self.data.val.dataset, self.val_sampler)
 
     def _loader(self, dataset: Dataset, sampler: BalancedSampler, loader_class: type[DataLoader] = DataLoader,

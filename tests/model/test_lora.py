@@ -9,9 +9,8 @@ from omnibal_pl.model import VLM, VLMConfig, dummy_batch
 from omnibal_pl.model.config import AdapterConfig
 from omnibal_pl.model.hf_loading import load_hf_weights, to_hf_state_dict
 from omnibal_pl.model.lora import LoRALinear, is_adapter_param, merge_lora, trainable_state_dict
-from omnibal_pl.train.objective import micro_batch_objective
 
-from tests.helpers import internvl_model, model_config, write_internvl_checkpoint
+from tests.helpers import internvl_model, model_config, train_on, write_internvl_checkpoint
 
 
 def lora_cfg(**knobs) -> VLMConfig:
@@ -91,15 +90,7 @@ def test_training_changes_only_adapter_parameters_and_the_loss_falls():
     model = lora_model(dropout=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = dummy_batch(model.cfg, [20, 14], [1, 2], token_cap=48, vit_cap=4, seed=2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(40):
-        objective = micro_batch_objective(model(batch), batch, model.cfg)
-        loss = objective.value / objective.weight
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_on(model, batch, 40, weight_decay=0.0)
     assert losses[-1] < losses[0] - 1.0, losses
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])

@@ -9,7 +9,7 @@ from omnibal_pl.model.hf_loading import load_hf_model, vlm_config_from_hf
 from omnibal_pl.model.qwen_vision import pack_qwen_samples, vision_layout
 from omnibal_pl.model.rope import mrope_position_ids
 
-from tests.helpers import model_config
+from tests.helpers import model_config, train_on
 
 transformers = pytest.importorskip("transformers")
 
@@ -263,7 +263,6 @@ def test_dynamic_resolution_matches_qwens_resize_rule():
 
 def test_the_tiny_model_learns_a_packed_batch_with_and_without_lora():
     from omnibal_pl.model.lora import is_adapter_param
-    from omnibal_pl.train.objective import micro_batch_objective
 
     for adapter in ({"kind": "none"}, {"kind": "lora", "r": 4, "targets": ["llm.layers.*.*.*", "vision.blocks.*.attn.qkv"]}):
         data = model_config("qwen2_5_vl_tiny").to_dict()
@@ -271,15 +270,7 @@ def test_the_tiny_model_learns_a_packed_batch_with_and_without_lora():
         torch.manual_seed(0)
         model = VLM(VLMConfig.from_dict(data))
         _, _, batch = packed_inputs(model.cfg, token_cap=80, block_cap=20)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(15):
-            objective = micro_batch_objective(model(batch), batch, model.cfg)
-            loss = objective.value / objective.weight
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = train_on(model, batch, 15)
         assert losses[-1] < losses[0] - 1.0, (adapter["kind"], losses)
         if adapter["kind"] == "lora":  # gradients reached the vision adapters through the merger and the LLM
             grads = {n: p.grad for n, p in model.named_parameters() if is_adapter_param(n)}
