@@ -41,7 +41,8 @@ def rank_transient_bytes(plan: Plan, profile: CostProfile, config: PipelineConfi
     stages: what the measured static bytes and activation peak do not show on CPU."""
     cost = {b.name: b for b in profile.blocks}
     sharding = ZeroSharding(config.zero, config.dp)
-    return sum(transient_bytes([cost[n] for n in plan.stages[s]], sharding) for s in plan.stages_of_rank(rank))
+    return sum(transient_bytes([cost[n] for n in plan.stages[s]], sharding, plan.pp > 1)
+               for s in plan.stages_of_rank(rank))
 
 
 def adapted_recompute(plan: Plan, profile: CostProfile, config: PipelineConfig, measured_static: Sequence[float],

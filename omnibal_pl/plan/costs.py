@@ -178,14 +178,18 @@ def training_static_bytes(num_params: int, element_bytes: int, sharding: ZeroSha
 GRAD_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes the DP sync copies at once (parallel/pipeline.py)
 
 
-def transient_bytes(blocks: Sequence[BlockCost], sharding: ZeroSharding = ZeroSharding()) -> float:
+def transient_bytes(blocks: Sequence[BlockCost], sharding: ZeroSharding = ZeroSharding(),
+                    pipelined: bool = False) -> float:
     """Bytes a stage of ``blocks`` holds for a moment on top of its static bytes and kept activations, as the
     runtime runs it: the largest recompute transient (one block's activations rebuilt during its backward,
     ``act_none - act_full``; reserved whether or not the block recomputes) plus communication buffers: the
     DP gradient bucket at ZeRO 0/1 (``dp > 1``), FSDP2's unsharded parameters of the block running and the
-    one prefetched (ZeRO 3) and the unsharded gradients of one block being reduce-scattered (ZeRO 2/3)."""
+    one prefetched (ZeRO 3) and the unsharded gradients of one block being reduce-scattered (ZeRO 2/3), and
+    when ``pipelined`` the stage's receive buffers for its input and its output's gradient (each the size of
+    the tensor crossing a stage boundary: the first block's checkpointed input, ``act_full``)."""
     if not blocks:
         return 0.0
+    p2p = 2 * blocks[0].act_full_bytes if pipelined else 0
     recompute = max(b.act_none_bytes - b.act_full_bytes for b in blocks)
     unsharded = max(b.param_bytes for b in blocks) * sharding.divisor(3)  # parameter (= gradient) bytes
     if sharding.dp == 1:
@@ -194,4 +198,4 @@ def transient_bytes(blocks: Sequence[BlockCost], sharding: ZeroSharding = ZeroSh
         comm = unsharded * (3 if sharding.zero == 3 else 1)
     else:
         comm = min(GRAD_BUCKET_BYTES, sum(b.param_bytes for b in blocks))
-    return float(max(recompute, 0) + comm)
+    return float(max(recompute, 0) + comm + p2p)

@@ -24,7 +24,7 @@ def _held(profile: CostProfile, config: PipelineConfig) -> Callable[[int, int], 
     sharding = ZeroSharding(config.zero, config.dp)
 
     def held(i: int, j: int) -> float:
-        return static[j] - static[i] + transient_bytes(profile.blocks[i:j], sharding)
+        return static[j] - static[i] + transient_bytes(profile.blocks[i:j], sharding, config.pp > 1)
 
     return held
 

@@ -25,6 +25,7 @@ class PlanInputs:
     config: PipelineConfig
     shape: MicroBatchShape
     device: str
+    precision: str = "bf16-mixed"
 
 
 def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int, token_cap: int, *, dp: int = 1,
@@ -65,7 +66,7 @@ def planning_inputs(model: VLMConfig, pp: int, micro_batches: int, vit_cap: int,
                             virtual_stages=virtual_stages if schedule == "interleaved" else 1, hop_s=hop,
                             memory_budget_bytes=memory_gb * 2**30 if memory_gb is not None else memory * memory_fraction,
                             dp=dp, zero=zero)
-    return PlanInputs(profile=profile, config=config, shape=shape, device=device)
+    return PlanInputs(profile=profile, config=config, shape=shape, device=device, precision=precision_of(precision).name)
 
 
 def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPartition, zero: int = 0) -> Plan:
@@ -85,7 +86,8 @@ def plan_from_partition(model: VLMConfig, inputs: PlanInputs, scored: ScoredPart
         schedule=inputs.config.schedule, pp=inputs.config.pp, micro_batches=inputs.config.micro_batches,
         vit_cap=inputs.shape.vit_cap, token_cap=inputs.shape.token_cap,
         predicted_step_s=scored.step_s, stage_memory_bytes=tuple(memory), source=inputs.profile.source,
-        dp=inputs.config.dp, zero=zero, device=inputs.device, memory_budget_bytes=inputs.config.budget(0),
+        dp=inputs.config.dp, zero=zero, precision=inputs.precision, device=inputs.device,
+        memory_budget_bytes=inputs.config.budget(0),
         bubble_fraction=sim.bubble_fraction,
         notes={"samples_per_micro_batch": inputs.shape.samples, "policy": scored.policy,
                "hop_s": inputs.config.hop_s, "profile_device": inputs.profile.device,

@@ -87,7 +87,8 @@ class Plan:
     only blocks of the plan with a known mode, ``attention`` only on transformer blocks; one memory
     figure per stage when predictions are given. ``predicted_step_s`` and ``stage_memory_bytes`` are the
     planner's predictions (None and empty for a uniform split, which predicts nothing). ``zero`` is the
-    ZeRO level the stages are sharded with over the ``dp`` ranks (:mod:`omnibal_pl.parallel.sharding`).
+    ZeRO level the stages are sharded with over the ``dp`` ranks (:mod:`omnibal_pl.parallel.sharding`);
+    ``precision`` the Lightning precision its memory was modelled in ("" when it models none: a uniform split).
     """
 
     model: str
@@ -100,6 +101,7 @@ class Plan:
     token_cap: int
     dp: int = 1
     zero: int = 0
+    precision: str = ""
     source: str = "uniform"
     predicted_step_s: float | None = None
     stage_memory_bytes: tuple[float, ...] = ()

@@ -60,7 +60,7 @@ class StageCosts:
     def transient_bytes(self, i: int, j: int) -> float:
         """What ``blocks[i:j]`` hold for a moment besides static and kept bytes (:func:`transient_bytes`)."""
         if (i, j) not in self._transient:
-            self._transient[(i, j)] = transient_bytes(self.profile.blocks[i:j], self._sharding)
+            self._transient[(i, j)] = transient_bytes(self.profile.blocks[i:j], self._sharding, self.config.pp > 1)
         return self._transient[(i, j)]
 
     def _front(self, i: int, j: int) -> RecomputeFrontier:

@@ -38,6 +38,7 @@ from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.plan.make import PlanInputs, plan_from_partition, planning_inputs, resolve_source
 from omnibal_pl.plan.partition import search_partition
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
+from omnibal_pl.plan.profiler import precision_of
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, CrashSafeCheckpoint
 from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_with_timeout
@@ -117,7 +118,10 @@ def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
                                  memory_gb=settings.memory_gb, head_loss=head_loss_sum)
         plan = measured_plan(cfg, inputs, data, trials=rank == 0)
     plan.check_model(cfg.model)
-    plan.check_run(f"plan {use}" if use not in ("auto", "uniform") else "plan", **expected)
+    where = f"plan {use}" if use not in ("auto", "uniform") else "plan"
+    plan.check_run(where, **expected)
+    if plan.precision:  # a plan that models memory was made for one precision
+        plan.check_run(where, precision=precision_of(c.precision).name)
     if rank == 0:
         plan.save(run_dir / "plan.yaml")
     return plan

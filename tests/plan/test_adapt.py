@@ -45,7 +45,8 @@ def test_measured_headroom_turns_recompute_off() -> None:
     assert adapted.recompute == {}  # no recompute: it all fits
     assert adapted.notes["activation_scale"] == pytest.approx([1.0, 1.0])
     transient = rank_transient_bytes(adapted, PROFILE, i.config, 1)
-    assert transient == max(b.act_none_bytes - b.act_full_bytes for b in PROFILE.blocks[BOUNDS[1]:])  # dp = 1
+    rank1 = PROFILE.blocks[BOUNDS[1]:]  # dp = 1: the recompute transient and the two receive buffers
+    assert transient == max(b.act_none_bytes - b.act_full_bytes for b in rank1) + 2 * rank1[0].act_full_bytes
     assert adapted.stage_memory_bytes[1] == pytest.approx(static[1] + kept(adapted, i.config, 1) + transient)
 
 

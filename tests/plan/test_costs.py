@@ -197,3 +197,5 @@ def test_transient_bytes_follow_the_runtime_at_each_zero_level() -> None:
     assert transient_bytes(blocks, ZeroSharding(2, 4)) == recompute + 40 * 2**20
     # at ZeRO 3 the profile's parameter bytes are this rank's shard: unsharded is dp times that
     assert transient_bytes(blocks, ZeroSharding(3, 4)) == recompute + 3 * 4 * 40 * 2**20
+    # a pipeline stage also receives its input and its output's gradient (the first block's checkpointed input)
+    assert transient_bytes(blocks, ZeroSharding(0, 1), pipelined=True) == recompute + 2 * 100

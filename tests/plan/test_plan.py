@@ -188,3 +188,23 @@ def test_zero_levels_decide_what_fits_and_are_recorded() -> None:
         assert plan.zero == zero and plan.dp == 8
         peaks[zero] = max(plan.stage_memory_bytes)
     assert peaks[1] > peaks[3] and peaks[2] > peaks[3]
+
+
+def test_a_plan_records_its_precision_and_a_run_in_another_refuses_it(tmp_path) -> None:
+    """The memory a plan models depends on the precision (bytes per parameter and activation): plan.yaml
+    records it and a run in another precision fails at start naming it."""
+    from omnibal_pl.plan.make import plan_from_partition, planning_inputs
+    from omnibal_pl.plan.partition import search_partition
+    from omnibal_pl.train.assemble import resolve_run
+    from omnibal_pl.train.schemas import parse_run_config
+    from tests.helpers import FAST, cfg_of
+
+    cfg = load("tiny")
+    inputs = planning_inputs(cfg, 2, 4, 20, 256, device="local", source="profile", samples=2,
+                             profile_cache=str(tmp_path / "profiles"), precision="bf16")
+    plan = plan_from_partition(cfg, inputs, search_partition(inputs.profile, inputs.config))
+    assert plan.precision == "bf16-mixed" and Plan.load(plan.save(tmp_path / "p.yaml")).precision == "bf16-mixed"
+    run = cfg_of(*FAST, "cluster=cpu_pp2", f"plan.use={tmp_path / 'p.yaml'}", "balance.vit_cap=20",
+                 "balance.token_cap=256")
+    with pytest.raises(PlanError, match="precision: plan 'bf16-mixed', run '32-true'"):
+        resolve_run(parse_run_config(run), tmp_path / "run")
