@@ -87,6 +87,20 @@ def llava_records(root: Path) -> list[dict]:
     return recs
 
 
+def llava_dataset_node(root: Path, tokenizer: Path, **extra: Any) -> dict:
+    """The ``dataset`` node of a LLaVA run over :func:`llava_records` written under ``root`` (one tile per
+    image, the test tokenizer at ``tokenizer``), with ``extra`` keys."""
+    annotation = write_json(root / "train.json", llava_records(root))
+    return {"name": "llava", "_target_": "omnibal_pl.data.LlavaDataset", "annotation": str(annotation),
+            "image_root": str(root), "tokenizer": str(tokenizer), "overlong": "error",
+            "template": {"_target_": "omnibal_pl.data.TemplateConfig", "name": LLAVA_TEMPLATE.name,
+                         "tokens_per_tile": LLAVA_TEMPLATE.tokens_per_tile,
+                         "image_context_token": LLAVA_TEMPLATE.image_context_token},
+            "tiling": {"_target_": "omnibal_pl.data.TilingConfig", "mode": "llava",
+                       "image_size": LLAVA_TILING.image_size, "max_tiles": 1, "use_thumbnail": False},
+            **extra}
+
+
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path

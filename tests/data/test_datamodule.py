@@ -18,7 +18,7 @@ from omnibal_pl.data.datamodule import OmniBalDataModule
 from omnibal_pl.data.training_data import ModelSpec, prepare_training_data, real_lengths
 from omnibal_pl.errors import ConfigError
 
-from tests.helpers import LLAVA_TEMPLATE, LLAVA_TILING, RecordingModule, llava_records, make_tokenizer, write_json
+from tests.helpers import LLAVA_TILING, RecordingModule, llava_dataset_node, llava_records, make_tokenizer, write_json
 
 SPEC = ModelSpec(vocab_size=100, image_size=8, tokens_per_tile=4, image_context_id=3)
 SYNTHETIC = {"name": "synthetic", "kind": "synthetic", "generator": {"samples": 300, "seed": 0}, "text_scale": 0.1}
@@ -120,15 +120,8 @@ def test_distributed_sampler_flag_must_be_off():
 def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    annotation = write_json(root / "train.json", llava_records(root))
     tok = make_tokenizer(tmp_path / "tok")
-    cfg = {"name": "llava", "_target_": "omnibal_pl.data.LlavaDataset", "annotation": str(annotation),
-           "image_root": str(root), "tokenizer": str(tok), "overlong": "error",
-           "template": {"_target_": "omnibal_pl.data.TemplateConfig", "name": LLAVA_TEMPLATE.name,
-                        "tokens_per_tile": LLAVA_TEMPLATE.tokens_per_tile,
-                        "image_context_token": LLAVA_TEMPLATE.image_context_token},
-           "tiling": {"_target_": "omnibal_pl.data.TilingConfig", "mode": "llava", "image_size": LLAVA_TILING.image_size,
-                      "max_tiles": 1, "use_thumbnail": False}}
+    cfg = llava_dataset_node(root, tok)
     spec = ModelSpec(vocab_size=64, image_size=LLAVA_TILING.image_size, tokens_per_tile=9, image_context_id=8)
     balance = BalanceConfig(dp=1, vit_cap=4, token_cap=200)
     dm = OmniBalDataModule.from_config(cfg, balance, spec)
@@ -140,7 +133,7 @@ def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
     # the cache is used as is, and rebuilt with a warning when the data changes
     assert np.array_equal(dm.lengths.tokens, real_lengths(dm.dataset, cfg).tokens)
     records = llava_records(root)[:3]
-    write_json(annotation, records)
+    write_json(Path(cfg["annotation"]), records)
     with pytest.warns(UserWarning, match="no longer matches its data"):
         prepare_training_data(cfg, balance, spec)
     new = list(root.glob("train.json.lengths-*.obl"))

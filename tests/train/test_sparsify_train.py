@@ -20,7 +20,7 @@ from omnibal_pl.model.sparsify import SparsifyConfig, sparse_layer_for
 from omnibal_pl.train.module import OmniBalModule
 from omnibal_pl.train.schemas import parse_run_config as parse
 
-from tests.helpers import FAST, LLAVA_TEMPLATE, LLAVA_TILING, cfg_of, llava_records, make_tokenizer, write_json
+from tests.helpers import FAST, LLAVA_TILING, cfg_of, llava_dataset_node, make_tokenizer, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 # the tiny model has short synthetic answers: small predictors, answers from 4 tokens sparsified
@@ -106,15 +106,8 @@ def test_require_image_keeps_only_image_samples_synthetic(tmp_path):
 def test_require_image_keeps_only_image_samples_real(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    annotation = write_json(root / "train.json", llava_records(root))  # one of its 7 samples is text-only
-    cfg = {"name": "llava", "_target_": "omnibal_pl.data.LlavaDataset", "annotation": str(annotation),
-           "image_root": str(root), "tokenizer": str(make_tokenizer(tmp_path / "tok")), "overlong": "error",
-           "require_image": True,
-           "template": {"_target_": "omnibal_pl.data.TemplateConfig", "name": LLAVA_TEMPLATE.name,
-                        "tokens_per_tile": LLAVA_TEMPLATE.tokens_per_tile,
-                        "image_context_token": LLAVA_TEMPLATE.image_context_token},
-           "tiling": {"_target_": "omnibal_pl.data.TilingConfig", "mode": "llava", "image_size": LLAVA_TILING.image_size,
-                      "max_tiles": 1, "use_thumbnail": False}}
+    # one of llava_records' 7 samples is text-only
+    cfg = llava_dataset_node(root, make_tokenizer(tmp_path / "tok"), require_image=True)
     spec = ModelSpec(vocab_size=64, image_size=LLAVA_TILING.image_size, tokens_per_tile=9, image_context_id=8)
     data = prepare_training_data(cfg, BalanceConfig(dp=1, vit_cap=4, token_cap=200), spec)
     assert len(data.dataset) == len(data.lengths) == 6 and (data.lengths.image_flag > 0).all()
