@@ -1,7 +1,10 @@
-"""Annotation files -> :class:`Record` lists: LLaVA-1.5 JSON / JSONL and InternVL meta files.
+"""Annotation files -> :class:`Record` lists: JSON / JSONL annotations and InternVL meta files.
 
-A record is one sample as written in the annotation: its conversation and image paths, plus where
-it came from (``origin``, "file:line" or "file[item]") for error messages. Nothing is decoded here.
+A row is a LLaVA / ShareGPT sample ``{id, image | images, conversations: [{from, value}]}`` or a chat-format
+one ``{id, images, messages: [{role, content}]}`` (content a string or text and image parts; see
+:mod:`~omnibal_pl.data.messages`). A record is one sample: its messages normalised to ``{role, content}``
+with one ``<image>`` placeholder per image, its image paths, plus where it came from (``origin``,
+"file:line" or "file[item]") for error messages. Nothing is decoded here.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnibal_pl.data.messages import normalize_messages
 from omnibal_pl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -20,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Record:
-    """One annotated sample. ``key``: its ``id`` field (or ``origin`` when it has none)."""
+    """One annotated sample. ``key``: its ``id`` field (or ``origin`` when it has none); ``conversations``: its
+    messages, normalised (:func:`~omnibal_pl.data.messages.normalize_messages`)."""
 
     key: str
     origin: str
@@ -30,7 +35,7 @@ class Record:
 
 
 def read_annotation(path: str | Path, image_root: str | Path | None = None, source: int = 0) -> list[Record]:
-    """Records of a LLaVA-style annotation: a JSON list, or JSONL (one object per line) for ``.jsonl``.
+    """Records of an annotation: a JSON list, or JSONL (one object per line) for ``.jsonl``.
 
     Image paths are resolved against ``image_root`` (default: the annotation's folder).
     Raises :class:`DataError` with file:line on malformed JSON and with the item on a malformed record.
@@ -110,17 +115,21 @@ def _parse(text: str, file: str, lineno: int | None = None):
 def _record(item, origin: str, root: Path, source: int) -> Record:
     if not isinstance(item, dict):
         raise DataError(f"{origin}: a sample must be an object, found {type(item).__name__}")
-    conv = item.get("conversations")
-    if not isinstance(conv, list):
-        raise DataError(f"{origin}: field 'conversations' must be a list of {{from, value}} turns")
-    image = item.get("image")
+    turns = item.get("messages", item.get("conversations"))
+    if turns is None:
+        raise DataError(f"{origin}: a sample needs 'messages' ([{{role, content}}]) or 'conversations' ([{{from, value}}])")
+    messages, part_images = normalize_messages(turns, origin)
+    field = "images" if "images" in item else "image"
+    image = item.get(field)
     if image is None:
-        images = ()
+        images = part_images
+    elif part_images:
+        raise DataError(f"{origin}: images are named both in the content parts and in {field!r}; name them in one place")
     elif isinstance(image, str):
-        images = (root / image,)
+        images = [image]
     elif isinstance(image, list) and all(isinstance(p, str) for p in image):
-        images = tuple(root / p for p in image)
+        images = image
     else:
-        raise DataError(f"{origin}: field 'image' must be a path or a list of paths, found {image!r}")
+        raise DataError(f"{origin}: field {field!r} must be a path or a list of paths, found {image!r}")
     key = str(item["id"]) if "id" in item else origin
-    return Record(key=key, origin=origin, images=images, conversations=conv, source=source)
+    return Record(key=key, origin=origin, images=tuple(root / p for p in images), conversations=messages, source=source)

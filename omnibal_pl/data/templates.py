@@ -31,6 +31,8 @@ not here. InternVL also supervises the tokens of an image placed inside a reply;
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,9 +40,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from omnibal_pl.batch import IGNORE_INDEX
+from omnibal_pl.data.messages import IMAGE_PLACEHOLDER, check_roles, normalize_messages
 from omnibal_pl.errors import ConfigError, DataError
 
-IMAGE_PLACEHOLDER = "<image>"
+TOKENIZER_TEMPLATE = "tokenizer"  # template.name of the tokenizer's own chat template
 
 
 @dataclass(frozen=True)
@@ -134,20 +137,29 @@ FORMATS: dict[str, ChatFormat] = {
 class TemplateConfig:
     """Which chat format, and how images appear in the token stream.
 
-    ``name``: ``internlm2-chat`` (InternVL-Chat-V1.5), ``internvl2_5`` (InternVL 2.5) or ``vicuna_v1``
-    (LLaVA-1.5). ``tokens_per_tile``: LLM tokens per tile (576 for LLaVA-1.5 at 336 px, 256 for InternVL
-    at 448 px). ``image_context_token``: the token repeated for image features; must be one token of the
-    tokenizer. ``system_message``: overrides the format's default system message when set.
+    ``name``: ``tokenizer`` (the tokenizer's own chat template, see :class:`ChatTokenizer`) or a hand format:
+    ``internlm2-chat`` (InternVL-Chat-V1.5), ``internvl2_5`` (InternVL 2.5) or ``vicuna_v1`` (LLaVA-1.5).
+    ``tokens_per_tile``: LLM tokens per tile (576 for LLaVA-1.5 at 336 px, 256 for InternVL at 448 px).
+    ``image_context_token``: the token repeated for image features; must be one token of the tokenizer.
+    ``system_message``: the system message of a conversation without one (null: the format's or
+    template's default). ``image_start``/``image_end``: the tokens around each image's context tokens
+    where the tokenizer's template does not write images itself (null: none; a hand format has its own).
     """
 
     name: str = "internlm2-chat"
     tokens_per_tile: int = 256
     image_context_token: str = "<IMG_CONTEXT>"
     system_message: str | None = None
+    image_start: str | None = None
+    image_end: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in FORMATS:
-            raise ConfigError(f"template.name={self.name!r}: expected one of {sorted(FORMATS)}")
+        if self.name != TOKENIZER_TEMPLATE and self.name not in FORMATS:
+            raise ConfigError(f"template.name={self.name!r}: expected {TOKENIZER_TEMPLATE!r} (the tokenizer's own chat "
+                              f"template) or one of {sorted(FORMATS)}")
+        if self.name in FORMATS and (self.image_start is not None or self.image_end is not None):
+            raise ConfigError(f"template.image_start/image_end: the hand format {self.name!r} writes its own image "
+                              "wrappers; leave them null")
         if self.tokens_per_tile < 1:
             raise ConfigError(f"template.tokens_per_tile={self.tokens_per_tile}: must be >= 1")
 
@@ -156,7 +168,9 @@ class TextTokenizer:
     """A thin wrapper over an HF ``tokenizers.Tokenizer`` or ``transformers`` tokenizer.
 
     ``encode`` never adds special tokens (the chat format places them); ``token_id`` resolves one token;
-    ``bos_ids`` are the ids the tokenizer itself puts in front of an encoding (``<s>`` or nothing).
+    ``bos_ids`` are the ids the tokenizer itself puts in front of an encoding (``<s>`` or nothing);
+    ``chat_template``: the tokenizer's own Jinja chat template (a ``transformers`` tokenizer that has one),
+    else None.
     """
 
     def __init__(self, backend: Any, origin: str = "tokenizer") -> None:
@@ -164,6 +178,17 @@ class TextTokenizer:
         self.origin = origin
         self._fast = hasattr(backend, "encode_batch")  # tokenizers.Tokenizer
         self.bos_ids = self._leading_special_ids()
+        self.chat_template: str | None = None if self._fast else getattr(backend, "chat_template", None) or None
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        """``messages`` written by the tokenizer's chat template, as text (special tokens spelled out)."""
+        if self.chat_template is None:
+            raise DataError(f"{self.origin}: this tokenizer has no chat template; give a tokenizer folder whose "
+                            "tokenizer_config.json or chat_template.jinja holds one, or pick a hand format (template.name)")
+        try:
+            return self.backend.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raises its own TemplateError / UndefinedError, or whatever the template raises
+            raise DataError(f"{self.origin}: the chat template fails on this conversation ({type(e).__name__}: {e})") from e
 
     def encode(self, text: str) -> list[int]:
         return self.encode_with_offsets(text)[0]
@@ -219,13 +244,14 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     """Loads a tokenizer from a local path, never from the hub.
 
     ``path`` is a ``tokenizer.json`` file or a folder holding one (read with HF ``tokenizers``), or a
-    folder that ``transformers.AutoTokenizer`` can read with ``local_files_only=True``.
+    folder that ``transformers.AutoTokenizer`` can read with ``local_files_only=True``: one without a
+    ``tokenizer.json``, or one with a chat template (which only ``transformers`` renders).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such tokenizer path; give a tokenizer.json or a local tokenizer folder")
     file = path / "tokenizer.json" if path.is_dir() else path
-    if file.is_file():
+    if file.is_file() and not (path.is_dir() and _has_chat_template(path)):
         from tokenizers import Tokenizer
 
         try:
@@ -240,18 +266,41 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         raise DataError(f"{path}: transformers cannot load a tokenizer from this folder ({e})") from e
 
 
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8"))
+
+
 class ChatTokenizer:
-    """Turns conversations into (input_ids, labels) for one chat format and tokenizer."""
+    """Turns conversations into (input_ids, labels) for one chat format and tokenizer.
+
+    A conversation is a list of turns in any spelling :func:`~omnibal_pl.data.messages.normalize_messages`
+    accepts, with one ``<image>`` placeholder per image. A hand format (``template.name`` in :data:`FORMATS`)
+    writes it as the format's original training code does (a leading system turn replaces the system
+    message; no tool turns). The tokenizer's own template (``template.name: tokenizer``) writes it through
+    ``apply_chat_template``, and the supervised text is found by rendering it turn by turn: the reply of
+    the k-th message (an assistant turn) starts where the render of ``messages[:k]`` with the generation
+    prompt ends and ends where the render of ``messages[:k+1]`` ends, less trailing whitespace (its
+    end-of-turn token is supervised, a newline after it is not); each partial render must be a prefix of
+    the whole one, or no label mask would be right and the sample is refused. An image is written as the
+    template writes a ``{"type": "image"}`` content part where that text holds the image context token
+    (Qwen2-VL style templates), else as ``image_start`` + context token + ``image_end`` of the config.
+    """
 
     def __init__(self, tokenizer: TextTokenizer, cfg: TemplateConfig) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.fmt = FORMATS[cfg.name]
+        self.fmt = FORMATS.get(cfg.name)
         self.image_context_id = tokenizer.token_id(cfg.image_context_token)
-        self._image_start = [tokenizer.token_id(self.fmt.image_start)] if self.fmt.image_start else []
-        self._image_end = [tokenizer.token_id(self.fmt.image_end)] if self.fmt.image_end else []
+        if self.fmt is None:
+            self._check_generation_prompt()
+        start, end, self._image_parts = self._image_wrappers()
+        self._image_start = [tokenizer.token_id(start)] if start else []
+        self._image_end = [tokenizer.token_id(end)] if end else []
         # what an image is written as in a piece of text tokenised at once: one context token, repeated after
-        self._image_text = self.fmt.image_start + cfg.image_context_token + self.fmt.image_end
+        self._image_text = start + cfg.image_context_token + end
 
     @property
     def image_token_ids(self) -> list[int]:
@@ -262,59 +311,139 @@ class ChatTokenizer:
         """Token ids standing for one image of ``tiles`` tiles."""
         return self._image_start + [self.image_context_id] * (self.cfg.tokens_per_tile * tiles) + self._image_end
 
+    def generation_prompt(self, conversations: Sequence[dict], tiles_per_image: Sequence[int], origin: str) -> list[int]:
+        """Ids of a prompt (conversation ending with a user turn) up to where the assistant's reply starts."""
+        messages = self._messages(conversations, len(tiles_per_image), origin)
+        if self.fmt is not None:
+            parts = self._hand_parts(messages) + [(self.fmt.assistant_prompt, False)]
+            bos = self.tokenizer.bos_ids
+        else:
+            parts, bos = [(self._render(messages, True), False)], []
+        return bos + self._encode(parts, list(tiles_per_image))[0].tolist()
+
     def fingerprint(self) -> str:
-        """Everything the token counts depend on: the format's definition, the config and the tokenizer."""
-        return f"{self.fmt!r}|{self.cfg!r}|{self.tokenizer.fingerprint()}"
+        """Everything the token counts depend on: the format's definition (or the tokenizer's template), the
+        config and the tokenizer."""
+        return f"{self.fmt!r}|{self.tokenizer.chat_template!r}|{self.cfg!r}|{self.tokenizer.fingerprint()}"
 
     def __call__(self, conversations: Sequence[dict], tiles_per_image: Sequence[int], origin: str) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, labels)``, int64 ``[n]`` each; ``tiles_per_image[k]`` tiles for the k-th ``<image>``.
 
-        Raises :class:`DataError` naming ``origin`` on a malformed conversation or when the number of
-        ``<image>`` placeholders differs from the number of images.
+        Raises :class:`DataError` naming ``origin`` on a malformed conversation, a role the format cannot
+        write, or when the number of ``<image>`` placeholders differs from the number of images.
         """
-        system, turns = self._turns(conversations, len(tiles_per_image), origin)
-        fmt = self.fmt
-        parts: list[tuple[str, bool]] = [(fmt.system.format(system=system), False)]  # (text, supervised)
-        for turn in turns:
-            if turn["from"] == "human":
-                parts.append((fmt.user.format(message=turn["value"]), False))
-            else:
-                reply = fmt.reply_start + turn["value"] + fmt.assistant_end
-                parts += [(fmt.assistant_prompt, False), (reply, True), (fmt.after_reply, False)]
-        text = "".join(t for t, _ in parts)
-        chars = np.concatenate([np.full(len(t), s, bool) for t, s in parts])  # per character: supervised?
-        encode = self._encode_between_images if fmt.split_at_images else self._encode_with_images
-        ids, supervised = encode(text, chars, list(tiles_per_image))
-        bos = np.asarray(self.tokenizer.bos_ids, dtype=np.int64)
-        input_ids = np.concatenate([bos, ids])
+        messages = self._messages(conversations, len(tiles_per_image), origin)
+        check_roles(messages, origin, ("system", "user", "assistant") if self.fmt is not None else
+                    ("system", "user", "assistant", "tool"))
+        if self.fmt is not None:
+            parts, bos = self._hand_parts(messages), self.tokenizer.bos_ids
+        else:
+            parts, bos = self._template_parts(messages, origin), []
+        ids, supervised = self._encode(parts, list(tiles_per_image))
+        input_ids = np.concatenate([np.asarray(bos, dtype=np.int64), ids])
         labels = np.where(np.concatenate([np.zeros(len(bos), bool), supervised]), input_ids, IGNORE_INDEX)
         return input_ids, labels
 
-    def _turns(self, conversations: Sequence[dict], num_images: int, origin: str) -> tuple[str, list[dict]]:
-        """The system message and the turns, values normalised as the format's original does."""
-        turns = [dict(t) if isinstance(t, dict) else t for t in conversations]
-        system = self.cfg.system_message if self.cfg.system_message is not None else self.fmt.default_system
-        if turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
-            system = str(turns.pop(0).get("value", ""))
-        _check_turns(turns, origin)
+    def _messages(self, conversations: Sequence[dict], num_images: int, origin: str) -> list[dict[str, str]]:
+        """Normalised messages (copies), images checked against the placeholders; a hand format that inserts a
+        missing placeholder (InternVL) does so for a one-image sample."""
+        messages, _ = normalize_messages(list(conversations), origin)
         context = self.cfg.image_context_token
-        if context != IMAGE_PLACEHOLDER and any(context in t["value"] for t in [*turns, {"value": system}]):
+        if context != IMAGE_PLACEHOLDER and any(context in m["content"] for m in messages):
             raise DataError(f"{origin}: the text holds the image context token {context!r}; remove it from the conversation")
-        placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
-        if self.fmt.insert_image and num_images == 1 and placeholders == 0:
-            turns[0]["value"] = IMAGE_PLACEHOLDER + "\n" + turns[0]["value"]
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if self.fmt is not None and self.fmt.insert_image and num_images == 1 and placeholders == 0 and first_user:
+            first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]
             placeholders = 1
         if placeholders != num_images:
             raise DataError(f"{origin}: {placeholders} '<image>' placeholders but {num_images} images; "
                             "put exactly one '<image>' in the conversation per image, in image order")
-        for turn in turns:
-            if self.fmt.strip_values:
-                turn["value"] = turn["value"].strip()
-            if self.fmt.image_first and IMAGE_PLACEHOLDER in turn["value"]:
-                k = turn["value"].count(IMAGE_PLACEHOLDER)
-                rest = turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-                turn["value"] = ((IMAGE_PLACEHOLDER + "\n") * k + rest).strip()
-        return system, turns
+        if self.fmt is None and self.cfg.system_message is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.cfg.system_message})
+        return messages
+
+    def _hand_parts(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """``(text, supervised)`` pieces of the conversation in the hand format, values normalised as its
+        original does."""
+        fmt = self.fmt
+        system = self.cfg.system_message if self.cfg.system_message is not None else fmt.default_system
+        lead = [m["content"] for m in messages if m["role"] == "system"]
+        system = "\n".join(lead) if lead else system
+        parts: list[tuple[str, bool]] = [(fmt.system.format(system=system), False)]
+        for m in messages[len(lead):]:
+            value = m["content"].strip() if fmt.strip_values else m["content"]
+            if fmt.image_first and IMAGE_PLACEHOLDER in value:
+                k = value.count(IMAGE_PLACEHOLDER)
+                value = ((IMAGE_PLACEHOLDER + "\n") * k + value.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+            if m["role"] == "user":
+                parts.append((fmt.user.format(message=value), False))
+            else:
+                reply = fmt.reply_start + value + fmt.assistant_end
+                parts += [(fmt.assistant_prompt, False), (reply, True), (fmt.after_reply, False)]
+        return parts
+
+    def _template_parts(self, messages: list[dict[str, str]], origin: str) -> list[tuple[str, bool]]:
+        """``(text, supervised)`` pieces of the tokenizer template's render (see the class docstring)."""
+        whole = self._render(messages, False)
+        parts: list[tuple[str, bool]] = []
+        at = 0
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, turn = self._render(messages[:k], True), self._render(messages[: k + 1], False)
+            if not (turn.startswith(prompt) and whole.startswith(turn) and len(prompt) >= at):
+                raise DataError(f"{origin}: the chat template writes turns before message {k} differently once message {k} "
+                                "follows, so the reply cannot be located; use a hand format (template.name) for this data")
+            reply = turn[len(prompt):].rstrip()
+            if message["content"].strip() not in reply:
+                raise DataError(f"{origin}: the chat template does not write message {k}'s content as it is (it rewrites or "
+                                "drops it), so its labels cannot be placed; use a hand format (template.name)")
+            parts += [(whole[at : len(prompt)], False), (reply, True)]
+            at = len(prompt) + len(reply)
+        return parts + [(whole[at:], False)]
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The tokenizer template's text, every image written as an ``<image>`` placeholder."""
+        if not self._image_parts:
+            return self.tokenizer.render_chat(messages, add_generation_prompt)
+        as_parts = [{**m, "content": _content_parts(m["content"])} for m in messages]
+        text = self.tokenizer.render_chat(as_parts, add_generation_prompt)
+        return text.replace(self._image_text, IMAGE_PLACEHOLDER)
+
+    def _check_generation_prompt(self) -> None:
+        probe = [{"role": "user", "content": "Hi"}]
+        if self.tokenizer.render_chat(probe, True) == self.tokenizer.render_chat(probe, False):
+            raise ConfigError(f"{self.tokenizer.origin}: the chat template adds no generation prompt "
+                              "(add_generation_prompt changes nothing), so replies cannot be told from prompts; "
+                              "pick a hand format (template.name)")
+
+    def _image_wrappers(self) -> tuple[str, str, bool]:
+        """``(image_start, image_end, images as content parts)``: the format's, the template's own (the text
+        it writes for an image part, split at the context token), or the config's."""
+        if self.fmt is not None:
+            return self.fmt.image_start, self.fmt.image_end, False
+        context = self.cfg.image_context_token
+        try:
+            text = self.tokenizer.render_chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], False)
+            image = self.tokenizer.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], False)
+        except DataError:  # a text-only template
+            text = image = ""
+        n = len(os.path.commonprefix([text, image]))
+        marker = image[n : n + len(image) - len(text)]
+        if marker.count(context) != 1 or image != text[:n] + marker + text[n:]:
+            return self.cfg.image_start or "", self.cfg.image_end or "", False
+        if self.cfg.image_start is not None or self.cfg.image_end is not None:
+            raise ConfigError(f"template.image_start/image_end: the chat template writes an image itself as {marker!r}; "
+                              "leave them null")
+        start, _, end = marker.partition(context)
+        return start, end, True
+
+    def _encode(self, parts: list[tuple[str, bool]], tiles: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        text = "".join(t for t, _ in parts)
+        chars = np.concatenate([np.full(len(t), s, bool) for t, s in parts])  # per character: supervised?
+        split = self.fmt is not None and self.fmt.split_at_images
+        return (self._encode_between_images if split else self._encode_with_images)(text, chars, tiles)
 
     def _encode_text(self, text: str, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids of ``text`` (one tokenizer call) and, per id, whether all the characters it covers are
@@ -368,13 +497,12 @@ class ChatTokenizer:
         return np.concatenate(ids), np.concatenate(supervised)
 
 
-def _check_turns(turns: list, origin: str) -> None:
-    if not turns:
-        raise DataError(f"{origin}: empty conversation; a sample needs at least one human and one gpt turn")
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise DataError(f"{origin}: turn {k} must be an object with a string 'value'")
-        expected = "human" if k % 2 == 0 else "gpt"
-        if turn.get("from") != expected:
-            raise DataError(f"{origin}: turn {k} is from {turn.get('from')!r}, expected {expected!r} "
-                            "(turns alternate human, gpt, starting with human)")
+def _content_parts(content: str) -> list[dict[str, str]]:
+    """``content`` as text and image parts, one image part per ``<image>`` placeholder."""
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts

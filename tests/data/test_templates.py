@@ -308,13 +308,30 @@ def test_bad_conversations(tmp_path):
         chat(conversation(), [1, 1], "f.json[3]")
     with pytest.raises(DataError, match="2 '<image>' placeholders but 0 images"):
         chat(conversation(images=2), [], "x")
-    with pytest.raises(DataError, match="turn 1 is from 'human'"):
+    with pytest.raises(DataError, match="x: no assistant turn"):
         chat([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], [], "x")
     with pytest.raises(DataError, match="empty conversation"):
         chat([], [], "x")
-    with pytest.raises(DataError, match="string 'value'"):
+    with pytest.raises(DataError, match="x: turn 0: content must be a string or a list of parts"):
         chat([{"from": "human", "value": 3}], [], "x")
+    with pytest.raises(DataError, match="x: turn 1 has role 'bot'"):
+        chat([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], [], "x")
+    with pytest.raises(DataError, match="the first turn after the system prompt must be the user's, found 'assistant'"):
+        chat([{"from": "system", "value": "a"}, {"from": "gpt", "value": "b"}], [], "x")
+    with pytest.raises(DataError, match="a system turn after the conversation started"):
+        chat([{"from": "human", "value": "a"}, {"from": "system", "value": "b"}, {"from": "gpt", "value": "c"}], [], "x")
+    with pytest.raises(DataError, match=r"cannot write \['tool'\] turns; use the tokenizer's own chat template"):
+        chat([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}], [], "x")
     ChatTokenizer(tok, LLAVA_TEMPLATE)(conversation(), [1], "x")
+
+
+def test_consecutive_turns_of_one_role_are_written_one_after_the_other(toks):
+    tok = toks["bytes"]
+    chat = chat_for(tok, "internvl2_5")
+    split, split_labels = chat([human("Hi"), human("there"), gpt("Red."), gpt("Yes.")], [], "t")
+    assert render(tok, split, split_labels).endswith(
+        "<|im_start|> user Ċ Hi <|im_end|> Ċ <|im_start|> user Ċ the re <|im_end|> Ċ <|im_start|> assistant Ċ Red* .* "
+        "<|im_end|>* Ċ <|im_start|> assistant Ċ Yes* .* <|im_end|>* Ċ")
 
 
 def test_bad_template_config():
