@@ -207,7 +207,6 @@ def _encoder(args: argparse.Namespace, model: VLM):
     chat = ChatTokenizer(tokenizer, TemplateConfig(name=args.template, tokens_per_tile=model.cfg.tokens_per_tile,
                                                    image_context_token=args.image_token))
     tiling = TilingConfig(mode=args.tiling, image_size=model.cfg.vision.image_size, max_tiles=args.max_tiles)
-    assistant = tokenizer.encode(chat.fmt.assistant_prompt.rstrip())
     dtype = next(model.parameters()).dtype
 
     def encode(q: dict) -> PackedBatch:
@@ -216,14 +215,15 @@ def _encoder(args: argparse.Namespace, model: VLM):
         if q.get("image"):
             tiles = tile_image(Image.open(Path(args.image_folder) / q["image"]), tiling)
             text = "<image>\n" + text
-        ids, _ = chat([{"from": "human", "value": text}], [len(tiles)] if q.get("image") else [], str(q["question_id"]))
-        batch = prompt_batch(list(ids) + assistant, tiles.to(dtype), len(tiles) if q.get("image") else 0)
+        ids = chat.generation_prompt([{"role": "user", "content": text}], [len(tiles)] if q.get("image") else [],
+                                     str(q["question_id"]))
+        batch = prompt_batch(ids, tiles.to(dtype), len(tiles) if q.get("image") else 0)
         return batch.to(args.device)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.backend.decode(ids, skip_special_tokens=True)
 
-    return encode, decode, tokenizer.token_id(chat.fmt.assistant_end)
+    return encode, decode, chat.end_of_turn_id
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sparsify", default="off", help="conf/model/sparsify option or YAML file (off, dynamic_llava)")
     p.add_argument("--predictor-weights", default=None, help="torch state dict holding the trained predictor weights")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or folder (default: --model-path)")
-    p.add_argument("--template", default="vicuna_v1", help="chat template: vicuna_v1 (LLaVA-1.5), internlm2-chat")
+    p.add_argument("--template", default="vicuna_v1", help="chat format: tokenizer (the tokenizer's own chat "
+                   "template), vicuna_v1 (LLaVA-1.5), internlm2-chat, internvl2_5")
     p.add_argument("--image-token", default="<image>", help="image-context token (<image> LLaVA, <IMG_CONTEXT> InternVL)")
     p.add_argument("--tiling", default="llava", help="image preprocessing: llava (pad to square) or internvl")
     p.add_argument("--max-tiles", type=int, default=6, help="internvl tiling: most tiles per image")

@@ -130,6 +130,24 @@ FORMATS: dict[str, ChatFormat] = {
         insert_image=False,
         split_at_images=True,
     ),
+    # "<|im_start|>system\n{s}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n..."
+    # Qwen2-VL / Qwen2.5-VL: each image <|vision_start|> + one <|image_pad|> per merge block + <|vision_end|>; a
+    # reply's closing "<|im_end|>\n" supervised whole, as Qwen's fine-tuning code and LLaMA-Factory do
+    "qwen2_vl": ChatFormat(
+        system="<|im_start|>system\n{system}<|im_end|>\n",
+        user="<|im_start|>user\n{message}<|im_end|>\n",
+        assistant_prompt="<|im_start|>assistant\n",
+        reply_start="",
+        assistant_end="<|im_end|>\n",
+        after_reply="",
+        default_system="You are a helpful assistant.",
+        image_start="<|vision_start|>",
+        image_end="<|vision_end|>",
+        strip_values=False,
+        image_first=False,
+        insert_image=True,
+        split_at_images=False,
+    ),
 }
 
 
@@ -320,6 +338,19 @@ class ChatTokenizer:
         else:
             parts, bos = [(self._render(messages, True), False)], []
         return bos + self._encode(parts, list(tiles_per_image))[0].tolist()
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes a reply (where generation stops): the hand format's end marker, or the first
+        token the tokenizer's template writes after a reply's text."""
+        if self.fmt is not None:
+            return self.tokenizer.token_id(self.fmt.assistant_end.strip())
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+        tail = self.tokenizer.encode(self.tokenizer.render_chat(probe, False).rsplit("Yes", 1)[1].strip())
+        if not tail:
+            raise ConfigError(f"{self.tokenizer.origin}: the chat template writes nothing after a reply, so generation "
+                              "has no stop token; pick a hand format (template.name)")
+        return tail[0]
 
     def fingerprint(self) -> str:
         """Everything the token counts depend on: the format's definition (or the tokenizer's template), the

@@ -26,8 +26,6 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 
 from omnibal_pl.balance.search import micro_batch_shape
 from omnibal_pl.data.datamodule import OmniBalDataModule
@@ -40,7 +38,8 @@ from omnibal_pl.plan.partition import search_partition
 from omnibal_pl.plan.plan import Plan, check_pipeline_sizes, uniform_plan
 from omnibal_pl.plan.profiler import precision_of
 from omnibal_pl.train.callbacks import GumbelTemperature
-from omnibal_pl.train.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, CrashSafeCheckpoint
+from omnibal_pl.train.checkpoints import AtomicCheckpointIO
+from omnibal_pl.train.config_groups import build_callbacks
 from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_with_timeout
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
@@ -50,6 +49,7 @@ from omnibal_pl.train.plan_search import adapt_plan, first_step_batches, refine_
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.progress import StepProgressBar
 from omnibal_pl.train.schemas import RunConfig
+from omnibal_pl.train.validation import ValidateAfterLastStep
 
 PLAN_ENV = "OMNIBAL_PLAN"  # the plan file rank 0 resolved, for the processes Lightning launches
 
@@ -163,17 +163,19 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         strategy: Any = OmniBalStrategy(run.plan, dp=run.dp, timeout=collective_timeout(cfg.faults))
     else:
         module, strategy = OmniBalModule(**module_args), strategy_with_timeout(c.strategy, collective_timeout(cfg.faults))
-    checkpoint = CrashSafeCheckpoint(run.run_dir / CHECKPOINT_DIR, cfg.trainer.checkpoint_every_n_steps)
-    memory = MemoryReport(run.run_dir / "memory_report.json", run.plan)
-    watch = FaultWatch(cfg.faults.step_timeout_s, cfg.faults.sigterm_grace_s)
-    callbacks = [checkpoint, memory, watch, *(instantiate(cb) for cb in cfg.trainer.callbacks)]
+    loggers = build_loggers(cfg.logger, run.run_dir)
+    # the run's own mechanism, always on; then the callbacks group (conf/callbacks/) and trainer.callbacks
+    callbacks = [MemoryReport(run.run_dir / "memory_report.json", run.plan),
+                 FaultWatch(cfg.faults.step_timeout_s, cfg.faults.sigterm_grace_s)]
     if cfg.model.sparsify.enabled:
         callbacks.append(GumbelTemperature())
-    loggers = build_loggers(cfg.logger, run.run_dir)
-    if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if run.data.val is not None:
+        callbacks.append(ValidateAfterLastStep())
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
+    chosen = {"callbacks": cfg.callbacks, "trainer.callbacks": dict(enumerate(cfg.trainer.callbacks))}
+    for group, specs in chosen.items():
+        callbacks += build_callbacks(group, specs, run.run_dir, bool(loggers), run.data.val is not None)
     trainer = L.Trainer(
         accelerator=c.accelerator,
         devices=c.devices,

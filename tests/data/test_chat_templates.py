@@ -124,6 +124,11 @@ def test_ids_equal_the_familys_own_rendering_and_only_replies_are_supervised(fam
     assert labels[0] == IGNORE_INDEX
 
 
+def test_generation_stops_at_the_templates_end_of_turn(family):
+    _, tok, chat, marker = family
+    assert chat.end_of_turn_id == tok.token_id(marker)
+
+
 def test_bos_comes_from_the_template_only(family):
     name, tok, chat, _ = family
     ids, _ = chat(MESSAGES, TILES, "t")

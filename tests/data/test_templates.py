@@ -221,6 +221,23 @@ def test_llava_moves_the_image_to_the_front_of_its_turn(toks):
     assert front.tolist() == behind.tolist()
 
 
+@pytest.mark.parametrize("name, ends, stop", [("internlm2-chat", "<|im_start|> assistant <0x0A>", "<|im_end|>"),
+                                               ("internvl2_5", "<|im_start|> assistant <0x0A>", "<|im_end|>"),
+                                               ("vicuna_v1", "▁ASSISTANT :", "</s>")])
+def test_generation_prompt_is_the_prompt_a_reply_follows_in_training(toks, name, ends, stop):
+    """Generation feeds the prompt as training wrote it before a reply (InternVL's "assistant" with its
+    newline) and stops at the format's end marker."""
+    tok = toks["llama"] if name == "vicuna_v1" else toks["sp"]
+    chat = chat_for(tok, name)
+    prompt = chat.generation_prompt([human("<image>\nWhat is this?")], [1], "t")
+    assert render(tok, prompt, prompt).replace("*", "").endswith(ends)
+    ids, labels = chat([human("<image>\nWhat is this?"), gpt("A cat.")], [1], "t")
+    first_label = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
+    if name != "vicuna_v1":  # LLaVA's "ASSISTANT: A" shares the token holding the space with the reply
+        assert prompt == ids[:first_label].tolist()
+    assert chat.end_of_turn_id == tok.token_id(stop)
+
+
 def test_default_system_messages(toks):
     tok = toks["bytes"]
     v15 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
