@@ -11,13 +11,11 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from omnibal_pl.errors import ConfigError
+from omnibal_pl.train.config_groups import build_entries
 
 OPTIONAL_EXTRA = "loggers"  # pyproject.toml's extra with tensorboard, wandb, mlflow-skinny (+ its SQLite store)
 
@@ -75,18 +73,4 @@ def build_loggers(specs: Mapping[str, Mapping[str, Any]], run_dir: Path) -> list
     """One logger per entry of ``specs`` (in order), built from its ``_target_`` with ``save_dir`` taken relative to
     ``run_dir`` (``.`` when absent). Raises :class:`ConfigError` naming ``logger.<name>`` when an entry has no
     target or cannot be built (a package not installed: the extra to install is named)."""
-    loggers = []
-    for name, spec in specs.items():
-        if not isinstance(spec, Mapping) or "_target_" not in spec:
-            raise ConfigError(f"logger.{name}: needs a _target_ (a Lightning logger class, e.g. "
-                              "lightning.pytorch.loggers.CSVLogger); the options are the files of conf/logger/")
-        save_dir = run_dir / str(spec.get("save_dir") or ".")
-        try:
-            loggers.append(instantiate({**spec, "save_dir": str(save_dir)}))
-        except InstantiationException as e:
-            cause = e.__cause__ or e
-            hint = (f"; install it with pip install 'omnibal_pl[{OPTIONAL_EXTRA}]'"
-                    if isinstance(cause, ImportError) else "")
-            raise ConfigError(f"logger.{name}: {spec['_target_']} cannot be built: "
-                              f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}{hint}") from None
-    return loggers
+    return build_entries("logger", specs, run_dir, "save_dir", default_dir=".", extra=OPTIONAL_EXTRA)

@@ -64,6 +64,7 @@ class RunConfig:
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None
     logger: dict[str, Any] = field(default_factory=dict)  # name -> _target_ spec (conf/logger/)
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ spec (conf/callbacks/)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -115,5 +116,6 @@ def parse_run_config(cfg: DictConfig) -> RunConfig:
         ckpt_path=cfg.get("ckpt_path"),
         run_dir=cfg.get("run_dir"),
         logger=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
+        callbacks=OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else {},
         faults=to_dataclass(cfg.faults, FaultConfig, "faults"),
     )

@@ -10,8 +10,9 @@ until the pass ends; one all-reduce and one host read give
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import lightning.pytorch as pl
 import torch
 
 from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
@@ -46,3 +47,17 @@ class ValidationMeter:
         loss_sum, weight, correct, predictions = all_reduce_sum(local).tolist()
         self.last = {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0)}
         return dict(self.last)
+
+
+class ValidateAfterLastStep(pl.Callback):
+    """Validation after the run's last optimizer step (``trainer.max_steps``) also when ``val_check_interval`` does
+    not divide it, so a run ends with the final weights' ``val/loss`` (what ``omnibal-train`` returns to a sweeper).
+
+    Lightning validates every ``val_check_interval`` loader items, and when a stop is requested; this requests the
+    stop at the last step (which ends the run there anyway), so Lightning's own check validates once, also on a
+    last step that is an interval's."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True

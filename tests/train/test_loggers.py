@@ -3,11 +3,14 @@ offline, mlflow into a local store; a bad entry fails naming it."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import warnings
 
 import pytest
 from hydra.errors import MissingConfigException
 
+from omnibal_pl.cli.group_options import check_group_options
 from omnibal_pl.cli.train import train
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.train.loggers import build_loggers
@@ -78,3 +81,18 @@ def test_bad_logger_entries_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"logger\.broken: .*cannot be built"):
         build_loggers({"broken": {"_target_": "lightning.pytorch.loggers.CSVLogger", "nosuch": 1}}, tmp_path)
     assert parse_run_config(cfg_of("logger=[csv,tensorboard]")).logger.keys() == {"csv", "tensorboard"}
+
+
+def test_an_unknown_logger_or_callback_name_is_one_line_naming_the_key_and_the_options(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", "logger=[csv,nosuch]"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "omnibal-train: error: logger=nosuch: no such option; the options are csv, mlflow, tensorboard, wandb"]
+    assert not list(tmp_path.iterdir())  # refused before Hydra made a run directory
+    with pytest.raises(ConfigError, match=r"^callbacks=xyz: no such option; the options are best_checkpoint, checkpoint, "
+                                          r"early_stopping, lr_monitor$"):
+        check_group_options(["-m", "callbacks=[checkpoint,lr_monitor],[checkpoint,xyz]"])  # a sweep over lists
+    with pytest.raises(ConfigError, match=r"^model/sparsify=of: no such option"):
+        check_group_options(["model/sparsify=of"])
+    check_group_options(["-m", "logger=csv,tensorboard", "callbacks=[checkpoint,early_stopping]", "~logger",
+                         "model=auto", "model.name=x", "+callbacks.mine.a=1", "hydra/sweeper=optuna", "--cfg", "job"])

@@ -1,5 +1,6 @@
 """Validation on a held-out split: disjoint seeded split, val loss and token accuracy every val_check_interval steps
-equal to a direct computation over the held-out micro-batches, a ModelCheckpoint monitoring it, DDP."""
+equal to a direct computation over the held-out micro-batches, a ModelCheckpoint monitoring it, the last step validated
+once, DDP."""
 from __future__ import annotations
 
 import csv
@@ -76,10 +77,8 @@ def test_separate_validation_files_replace_the_training_node_keys(tmp_path):
 
 
 def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monitored(tmp_path):
-    best = tmp_path / "best"
-    monitor = (f"trainer.callbacks=[{{_target_:lightning.pytorch.callbacks.ModelCheckpoint,monitor:val/loss,"
-               f"mode:min,save_top_k:1,dirpath:'{best}',filename:best}}]")
-    cfg = cfg_of(*FAST, *VAL, monitor, f"run_dir={tmp_path}")
+    best = tmp_path / "checkpoints" / "best"
+    cfg = cfg_of(*FAST, *VAL, "callbacks=[checkpoint,lr_monitor,best_checkpoint]", f"run_dir={tmp_path}")
     train(cfg)
     rows = val_rows(tmp_path)
     assert sorted(rows) == [1, 3]  # after optimizer steps 2 and 4 (Lightning logs the step index)
@@ -107,6 +106,21 @@ def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monito
     assert predictions > 0 and len(run.data.val.lengths) == 60
     assert rows[3]["loss"] == pytest.approx(loss_sum / weight, rel=1e-5)
     assert rows[3]["acc"] == pytest.approx(correct / predictions, rel=1e-6)
+
+
+def val_steps(run_dir: Path) -> list[int]:
+    """The step of every validation row of metrics.csv, repeats kept."""
+    with open(run_dir / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+@pytest.mark.parametrize("max_steps, expected", [(5, [1, 3, 4]), (4, [1, 3])])
+def test_the_last_step_is_validated_once_whether_or_not_the_interval_divides_it(tmp_path, max_steps, expected):
+    """Every 2 steps, and after the last: 5 steps validate after steps 2, 4 and 5; 4 steps after 2 and 4 only (the
+    last step is an interval's: no second pass). The run returns the final weights' val loss."""
+    summary = train(cfg_of(*FAST, *VAL, f"trainer.max_steps={max_steps}", f"run_dir={tmp_path}"))
+    assert val_steps(tmp_path) == expected
+    assert summary["objective"] == summary["val_loss"] == pytest.approx(val_rows(tmp_path)[expected[-1]]["loss"])
 
 
 @pytest.mark.distributed
