@@ -76,10 +76,8 @@ def chat_tokenizer_folder(path: Path) -> Path:
     return path / "hf"
 
 
-def test_train_on_chat_jsonl_with_the_tokenizers_template(tmp_path):
-    """``dataset=chat``: 20 balanced steps of the tiny model on a chat JSONL (system prompts, image content parts,
-    a tool turn); the loss falls and nothing is lost."""
-    root = tmp_path / "data"
+def chat_rows(root: Path) -> list[dict]:
+    """Chat rows over images of several sizes under ``root``: system prompts, image content parts, a tool turn."""
     sizes = [(56, 56), (112, 56), (56, 150), (200, 150), (60, 61)]
     rows = []
     for k, (w, h) in enumerate(sizes):
@@ -91,7 +89,28 @@ def test_train_on_chat_jsonl_with_the_tokenizers_template(tmp_path):
     rows.append({"id": "tool", "messages": [{"role": "user", "content": "hello world"},
                                             {"role": "assistant", "content": "the image"},
                                             {"role": "tool", "content": "red"}, {"role": "assistant", "content": "yes"}]})
-    annotation = write_jsonl(root / "train.jsonl", rows * 4)
+    return rows
+
+
+def test_statistics_from_image_headers_equal_the_samples(tmp_path):
+    """What ``omnibal-stats`` computes for chat rows (headers only, in 2 worker processes) is what training reads."""
+    from omnibal_pl.data import TemplateConfig, TilingConfig, compute_lengths
+    from tests.data.test_stats import _assert_stats_equal_getitem
+
+    annotation = write_jsonl(tmp_path / "train.jsonl", chat_rows(tmp_path))
+    template = TemplateConfig(name="tokenizer", tokens_per_tile=4, image_context_token="<IMG_CONTEXT>",
+                              image_start="<img>", image_end="</img>")
+    tiling = TilingConfig(mode="internvl", image_size=56, max_tiles=4)
+    ds = LlavaDataset(annotation, chat_tokenizer_folder(tmp_path / "tok"), template, tiling)
+    table = compute_lengths(ds, num_workers=2, chunk_size=2)
+    _assert_stats_equal_getitem(ds, table)
+    assert table.vit.tolist() == [1, 3, 4, 5, 1, 1]  # 1x1, 2x1, 1x3, 2x2 grids (+ a thumbnail beyond one tile); text: 1
+
+
+def test_train_on_chat_jsonl_with_the_tokenizers_template(tmp_path):
+    """``dataset=chat``: 20 balanced steps of the tiny model on a chat JSONL (system prompts, image content parts,
+    a tool turn); the loss falls and nothing is lost."""
+    annotation = write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(tmp_path / "data") * 4)
     summary = train(cfg_of(
         "dataset=chat", f"dataset.annotation={annotation}", f"dataset.tokenizer={chat_tokenizer_folder(tmp_path / 'tok')}",
         "dataset.template.tokens_per_tile=4", "dataset.tiling.image_size=56", "dataset.tiling.max_tiles=4",
