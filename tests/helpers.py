@@ -201,6 +201,32 @@ def write_internvl_checkpoint(model: VLM, path: Path, llm_arch: str, shards: int
     return layout
 
 
+def qwen_hf_model(family: str, image_token_id: int = 7):
+    """A small random transformers ``Qwen2VLForConditionalGeneration`` (``family`` qwen2_vl) or
+    ``Qwen2_5_VLForConditionalGeneration`` (qwen2_5_vl: windows of 2 x 2 merge blocks = 56 px, block 1 over whole
+    images), 2 LLM layers with M-RoPE sections 2 + 2 + 2, in eval mode. Its weights, norms and biases are moved by
+    large random amounts, so a position, order or mapping mistake shows in the logits."""
+    import transformers
+
+    text = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]})
+    ids = dict(image_token_id=image_token_id, vision_start_token_id=5, vision_end_token_id=6, video_token_id=8)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=48)
+        model = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids))
+    else:
+        vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=40, out_hidden_size=48, window_size=56,
+                      fullatt_block_indexes=[1])
+        model = transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
 FAST = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "dataset.generator.samples=600"]
 
 

@@ -1,5 +1,5 @@
-"""``omnibal-export``: a trained checkpoint as a Hugging Face folder that transformers (LLaVA) or InternVL-Chat's
-remote code loads, and that ``init_from`` starts another run from.
+"""``omnibal-export``: a trained checkpoint as a Hugging Face folder that transformers (LLaVA, InternVL, Qwen2-VL,
+Qwen2.5-VL) or InternVL-Chat's remote code loads, and that ``init_from`` starts another run from.
 
     omnibal-export checkpoint=outputs/train/<date>/<time>/checkpoints/last.ckpt target=exported/
     omnibal-export checkpoint=<pipeline run>/checkpoints/last.ckpt target=exported/ dtype=bfloat16 overwrite=true

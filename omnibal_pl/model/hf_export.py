@@ -1,6 +1,6 @@
 """Write a :class:`VLM` as a Hugging Face folder that the published loaders read (the inverse of :mod:`.hf_loading`).
 
-Three families (``family``; by default the source folder's, else by the projector kind):
+Five families (``family``; by default the source folder's, else by the projector kind and the vision family):
 
 - ``llava`` (``projector.kind = mlp2x_gelu``, a CLIP tower): transformers' ``LlavaForConditionalGeneration``
   layout and ``config.json`` (``model_type: llava``), loadable with ``from_pretrained``;
@@ -8,7 +8,10 @@ Three families (``family``; by default the source folder's, else by the projecto
   ``InternVLChatModel`` layout (``vision_model.*``, ``mlp1.*``, ``language_model.*``), with the remote-code
   ``*.py`` files of the folder the model was loaded from;
 - ``internvl``: the same model as transformers' native ``InternVLForConditionalGeneration`` (``model_type:
-  internvl``; Qwen2 or Llama LLMs), loadable with ``from_pretrained`` without remote code.
+  internvl``; Qwen2 or Llama LLMs), loadable with ``from_pretrained`` without remote code;
+- ``qwen2_vl`` / ``qwen2_5_vl`` (``projector.kind = patch_merger``, by ``vision.family``): transformers'
+  ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``, tensors under the published
+  checkpoints' names (``visual.*``, ``model.*``, ``lm_head.weight``, as ``save_pretrained`` writes them).
 
 Tensors the model never held: :class:`VLM` builds the vision tower only up to its selected layer (and CLIP's
 post-layernorm is never used). When the model came from a Hugging Face folder (``source``) those tensors are
@@ -38,16 +41,19 @@ from safetensors.torch import save_file
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import LLMConfig, VLMConfig
-from omnibal_pl.model.hf_loading import Layout, folder_differences, hf_layout, skipped_tensors, to_hf_state_dict
+from omnibal_pl.model.hf_loading import (QWEN_VL_TYPES, Layout, folder_differences, hf_layout, skipped_tensors,
+                                         to_hf_state_dict)
 from omnibal_pl.model.sparsify.original_names import original_predictor_state_dict
 from omnibal_pl.model.vlm import VLM
 
-FAMILIES = ("llava", "internvl_chat", "internvl")
-_FAMILY_OF_PROJECTOR = {"mlp2x_gelu": "llava", "pixel_shuffle_mlp": "internvl_chat"}
-_FAMILY_OF_VISION_LAYOUT = {"clip": "llava", "internvit": "internvl_chat", "internvl_hf": "internvl"}
+FAMILIES = ("llava", "internvl_chat", "internvl", *QWEN_VL_TYPES)
+_FAMILY_OF_PROJECTOR = {"mlp2x_gelu": "llava", "pixel_shuffle_mlp": "internvl_chat"}  # patch_merger: vision.family
+_FAMILY_OF_VISION_LAYOUT = {"clip": "llava", "internvit": "internvl_chat", "internvl_hf": "internvl"}  # qwen: model_type
 # Without a source: InternVL's LLM under Llama/Qwen2 names (Qwen2 when the q/k/v projections have biases)
 _DEFAULT_LAYOUT = {"llava": Layout("clip", "llama"), "internvl_chat": Layout("internvit", "llama"),
-                   "internvl": Layout("internvl_hf", "llama")}
+                   "internvl": Layout("internvl_hf", "llama"), **{f: Layout("qwen", "llama") for f in QWEN_VL_TYPES}}
+# Qwen2-VL's published tensor names for the LLM, from the rules' (normalised) ones: the inverse of hf_loading's reading
+_QWEN_HUB_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
 
 # What a tokenizer source may hold: tokenizer, chat template and processor settings (copied when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -63,6 +69,10 @@ _FAMILY_FIELDS = {
               "vision.class_token": True},
     "internvl_chat": _INTERNVIT,
     "internvl": {**_INTERNVIT, "projector.norm_eps": 1e-5},  # transformers' projector LayerNorm: the default epsilon
+    "qwen2_vl": {"projector.kind": "patch_merger", "vision.family": "qwen2_vl", "vision.norm": "layernorm",
+                 "vision.act": "quick_gelu", "llm.qkv_bias": True},
+    "qwen2_5_vl": {"projector.kind": "patch_merger", "vision.family": "qwen2_5_vl", "vision.norm": "rmsnorm",
+                   "vision.act": "swiglu", "llm.qkv_bias": True},
 }
 
 
@@ -78,10 +88,13 @@ class ExportResult:
 
 
 def family_of(cfg: VLMConfig) -> str:
-    """``llava`` or ``internvl_chat``, from the projector kind; :class:`ConfigError` for a model no family holds."""
+    """``llava`` or ``internvl_chat`` from the projector kind, or the Qwen family (``vision.family``) of a patch
+    merger; :class:`ConfigError` for a model no family holds."""
+    if cfg.projector.kind == "patch_merger" and cfg.vision.family in QWEN_VL_TYPES:
+        return cfg.vision.family
     if cfg.projector.kind not in _FAMILY_OF_PROJECTOR:
         raise ConfigError(f"model.projector.kind={cfg.projector.kind!r}: no Hugging Face export for this model family "
-                          f"(projector kinds {sorted(_FAMILY_OF_PROJECTOR)})")
+                          f"(projector kinds {sorted([*_FAMILY_OF_PROJECTOR, 'patch_merger'])})")
     return _FAMILY_OF_PROJECTOR[cfg.projector.kind]
 
 
@@ -174,6 +187,28 @@ def _internvl_chat_config(cfg: VLMConfig, layout: Layout) -> dict:
     }
 
 
+def _qwen_vl_config(cfg: VLMConfig) -> dict:
+    """transformers' Qwen2VLConfig / Qwen2_5_VLConfig as JSON for the model as built (the fields
+    :func:`~omnibal_pl.model.hf_loading.vlm_config_from_hf` reads back; the video and vision start/end token ids are
+    left to transformers' defaults, the published ones)."""
+    v, t, family = cfg.vision, cfg.llm, cfg.vision.family
+    vision = {"model_type": f"{family}_vision", "depth": v.num_blocks, "num_heads": v.heads, "patch_size": v.patch_size,
+              "spatial_merge_size": v.spatial_merge, "temporal_patch_size": v.temporal_patch_size, "in_channels": 3}
+    if family == "qwen2_5_vl":
+        vision.update(hidden_size=v.width, intermediate_size=v.mlp_dim, out_hidden_size=t.hidden, hidden_act="silu",
+                      window_size=v.window_size, fullatt_block_indexes=list(v.full_attention_blocks))
+    else:  # Qwen2-VL names the tower's width embed_dim and the merger's output hidden_size
+        if v.mlp_dim % v.width:
+            raise ConfigError(f"model.vision.mlp_dim={v.mlp_dim}: Qwen2-VL's config holds the MLP size as an integer "
+                              f"mlp_ratio of the width ({v.width}), so it cannot hold this model")
+        vision.update(embed_dim=v.width, mlp_ratio=v.mlp_dim // v.width, hidden_size=t.hidden, hidden_act="quick_gelu")
+    rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)}
+    text = {**_text_config(t), "model_type": f"{family}_text", "rope_parameters": rope}
+    return {"architectures": [f"{'Qwen2_5_VL' if family == 'qwen2_5_vl' else 'Qwen2VL'}ForConditionalGeneration"],
+            "model_type": family, "image_token_id": cfg.image_context_id, "tie_word_embeddings": t.tie_embeddings,
+            "vision_config": vision, "text_config": text}
+
+
 def _identity_post_layernorm(cfg: VLMConfig) -> dict[str, torch.Tensor]:
     """CLIP's post-layernorm, which LLaVA never applies to the features it takes: the identity."""
     w = cfg.vision.width
@@ -215,7 +250,8 @@ def _resolve_family(cfg: VLMConfig, source: Path | None, family: str) -> str:
         if differences:
             raise ConfigError(f"source={source}: its config.json describes another model than the checkpoint's: "
                               f"{'; '.join(differences)}")
-        source_family = _FAMILY_OF_VISION_LAYOUT.get(hf_layout(source).vision)
+        model_type = json.loads((source / "config.json").read_text()).get("model_type")
+        source_family = model_type if model_type in QWEN_VL_TYPES else _FAMILY_OF_VISION_LAYOUT.get(hf_layout(source).vision)
         if source_family is None:
             raise ConfigError(f"source={source}: no Hugging Face export for its model_type; pass source=null")
     if family == "auto":
@@ -227,6 +263,14 @@ def _resolve_family(cfg: VLMConfig, source: Path | None, family: str) -> str:
     return family
 
 
+def _qwen_hub_name(key: str) -> str:
+    """A rules' name of a Qwen2-VL tensor as the published checkpoints spell it (``visual.*`` stays)."""
+    for ours, hub in _QWEN_HUB_PREFIXES:
+        if key.startswith(ours):
+            return hub + key[len(ours):]
+    return key
+
+
 def _state_and_config(model: VLM, family: str, source: Path | None) -> tuple[dict[str, torch.Tensor], dict, int]:
     """The folder's tensors (checkpoint names), its ``config.json`` and how many tensors came from ``source``."""
     cfg = model.cfg
@@ -234,14 +278,21 @@ def _state_and_config(model: VLM, family: str, source: Path | None) -> tuple[dic
     state = to_hf_state_dict(model, layout)
     if cfg.sparsify.enabled:  # Dynamic-LLaVA's predictors, under the original checkpoints' names
         state.update(original_predictor_state_dict(model))
+    copied = 0
     if source is not None:
         unbuilt = skipped_tensors(source, cfg, layout)
         state.update(unbuilt)
-        return state, json.loads((source / "config.json").read_text()), len(unbuilt)
-    if family == "llava":
+        config, copied = json.loads((source / "config.json").read_text()), len(unbuilt)
+    elif family in QWEN_VL_TYPES:
+        config = _qwen_vl_config(cfg)
+    elif family == "llava":
         state.update(_identity_post_layernorm(cfg))
-        return state, _llava_config(cfg), 0
-    return state, _internvl_config(cfg) if family == "internvl" else _internvl_chat_config(cfg, layout), 0
+        config = _llava_config(cfg)
+    else:
+        config = _internvl_config(cfg) if family == "internvl" else _internvl_chat_config(cfg, layout)
+    if family in QWEN_VL_TYPES:
+        state = {_qwen_hub_name(k): t for k, t in state.items()}
+    return state, config, copied
 
 
 def export_hf(model: VLM, target: str | Path, *, source: str | Path | None = None,
