@@ -10,6 +10,7 @@ CPU so the training step reads no device tensor for them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
 from omnibal_pl.data.datasets import Sample
 from omnibal_pl.errors import ConfigError, DataError
+from omnibal_pl.qwen_batch import QwenPackedBatch, QwenVisionFields, pack_qwen_vision
 
 PAD_MODES = ("cap", "multiple", "none")
 LOSS_WEIGHTINGS = ("token", "sample", "square")
@@ -35,7 +37,10 @@ class PackingCollate:
     per supervised token 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``), n = supervised
     tokens of its sample; the loss divides by the global weight sum. ``image_context_id`` and
     ``tokens_per_tile``, when both given, check that each sample has ``tokens_per_tile`` image tokens per
-    flagged tile (the contract the model relies on).
+    flagged tile (the contract the model relies on). ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
+    tiles): a tile is one merge block of ``spatial_merge^2`` patch rows and the batch a :class:`QwenPackedBatch`
+    (:mod:`omnibal_pl.qwen_batch`): the real blocks first, padding blocks to ``vit_cap`` under ``pad_to: cap``
+    (else one dummy block for a group without images), M-RoPE positions from ``image_context_id``.
     """
 
     token_cap: int
@@ -46,8 +51,12 @@ class PackingCollate:
     pad_token_id: int = 0
     image_context_id: int | None = None
     tokens_per_tile: int | None = None
+    spatial_merge: int | None = None
 
     def __post_init__(self) -> None:
+        if self.spatial_merge is not None and (self.spatial_merge < 1 or self.image_context_id is None):
+            raise ConfigError(f"spatial_merge={self.spatial_merge}: Qwen packing needs spatial_merge >= 1 and the "
+                              "image_context_id its M-RoPE positions are placed by")
         if self.pad_to not in PAD_MODES:
             raise ConfigError(f"pad_to={self.pad_to!r}: expected one of {PAD_MODES}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -87,16 +96,22 @@ class PackingCollate:
         for k, n in enumerate(segments):
             position_ids[int(cu[k]) : int(cu[k + 1])] = torch.arange(n)
 
-        first = samples[0].pixel_values
-        n_tile_rows = self.vit_cap if self.pad_to == "cap" else n_tiles
-        pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
-        image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
-        pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
-        image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
-        return PackedBatch(
+        if self.spatial_merge:
+            vision = self._qwen_vision(samples, length)
+            make = functools.partial(QwenPackedBatch, image_grids=vision.image_grids)
+            position_ids, pixel_values, image_flags = vision.position_ids, vision.pixel_values, vision.image_flags
+        else:
+            first = samples[0].pixel_values
+            n_tile_rows = self.vit_cap if self.pad_to == "cap" else n_tiles
+            pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
+            image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
+            pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
+            image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
+            make, position_ids = PackedBatch, position_ids[None]
+        return make(
             input_ids=input_ids[None],
             labels=labels[None],
-            position_ids=position_ids[None],
+            position_ids=position_ids,
             cu_seqlens=cu,
             max_seqlen=max(segments),
             pixel_values=pixel_values,
@@ -108,6 +123,15 @@ class PackingCollate:
             num_tiles=int((image_flags == 1).sum()),
             image_tokens=self._count_image_tokens(input_ids),
         )
+
+    def _qwen_vision(self, samples: Sequence[Sample], length: int) -> QwenVisionFields:
+        """M-RoPE positions [3, length] and the real merge blocks' patch rows of ``samples`` (a text-only sample's
+        dummy block left out), padded to the block cap."""
+        blocks = [s.pixel_values[s.image_flags == 1] for s in samples]  # [b_k, m^2, patch dim]
+        real = sum(b.shape[0] for b in blocks)
+        cap = self.vit_cap if self.pad_to == "cap" else max(real, 1)  # a group without images still runs the encoder
+        return pack_qwen_vision([s.input_ids for s in samples], [b.flatten(0, 1) for b in blocks],
+                                [s.image_grids for s in samples], self.image_context_id, self.spatial_merge, length, cap)
 
     def _padded_length(self, n_tokens: int) -> int:
         if self.pad_to == "cap":

@@ -143,7 +143,7 @@ class OmniBalDataModule(L.LightningDataModule):
         vit_cap, token_cap = self._shape_caps()
         collate = PackingCollate(token_cap, vit_cap, self.packing.pad_to, self.packing.multiple,
                                  self.packing.loss_weighting, image_context_id=spec.image_context_id,
-                                 tokens_per_tile=spec.tokens_per_tile)
+                                 tokens_per_tile=spec.tokens_per_tile, spatial_merge=spec.merge)
         if self.whole_steps:
             dataset, collate = GroupsDataset(dataset), StepCollate(collate)
         workers = self.loader.num_workers

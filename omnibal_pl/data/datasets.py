@@ -27,7 +27,7 @@ from PIL import Image
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
 from omnibal_pl.data.stats import compute_lengths
 from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
-from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, tile_image
+from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, patch_grid, tile_image
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
 
@@ -42,14 +42,16 @@ class Sample:
     """One training sample. ``n`` tokens, ``t`` tiles (``t >= 1``; ``image_flags`` marks real tiles).
 
     The ``image_context_id`` positions of ``input_ids`` hold ``tokens_per_tile`` features of each
-    flagged tile, in tile order. ``labels`` is -100 where no loss is taken.
+    flagged tile, in tile order. ``labels`` is -100 where no loss is taken. Qwen's images (tiling mode
+    ``qwen``): a tile is one merge block of 4 patch rows, ``image_grids`` the (t, h, w) patch grid of each image.
     """
 
     input_ids: torch.Tensor  # [n] int64
     labels: torch.Tensor  # [n] int64
-    pixel_values: torch.Tensor  # [t, 3, H, W] float32
+    pixel_values: torch.Tensor  # [t, 3, H, W] float32; Qwen: [t, 4, 3 * 2 * 14 * 14] (merge blocks of patches)
     image_flags: torch.Tensor  # [t] int64
     sample_id: int
+    image_grids: tuple[tuple[int, int, int], ...] = ()  # Qwen only: one per image, in order
 
     @property
     def num_tokens(self) -> int:
@@ -184,7 +186,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[int(self.index[i])]
-        pixels = [tile_image(_load_image(p, rec.origin), self.tiling, len(rec.images)) for p in rec.images]
+        images = [_load_image(p, rec.origin) for p in rec.images]
+        pixels = [tile_image(image, self.tiling, len(images)) for image in images]
         ids, labels = self.chat(rec.conversations, [p.shape[0] for p in pixels], rec.origin)
         ids, labels = self._fit_cap(ids, labels, rec)
         if pixels:
@@ -193,7 +196,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         else:
             pixel_values = dummy_tiles(1, self.tiling)
             flags = torch.zeros(1, dtype=torch.int64)
-        return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, flags, int(i))
+        grids = tuple(patch_grid(im.width, im.height, self.tiling) for im in images) if self.tiling.mode == "qwen" else ()
+        return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, flags, int(i), grids)
 
     def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
         return [count_tiles(w, h, self.tiling, len(sizes)) for w, h in sizes]

@@ -1,4 +1,4 @@
-"""Image preprocessing: InternVL dynamic tiling and LLaVA-1.5 pad-to-square, both normalised.
+"""Image preprocessing: InternVL dynamic tiling, LLaVA-1.5 pad-to-square and Qwen2-VL's patches, all normalised.
 
 A *tile* is one ``image_size x image_size`` crop that goes through the vision encoder. The number of
 tiles depends only on the image's (width, height), so :func:`count_tiles` answers it from the file
@@ -11,6 +11,10 @@ header alone (``PIL.Image.open(path).size``); :func:`tile_image` produces exactl
   grid and cut into tiles row by row, then a thumbnail of the whole image is appended when the grid has
   more than one tile.
 - ``llava``: pad the image to a square with the mean colour, resize to ``image_size``: one tile.
+- ``qwen`` (Qwen2-VL / Qwen2.5-VL, :mod:`omnibal_pl.data.qwen_pixels`): the image keeps its own resolution
+  (resized to multiples of one merge block, ``min_pixels..max_pixels``) and becomes patches of
+  ``image_size / 2`` px; a "tile" is one merge block of ``2 x 2`` patches (one LLM token), so the tiles of
+  an image are ``[blocks, 4, 3 * 2 * patch^2]`` and their count is :func:`~omnibal_pl.image_grid.image_tokens`.
 """
 from __future__ import annotations
 
@@ -21,25 +25,30 @@ import numpy as np
 import torch
 from PIL import Image
 
+from omnibal_pl.data.qwen_pixels import SPATIAL_MERGE, patch_dim, qwen_patches
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.image_grid import MAX_PIXELS, MIN_PIXELS, image_grid, image_tokens
+from omnibal_pl.qwen_batch import Grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_MODES = ("internvl", "llava")
+_MODES = ("internvl", "llava", "qwen")
 
 
 @dataclass
 class TilingConfig:
     """How images become tiles.
 
-    ``mode``: ``internvl`` (dynamic tiles, ImageNet normalisation) or ``llava`` (one padded tile, CLIP
-    normalisation). ``image_size``: tile side in pixels (448 for InternVL, 336 for LLaVA-1.5).
+    ``mode``: ``internvl`` (dynamic tiles, ImageNet normalisation), ``llava`` (one padded tile, CLIP
+    normalisation) or ``qwen`` (patches at the image's own resolution, CLIP normalisation). ``image_size``: tile
+    side in pixels (448 for InternVL, 336 for LLaVA-1.5; ``qwen``: one merge block, 28 = 2 patches of 14 px).
     ``min_tiles``/``max_tiles``: tile-count range of the grid (``internvl`` only); a sample with ``k``
     images gives each a grid of ``min_tiles..max(1, max_tiles // k)`` tiles, as InternVL does (an empty
     range means one tile).
     ``use_thumbnail``: append a whole-image thumbnail tile when the grid has more than one tile.
+    ``min_pixels``/``max_pixels``: the pixel range an image is resized into (``qwen`` only; Qwen's defaults).
     """
 
     mode: str = "internvl"
@@ -47,6 +56,8 @@ class TilingConfig:
     min_tiles: int = 1
     max_tiles: int = 6
     use_thumbnail: bool = True
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -55,10 +66,15 @@ class TilingConfig:
             raise ConfigError(f"tiling.image_size={self.image_size}: must be >= 1 pixel")
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}..{self.max_tiles}")
+        if self.mode == "qwen" and self.image_size % SPATIAL_MERGE:
+            raise ConfigError(f"tiling.image_size={self.image_size}: in mode qwen a tile is one merge block of "
+                              f"{SPATIAL_MERGE} x {SPATIAL_MERGE} patches (28 px for 14 px patches)")
+        if self.mode == "qwen" and not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"tiling: need 0 < min_pixels <= max_pixels, got {self.min_pixels}..{self.max_pixels}")
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        return IMAGENET_MEAN if self.mode == "internvl" else CLIP_MEAN
+        return IMAGENET_MEAN if self.mode == "internvl" else CLIP_MEAN  # Qwen's processors use CLIP's too
 
     @property
     def std(self) -> tuple[float, float, float]:
@@ -67,6 +83,11 @@ class TilingConfig:
     def tile_range(self, num_images: int) -> tuple[int, int]:
         """(min, max) tiles of one image's grid in a sample with ``num_images`` images (may be empty)."""
         return self.min_tiles, max(1, self.max_tiles // max(1, num_images))
+
+    @property
+    def patch_size(self) -> int:
+        """``qwen``: the side of one patch in pixels."""
+        return self.image_size // SPATIAL_MERGE
 
 
 @lru_cache(maxsize=None)
@@ -82,8 +103,8 @@ def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], .
 
 
 def tile_grid(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> tuple[int, int]:
-    """The (cols, rows) grid for an image of ``width x height`` pixels (``(1, 1)`` in ``llava`` mode)."""
-    if cfg.mode == "llava":
+    """The (cols, rows) grid for an image of ``width x height`` pixels (``(1, 1)`` in ``llava`` and ``qwen`` mode)."""
+    if cfg.mode != "internvl":
         return 1, 1
     lo, hi = cfg.tile_range(num_images)
     aspect = width / height
@@ -101,15 +122,29 @@ def tile_grid(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -
 
 def count_tiles(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> int:
     """Tiles :func:`tile_image` makes for an image of this size, without touching pixels."""
+    if cfg.mode == "qwen":
+        return image_tokens(height, width, cfg.patch_size, SPATIAL_MERGE, cfg.min_pixels, cfg.max_pixels)
     cols, rows = tile_grid(width, height, cfg, num_images)
     n = cols * rows
     return n + 1 if n > 1 and cfg.use_thumbnail else n
 
 
+def patch_grid(width: int, height: int, cfg: TilingConfig) -> Grid | None:
+    """The (t, h, w) patch grid of an image of this size in ``qwen`` mode (its patches are the rows of its
+    tiles, in order); None in the tiling modes."""
+    if cfg.mode != "qwen":
+        return None
+    return image_grid(height, width, cfg.patch_size, SPATIAL_MERGE, cfg.min_pixels, cfg.max_pixels)
+
+
 def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> torch.Tensor:
-    """Normalised tiles of one image: float32 ``[count_tiles(...), 3, image_size, image_size]``."""
+    """Normalised tiles of one image: float32 ``[count_tiles(...), 3, image_size, image_size]``; in ``qwen`` mode
+    its merge blocks ``[count_tiles(...), 4, 3 * 2 * patch^2]``."""
     image = image.convert("RGB")
     s = cfg.image_size
+    if cfg.mode == "qwen":
+        patches, _ = qwen_patches(image, cfg.patch_size, cfg.min_pixels, cfg.max_pixels, cfg.mean, cfg.std)
+        return patches.view(-1, SPATIAL_MERGE**2, patches.shape[1])
     if cfg.mode == "llava":
         return _normalise([_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC)], cfg)
     cols, rows = tile_grid(image.width, image.height, cfg, num_images)
@@ -121,7 +156,10 @@ def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> to
 
 
 def dummy_tiles(n: int, cfg: TilingConfig) -> torch.Tensor:
-    """``n`` zero tiles ``[n, 3, image_size, image_size]`` (text-only samples, padding)."""
+    """``n`` zero tiles ``[n, 3, image_size, image_size]`` (text-only samples, padding); ``qwen``: ``n`` zero
+    merge blocks."""
+    if cfg.mode == "qwen":
+        return torch.zeros(n, SPATIAL_MERGE**2, patch_dim(cfg.patch_size))
     return torch.zeros(n, 3, cfg.image_size, cfg.image_size)
 
 

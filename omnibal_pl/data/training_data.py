@@ -25,6 +25,8 @@ from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.search import CapSearch, resolve_shape
 from omnibal_pl.data.length_source import dataset_lengths
 from omnibal_pl.data.synthetic import SyntheticDataset
+from omnibal_pl.data.templates import TemplateConfig
+from omnibal_pl.data.tiling import TilingConfig
 from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
 from omnibal_pl.data.validation_split import HeldOut, split_validation, validation_overrides
 from omnibal_pl.errors import ConfigError
@@ -33,12 +35,21 @@ from omnibal_pl.lengths import LengthTable, load_lengths
 
 @dataclass
 class ModelSpec:
-    """What the data pipeline needs to know of the model: vocabulary, tile size, tokens per tile."""
+    """What the data pipeline needs to know of the model: vocabulary, tile size, tokens per tile, and its vision
+    family: ``vit`` (fixed-size tiles) or ``qwen2_vl`` / ``qwen2_5_vl`` (patches at each image's resolution; a
+    tile is one merge block of ``spatial_merge`` x ``spatial_merge`` patches, one LLM token)."""
 
     vocab_size: int
     image_size: int
     tokens_per_tile: int
     image_context_id: int
+    family: str = "vit"
+    spatial_merge: int = 2
+
+    @property
+    def merge(self) -> int | None:
+        """The collate's ``spatial_merge``: Qwen's merge size; None for fixed-size tiles."""
+        return None if self.family == "vit" else self.spatial_merge
 
 
 @dataclass
@@ -62,6 +73,7 @@ class TrainingData:
 def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec) -> TrainingData:
     """The dataset of config ``dataset`` with its statistics and the caps for ``balance.dp`` DP ranks."""
     cfg = dict(dataset)
+    check_fits_model(cfg, model)
     image_only = bool(cfg.get("require_image", False))
     if cfg.get("kind") == "synthetic":
         raw = adapt_to_model(dataset_lengths(cfg), model.tokens_per_tile, float(cfg.get("text_scale", 1.0)))
@@ -91,6 +103,33 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
                             separate_validation({**cfg, "paths": None, **separate}, resolved, image_only))
     data, lengths, val = split_validation(data, lengths, fraction, int(cfg.get("seed", 0)))
     return TrainingData(data, lengths, resolved, search, model, val)
+
+
+def check_fits_model(cfg: Mapping[str, Any], model: ModelSpec) -> None:
+    """The dataset node's images must be made for the model's vision family: a Qwen model takes ``tiling.mode:
+    qwen`` (tiles = merge blocks of its size, one LLM token each), every other model fixed-size tiles; else a
+    :class:`ConfigError` naming the key."""
+    qwen = model.merge is not None
+    if cfg.get("kind") == "synthetic":
+        if qwen:
+            raise ConfigError(f"dataset {cfg.get('name')!r} (synthetic) makes fixed-size tiles; the model's vision.family "
+                              f"{model.family!r} needs images as patches: use a real dataset with tiling.mode: qwen "
+                              "(e.g. dataset=llava_qwen)")
+        return
+    tiling, template = dict(cfg.get("tiling") or {}), dict(cfg.get("template") or {})
+    mode = tiling.get("mode", TilingConfig.mode)
+    if (mode == "qwen") != qwen:
+        want = "qwen (e.g. dataset=llava_qwen)" if qwen else "internvl or llava (qwen makes Qwen2-VL patches)"
+        raise ConfigError(f"dataset.tiling.mode={mode!r} does not fit the model's vision.family {model.family!r}: use {want}")
+    if not qwen:
+        return
+    size, tokens = tiling.get("image_size", TilingConfig.image_size), template.get("tokens_per_tile", TemplateConfig.tokens_per_tile)
+    if size != model.image_size:
+        raise ConfigError(f"dataset.tiling.image_size={size}: a Qwen tile is one merge block, the model's "
+                          f"vision.image_size={model.image_size} px")
+    if tokens != model.tokens_per_tile:
+        raise ConfigError(f"dataset.template.tokens_per_tile={tokens}: a Qwen merge block is {model.tokens_per_tile} "
+                          "LLM token; set it to 1")
 
 
 def check_tile_cap(lengths: LengthTable, vit_cap: int | None) -> None:

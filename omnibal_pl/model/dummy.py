@@ -1,4 +1,5 @@
-"""Random :class:`PackedBatch` es that fit a model config: for tests, profiling and benchmarks."""
+"""Random :class:`PackedBatch` es (Qwen models: :class:`QwenPackedBatch` es) that fit a model config: for tests,
+profiling and benchmarks."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +9,7 @@ import torch
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
+from omnibal_pl.qwen_batch import QwenPackedBatch, pack_qwen_vision
 
 
 def dummy_batch(
@@ -53,15 +55,16 @@ def dummy_batch(
     flags[: sum(tiles)] = 1
     labels_t = torch.cat(labels).unsqueeze(0)
     size = cfg.vision.image_size
-    return PackedBatch(
-        input_ids=torch.cat(ids).unsqueeze(0),
-        labels=labels_t,
-        position_ids=torch.cat(pos).unsqueeze(0),
-        cu_seqlens=torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
-        max_seqlen=max(seqlens),
-        pixel_values=torch.randn(num_tiles, 3, size, size, generator=gen),
-        image_flags=flags,
-        loss_weight=(labels_t != -100).float(),
-        sample_ids=torch.arange(len(text_tokens)),
-        num_samples=len(text_tokens),
-    )
+    common = dict(input_ids=torch.cat(ids).unsqueeze(0), labels=labels_t,
+                  cu_seqlens=torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+                  max_seqlen=max(seqlens), loss_weight=(labels_t != -100).float(),
+                  sample_ids=torch.arange(len(text_tokens)), num_samples=len(text_tokens))
+    if cfg.vision.family != "vit":  # Qwen: sample k's tiles are one image of 1 x tiles[k] merge blocks
+        v, m = cfg.vision, cfg.vision.spatial_merge
+        patches = [torch.randn(m * m * n, 3 * v.temporal_patch_size * v.patch_size**2, generator=gen) for n in tiles]
+        vision = pack_qwen_vision(ids[: len(tiles)], patches, [[(1, m, m * n)] if n else [] for n in tiles],
+                                  cfg.image_context_id, m, length, num_tiles)
+        return QwenPackedBatch(position_ids=vision.position_ids, pixel_values=vision.pixel_values,
+                               image_flags=vision.image_flags, image_grids=vision.image_grids, **common)
+    return PackedBatch(position_ids=torch.cat(pos).unsqueeze(0), image_flags=flags,
+                       pixel_values=torch.randn(num_tiles, 3, size, size, generator=gen), **common)

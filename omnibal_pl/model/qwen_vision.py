@@ -26,8 +26,8 @@ segment bounds, the window order and the rotary angles are computed once per (gr
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,21 +40,8 @@ from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VisionConfig, VLMConfig
 from omnibal_pl.model.llm import apply_rope
 from omnibal_pl.model.norms import make_norm
-from omnibal_pl.model.rope import Grid, mrope_position_ids
 from omnibal_pl.model.vision import VisionMLP
-
-
-@dataclass
-class QwenPackedBatch(PackedBatch):
-    """A :class:`PackedBatch` of the Qwen family: ``pixel_values`` [P, 3 * t * p * p] patches, ``image_flags``
-    [P / m^2] per merge block, ``position_ids`` [3, L] (M-RoPE), and ``image_grids``: the (t, h, w) patch
-    grid of every image in packing order (host values)."""
-
-    image_grids: tuple[Grid, ...] = ()
-
-    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QwenPackedBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return QwenPackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+from omnibal_pl.qwen_batch import Grid, QwenPackedBatch, pack_qwen_vision
 
 
 @dataclass(frozen=True)
@@ -260,29 +247,21 @@ def pack_qwen_samples(cfg: VLMConfig, input_ids: Sequence[torch.Tensor], pixel_v
     :class:`QwenPackedBatch`: tokens end to end with M-RoPE positions restarting per sample (padded to
     ``token_cap``), patches end to end (padded to ``block_cap`` merge blocks). Labels: every text token
     (next-token targets are the model's to shift), weight 1."""
-    unit = cfg.vision.spatial_merge**2
     ids = torch.cat(list(input_ids))
-    positions = torch.cat([mrope_position_ids(s, g, cfg.image_context_id, cfg.vision.spatial_merge)
-                           for s, g in zip(input_ids, grids)], dim=1)
     seqlens = [len(s) for s in input_ids]
     length = token_cap or len(ids)
-    if length < len(ids):
-        raise DataError(f"pack_qwen_samples: {len(ids)} tokens exceed token_cap {token_cap}")
+    vision = pack_qwen_vision(input_ids, pixel_values, grids, cfg.image_context_id, cfg.vision.spatial_merge, length,
+                              block_cap)
     pad = length - len(ids)
-    pixels = torch.cat(list(pixel_values))
-    blocks = pixels.shape[0] // unit
-    cap = block_cap or blocks
-    if cap < blocks:
-        raise DataError(f"pack_qwen_samples: {blocks} merge blocks exceed block_cap {block_cap}")
     ids = F.pad(ids, (0, pad))
     labels = torch.where(ids == cfg.image_context_id, IGNORE_INDEX, ids)
     labels[len(ids) - pad:] = IGNORE_INDEX
     segments = seqlens + ([pad] if pad else [])
     cu = torch.tensor([0, *torch.tensor(segments).cumsum(0).tolist()], dtype=torch.int32)
     return QwenPackedBatch(
-        input_ids=ids[None], labels=labels[None], position_ids=F.pad(positions, (0, pad)),
-        cu_seqlens=cu, max_seqlen=max(segments), pixel_values=F.pad(pixels, (0, 0, 0, (cap - blocks) * unit)),
-        image_flags=(torch.arange(cap) < blocks).long(), loss_weight=(labels[None] != IGNORE_INDEX).float(),
+        input_ids=ids[None], labels=labels[None], position_ids=vision.position_ids,
+        cu_seqlens=cu, max_seqlen=max(segments), pixel_values=vision.pixel_values,
+        image_flags=vision.image_flags, loss_weight=(labels[None] != IGNORE_INDEX).float(),
         sample_ids=torch.arange(len(input_ids)), num_samples=len(input_ids),
         image_tokens=int((ids == cfg.image_context_id).sum()),  # host fact: the model checks it without a sync
-        image_grids=tuple(tuple(g) for sample in grids for g in sample))
+        image_grids=vision.image_grids)

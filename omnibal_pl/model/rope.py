@@ -1,4 +1,5 @@
-"""Multimodal rotary positions (Qwen2-VL's M-RoPE): position ids and the rotation angles.
+"""Multimodal rotary positions (Qwen2-VL's M-RoPE): position ids (:mod:`omnibal_pl.qwen_batch`, where the data
+pipeline builds them) and the rotation angles.
 
 A token has three positions: temporal, height, width. Text tokens have the same value in all three
 (consecutive, as in 1-D RoPE); the ``(h / m) * (w / m)`` tokens of an image (``m`` = spatial merge) sit
@@ -14,38 +15,9 @@ from typing import Sequence
 
 import torch
 
-Grid = tuple[int, int, int]  # (t, h, w) in patches, as Qwen's image processor reports ``image_grid_thw``
+from omnibal_pl.qwen_batch import Grid, mrope_position_ids
 
-
-def mrope_position_ids(input_ids: torch.Tensor, grids: Sequence[Grid], image_token_id: int,
-                       spatial_merge: int) -> torch.Tensor:
-    """M-RoPE positions [3, n] of one sample's ``input_ids`` [n], whose images (``grids``, in order) each
-    occupy ``t * h * w / spatial_merge**2`` consecutive ``image_token_id`` tokens.
-
-    Raises ``ValueError`` when the image tokens do not match the grids.
-    """
-    ids = input_ids.tolist()
-    out: list[torch.Tensor] = []
-    pos, i, images = 0, 0, iter(grids)
-    while i < len(ids):
-        if ids[i] != image_token_id:
-            j = i
-            while j < len(ids) and ids[j] != image_token_id:
-                j += 1
-            out.append(torch.arange(pos, pos + j - i).expand(3, -1))
-            pos, i = pos + j - i, j
-            continue
-        t, h, w = next(images, (0, 0, 0))
-        gh, gw = h // spatial_merge, w // spatial_merge
-        n = t * gh * gw
-        if n == 0 or ids[i:i + n] != [image_token_id] * n:
-            raise ValueError(f"mrope_position_ids: image tokens at {i} do not match the image grids {list(grids)}")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-        out.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos)
-        pos, i = pos + max(gh, gw), i + n  # text after an image continues after its largest extent
-    if next(images, None) is not None:
-        raise ValueError(f"mrope_position_ids: {len(grids)} image grids but fewer images in the tokens")
-    return torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
+__all__ = ["Grid", "mrope_cos_sin", "mrope_position_ids"]
 
 
 def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, section: Sequence[int]

@@ -183,9 +183,9 @@ class PipelineRunner:
                     f"pipeline step: micro-batch {k} has {mb.input_ids.shape[1]} tokens, but pipeline stages run "
                     f"at a fixed {tokens} tokens (the plan's token_cap); pad every "
                     f"micro-batch to the token cap (collate pad_to: cap)")
-            if mb.pixel_values.shape[0] != tiles:
+            if mb.image_flags.shape[0] != tiles:  # one flag per tile (Qwen: per merge block of patch rows)
                 raise DataError(
-                    f"pipeline step: micro-batch {k} has {mb.pixel_values.shape[0]} tiles, but pipeline stages run "
+                    f"pipeline step: micro-batch {k} has {mb.image_flags.shape[0]} tiles, but pipeline stages run "
                     f"at a fixed {tiles} tiles (the plan's vit_cap); pad every "
                     f"micro-batch's tiles to the tile cap")
 

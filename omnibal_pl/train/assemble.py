@@ -79,7 +79,8 @@ def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
         raise ConfigError(f"packing.pad_to={cfg.packing.pad_to!r}: pipeline stages need static micro-batch shapes; "
                           "use packing.pad_to=cap (every micro-batch padded to the token and tile caps)")
     m = cfg.model
-    spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id)
+    spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id, m.vision.family,
+                     m.vision.spatial_merge)
     data = prepare_training_data(cfg.dataset, replace(cfg.balance, dp=dp), spec)
     plan = resolve_plan(cfg, run_dir, data) if pipelined else None
     return ResolvedRun(cfg, run_dir, dp, data, plan)

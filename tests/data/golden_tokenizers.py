@@ -84,3 +84,13 @@ def _byte_of(char: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+
+def qwen_vl_byte_level_bpe() -> Tokenizer:
+    """:func:`byte_level_bpe` with Qwen2-VL's vision tokens as special tokens (ids after the vocabulary)."""
+    tok = byte_level_bpe()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_VISION_TOKENS])
+    return tok

@@ -280,6 +280,6 @@ def test_the_tiny_model_learns_a_packed_batch_with_and_without_lora():
 def test_a_tile_batch_is_a_named_error():
     from omnibal_pl.model import dummy_batch
 
-    cfg = model_config("qwen2_5_vl_tiny")
+    tiles = dummy_batch(model_config("tiny"), [5], [1])  # fixed-size tiles, as a tiling dataset makes them
     with pytest.raises(DataError, match=r"wants Qwen patches \[P, 1176\]"):
-        VLM(cfg)(dummy_batch(cfg, [5], [1]))
+        VLM(model_config("qwen2_5_vl_tiny"))(tiles)

@@ -1,0 +1,171 @@
+"""The Qwen2-VL / Qwen2.5-VL data path: patches equal to transformers' image processor, samples whose tiles are
+merge blocks (counted from image headers alone), ChatML with Qwen's vision tokens, the packing collate's
+QwenPackedBatch (M-RoPE positions restarting per sample, logits equal to pack_qwen_samples'), and the
+dataset-versus-model check."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from omnibal_pl.data import LlavaDataset, TemplateConfig, TilingConfig
+from omnibal_pl.data.collate import PackingCollate
+from omnibal_pl.data.tiling import count_tiles, tile_image
+from omnibal_pl.data.training_data import ModelSpec, check_fits_model
+from omnibal_pl.errors import ConfigError
+from omnibal_pl.image_grid import image_tokens
+from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.model.qwen_vision import pack_qwen_samples
+from omnibal_pl.qwen_batch import QwenPackedBatch, mrope_position_ids
+
+from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe
+from tests.helpers import conversation, model_config, write_jsonl
+
+transformers = pytest.importorskip("transformers")
+
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 24  # at most 24 merge blocks per image: small batches
+QWEN_TILING = TilingConfig(mode="qwen", image_size=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+QWEN_TEMPLATE = TemplateConfig(name="qwen2_vl", tokens_per_tile=1, image_context_token="<|image_pad|>")
+SIZES = [(90, 50), (37, 120), (200, 150), (60, 61)]  # (width, height): every one resized, two clamped by max_pixels
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels: any change of patch order or resampling changes the patch values."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def qwen_data(tmp_path_factory):
+    """A LLaVA JSONL over noise images of several sizes (one text-only and one two-image sample among them), the
+    byte-level tokenizer with Qwen's vision tokens, and the dataset."""
+    root = tmp_path_factory.mktemp("qwen_data")
+    rows = []
+    for k, (w, h) in enumerate(SIZES):
+        noise_image(w, h, k).save(root / f"img{k}.png")
+        rows.append({"id": f"s{k}", "image": f"img{k}.png", "conversations": conversation()})
+    rows.append({"id": "text", "conversations": conversation("hello world", "yes", images=0)})
+    rows.append({"id": "multi", "image": ["img0.png", "img1.png"], "conversations": conversation("compare", "no", images=2)})
+    annotation = write_jsonl(root / "train.jsonl", rows)
+    qwen_vl_byte_level_bpe().save(str(root / "tokenizer.json"))
+    dataset = LlavaDataset(annotation, root / "tokenizer.json", QWEN_TEMPLATE, QWEN_TILING)
+    return root, dataset
+
+
+def processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2,
+                                    merge_size=2)
+
+
+def test_patches_equal_qwens_image_processor():
+    """Two images of different sizes: grids and every patch value as transformers' Qwen2VLImageProcessor makes them
+    (bicubic resize, CLIP normalisation, the frame repeated, merge blocks' patches consecutive)."""
+    images = [noise_image(90, 50, 0), noise_image(300, 170, 1)]
+    expected = processor()(images=images, return_tensors="pt")
+    ours = [tile_image(im, QWEN_TILING) for im in images]
+    grids = [(1, 4, 6), (1, 6, 12)]  # 84 x 56 px; 300 x 170 px scaled down into max_pixels: 168 x 84
+    assert expected["image_grid_thw"].tolist() == [list(g) for g in grids]
+    assert [o.shape for o in ours] == [(6, 4, 1176), (18, 4, 1176)]  # merge blocks of 4 patch rows
+    assert [count_tiles(im.width, im.height, QWEN_TILING) for im in images] == [6, 18]
+    torch.testing.assert_close(torch.cat([o.flatten(0, 1) for o in ours]), expected["pixel_values"], rtol=0, atol=1e-5)
+
+
+def test_samples_are_merge_blocks_counted_from_headers(qwen_data):
+    _, dataset = qwen_data
+    lengths = dataset.lengths()
+    tok = dataset.chat.tokenizer
+    pad, start, end = (tok.token_id(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    for i, (w, h) in enumerate(SIZES):
+        sample = dataset[i]
+        blocks = image_tokens(h, w, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        assert sample.num_tiles == lengths.vit[i] == blocks and sample.pixel_values.shape[1:] == (4, 1176)
+        t, gh, gw = sample.image_grids[0]
+        assert len(sample.image_grids) == 1 and t * gh * gw == 4 * blocks
+        ids = sample.input_ids.tolist()
+        assert ids.count(pad) == blocks and lengths.tokens[i] == len(ids)
+        first = ids.index(start)
+        assert ids[first + 1: first + 1 + blocks] == [pad] * blocks and ids[first + 1 + blocks] == end
+    text = dataset[len(SIZES)]
+    assert text.image_grids == () and text.image_flags.tolist() == [0] and lengths.vit[len(SIZES)] == 1
+    multi = dataset[len(SIZES) + 1]
+    assert multi.image_grids == dataset[0].image_grids + dataset[1].image_grids
+    assert multi.num_tiles == lengths.vit[0] + lengths.vit[1]
+
+
+def test_the_chat_format_is_qwens_chatml(qwen_data):
+    """The rendering of a one-image sample, and the supervised text: each reply with its closing ``<|im_end|>\\n``."""
+    _, dataset = qwen_data
+    sample = dataset[0]
+    tok = dataset.chat.tokenizer.backend
+    image = "<|vision_start|>" + "<|image_pad|>" * sample.num_tiles + "<|vision_end|>"
+    assert tok.decode(sample.input_ids.tolist(), skip_special_tokens=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{image}\nwhat is this<|im_end|>\n<|im_start|>assistant\na red cat<|im_end|>\n"
+        "<|im_start|>user\ndescribe it<|im_end|>\n<|im_start|>assistant\nthe cat is red and the dog is blue<|im_end|>\n")
+    supervised = sample.labels[sample.labels != -100].tolist()
+    assert tok.decode(supervised, skip_special_tokens=False) == \
+        "a red cat<|im_end|>\nthe cat is red and the dog is blue<|im_end|>\n"
+
+
+def tiny_qwen(dataset) -> VLM:
+    """qwen2_5_vl_tiny with the test tokenizer's vocabulary and image token."""
+    data = model_config("qwen2_5_vl_tiny").to_dict()
+    data["llm"]["vocab_size"] = len(dataset.chat.tokenizer)
+    data.update(image_context_id=dataset.chat.image_context_id, attention_backend="sdpa")
+    torch.manual_seed(0)
+    return VLM(VLMConfig.from_dict(data)).eval()
+
+
+def test_collate_packs_a_qwen_batch_with_restarting_positions(qwen_data):
+    _, dataset = qwen_data
+    samples = [dataset[i] for i in (0, 4, 5)]  # image, text only (a dummy block), two images
+    context = dataset.chat.image_context_id
+    blocks = sum(s.num_tiles for s in samples) - 1
+    collate = PackingCollate(token_cap=500, vit_cap=blocks + 3, image_context_id=context, tokens_per_tile=1,
+                             spatial_merge=2)
+    batch = collate(samples)
+    assert isinstance(batch, QwenPackedBatch)
+    assert batch.pixel_values.shape == (4 * (blocks + 3), 1176) and batch.num_tiles == blocks
+    assert batch.image_flags.tolist() == [1] * blocks + [0] * 3  # the text sample's dummy block is left out
+    assert batch.image_grids == samples[0].image_grids + samples[2].image_grids
+    real = torch.cat([samples[0].pixel_values, samples[2].pixel_values]).flatten(0, 1)
+    torch.testing.assert_close(batch.pixel_values[: 4 * blocks], real, rtol=0, atol=0)
+    bounds = batch.cu_seqlens.tolist()
+    for k, s in enumerate(samples):
+        torch.testing.assert_close(batch.position_ids[:, bounds[k]:bounds[k + 1]],
+                                   mrope_position_ids(s.input_ids, s.image_grids, context, 2))
+    assert batch.position_ids.shape == (3, 500) and batch.position_ids[:, bounds[-2]].tolist() == [0, 0, 0]
+
+
+def test_collated_logits_equal_pack_qwen_samples(qwen_data):
+    """The collate's batch and pack_qwen_samples' of the same samples give the same logits (the samples' text,
+    patches and grids reach the model the same way)."""
+    _, dataset = qwen_data
+    model = tiny_qwen(dataset)
+    samples = [dataset[i] for i in (1, 5, 3)]
+    blocks = sum(s.num_tiles for s in samples)
+    collated = PackingCollate(token_cap=520, vit_cap=blocks + 2, image_context_id=model.cfg.image_context_id,
+                              tokens_per_tile=1, spatial_merge=2)(samples)
+    packed = pack_qwen_samples(model.cfg, [s.input_ids for s in samples], [s.pixel_values.flatten(0, 1) for s in samples],
+                               [s.image_grids for s in samples], token_cap=520, block_cap=blocks + 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(collated), model(packed), rtol=0, atol=0)
+
+
+def test_a_dataset_that_does_not_fit_the_model_family_is_a_named_error():
+    qwen = ModelSpec(vocab_size=440, image_size=28, tokens_per_tile=1, image_context_id=439, family="qwen2_5_vl")
+    vit = ModelSpec(vocab_size=440, image_size=28, tokens_per_tile=4, image_context_id=7)
+    node = {"name": "llava_qwen", "tiling": {"mode": "qwen", "image_size": 28}, "template": {"tokens_per_tile": 1}}
+    check_fits_model(node, qwen)
+    with pytest.raises(ConfigError, match=r"dataset.tiling.mode='llava' does not fit .* 'qwen2_5_vl'"):
+        check_fits_model({**node, "tiling": {"mode": "llava", "image_size": 28}}, qwen)
+    with pytest.raises(ConfigError, match=r"dataset.tiling.mode='qwen' does not fit .* 'vit'"):
+        check_fits_model(node, vit)
+    with pytest.raises(ConfigError, match=r"dataset.tiling.image_size=336"):
+        check_fits_model({**node, "tiling": {"mode": "qwen", "image_size": 336}}, qwen)
+    with pytest.raises(ConfigError, match=r"dataset.template.tokens_per_tile=256"):
+        check_fits_model({**node, "template": {}}, qwen)
+    with pytest.raises(ConfigError, match="synthetic"):
+        check_fits_model({"name": "synthetic_small", "kind": "synthetic"}, qwen)

@@ -1,0 +1,77 @@
+"""omnibal-train on Qwen2.5-VL: locally made images of several sizes and a LLaVA-format JSONL through
+``dataset=llava_qwen`` train ``model=qwen2_5_vl_tiny`` balanced with the loss falling, in one process and as a
+2-stage pipeline (``cluster=cpu_pp2``)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnibal_pl.cli.train import train
+
+from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe
+from tests.helpers import cfg_of, conversation, losses_in, write_jsonl
+
+# (width, height) px: 2 to 24 merge blocks per image at max_pixels 28 x 28 x 24
+SIZES = [(56, 56), (90, 50), (37, 120), (200, 150), (60, 61), (140, 84), (84, 140), (112, 56)]
+QUESTIONS = [("what is this", "a red cat"), ("describe the image", "a blue dog"), ("what is it", "yes"),
+             ("compare", "no")]
+
+
+def qwen_run_overrides(root: Path) -> list[str]:
+    """Writes images (one flat colour each, the colour named in its answer), a LLaVA JSONL of 16 samples (single
+    images, a text-only one, a two-image one) and the tokenizer under ``root``; the overrides of a run on them."""
+    colours = {"red": (200, 30, 40), "blue": (30, 40, 200)}
+    rows = []
+    for k in range(16):
+        w, h = SIZES[k % len(SIZES)]
+        question, answer = QUESTIONS[k % len(QUESTIONS)]
+        colour = "red" if k % 2 else "blue"
+        Image.new("RGB", (w, h), colours[colour]).save(root / f"img{k}.png")
+        rows.append({"id": f"s{k}", "image": f"img{k}.png",
+                     "conversations": conversation(question, f"{answer} {colour}")})
+    rows.append({"id": "text", "conversations": conversation("hello world", "yes", images=0)})
+    rows.append({"id": "multi", "image": ["img0.png", "img3.png"], "conversations": conversation("compare", "no", images=2)})
+    annotation = write_jsonl(root / "train.jsonl", rows)
+    tokenizer = qwen_vl_byte_level_bpe()
+    tokenizer.save(str(root / "tokenizer.json"))
+    return ["model=qwen2_5_vl_tiny", f"model.llm.vocab_size={tokenizer.get_vocab_size()}",
+            f"model.image_context_id={tokenizer.token_to_id('<|image_pad|>')}", "model.attention_backend=sdpa",
+            "dataset=llava_qwen", f"dataset.annotation={annotation}", f"dataset.tokenizer={root / 'tokenizer.json'}",
+            f"dataset.tiling.max_pixels={28 * 28 * 24}", "balance.samples_per_group=3",
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "optim.lr=3e-3",
+            "optim.warmup_ratio=0.0"]
+
+
+def falls(losses: dict[int, float]) -> tuple[float, float]:
+    """Mean loss of the first and of the last four steps."""
+    steps = sorted(losses)
+    return float(np.mean([losses[s] for s in steps[:4]])), float(np.mean([losses[s] for s in steps[-4:]]))
+
+
+def test_qwen_trains_balanced_on_local_images(tmp_path):
+    overrides = qwen_run_overrides(tmp_path)
+    summary = train(cfg_of(*overrides, "trainer.max_steps=20", f"run_dir={tmp_path / 'run'}"))
+    assert summary["steps"] == 20
+    first, last = falls(losses_in(tmp_path / "run"))
+    assert last < first - 0.5, (first, last)
+    report = json.loads((tmp_path / "run" / "balance_report.json").read_text())
+    assert report["samples_lost"] == 0 and summary["vit_dist_ratio"] <= 0.05
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(420)
+def test_qwen_trains_as_a_two_stage_pipeline(tmp_path):
+    overrides = qwen_run_overrides(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *overrides, "cluster=cpu_pp2",
+                          "trainer.max_steps=20", f"run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, last = falls(losses_in(tmp_path / "run"))
+    assert last < first - 0.5, (first, last)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
