@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.model.lora import trainable_state_dict
 
 MODEL_KEY = "state_dict"
 OPTIMIZER_KEY = "optimizer_0"
@@ -123,17 +124,21 @@ def _barrier() -> None:
 
 
 def load(path: Path, modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None,
-         names: Mapping[nn.Parameter, str]) -> dict[str, Any]:
+         names: Mapping[nn.Parameter, str], trained_only: bool = False) -> dict[str, Any]:
     """Collective: fill this rank's stages (and ``optimizer``) from ``path``; return ``meta``.
 
-    Raises :class:`ConfigError` when ``path`` is not such a checkpoint or lacks an entry this rank needs
-    (a different model, or a checkpoint saved without optimizer state).
+    ``trained_only``: the checkpoint of an adapter run holds only the parameters that train; the frozen
+    ones keep the values the stages were built with. Raises :class:`ConfigError` when ``path`` is not such
+    a checkpoint or lacks an entry this rank needs (a different model, or one saved without optimizer state).
     """
     if not (path / ".metadata").is_file() or not (path / META_FILE).is_file():
         raise ConfigError(f"checkpoint {path}: not a distributed checkpoint of the omnibal strategy (a folder with "
                           f".metadata and {META_FILE}); resume pipeline runs from their own checkpoints/ folder")
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     model = model_state(modules)
+    if trained_only:
+        trained = {f"model.{n}" for m in modules for n in trainable_state_dict(m.model)}
+        model = {k: v for k, v in model.items() if k in trained}
     wanted = {f"{MODEL_KEY}.{k}" for k in model}
     flat: dict[str, Any] = {}
     if optimizer is not None:

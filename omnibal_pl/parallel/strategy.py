@@ -243,7 +243,9 @@ class OmniBalStrategy(ParallelStrategy):
         optimizer = self.optimizers[0] if self.optimizers else None
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        meta = dcp.load(path, self._require_runner().modules, optimizer, self.optimizer_names())
+        model_cfg = getattr(self.lightning_module, "model_cfg", None)  # a VLMTrainingModule's
+        trained_only = model_cfg is not None and model_cfg.adapter.enabled
+        meta = dcp.load(path, self._require_runner().modules, optimizer, self.optimizer_names(), trained_only)
         # A scheduler's list entries (base_lrs, _last_lr, lr_lambdas) hold one value per param group: rank 0's
         # were saved, this rank has its own groups; only the step counters are shared.
         for saved, config in zip(meta.get("lr_schedulers", []), self.lr_scheduler_configs):

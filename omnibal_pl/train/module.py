@@ -82,6 +82,17 @@ class VLMTrainingModule(L.LightningModule):
         """(model name, parameter) of everything this process optimises, each parameter once."""
         return list(self.model.named_parameters())
 
+    def local_models(self) -> list[VLM]:
+        """The models whose state this process's checkpoint holds: the VLM (the pipeline: this rank's stages)."""
+        return [self.model]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With an adapter (``model/adapter=lora``) the checkpoint holds only the trained parameters, under every
+        strategy: the frozen ones are rebuilt from the seed or ``init_from`` on resume."""
+        if self.model_cfg.adapter.enabled:
+            trained = {f"model.{n}" for m in self.local_models() for n in trainable_state_dict(m)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
     @property
     def grad_norms(self) -> list[float]:
         """The global gradient norm (before clipping) of every optimizer step of this process's fit."""
@@ -151,13 +162,6 @@ class OmniBalModule(VLMTrainingModule):
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         self.validation.add(self.model(batch), batch)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With an adapter (``model/adapter=lora``) the checkpoint holds only the trained parameters: the frozen
-        ones are rebuilt from the seed or ``init_from`` on resume (:meth:`on_load_checkpoint`)."""
-        if self.model_cfg.adapter.enabled:
-            trained = {f"model.{n}" for n in trainable_state_dict(self.model)}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """An adapter checkpoint's trained parameters over this module's frozen ones (built as the saving run

@@ -61,6 +61,9 @@ class OmniBalPipelineModule(VLMTrainingModule):
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for p, name in self._strategy().optimizer_names().items()]
 
+    def local_models(self) -> list[nn.Module]:
+        return [stage.model for stage in self.runner.modules]
+
     def optimizer_shard_group(self) -> dist.ProcessGroup | None:
         """ZeRO 1: the AdamW state partitioned over this stage's DP ranks (levels 2 and 3 shard it with FSDP2)."""
         return self.runner.dp_group if self._strategy().plan.zero == 1 else None
