@@ -21,14 +21,16 @@ Invariants:
 Host facts: ``seqlens``, ``num_tiles`` and ``image_tokens`` are plain Python values describing the
 tensors as built (the collate computes them on the CPU, in the loader workers). Accounting and checks in
 the training hot path read them instead of the (device) tensors, so a micro-batch needs no host sync
-for them. ``to()`` and ``pin_memory()`` keep them. Replacing ``cu_seqlens``, ``image_flags`` or
+for them. ``to()`` and ``pin_memory()`` keep them. ``skipped`` counts, by reason, the samples of the group
+the loader dropped (an image that failed to decode under ``dataset.bad_samples=skip``): they are not in the
+batch. Replacing ``cu_seqlens``, ``image_flags`` or
 ``input_ids`` after construction re-derives the fact that depends on it; a tensor changed *in place*
 leaves the facts stale.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from itertools import accumulate
 
 import torch
@@ -56,6 +58,7 @@ class PackedBatch:
     seqlens: tuple[int, ...] | None = None  # [S] segment lengths, tokens (= diff(cu_seqlens)); None: derived
     num_tiles: int | None = None  # tiles with image_flags == 1; None: derived
     image_tokens: int | None = None  # positions holding the image-context id, counted by the collate; None: unknown
+    skipped: dict[str, int] = field(default_factory=dict)  # samples of the group dropped by the loader, by reason
 
     def __post_init__(self) -> None:
         """Derive the host facts not given from the tensors (one read each; construct on the CPU, or pass them).

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 import torch
@@ -85,6 +86,26 @@ def llava_records(root: Path) -> list[dict]:
     recs.append({"id": "text", "conversations": conversation("hello world", "yes", images=0)})
     recs.append({"id": "multi", "image": ["img1.png", "img3.png"], "conversations": conversation("compare", "no", images=2)})
     return recs
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header reads (its size is known) but whose pixel data is cut in half: decoding it fails."""
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def missing_image(root: Path, records: list[dict]) -> None:
+    """Breaks :func:`llava_records`: sample s4's image (its 5th record) is deleted."""
+    (root / "img4.png").unlink()
+
+
+def undecodable_pixels(root: Path, records: list[dict]) -> None:
+    """Breaks :func:`llava_records`: sample s2 (its 3rd record) points to a truncated JPEG, found only when decoded."""
+    truncated_jpeg(root / "img2.jpg")
+    records[2]["image"] = "img2.jpg"
 
 
 def llava_dataset_node(root: Path, tokenizer: Path, **extra: Any) -> dict:

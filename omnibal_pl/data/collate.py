@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
 from omnibal_pl.data.datasets import Sample
+from omnibal_pl.data.skips import DroppedSample
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.qwen_batch import QwenPackedBatch, QwenVisionFields, pack_qwen_vision
 
@@ -37,7 +38,9 @@ class PackingCollate:
     per supervised token 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``), n = supervised
     tokens of its sample; the loss divides by the global weight sum. ``image_context_id`` and
     ``tokens_per_tile``, when both given, check that each sample has ``tokens_per_tile`` image tokens per
-    flagged tile (the contract the model relies on). ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
+    flagged tile (the contract the model relies on). A :class:`~omnibal_pl.data.skips.DroppedSample` in the group
+    (a sample whose image failed to decode, under ``dataset.bad_samples=skip``) is left out of the batch and
+    counted in its ``skipped``; a group of nothing else is an error. ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
     tiles): a tile is one merge block of ``spatial_merge^2`` patch rows and the batch a :class:`QwenPackedBatch`
     (:mod:`omnibal_pl.qwen_batch`): the real blocks first, padding blocks to ``vit_cap`` under ``pad_to: cap``
     (else one dummy block for a group without images), M-RoPE positions from ``image_context_id``.
@@ -64,9 +67,18 @@ class PackingCollate:
         if self.token_cap < 1 or self.vit_cap < 1 or self.multiple < 1:
             raise ConfigError(f"token_cap={self.token_cap}, vit_cap={self.vit_cap}, multiple={self.multiple}: must be >= 1")
 
-    def __call__(self, samples: Sequence[Sample]) -> PackedBatch:
+    def __call__(self, samples: Sequence[Sample | DroppedSample]) -> PackedBatch:
         if not samples:
             raise DataError("packing an empty group: the sampler yielded a group with no samples")
+        dropped = [s for s in samples if isinstance(s, DroppedSample)]
+        samples = [s for s in samples if not isinstance(s, DroppedSample)]
+        skipped: dict[str, int] = {}
+        for d in dropped:
+            skipped[d.reason] = skipped.get(d.reason, 0) + 1
+        if not samples:
+            raise DataError(f"every sample of a group failed to load ({skipped}; samples "
+                            f"{[d.sample_id for d in dropped]}, the log names their files): nothing left to train on "
+                            "in this micro-batch; fix or remove those files")
         lengths = [s.num_tokens for s in samples]
         n_tokens, n_tiles = sum(lengths), sum(s.num_tiles for s in samples)
         ids = [s.sample_id for s in samples]
@@ -122,6 +134,7 @@ class PackingCollate:
             seqlens=tuple(segments),
             num_tiles=int((image_flags == 1).sum()),
             image_tokens=self._count_image_tokens(input_ids),
+            skipped=skipped,
         )
 
     def _qwen_vision(self, samples: Sequence[Sample], length: int) -> QwenVisionFields:

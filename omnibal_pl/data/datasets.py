@@ -18,13 +18,14 @@ import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
+from omnibal_pl.data.skips import BAD_CONVERSATION, MISSING_IMAGE, OVERLONG, UNREADABLE_IMAGE, BadSampleError
 from omnibal_pl.data.stats import compute_lengths
 from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
 from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, patch_grid, tile_image
@@ -143,38 +144,48 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Uncapped statistics, one row per record (what ``omnibal-stats`` writes)."""
         return compute_lengths(self, num_workers=num_workers, progress=progress)
 
-    def apply_token_cap(self, raw: LengthTable) -> LengthTable:
-        """Applies ``max_tokens``/``overlong`` to the records' raw statistics; returns the table of the rows.
+    def apply_token_cap(self, raw: LengthTable, bad: Mapping[int, str] | None = None) -> LengthTable:
+        """Applies ``max_tokens``/``overlong`` to the records' raw statistics and leaves out the ``bad`` records
+        (record -> reason, see :mod:`~omnibal_pl.data.skips`; their rows of ``raw`` are placeholders); returns
+        the table of the rows.
 
-        Under ``skip`` the dataset's rows become the records that fit (see :attr:`skip_report`).
+        The dataset's rows become the records kept (see :attr:`skip_report`: reasons ``overlong`` and the bad ones).
         """
         if len(raw) != self.num_records:
             raise DataError(f"statistics have {len(raw)} rows but the dataset has {self.num_records} records; "
                             "they belong to other data: recompute them (omnibal-stats)")
         self.index = np.arange(self.num_records)
         self.skip_report = SkipReport()
+        bad = dict(bad or {})
+        for r in sorted(bad):
+            self.skip_report.skipped.setdefault(bad[r], []).append(self.records[r].key)
         cap = self.max_tokens
         over = np.flatnonzero(raw.tokens > cap) if cap is not None else np.empty(0, np.int64)
-        if over.size == 0:
-            return raw
-        keys = [self.records[r].key for r in over]
-        shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
-        if self.overlong == "error":
-            raise DataError(f"{len(keys)} samples are longer than max_tokens={cap}: {shown}; raise max_tokens "
-                            "or set overlong=skip or overlong=truncate")
-        if self.overlong == "truncate":
-            cut = [self.records[r].key for r in over if raw.image_flag[r] and self._image_end(int(r)) > cap]
-            if cut:
-                raise DataError(f"{len(cut)} samples have image tokens beyond the first max_tokens={cap} tokens, which "
-                                f"truncation keeps: {', '.join(cut[:10])}{' ...' if len(cut) > 10 else ''}; an image is "
-                                "never cut: raise max_tokens, lower tiling.max_tiles or set overlong=skip")
-            return LengthTable(raw.vit, np.minimum(raw.tokens, cap), raw.image_flag, raw.source, raw.sources)
-        keep = np.setdiff1d(np.arange(self.num_records), over)
+        table, drop = raw, np.asarray(sorted(bad), np.int64)
+        if over.size:
+            keys = [self.records[r].key for r in over]
+            if self.overlong == "error":
+                shown = "; ".join(f"{self.records[r].origin} (id {self.records[r].key})" for r in over[:10])
+                raise DataError(f"{len(keys)} samples are longer than max_tokens={cap}: {shown}"
+                                f"{' ...' if len(keys) > 10 else ''}; raise max_tokens or set overlong=skip or "
+                                "overlong=truncate")
+            if self.overlong == "truncate":
+                cut = [self.records[r].key for r in over if raw.image_flag[r] and self._image_end(int(r)) > cap]
+                if cut:
+                    raise DataError(f"{len(cut)} samples have image tokens beyond the first max_tokens={cap} tokens, "
+                                    f"which truncation keeps: {', '.join(cut[:10])}{' ...' if len(cut) > 10 else ''}; an "
+                                    "image is never cut: raise max_tokens, lower tiling.max_tiles or set overlong=skip")
+                table = LengthTable(raw.vit, np.minimum(raw.tokens, cap), raw.image_flag, raw.source, raw.sources)
+            else:
+                drop = np.union1d(drop, over)
+                self.skip_report.skipped[OVERLONG] = keys
+        if drop.size == 0:
+            return table
+        keep = np.setdiff1d(np.arange(self.num_records), drop)
         if keep.size == 0:
-            raise DataError(f"every sample is longer than max_tokens={cap}: nothing left to train on")
+            raise DataError(f"every sample was left out ({self.skip_report}): nothing left to train on")
         self.index = keep
-        self.skip_report.skipped[f"longer than max_tokens={cap}"] = keys
-        return raw.subset(keep)
+        return table.subset(keep)
 
     def lengths(self, num_workers: int = 0, progress: bool = False) -> LengthTable:
         """Statistics of the dataset's rows, cap policy applied: row ``i`` matches ``self[i]``."""
@@ -203,10 +214,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         return [count_tiles(w, h, self.tiling, len(sizes)) for w, h in sizes]
 
     def _record_tokens(self, r: int) -> tuple[list[int], np.ndarray]:
-        """Tiles per image (from image headers) and the uncapped ``input_ids`` of record ``r``."""
+        """Tiles per image (from image headers) and the uncapped ``input_ids`` of record ``r``; a record that
+        cannot be read raises :class:`~omnibal_pl.data.skips.BadSampleError` with its reason."""
         rec = self.records[r]
         tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
-        return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]
+        try:
+            return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]
+        except DataError as e:
+            raise BadSampleError(str(e), BAD_CONVERSATION) from e
+
 
     def _image_end(self, r: int) -> int:
         """How many leading tokens of record ``r`` hold all its image tokens (0 without images)."""
@@ -283,6 +299,8 @@ def _image_errors(path: Path, origin: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise DataError(f"{origin}: image file {path} not found; fix the path or the image root") from None
+        raise BadSampleError(f"{origin}: image file {path} not found; fix the path or the image root",
+                             MISSING_IMAGE) from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{origin}: image file {path} is corrupt or unreadable ({e}); replace or remove it") from e
+        raise BadSampleError(f"{origin}: image file {path} is corrupt or unreadable ({e}); replace or remove it",
+                             UNREADABLE_IMAGE) from e

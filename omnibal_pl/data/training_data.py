@@ -9,12 +9,19 @@ rebuilt with a warning when the data changed); the caps are resolved on them
 tiles than the tile cap fails here. With ``require_image: true`` in the dataset node only samples with an
 image take part (Dynamic-LLaVA trains on the image samples of its mix): the caps are searched on them
 and the run's dataset is their subset.
+
+Bad samples (``bad_samples``, ``max_skip_fraction`` in the dataset node; :mod:`~omnibal_pl.data.skips`): the
+statistics record the records they cannot read (a second file beside the cache,
+``<file>.lengths-<fingerprint>.bad.json``, so a cached run finds the same ones); ``error`` raises the first,
+``skip`` leaves them out of the caps search and the dataset's rows, counts them (``TrainingData.skipped``, with
+the ``overlong=skip`` ones), logs them and checks the budget.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,13 +31,17 @@ from torch.utils.data import Dataset, Subset
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.search import CapSearch, resolve_shape
 from omnibal_pl.data.length_source import dataset_lengths
+from omnibal_pl.data.skips import DropUnreadable, SkipCounts, SkipPolicy, check_budget, describe
+from omnibal_pl.data.stats import RecordStatistics, compute_statistics
 from omnibal_pl.data.synthetic import SyntheticDataset
 from omnibal_pl.data.templates import TemplateConfig
 from omnibal_pl.data.tiling import TilingConfig
 from omnibal_pl.data.synthetic_lengths import adapt_to_model, truncate_text
 from omnibal_pl.data.validation_split import HeldOut, split_validation, validation_overrides
-from omnibal_pl.errors import ConfigError
+from omnibal_pl.errors import ConfigError, OmniBalError
 from omnibal_pl.lengths import LengthTable, load_lengths
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +70,8 @@ class TrainingData:
     ``lengths`` are the per-sample statistics after the token cap (what the sampler groups);
     ``balance`` has ``vit_cap``/``token_cap`` set (None for the cap-free algorithms) and ``dp`` = the DP size
     they were resolved for; ``search`` says how the caps were found; ``val``: the held-out validation split
-    (``dataset.val_fraction``; None without validation).
+    (``dataset.val_fraction``; None without validation); ``skipped``: the samples left out at start, by reason
+    (training and separate validation data); ``skip_policy``: the dataset node's bad-sample policy.
     """
 
     dataset: Dataset
@@ -68,6 +80,8 @@ class TrainingData:
     search: CapSearch
     model: ModelSpec
     val: HeldOut | None = None
+    skipped: SkipCounts = field(default_factory=lambda: SkipCounts({}))
+    skip_policy: SkipPolicy = field(default_factory=SkipPolicy)
 
 
 def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, model: ModelSpec) -> TrainingData:
@@ -75,6 +89,8 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
     cfg = dict(dataset)
     check_fits_model(cfg, model)
     image_only = bool(cfg.get("require_image", False))
+    policy = SkipPolicy.of(cfg)
+    skipped = SkipCounts({})
     if cfg.get("kind") == "synthetic":
         raw = adapt_to_model(dataset_lengths(cfg), model.tokens_per_tile, float(cfg.get("text_scale", 1.0)))
         if image_only:
@@ -85,24 +101,23 @@ def prepare_training_data(dataset: Mapping[str, Any], balance: BalanceConfig, mo
                                          model.image_context_id, seed=int(cfg.get("seed", 0)))
     else:
         data = build_dataset(cfg)
-        raw = real_lengths(data, cfg)
-        resolved, search = resolve_shape(raw.subset(image_rows(raw)) if image_only else raw, balance)
+        raw, bad = usable_statistics(data, cfg, policy)
+        searched = raw.subset(np.setdiff1d(np.arange(len(raw)), list(bad)))  # bad rows are placeholders
+        resolved, search = resolve_shape(searched.subset(image_rows(searched)) if image_only else searched, balance)
         if data.max_tokens is None:
             data.max_tokens = resolved.token_cap
-        lengths = data.apply_token_cap(raw)
-        if image_only:  # after the cap: under overlong=skip the dataset's rows are the samples that fit
-            rows = image_rows(lengths)
-            data, lengths = Subset(data, rows.tolist()), lengths.subset(rows)
+        data, lengths, skipped = cap_and_skip(data, raw, bad, policy, image_only)
     check_tile_cap(lengths, resolved.vit_cap)
     fraction, separate = float(cfg.get("val_fraction") or 0.0), validation_overrides(cfg)
     if separate:
         if fraction or cfg.get("kind") == "synthetic":
             raise ConfigError(f"dataset.val_{next(iter(separate))}: separate validation files need a real dataset "
                               "(_target_) and no dataset.val_fraction; set one of them")
-        return TrainingData(data, lengths, resolved, search, model,
-                            separate_validation({**cfg, "paths": None, **separate}, resolved, image_only))
+        val, val_skipped = separate_validation({**cfg, "paths": None, **separate}, resolved, image_only, policy)
+        skipped = checked_skips(skipped + val_skipped, policy)
+        return TrainingData(data, lengths, resolved, search, model, val, skipped, policy)
     data, lengths, val = split_validation(data, lengths, fraction, int(cfg.get("seed", 0)))
-    return TrainingData(data, lengths, resolved, search, model, val)
+    return TrainingData(data, lengths, resolved, search, model, val, checked_skips(skipped, policy), policy)
 
 
 def check_fits_model(cfg: Mapping[str, Any], model: ModelSpec) -> None:
@@ -141,19 +156,56 @@ def check_tile_cap(lengths: LengthTable, vit_cap: int | None) -> None:
                           f"{int(lengths.vit.max())}); raise balance.vit_cap or lower the dataset's max_tiles")
 
 
-def separate_validation(cfg: Mapping[str, Any], resolved: BalanceConfig, image_only: bool) -> HeldOut:
+def separate_validation(cfg: Mapping[str, Any], resolved: BalanceConfig, image_only: bool,
+                        policy: SkipPolicy) -> tuple[HeldOut, SkipCounts]:
     """The validation dataset of the node ``cfg`` (the training node with its ``val_*`` entries in place), its
-    statistics cached next to its data, capped like the training data (the same token cap and tile check)."""
+    statistics cached next to its data, capped like the training data (the same token cap and tile check),
+    bad samples handled by the same ``policy``; and its samples left out."""
     data = build_dataset(cfg)
-    raw = real_lengths(data, cfg)
+    raw, bad = usable_statistics(data, cfg, policy)
     if data.max_tokens is None:
         data.max_tokens = resolved.token_cap
-    lengths = data.apply_token_cap(raw)
-    if image_only:
+    data, lengths, skipped = cap_and_skip(data, raw, bad, policy, image_only)
+    check_tile_cap(lengths, resolved.vit_cap)
+    return HeldOut(data, lengths), skipped
+
+
+def usable_statistics(data: Any, cfg: Mapping[str, Any], policy: SkipPolicy) -> tuple[LengthTable, dict[int, str]]:
+    """The raw statistics of a real dataset and its bad records (record -> reason), whose rows are placeholders;
+    under ``bad_samples=error`` the first bad record is raised instead, naming it."""
+    stats = real_statistics(data, cfg)
+    if not policy.skips:
+        stats.raise_first_bad(f"; or set dataset.bad_samples=skip to leave bad samples out (they are counted and "
+                              f"held to dataset.max_skip_fraction). Once the files are fixed, delete the cached "
+                              f"statistics {Path(data.files[0]).name}.lengths-*.obl and .bad.json beside the data")
+    for r, b in list(stats.bad.items())[:10]:
+        log.warning("left out (%s): %s", b.reason, b.message)
+    if len(stats.bad) > 10:
+        log.warning("... and %d more bad samples left out", len(stats.bad) - 10)
+    return stats.table, {r: b.reason for r, b in stats.bad.items()}
+
+
+def cap_and_skip(data: Any, raw: LengthTable, bad: dict[int, str], policy: SkipPolicy,
+                 image_only: bool) -> tuple[Dataset, LengthTable, SkipCounts]:
+    """The dataset and statistics of the rows kept (token cap applied, ``bad`` records left out, image samples
+    only under ``require_image``) and the samples left out by reason. Under ``bad_samples=skip`` the dataset
+    drops a sample whose image fails to decode in a loader worker (:class:`~omnibal_pl.data.skips.DropUnreadable`)."""
+    lengths = data.apply_token_cap(raw, bad)
+    skipped = SkipCounts({reason: len(keys) for reason, keys in data.skip_report.skipped.items()}, data.num_records)
+    if policy.skips:
+        data = DropUnreadable(data)
+    if image_only:  # after the cap: under overlong=skip the dataset's rows are the samples that fit
         rows = image_rows(lengths)
         data, lengths = Subset(data, rows.tolist()), lengths.subset(rows)
-    check_tile_cap(lengths, resolved.vit_cap)
-    return HeldOut(data, lengths)
+    return data, lengths, skipped
+
+
+def checked_skips(skipped: SkipCounts, policy: SkipPolicy) -> SkipCounts:
+    """``skipped``, logged, once held to ``policy.max_skip_fraction`` (:class:`~omnibal_pl.data.skips.TooManySkipped`)."""
+    if skipped.counts:
+        log.warning("%s (of %d records)", describe(skipped.counts), skipped.records)
+    check_budget(skipped.counts, skipped.records, policy.max_skip_fraction, "at start")
+    return skipped
 
 
 def image_rows(lengths: LengthTable) -> np.ndarray:
@@ -169,30 +221,51 @@ def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
     if "_target_" not in cfg:
         raise ConfigError(f"dataset {cfg.get('name')!r}: give kind: synthetic or a _target_ "
                           "dataset class (see conf/dataset/llava.yaml, internvl.yaml)")
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    node = {k: v for k, v in cfg.items()
-            if k not in ("name", "kind", "paths", "num_workers", "require_image") and not k.startswith("val_")}
-    return instantiate(node, _convert_="object")
+    node = {k: v for k, v in cfg.items() if k not in ("name", "kind", "paths", "num_workers", "require_image",
+                                                      "bad_samples", "max_skip_fraction") and not k.startswith("val_")}
+    try:
+        return instantiate(node, _convert_="object")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, OmniBalError):  # the data's own error (a malformed line: file:line), unwrapped
+            raise e.__cause__ from None
+        raise
 
 
-def real_lengths(dataset: Any, cfg: Mapping[str, Any]) -> LengthTable:
-    """Raw statistics from ``dataset.paths``, or the cache next to the data, computing (and caching) them if
-    missing or stale."""
+def real_statistics(dataset: Any, cfg: Mapping[str, Any]) -> RecordStatistics:
+    """Raw statistics from ``dataset.paths`` (no bad records known), or the cache next to the data, computing
+    (and caching) them if missing or stale. The bad records are cached beside the table
+    (:func:`bad_records_file`; written first, so a table on disk always has its bad records beside it)."""
     if cfg.get("paths"):
-        return dataset_lengths(cfg)
+        return RecordStatistics(dataset_lengths(cfg))
     anchor = Path(dataset.files[0])
     cache = anchor.with_name(f"{anchor.name}.lengths-{dataset.fingerprint()}.obl")
     if cache.is_file():
-        return load_lengths(cache)
+        bad = bad_records_file(cache)
+        return RecordStatistics(load_lengths(cache), RecordStatistics.load_bad(bad) if bad.is_file() else {})
     stale = sorted(anchor.parent.glob(f"{anchor.name}.lengths-*.obl"))
     if stale:
         warnings.warn(f"statistics cache {stale[-1]} no longer matches its data; rebuilding {cache}", stacklevel=2)
         for old in stale:
             old.unlink(missing_ok=True)  # another process may have removed it already
-    table = dataset.raw_lengths(num_workers=int(cfg.get("num_workers", 0)), progress=True)
+            bad_records_file(old).unlink(missing_ok=True)
+    stats = compute_statistics(dataset, num_workers=int(cfg.get("num_workers", 0)), progress=True)
+    bad = bad_records_file(cache)
+    if stats.bad:
+        tmp = bad.with_name(f".{os.getpid()}.{bad.name}")
+        stats.save_bad(tmp)
+        tmp.replace(bad)
+    else:
+        bad.unlink(missing_ok=True)  # left by a run killed between the two files
     tmp = cache.with_name(f".{os.getpid()}.{cache.name}")
-    table.save(tmp)
+    stats.table.save(tmp)
     tmp.replace(cache)  # atomic: processes starting together never read half a file
-    return table
+    return stats
+
+
+def bad_records_file(cache: Path) -> Path:
+    """The file of the bad records beside the statistics cache ``<file>.lengths-<fingerprint>.obl``."""
+    return cache.with_suffix(".bad.json")
 

@@ -7,13 +7,15 @@ from typing import Any
 
 from omnibal_pl.balance.report import plot_balance, write_json
 from omnibal_pl.data.datamodule import OmniBalDataModule
+from omnibal_pl.data.skips import add_counts, describe
 from omnibal_pl.train.module import VLMTrainingModule
 
 
 def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict[str, Any]:
     """The run's summary: loss start/end, the last validation loss (NaN without validation), ``objective`` (that
     validation loss, else the final training loss), throughput (means over every optimizer step, whatever the
-    loggers and ``log_every_n_steps``) and the balance of epoch 0."""
+    loggers and ``log_every_n_steps``), the balance of epoch 0 and ``skipped``: samples left out, by reason (at
+    start, and every time a loader dropped one: a sample whose image does not decode is dropped every epoch)."""
     losses = module.losses
     report = datamodule.balance_report(0)
 
@@ -28,6 +30,7 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
     return {
         "steps": len(losses),
         "skipped_steps": module.nonfinite.skipped,  # non-finite loss or gradient norm (faults.max_nonfinite_steps)
+        "skipped": skipped_samples(module, datamodule),
         "loss_start": sum(head) / len(head) if losses else float("nan"),
         "loss_end": loss_end,
         "val_loss": val_loss,
@@ -47,9 +50,14 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
     }
 
 
+def skipped_samples(module: VLMTrainingModule, datamodule: OmniBalDataModule) -> dict[str, int]:
+    """Samples left out by reason: at start (``TrainingData.skipped``) plus dropped by the loaders of all ranks."""
+    return add_counts(datamodule.data.skipped.counts, module.meter.dropped_total)
+
+
 def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir: Path, seconds: float) -> dict:
-    """Balance report and plot, loss plot, summary JSON; prints the summary table."""
-    report = datamodule.balance_report(0)
+    """Balance report (with the samples left out) and plot, loss plot, summary JSON; prints the summary table."""
+    report = {**datamodule.balance_report(0), "skipped": skipped_samples(module, datamodule)}
     write_json(report, run_dir / "balance_report.json")
     arrangement = datamodule.sampler.arrangement(0)
     plot_balance(datamodule.lengths, arrangement.grouping, arrangement.steps, run_dir / "balance.png")
@@ -65,6 +73,7 @@ def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, ru
             ("balance", f"{summary['algorithm']} caps {summary['vit_cap']} tiles / {summary['token_cap']} tokens"),
             ("vit / llm dist ratio", f"{summary['vit_dist_ratio']:.4f} / {summary['llm_dist_ratio']:.4f}"),
             ("vit / token fill", f"{summary['vit_fill']:.3f} / {summary['token_fill']:.3f}"),
+            ("samples left out", describe(summary["skipped"])),
             ("wall time (s)", f"{seconds:.1f}"), ("run directory", str(run_dir))]
     print("\n".join(f"{k:<24}{v}" for k, v in rows))
     return summary

@@ -48,6 +48,7 @@ from omnibal_pl.train.objective import head_loss_sum
 from omnibal_pl.train.plan_search import adapt_plan, first_step_batches, refine_plan
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.progress import StepProgressBar
+from omnibal_pl.train.skip_budget import SkipBudget
 from omnibal_pl.train.schemas import RunConfig
 from omnibal_pl.train.validation import ValidateAfterLastStep
 
@@ -167,7 +168,8 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
     loggers = build_loggers(cfg.logger, run.run_dir)
     # the run's own mechanism, always on; then the callbacks group (conf/callbacks/) and trainer.callbacks
     callbacks = [MemoryReport(run.run_dir / "memory_report.json", run.plan),
-                 FaultWatch(cfg.faults.step_timeout_s, cfg.faults.sigterm_grace_s)]
+                 FaultWatch(cfg.faults.step_timeout_s, cfg.faults.sigterm_grace_s),
+                 SkipBudget(run.data.skipped, run.data.skip_policy.max_skip_fraction)]
     if cfg.model.sparsify.enabled:
         callbacks.append(GumbelTemperature())
     if run.data.val is not None:

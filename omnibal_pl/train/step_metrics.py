@@ -13,6 +13,7 @@ from collections.abc import Collection
 import torch
 
 from omnibal_pl.batch import PackedBatch
+from omnibal_pl.data.skips import LOADER_REASONS
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.flops import train_flops
 from omnibal_pl.train.objective import Objective
@@ -31,6 +32,7 @@ class StepMeter:
         self.peak_tflops = peak_tflops
         self.frozen = tuple(frozen)
         self.losses: list[float] = []  # global loss of every finished step
+        self.dropped_total = dict.fromkeys(LOADER_REASONS, 0)  # samples the loaders of all ranks dropped, by reason
         self.grad_norms: list[float] = []  # global gradient norm (before clipping) of every finished step
         self._reset()
 
@@ -41,6 +43,7 @@ class StepMeter:
         self.tokens = self.samples = self.tiles = 0  # host counts
         self.flops = 0.0
         self.micro_batches = 0
+        self.dropped = dict.fromkeys(LOADER_REASONS, 0)  # this process's step: samples its loader dropped
         self.start: float | None = None
         self.sample_ids: list[torch.Tensor] = []  # the step's micro-batches' ids, read only if the run stops on them
 
@@ -54,6 +57,8 @@ class StepMeter:
         self.flops += train_flops(self.cfg, batch.num_tiles, batch.sample_seqlens, self.frozen)
         self.micro_batches += 1
         self.sample_ids.append(batch.sample_ids)
+        for reason, n in batch.skipped.items():
+            self.dropped[reason] += n
 
     def step_sample_ids(self) -> list[int]:
         """The dataset indices of this process's micro-batches of the running step (reads the device)."""
@@ -67,29 +72,34 @@ class StepMeter:
             self.keep_rate_loss = _add(self.keep_rate_loss, objective.keep_rate_loss)
 
     def local_totals(self, device: torch.device) -> torch.Tensor:
-        """[loss_sum, weight, tokens, samples, tiles, FLOPs] of this process's step (float64 on ``device``), to
-        all-reduce. Built without a host read; the caller reads the reduced tensor once per optimizer step."""
+        """[loss_sum, weight, tokens, samples, tiles, FLOPs, dropped per ``LOADER_REASONS``] of this process's step
+        (float64 on ``device``), to all-reduce. Built without a host read; the caller reads the reduced tensor once per optimizer step."""
         loss = torch.stack([_on(self.loss_sum, device), _on(self.weight, device)])
         return torch.cat([loss, self.work_totals(device)])
 
     def work_totals(self, device: torch.device) -> torch.Tensor:
-        """[tokens, samples, tiles, FLOPs] of this process's step so far (float64 on ``device``), from host counts."""
-        return torch.tensor([self.tokens, self.samples, self.tiles, self.flops], dtype=torch.float64, device=device)
+        """[tokens, samples, tiles, FLOPs, samples dropped per ``LOADER_REASONS``] of this process's step so far
+        (float64 on ``device``), from host counts."""
+        return torch.tensor([self.tokens, self.samples, self.tiles, self.flops, *self.dropped.values()],
+                            dtype=torch.float64, device=device)
 
     def finish_step(self, loss: float, totals: list[float], lr: float, world_size: int, grad_norm: float
                     ) -> dict[str, float]:
-        """The step's metrics from its global loss, totals (tokens, samples, tiles, FLOPs) and gradient norm
-        before clipping; starts the next.
+        """The step's metrics from its global loss, totals (tokens, samples, tiles, FLOPs, then the samples the
+        loaders dropped per ``LOADER_REASONS``, which may be left out) and gradient norm before clipping; starts
+        the next. ``skipped/<reason>``: samples dropped by the loaders of all ranks since the fit began.
 
         Reads the step's keep-rate penalty (sparsification only): one host sync per optimizer step."""
-        tokens, samples, tiles, flops = totals
+        tokens, samples, tiles, flops, *dropped = totals
+        for reason, n in zip(LOADER_REASONS, dropped):
+            self.dropped_total[reason] += round(n)
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         now = time.perf_counter()
         seconds = max(now - (self.start or now), 1e-9)
         metrics = {"train/loss": loss, "train/tokens_per_s": tokens / seconds, "train/samples_per_s": samples / seconds,
                    "train/tiles_per_s": tiles / seconds, "train/step_s": seconds, "train/lr": lr,
-                   "train/grad_norm": grad_norm}
+                   "train/grad_norm": grad_norm, **{f"skipped/{r}": float(n) for r, n in self.dropped_total.items()}}
         if self.peak_tflops:
             metrics["train/mfu"] = flops / seconds / (self.peak_tflops * 1e12 * world_size)
         if self.keep_rate_loss is not None:

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from omnibal_pl.balance import BalanceConfig, dist_ratio
 from omnibal_pl.data.datamodule import OmniBalDataModule
-from omnibal_pl.data.training_data import ModelSpec, prepare_training_data, real_lengths
+from omnibal_pl.data.training_data import ModelSpec, prepare_training_data, real_statistics
 from omnibal_pl.errors import ConfigError
 
 from tests.helpers import LLAVA_TILING, RecordingModule, llava_dataset_node, llava_records, make_tokenizer, write_json
@@ -131,7 +131,7 @@ def test_real_dataset_statistics_cached_next_to_the_data(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch.input_ids.shape == (1, 200) and batch.pixel_values.shape[0] == 4
     # the cache is used as is, and rebuilt with a warning when the data changes
-    assert np.array_equal(dm.lengths.tokens, real_lengths(dm.dataset, cfg).tokens)
+    assert np.array_equal(dm.lengths.tokens, real_statistics(dm.dataset, cfg).table.tokens)
     records = llava_records(root)[:3]
     write_json(Path(cfg["annotation"]), records)
     with pytest.warns(UserWarning, match="no longer matches its data"):

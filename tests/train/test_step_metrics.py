@@ -62,7 +62,7 @@ def test_micro_batches_and_loss_terms_add_up_in_local_totals():
         meter.add_loss(Objective(torch.tensor(loss_sum), torch.tensor(loss_sum), torch.tensor(weight), None))
     totals = meter.local_totals(torch.device("cpu"))
     assert totals.dtype == torch.float64
-    assert totals.tolist() == [1.75, 3.0, 32, 4, 4, 2 * (VISION + 3 * (PROJECTOR + LLM))]
+    assert totals.tolist() == [1.75, 3.0, 32, 4, 4, 2 * (VISION + 3 * (PROJECTOR + LLM)), 0, 0]  # 0, 0: none dropped
 
 
 def test_finish_step_turns_global_totals_into_mfu_and_starts_the_next_step():

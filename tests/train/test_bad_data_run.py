@@ -1,0 +1,55 @@
+"""``omnibal-train`` on LLaVA data with bad samples: skipped and counted in the summary, the balance report and
+the logged metrics, or stopped by ``dataset.max_skip_fraction`` with an error naming the reasons and counts."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from omnibal_pl.cli.train import train
+from omnibal_pl.data.skips import TooManySkipped
+from tests.helpers import (cfg_of, llava_dataset_node, llava_records, make_tokenizer, missing_image, undecodable_pixels,
+                           write_jsonl)
+
+TILE = 56  # the tiny model's tile: 4 tokens per tile
+
+
+def run_overrides(tmp_path: Path, *breaks, **policy) -> list[str]:
+    """``omnibal-train`` overrides for the tiny model on llava_records (JSONL) broken by ``breaks``, one epoch in a
+    loader worker process (its drops must cross the process boundary)."""
+    root = tmp_path / "data"
+    root.mkdir(parents=True)
+    node = llava_dataset_node(root, make_tokenizer(tmp_path / "tok"))
+    records = llava_records(root)
+    for break_data in breaks:
+        break_data(root, records)
+    annotation = write_jsonl(root / "train.jsonl", records)
+    return ["dataset=llava", f"dataset.annotation={annotation}", f"dataset.image_root={root}",
+            f"dataset.tokenizer={node['tokenizer']}", "dataset.template.tokens_per_tile=4",
+            f"dataset.tiling.image_size={TILE}", "model.image_context_id=8",  # <image> in the test tokenizer
+            *(f"+dataset.{k}={v}" for k, v in policy.items()),
+            "balance.dp=1", "balance.vit_cap=2", "balance.token_cap=160", "loader.num_workers=1",
+            "trainer.max_epochs=1", "trainer.max_steps=-1", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", f"run_dir={tmp_path / 'run'}"]
+
+
+def test_skipped_samples_are_counted_in_the_summary_report_and_metrics(tmp_path):
+    summary = train(cfg_of(*run_overrides(tmp_path, missing_image, undecodable_pixels, bad_samples="skip",
+                                          max_skip_fraction=0.3)))
+    assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1}  # at start + in the loader worker
+    run = tmp_path / "run"
+    assert json.loads((run / "balance_report.json").read_text())["skipped"] == summary["skipped"]
+    assert json.loads((run / "summary.json").read_text())["skipped"] == summary["skipped"]
+    with open(run / "metrics.csv") as f:
+        logged = [float(r["skipped/unreadable_image"]) for r in csv.DictReader(f) if r.get("skipped/unreadable_image")]
+    assert logged[-1] == 1 and logged[0] in (0, 1) and len(logged) == summary["steps"]
+
+
+def test_a_budget_of_zero_stops_the_run_at_start_or_when_the_loader_drops_one(tmp_path):
+    with pytest.raises(TooManySkipped, match=r"at start: 1 of 7 samples are bad \(missing_image 1\)"):
+        train(cfg_of(*run_overrides(tmp_path / "a", missing_image, undecodable_pixels, bad_samples="skip",
+                                    max_skip_fraction=0)))
+    with pytest.raises(TooManySkipped, match=r"epoch 0, step \d+: 1 of 7 samples are bad \(unreadable_image 1\)"):
+        train(cfg_of(*run_overrides(tmp_path / "b", undecodable_pixels, bad_samples="skip", max_skip_fraction=0)))
