@@ -15,6 +15,8 @@ first, so they win, as in a trained vocabulary).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
@@ -94,3 +96,26 @@ def qwen_vl_byte_level_bpe() -> Tokenizer:
     tok = byte_level_bpe()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_VISION_TOKENS])
     return tok
+
+
+# A chat template written like Qwen2-VL's: a default system turn, image content parts as the vision tokens
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_vl_tokenizer_folder(path: Path) -> Path:
+    """:func:`qwen_vl_byte_level_bpe` saved as a transformers tokenizer folder with :data:`QWEN_VL_CHAT_TEMPLATE`."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=qwen_vl_byte_level_bpe(), eos_token="<|im_end|>")
+    hf.chat_template = QWEN_VL_CHAT_TEMPLATE
+    hf.save_pretrained(path)
+    return path

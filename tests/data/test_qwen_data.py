@@ -19,7 +19,7 @@ from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.model.qwen_vision import pack_qwen_samples
 from omnibal_pl.qwen_batch import QwenPackedBatch, mrope_position_ids
 
-from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe
+from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe, qwen_vl_tokenizer_folder
 from tests.helpers import conversation, model_config, write_jsonl
 
 transformers = pytest.importorskip("transformers")
@@ -169,3 +169,21 @@ def test_a_dataset_that_does_not_fit_the_model_family_is_a_named_error():
         check_fits_model({**node, "template": {}}, qwen)
     with pytest.raises(ConfigError, match="synthetic"):
         check_fits_model({"name": "synthetic_small", "kind": "synthetic"}, qwen)
+
+
+def test_hand_format_ids_equal_a_qwen_style_chat_template(qwen_data, tmp_path):
+    """The same rows through the hand format ``qwen2_vl`` and through the tokenizer's own Qwen2-VL-style chat
+    template (``template.name: tokenizer``): identical ids; the labels differ only on the newline after each
+    reply's ``<|im_end|>``, which the hand format supervises (as Qwen's fine-tuning code) and the template path
+    does not."""
+    root, hand = qwen_data
+    folder = qwen_vl_tokenizer_folder(tmp_path / "tok")
+    own = LlavaDataset(root / "train.jsonl", folder, TemplateConfig(name="tokenizer", tokens_per_tile=1,
+                                                                   image_context_token="<|image_pad|>"), QWEN_TILING)
+    newline, im_end = hand.chat.tokenizer.encode("\n"), hand.chat.tokenizer.token_id("<|im_end|>")
+    for i in range(len(own)):
+        a, b = hand[i], own[i]
+        assert torch.equal(a.input_ids, b.input_ids), i
+        differ = (a.labels != b.labels).nonzero().flatten().tolist()
+        assert differ and all(a.input_ids[j].tolist() == newline[0] and a.input_ids[j - 1] == im_end for j in differ), i
+        assert all(b.labels[j] == -100 for j in differ)

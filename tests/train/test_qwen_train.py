@@ -1,6 +1,6 @@
-"""omnibal-train on Qwen2.5-VL: locally made images of several sizes and a LLaVA-format JSONL through
-``dataset=llava_qwen`` train ``model=qwen2_5_vl_tiny`` balanced with the loss falling, in one process and as a
-2-stage pipeline (``cluster=cpu_pp2``)."""
+"""omnibal-train on Qwen2.5-VL: locally made images of several sizes and a LLaVA-format JSONL (``dataset=llava_qwen``)
+or a chat JSONL written by a Qwen2-VL-style chat template (``dataset=chat_qwen``) train ``model=qwen2_5_vl_tiny``
+balanced with the loss falling, in one process and as a 2-stage pipeline (``cluster=cpu_pp2``)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from PIL import Image
 
 from omnibal_pl.cli.train import train
 
-from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe
+from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe, qwen_vl_tokenizer_folder
 from tests.helpers import cfg_of, conversation, losses_in, write_jsonl
 
 # (width, height) px: 2 to 24 merge blocks per image at max_pixels 28 x 28 x 24
@@ -23,9 +23,11 @@ QUESTIONS = [("what is this", "a red cat"), ("describe the image", "a blue dog")
              ("compare", "no")]
 
 
-def qwen_run_overrides(root: Path) -> list[str]:
-    """Writes images (one flat colour each, the colour named in its answer), a LLaVA JSONL of 16 samples (single
-    images, a text-only one, a two-image one) and the tokenizer under ``root``; the overrides of a run on them."""
+def qwen_run_overrides(root: Path, chat: bool = False) -> list[str]:
+    """Writes images (one flat colour each, the colour named in its answer) and 18 samples under ``root`` (single
+    images, a text-only one, a two-image one): a LLaVA JSONL and the byte-level tokenizer with Qwen's vision tokens
+    (``dataset=llava_qwen``), or with ``chat`` chat rows (system prompts, image content parts) and the tokenizer as a
+    folder with a Qwen2-VL-style chat template (``dataset=chat_qwen``); returns the overrides of a run on them."""
     colours = {"red": (200, 30, 40), "blue": (30, 40, 200)}
     rows = []
     for k in range(16):
@@ -37,15 +39,31 @@ def qwen_run_overrides(root: Path) -> list[str]:
                      "conversations": conversation(question, f"{answer} {colour}")})
     rows.append({"id": "text", "conversations": conversation("hello world", "yes", images=0)})
     rows.append({"id": "multi", "image": ["img0.png", "img3.png"], "conversations": conversation("compare", "no", images=2)})
-    annotation = write_jsonl(root / "train.jsonl", rows)
     tokenizer = qwen_vl_byte_level_bpe()
-    tokenizer.save(str(root / "tokenizer.json"))
+    if chat:
+        rows, source = [chat_row(row) for row in rows], qwen_vl_tokenizer_folder(root / "tokenizer")
+    else:
+        source = root / "tokenizer.json"
+        tokenizer.save(str(source))
+    annotation = write_jsonl(root / "train.jsonl", rows)
     return ["model=qwen2_5_vl_tiny", f"model.llm.vocab_size={tokenizer.get_vocab_size()}",
             f"model.image_context_id={tokenizer.token_to_id('<|image_pad|>')}", "model.attention_backend=sdpa",
-            "dataset=llava_qwen", f"dataset.annotation={annotation}", f"dataset.tokenizer={root / 'tokenizer.json'}",
-            f"dataset.tiling.max_pixels={28 * 28 * 24}", "balance.samples_per_group=3",
+            f"dataset={'chat_qwen' if chat else 'llava_qwen'}", f"dataset.annotation={annotation}",
+            f"dataset.tokenizer={source}", f"dataset.tiling.max_pixels={28 * 28 * 24}", "balance.samples_per_group=3",
             "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "optim.lr=3e-3",
             "optim.warmup_ratio=0.0"]
+
+
+def chat_row(row: dict) -> dict:
+    """A LLaVA row as a chat row: a system prompt, ``images``, and each ``<image>`` as an image content part."""
+    role = {"human": "user", "gpt": "assistant"}
+    messages = [{"role": "system", "content": "describe the image"}]
+    for turn in row["conversations"]:
+        text = turn["value"]
+        parts = [{"type": "image"}] * text.count("<image>\n") + [{"type": "text", "text": text.replace("<image>\n", "")}]
+        messages.append({"role": role[turn["from"]], "content": parts if len(parts) > 1 else text})
+    images = row.get("image", [])
+    return {"id": row["id"], "images": [images] if isinstance(images, str) else images, "messages": messages}
 
 
 def falls(losses: dict[int, float]) -> tuple[float, float]:
@@ -54,14 +72,16 @@ def falls(losses: dict[int, float]) -> tuple[float, float]:
     return float(np.mean([losses[s] for s in steps[:4]])), float(np.mean([losses[s] for s in steps[-4:]]))
 
 
-def test_qwen_trains_balanced_on_local_images(tmp_path):
-    overrides = qwen_run_overrides(tmp_path)
+@pytest.mark.parametrize("chat", [False, True], ids=["llava_qwen", "chat_qwen"])
+def test_qwen_trains_balanced_on_local_images(tmp_path, chat):
+    """20 steps of ``balanced`` groups filled to the merge-block cap; the loss falls and nothing is lost."""
+    overrides = qwen_run_overrides(tmp_path, chat)
     summary = train(cfg_of(*overrides, "trainer.max_steps=20", f"run_dir={tmp_path / 'run'}"))
-    assert summary["steps"] == 20
+    assert summary["steps"] == 20 and summary["algorithm"] == "balanced"
     first, last = falls(losses_in(tmp_path / "run"))
     assert last < first - 0.5, (first, last)
     report = json.loads((tmp_path / "run" / "balance_report.json").read_text())
-    assert report["samples_lost"] == 0 and summary["vit_dist_ratio"] <= 0.05
+    assert report["samples_lost"] == 0 and report["samples"] == 18 and report["vit_fill"] >= 0.9, report
 
 
 @pytest.mark.distributed
