@@ -118,7 +118,10 @@ def _record(item, origin: str, root: Path, source: int) -> Record:
     turns = item.get("messages", item.get("conversations"))
     if turns is None:
         raise DataError(f"{origin}: a sample needs 'messages' ([{{role, content}}]) or 'conversations' ([{{from, value}}])")
-    messages, part_images = normalize_messages(turns, origin)
+    try:
+        messages, part_images = normalize_messages(turns, origin)
+    except DataError:  # refused (with this message) when tokenised, where dataset.bad_samples decides error or skip
+        messages, part_images = turns, []
     field = "images" if "images" in item else "image"
     image = item.get(field)
     if image is None:

@@ -378,7 +378,7 @@ class ChatTokenizer:
     def _messages(self, conversations: Sequence[dict], num_images: int, origin: str) -> list[dict[str, str]]:
         """Normalised messages (copies), images checked against the placeholders; a hand format that inserts a
         missing placeholder (InternVL) does so for a one-image sample."""
-        messages, _ = normalize_messages(list(conversations), origin)
+        messages, _ = normalize_messages(conversations, origin)
         context = self.cfg.image_context_token
         if context != IMAGE_PLACEHOLDER and any(context in m["content"] for m in messages):
             raise DataError(f"{origin}: the text holds the image context token {context!r}; remove it from the conversation")

@@ -58,9 +58,12 @@ def test_every_row_format_gives_the_same_sample(tmp_path):
     ({"images": "a.png"}, "rows.jsonl:2: a sample needs 'messages'"),
 ])
 def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):
+    """Refused when the statistics tokenise them (where ``dataset.bad_samples`` chooses error or a counted skip);
+    images named twice at once when read."""
     ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    tok = load_tokenizer(make_tokenizer(tmp_path / "tok"))
     with pytest.raises(DataError, match=message):
-        read_annotation(write_jsonl(tmp_path / "rows.jsonl", [ok, row]))
+        LlavaDataset(write_jsonl(tmp_path / "rows.jsonl", [ok, row]), tok, LLAVA_TEMPLATE, LLAVA_TILING).lengths()
 
 
 def chat_tokenizer_folder(path: Path) -> Path:

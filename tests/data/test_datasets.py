@@ -202,9 +202,9 @@ def test_malformed_json_and_jsonl_name_the_line(tmp_path, tok):
     (tmp_path / "b.jsonl").write_text('{"id": 1, "conversations": []}\n\n{"id": 2\n')
     with pytest.raises(DataError, match=r"b\.jsonl:3: malformed JSON"):
         llava(tmp_path / "b.jsonl", tok)
-    write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "conversations": []}, {"id": 2, "conversations": "hi"}])
-    with pytest.raises(DataError, match=r"c\.jsonl:2: field 'conversations'"):
-        llava(tmp_path / "c.jsonl", tok)
+    write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "conversations": conversation(images=0)}, {"id": 2, "conversations": "hi"}])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: the conversation must be a list of turns"):
+        llava(tmp_path / "c.jsonl", tok).lengths()
     write_json(tmp_path / "d.json", {"id": 1})
     with pytest.raises(DataError, match="top level is dict"):
         llava(tmp_path / "d.json", tok)
