@@ -50,8 +50,9 @@ class ValidationMeter:
 
 
 class ValidateAfterLastStep(pl.Callback):
-    """Validation after the run's last optimizer step (``trainer.max_steps``) also when ``val_check_interval`` does
-    not divide it, so a run ends with the final weights' ``val/loss`` (what ``omnibal-train`` returns to a sweeper).
+    """Validation after the run's last optimizer step (``trainer.max_steps``, or the last batch of epoch
+    ``trainer.max_epochs``) also when ``val_check_interval`` does not divide it, so a run ends with the final
+    weights' ``val/loss`` (what ``omnibal-train`` returns to a sweeper).
 
     Lightning validates every ``val_check_interval`` loader items, and when a stop is requested; this requests the
     stop at the last step (which ends the run there anyway), so Lightning's own check validates once, also on a
@@ -59,5 +60,6 @@ class ValidateAfterLastStep(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
+        last_epoch = 0 < trainer.max_epochs <= trainer.current_epoch + 1 and trainer.is_last_batch
+        if 0 < trainer.max_steps <= trainer.global_step or last_epoch:
             trainer.should_stop = True

@@ -123,6 +123,15 @@ def test_the_last_step_is_validated_once_whether_or_not_the_interval_divides_it(
     assert summary["objective"] == summary["val_loss"] == pytest.approx(val_rows(tmp_path)[expected[-1]]["loss"])
 
 
+def test_a_run_bounded_by_epochs_validates_after_its_last_step(tmp_path):
+    """max_epochs=1 of 100 samples, validation every 5 steps: the epoch's last step is validated too."""
+    summary = train(cfg_of(*FAST, *VAL, "dataset.generator.samples=100", "trainer.max_steps=-1", "trainer.max_epochs=1",
+                           "trainer.val_check_interval=5", f"run_dir={tmp_path}"))
+    steps = summary["steps"]
+    assert steps % 5  # the epoch does not end on an interval's step, else this would test nothing
+    assert val_steps(tmp_path) == [*range(4, steps - 1, 5), steps - 1]
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_pipeline_validation_equals_the_single_process_one(tmp_path):
