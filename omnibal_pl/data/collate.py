@@ -94,7 +94,6 @@ class PackingCollate:
 
         input_ids = torch.full((length,), self.pad_token_id, dtype=torch.int64)
         labels = torch.full((length,), IGNORE_INDEX, dtype=torch.int64)
-        position_ids = torch.zeros(length, dtype=torch.int64)
         loss_weight = torch.zeros(length, dtype=torch.float32)
         segments = lengths + ([pad] if pad else [])
         cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
@@ -105,8 +104,6 @@ class PackingCollate:
             labels[a:b] = s.labels
             supervised = s.labels != IGNORE_INDEX
             loss_weight[a:b] = supervised * self._weight(int(supervised.sum()))
-        for k, n in enumerate(segments):
-            position_ids[int(cu[k]) : int(cu[k + 1])] = torch.arange(n)
 
         if self.spatial_merge:
             vision = self._qwen_vision(samples, length)
@@ -119,7 +116,7 @@ class PackingCollate:
             image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
             pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
             image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
-            make, position_ids = PackedBatch, position_ids[None]
+            make, position_ids = PackedBatch, torch.cat([torch.arange(n) for n in segments])[None]  # restart per segment
         return make(
             input_ids=input_ids[None],
             labels=labels[None],
