@@ -143,8 +143,8 @@ def check_fits_model(cfg: Mapping[str, Any], model: ModelSpec) -> None:
         raise ConfigError(f"dataset.tiling.image_size={size}: a Qwen tile is one merge block, the model's "
                           f"vision.image_size={model.image_size} px")
     if tokens != model.tokens_per_tile:
-        raise ConfigError(f"dataset.template.tokens_per_tile={tokens}: a Qwen merge block is {model.tokens_per_tile} "
-                          "LLM token; set it to 1")
+        raise ConfigError(f"dataset.template.tokens_per_tile={tokens}: a Qwen merge block is one LLM token; set it "
+                          f"to the model's tokens_per_tile, {model.tokens_per_tile}")
 
 
 def check_tile_cap(lengths: LengthTable, vit_cap: int | None) -> None:

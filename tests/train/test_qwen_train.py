@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from omnibal_pl.cli.train import train
+from omnibal_pl.errors import ConfigError
 
 from tests.data.golden_tokenizers import qwen_vl_byte_level_bpe, qwen_vl_tokenizer_folder
 from tests.helpers import cfg_of, conversation, losses_in, write_jsonl
@@ -95,3 +96,14 @@ def test_qwen_trains_as_a_two_stage_pipeline(tmp_path):
     first, last = falls(losses_in(tmp_path / "run"))
     assert last < first - 0.5, (first, last)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r"synthetic\) makes fixed-size tiles; the model's vision.family 'qwen2_5_vl'"),
+    (["dataset=llava", "dataset.annotation=a.json", "dataset.tokenizer=tok"], r"dataset.tiling.mode='llava' does not fit"),
+    (["dataset=llava_qwen", "dataset.annotation=a.json", "dataset.tokenizer=tok", "dataset.template.tokens_per_tile=4"],
+     r"dataset.template.tokens_per_tile=4"),
+])
+def test_a_dataset_made_for_another_family_stops_the_run_at_start(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(cfg_of("model=qwen2_5_vl_tiny", *overrides, f"run_dir={tmp_path}"))
