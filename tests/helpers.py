@@ -122,6 +122,14 @@ def llava_dataset_node(root: Path, tokenizer: Path, **extra: Any) -> dict:
             **extra}
 
 
+def assert_stats_equal_samples(dataset, table) -> None:
+    """The statistics ``table`` (image headers only) say what reading each sample of ``dataset`` gives."""
+    assert len(table) == len(dataset)
+    for i in range(len(dataset)):
+        s = dataset[i]
+        assert (table.vit[i], table.tokens[i], table.image_flag[i]) == (s.num_tiles, s.num_tokens, int(s.image_flags.sum())), i
+
+
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path

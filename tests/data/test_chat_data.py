@@ -13,7 +13,7 @@ from omnibal_pl.cli.train import train
 from omnibal_pl.data import LlavaDataset, read_annotation
 from omnibal_pl.data.templates import load_tokenizer
 from omnibal_pl.errors import DataError
-from tests.helpers import (LLAVA_TEMPLATE, LLAVA_TILING, cfg_of, conversation, make_image, make_tokenizer, write_json,
+from tests.helpers import (LLAVA_TEMPLATE, LLAVA_TILING, assert_stats_equal_samples, cfg_of, conversation, make_image, make_tokenizer, write_json,
                            write_jsonl)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -98,7 +98,6 @@ def chat_rows(root: Path) -> list[dict]:
 def test_statistics_from_image_headers_equal_the_samples(tmp_path):
     """What ``omnibal-stats`` computes for chat rows (headers only, in 2 worker processes) is what training reads."""
     from omnibal_pl.data import TemplateConfig, TilingConfig, compute_lengths
-    from tests.data.test_stats import _assert_stats_equal_getitem
 
     annotation = write_jsonl(tmp_path / "train.jsonl", chat_rows(tmp_path))
     template = TemplateConfig(name="tokenizer", tokens_per_tile=4, image_context_token="<IMG_CONTEXT>",
@@ -106,7 +105,7 @@ def test_statistics_from_image_headers_equal_the_samples(tmp_path):
     tiling = TilingConfig(mode="internvl", image_size=56, max_tiles=4)
     ds = LlavaDataset(annotation, chat_tokenizer_folder(tmp_path / "tok"), template, tiling)
     table = compute_lengths(ds, num_workers=2, chunk_size=2)
-    _assert_stats_equal_getitem(ds, table)
+    assert_stats_equal_samples(ds, table)
     assert table.vit.tolist() == [1, 3, 4, 5, 1, 1]  # 1x1, 2x1, 1x3, 2x2 grids (+ a thumbnail beyond one tile); text: 1
 
 

@@ -10,6 +10,7 @@ from omnibal_pl.errors import DataError
 from omnibal_pl.lengths import load_lengths
 from tests.helpers import (
     INTERNVL_TEMPLATE,
+    assert_stats_equal_samples,
     INTERNVL_TILING,
     LLAVA_TEMPLATE,
     LLAVA_TILING,
@@ -38,13 +39,6 @@ def _many_records(root: Path, n: int) -> list[dict]:
     return recs
 
 
-def _assert_stats_equal_getitem(ds, table):
-    assert len(table) == len(ds)
-    for i in range(len(ds)):
-        s = ds[i]
-        assert (table.vit[i], table.tokens[i], table.image_flag[i]) == (s.num_tiles, s.num_tokens, int(s.image_flags.sum())), i
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stats_equal_getitem_internvl(tmp_path, tok_dir, workers):
     write_jsonl(tmp_path / "a.jsonl", _many_records(tmp_path / "imgs", 40))
@@ -55,7 +49,7 @@ def test_stats_equal_getitem_internvl(tmp_path, tok_dir, workers):
     })
     ds = InternVLDataset(meta, load_tokenizer(tok_dir), INTERNVL_TEMPLATE, INTERNVL_TILING)
     table = compute_lengths(ds, num_workers=workers, chunk_size=7)
-    _assert_stats_equal_getitem(ds, table)
+    assert_stats_equal_samples(ds, table)
     assert table.vit.max() > 2 and (table.image_flag == 0).any()  # dynamic tiles and a text-only sample
     assert set(table.source.tolist()) == {0, 1}
 
@@ -65,7 +59,7 @@ def test_stats_equal_getitem_llava_truncated(tmp_path, tok_dir):
     ds = LlavaDataset(ann, load_tokenizer(tok_dir), LLAVA_TEMPLATE, LLAVA_TILING, max_tokens=60, overlong="truncate")
     table = ds.lengths(num_workers=2)
     assert table.tokens.max() == 60
-    _assert_stats_equal_getitem(ds, table)
+    assert_stats_equal_samples(ds, table)
 
 
 def test_stats_errors_propagate_from_workers(tmp_path, tok_dir):
@@ -89,7 +83,7 @@ def test_omnibal_stats_cli(tmp_path, tok_dir):
     assert "17 samples" in res.stdout
     table = load_lengths(out)
     ds = InternVLDataset(meta, load_tokenizer(tok_dir), INTERNVL_TEMPLATE, INTERNVL_TILING)
-    _assert_stats_equal_getitem(ds, table)
+    assert_stats_equal_samples(ds, table)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "imgs", "lengths.obl", "meta.json"]  # no hydra outputs
 
 
