@@ -129,12 +129,12 @@ def check_fits_model(cfg: Mapping[str, Any], model: ModelSpec) -> None:
         if qwen:
             raise ConfigError(f"dataset {cfg.get('name')!r} (synthetic) makes fixed-size tiles; the model's vision.family "
                               f"{model.family!r} needs images as patches: use a real dataset with tiling.mode: qwen "
-                              "(e.g. dataset=llava_qwen)")
+                              "(dataset=llava_qwen or chat_qwen)")
         return
     tiling, template = dict(cfg.get("tiling") or {}), dict(cfg.get("template") or {})
     mode = tiling.get("mode", TilingConfig.mode)
     if (mode == "qwen") != qwen:
-        want = "qwen (e.g. dataset=llava_qwen)" if qwen else "internvl or llava (qwen makes Qwen2-VL patches)"
+        want = "qwen (dataset=llava_qwen or chat_qwen)" if qwen else "internvl or llava (qwen makes Qwen2-VL patches)"
         raise ConfigError(f"dataset.tiling.mode={mode!r} does not fit the model's vision.family {model.family!r}: use {want}")
     if not qwen:
         return
