@@ -187,3 +187,29 @@ def test_hand_format_ids_equal_a_qwen_style_chat_template(qwen_data, tmp_path):
         differ = (a.labels != b.labels).nonzero().flatten().tolist()
         assert differ and all(a.input_ids[j].tolist() == newline[0] and a.input_ids[j - 1] == im_end for j in differ), i
         assert all(b.labels[j] == -100 for j in differ)
+
+
+def test_statistics_in_worker_processes_equal_the_samples(qwen_data):
+    """``omnibal-stats``' parallel path (2 processes, image headers only) counts what training reads."""
+    from omnibal_pl.data import compute_lengths
+
+    _, dataset = qwen_data
+    table = compute_lengths(dataset, num_workers=2, chunk_size=2)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert table.vit.tolist() == [s.num_tiles for s in samples]  # merge blocks (a text-only sample: its dummy)
+    assert table.image_flag.tolist() == [int(s.image_flags.sum()) for s in samples]
+    assert table.tokens.tolist() == [s.num_tokens for s in samples]
+
+
+def test_unpadded_qwen_batches_hold_only_their_blocks(qwen_data):
+    """``pad_to: none`` (data-parallel runs): an image group has exactly its merge blocks, a text-only group one
+    dummy block (the encoder still runs)."""
+    _, dataset = qwen_data
+    collate = PackingCollate(token_cap=500, vit_cap=64, pad_to="none", image_context_id=dataset.chat.image_context_id,
+                             tokens_per_tile=1, spatial_merge=2)
+    images = collate([dataset[0], dataset[2]])
+    blocks = dataset[0].num_tiles + dataset[2].num_tiles
+    assert images.image_flags.tolist() == [1] * blocks and images.pixel_values.shape == (4 * blocks, 1176)
+    assert images.input_ids.shape[1] == dataset[0].num_tokens + dataset[2].num_tokens
+    text = collate([dataset[4]])
+    assert text.image_flags.tolist() == [0] and text.pixel_values.shape == (4, 1176) and text.image_grids == ()
