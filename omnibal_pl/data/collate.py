@@ -40,7 +40,8 @@ class PackingCollate:
     ``tokens_per_tile``, when both given, check that each sample has ``tokens_per_tile`` image tokens per
     flagged tile (the contract the model relies on). A :class:`~omnibal_pl.data.skips.DroppedSample` in the group
     (a sample whose image failed to decode, under ``dataset.bad_samples=skip``) is left out of the batch and
-    counted in its ``skipped``; a group of nothing else is an error. ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
+    counted in its ``skipped``; a group of nothing else becomes a micro-batch of padding only (no sample, its
+    dummy tile's shape), so every DP rank still runs the step (Qwen batches: an error). ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
     tiles): a tile is one merge block of ``spatial_merge^2`` patch rows and the batch a :class:`QwenPackedBatch`
     (:mod:`omnibal_pl.qwen_batch`): the real blocks first, padding blocks to ``vit_cap`` under ``pad_to: cap``
     (else one dummy block for a group without images), M-RoPE positions from ``image_context_id``.
@@ -75,10 +76,10 @@ class PackingCollate:
         skipped: dict[str, int] = {}
         for d in dropped:
             skipped[d.reason] = skipped.get(d.reason, 0) + 1
-        if not samples:
+        if not samples and self.spatial_merge:
             raise DataError(f"every sample of a group failed to load ({skipped}; samples "
-                            f"{[d.sample_id for d in dropped]}, the log names their files): nothing left to train on "
-                            "in this micro-batch; fix or remove those files")
+                            f"{[d.sample_id for d in dropped]}, the log names their files): a Qwen micro-batch needs one; "
+                            "fix or remove those files")
         lengths = [s.num_tokens for s in samples]
         n_tokens, n_tiles = sum(lengths), sum(s.num_tiles for s in samples)
         ids = [s.sample_id for s in samples]
@@ -89,7 +90,7 @@ class PackingCollate:
             raise DataError(f"group {ids} has {n_tiles} tiles > tile cap {self.vit_cap}; the grouping must respect "
                             "the tile cap (or raise it)")
         self._check_image_tokens(samples)
-        length = self._padded_length(n_tokens)
+        length = max(self._padded_length(n_tokens), 1)  # 0 only for a group of dropped samples: one padding token
         pad = length - n_tokens
 
         input_ids = torch.full((length,), self.pad_token_id, dtype=torch.int64)
@@ -110,12 +111,13 @@ class PackingCollate:
             make = functools.partial(QwenPackedBatch, image_grids=vision.image_grids)
             position_ids, pixel_values, image_flags = vision.position_ids, vision.pixel_values, vision.image_flags
         else:
-            first = samples[0].pixel_values
-            n_tile_rows = self.vit_cap if self.pad_to == "cap" else n_tiles
+            first = (samples or dropped)[0].pixel_values
+            n_tile_rows = self.vit_cap if self.pad_to == "cap" else max(n_tiles, 1)
             pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
             image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
-            pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
-            image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
+            if samples:
+                pixel_values[:n_tiles] = torch.cat([s.pixel_values for s in samples])
+                image_flags[:n_tiles] = torch.cat([s.image_flags for s in samples])
             make, position_ids = PackedBatch, torch.cat([torch.arange(n) for n in segments])[None]  # restart per segment
         return make(
             input_ids=input_ids[None],

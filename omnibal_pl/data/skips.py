@@ -28,8 +28,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch.utils.data import Dataset
 
+from omnibal_pl.data.tiling import dummy_tiles
 from omnibal_pl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -132,15 +134,18 @@ def describe(counts: Mapping[str, int]) -> str:
 @dataclass(frozen=True)
 class DroppedSample:
     """What :class:`DropUnreadable` returns for a sample whose files failed to read in a loader worker; the
-    collate leaves it out of its group and counts it."""
+    collate leaves it out of its group and counts it. ``pixel_values``: one zero dummy tile (flag 0), the tile
+    shape of a micro-batch whose every sample was dropped."""
 
     sample_id: int
     reason: str
+    pixel_values: torch.Tensor
 
 
 class DropUnreadable(Dataset):
-    """``dataset`` under ``bad_samples=skip``: a sample whose reading raises :class:`BadSampleError` (its image
-    vanished or does not decode) becomes a :class:`DroppedSample` with the same index, logged as a warning."""
+    """``dataset`` (a :class:`~omnibal_pl.data.datasets.ConversationDataset`) under ``bad_samples=skip``: a sample
+    whose reading raises :class:`BadSampleError` (its image vanished or does not decode) becomes a
+    :class:`DroppedSample` with the same index, logged as a warning."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -153,4 +158,4 @@ class DropUnreadable(Dataset):
             return self.dataset[i]
         except BadSampleError as e:
             log.warning("sample %d dropped from its micro-batch (%s): %s", i, e.reason, e)
-            return DroppedSample(int(i), e.reason)
+            return DroppedSample(int(i), e.reason, dummy_tiles(1, self.dataset.tiling))

@@ -36,6 +36,10 @@ def placeholder_mismatch(root: Path, records: list[dict]) -> None:
     records[5]["conversations"] = conversation(images=1)  # "text" (line 6): an <image> but no image
 
 
+def unknown_role(root: Path, records: list[dict]) -> None:
+    records[2]["conversations"][1]["from"] = "robot"  # s2 (line 3)
+
+
 def bad_node(tmp_path: Path, break_data, **extra) -> dict:
     """The LLaVA node of llava_records as JSONL (origins are file:line), broken by ``break_data``."""
     root = tmp_path / "data"
@@ -62,6 +66,7 @@ START_CASES = [  # (break, reason, key, line, file named)
     (missing_image, "missing_image", "s4", 5, "img4.png"),
     (unreadable_header, "unreadable_image", "s0", 1, "img0.png"),
     (placeholder_mismatch, "bad_conversation", "text", 6, "placeholders"),
+    (unknown_role, "bad_conversation", "s2", 3, "robot"),
 ]
 
 
@@ -81,14 +86,9 @@ def test_a_bad_record_is_an_error_naming_it_or_a_counted_skip_of_exactly_that_re
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
-def test_a_truncated_line_or_a_malformed_turn_stops_the_start_naming_file_and_line(tmp_path, policy):
+def test_a_truncated_line_stops_the_start_naming_file_and_line(tmp_path, policy):
     # read with the annotation (records.py), before any statistics: an error under either policy
-    def unknown_role(root: Path, records: list[dict]) -> None:
-        records[2]["conversations"][1]["from"] = "robot"
-
-    node = bad_node(tmp_path, unknown_role, bad_samples=policy)
-    with pytest.raises(DataError, match=r"train.jsonl:3\b.*'robot'"):
-        prepare_training_data(node, CAPS, SPEC)
+    node = bad_node(tmp_path, lambda root, records: None, bad_samples=policy)
     lines = Path(node["annotation"]).read_text().splitlines(keepends=True)
     lines[3] = lines[3][: len(lines[3]) // 2] + "\n"  # a download cut mid-line
     Path(node["annotation"]).write_text("".join(lines))
@@ -171,21 +171,30 @@ def sample(sample_id: int, tokens: int = 5) -> Sample:
     return Sample(ids, ids.clone(), torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.int64), sample_id)
 
 
-def test_the_collate_packs_the_rest_of_the_group_and_refuses_a_group_of_nothing_else():
+def dropped(sample_id: int, reason: str = "unreadable_image") -> DroppedSample:
+    return DroppedSample(sample_id, reason, torch.zeros(1, 3, 4, 4))
+
+
+def test_the_collate_packs_the_rest_of_the_group_and_pads_a_group_of_nothing_else():
     collate = PackingCollate(token_cap=32, vit_cap=4)
-    batch = collate([sample(3), DroppedSample(4, "unreadable_image"), sample(5, 7), DroppedSample(6, "missing_image")])
-    assert batch.sample_ids.tolist() == [3, 5] and batch.num_tokens == 12
+    batch = collate([sample(3), dropped(4), sample(5, 7), dropped(6, "missing_image")])
+    assert batch.sample_ids.tolist() == [3, 5] and batch.num_tokens == 12 and batch.seqlens == (5, 7, 20)
     assert batch.skipped == {"unreadable_image": 1, "missing_image": 1}
     assert collate([sample(3)]).skipped == {}
-    with pytest.raises(DataError, match=r"every sample of a group failed to load.*\[4, 6\]"):
-        collate([DroppedSample(4, "unreadable_image"), DroppedSample(6, "unreadable_image")])
+    # every sample dropped: padding only, at the caps' shape (every DP rank still runs the step), nothing supervised
+    empty = collate([dropped(4), dropped(6)])
+    assert (empty.num_samples, empty.sample_ids.tolist(), empty.seqlens, empty.num_tiles) == (0, [], (32,), 0)
+    assert empty.pixel_values.shape == (4, 3, 4, 4) and empty.skipped == {"unreadable_image": 2}
+    assert float(empty.loss_weight.sum()) == 0 and bool((empty.labels == -100).all())
+    unpadded = PackingCollate(token_cap=32, vit_cap=4, pad_to="none")([dropped(4)])
+    assert unpadded.input_ids.shape == (1, 1) and unpadded.pixel_values.shape == (1, 3, 4, 4)
 
 
 def test_the_step_meter_adds_the_loaders_drops_to_the_reduced_totals_and_keeps_the_global_sum():
     meter = StepMeter(model_config("tiny"), peak_tflops=None)
     collate = PackingCollate(token_cap=32, vit_cap=4)
-    meter.account(collate([sample(0), DroppedSample(1, "unreadable_image"), DroppedSample(2, "unreadable_image")]))
-    meter.account(collate([sample(3), DroppedSample(4, "missing_image")]))
+    meter.account(collate([sample(0), dropped(1), dropped(2)]))
+    meter.account(collate([sample(3), dropped(4, "missing_image")]))
     assert meter.work_totals(torch.device("cpu")).tolist()[4:] == [1, 2]  # missing_image, unreadable_image
     # the global totals (all ranks) of two steps: the logged counts are the sums since the fit began
     assert meter.finish_step(1.0, [10, 2, 2, 1e9, 1, 5], 1e-3, 2, 1.0)["skipped/unreadable_image"] == 5

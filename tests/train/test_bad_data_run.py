@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.cli.train import train
+from omnibal_pl.data.datamodule import OmniBalDataModule
 from omnibal_pl.data.skips import TooManySkipped
-from tests.helpers import (cfg_of, llava_dataset_node, llava_records, make_tokenizer, missing_image, undecodable_pixels,
-                           write_jsonl)
+from omnibal_pl.data.training_data import ModelSpec, prepare_training_data
+from tests.helpers import (cfg_of, llava_dataset_node, llava_records, make_tokenizer, missing_image, truncated_jpeg,
+                           undecodable_pixels, write_jsonl)
 
 TILE = 56  # the tiny model's tile: 4 tokens per tile
 
@@ -53,3 +59,30 @@ def test_a_budget_of_zero_stops_the_run_at_start_or_when_the_loader_drops_one(tm
                                     max_skip_fraction=0)))
     with pytest.raises(TooManySkipped, match=r"epoch 0, step \d+: 1 of 7 samples are bad \(unreadable_image 1\)"):
         train(cfg_of(*run_overrides(tmp_path / "b", undecodable_pixels, bad_samples="skip", max_skip_fraction=0)))
+
+
+def first_image_sample_of_rank_1(overrides: list[str]) -> str:
+    """The key of the first sample DP rank 1 of 2 trains in epoch 0 whose image no other sample shows (from the run's
+    own data; "multi" shows img1 and img3)."""
+    node = OmegaConf.to_container(cfg_of(*overrides).dataset, resolve=True)
+    spec = ModelSpec(vocab_size=256, image_size=TILE, tokens_per_tile=4, image_context_id=8)
+    data = prepare_training_data(node, BalanceConfig(dp=2, vit_cap=2, token_cap=160), spec)
+    dm = OmniBalDataModule(data, dp_rank=1)
+    dm.setup()
+    keys = [data.dataset.records[data.dataset.index[i]].key for b in dm.train_dataloader() for i in b.sample_ids.tolist()]
+    return next(k for k in keys if k in ("s0", "s2", "s4"))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_drop_on_rank_1_reaches_rank_0s_summary(tmp_path):
+    overrides = [o for o in run_overrides(tmp_path, bad_samples="skip", max_skip_fraction=0.3)
+                 if not o.startswith(("+dataset.", "loader.num_workers", "balance.dp"))]
+    key = first_image_sample_of_rank_1(overrides)
+    truncated_jpeg(tmp_path / "data" / f"img{key[1]}.png")  # a JPEG under the .png name: its header still reads
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *overrides, "cluster.devices=2",
+                          "cluster.strategy=ddp", "+dataset.bad_samples=skip", "+dataset.max_skip_fraction=0.3"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == {"unreadable_image": 1}  # dropped by rank 1's loader, summed into rank 0's count
