@@ -213,3 +213,43 @@ def test_unpadded_qwen_batches_hold_only_their_blocks(qwen_data):
     assert images.input_ids.shape[1] == dataset[0].num_tokens + dataset[2].num_tokens
     text = collate([dataset[4]])
     assert text.image_flags.tolist() == [0] and text.pixel_values.shape == (4, 1176) and text.image_grids == ()
+
+
+def test_the_data_path_gives_transformers_logits(qwen_data, tmp_path):
+    """End to end against transformers: our samples (dataset=llava_qwen) packed by the collate through our model
+    loaded from a small random Qwen2.5-VL checkpoint, against transformers' model on the same token ids with its
+    own image processor's pixels, sample by sample (fp32, 1e-4)."""
+    from omnibal_pl.model.hf_loading import load_hf_model
+
+    root, dataset = qwen_data
+    tok = dataset.chat.tokenizer
+    ids = dict(image_token_id=tok.token_id("<|image_pad|>"), vision_start_token_id=tok.token_id("<|vision_start|>"),
+               vision_end_token_id=tok.token_id("<|vision_end|>"), video_token_id=tok.token_id("<|im_start|>"))
+    text = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]})
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=40, out_hidden_size=48, window_size=56,
+                  fullatt_block_indexes=[1])
+    torch.manual_seed(0)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf").eval()
+    rows = (0, 5, 1)  # one image, two images, one image
+    samples = [dataset[i] for i in rows]
+    blocks = sum(s.num_tiles for s in samples)
+    batch = PackingCollate(token_cap=600, vit_cap=blocks + 4, image_context_id=ours.cfg.image_context_id,
+                           tokens_per_tile=1, spatial_merge=2)(samples)
+    bounds = batch.cu_seqlens.tolist()
+    with torch.no_grad():
+        got = ours(batch)[0]
+        for k, i in enumerate(rows):
+            images = [Image.open(p).convert("RGB") for p in dataset.records[i].images]
+            pixels = processor()(images=images, return_tensors="pt")
+            s = samples[k].input_ids[None]
+            expected = hf(input_ids=s, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                          mm_token_type_ids=(s == ids["image_token_id"]).int()).logits[0]
+            torch.testing.assert_close(got[bounds[k]:bounds[k + 1]], expected, rtol=1e-4, atol=1e-4)
