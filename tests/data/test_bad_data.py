@@ -203,17 +203,35 @@ def test_the_step_meter_adds_the_loaders_drops_to_the_reduced_totals_and_keeps_t
     assert (metrics["skipped/missing_image"], metrics["skipped/unreadable_image"]) == (1, 7)
 
 
-def test_the_mid_run_budget_counts_the_start_and_this_epochs_drops():
-    budget = SkipBudget(SkipCounts({"missing_image": 1, "overlong": 5}, records=10), limit=0.2)
-    module = SimpleNamespace(meter=SimpleNamespace(dropped_total={"missing_image": 0, "unreadable_image": 0}))
-    trainer = SimpleNamespace(current_epoch=0, global_step=3)
-    budget.on_train_epoch_start(trainer, module)
-    module.meter.dropped_total["unreadable_image"] = 1
-    budget.on_train_batch_end(trainer, module, None, None, 0)  # 2 of 10 bad: reached, not exceeded
-    module.meter.dropped_total["unreadable_image"] = 2
+def test_the_mid_run_budget_counts_the_start_and_this_epochs_drops_and_survives_a_resume():
+    def module() -> SimpleNamespace:
+        return SimpleNamespace(meter=SimpleNamespace(dropped_total={"missing_image": 0, "unreadable_image": 0}))
+
+    def budget_for(trainer: SimpleNamespace, pl_module: SimpleNamespace) -> SkipBudget:
+        budget = SkipBudget(SkipCounts({"missing_image": 1, "overlong": 5}, records=10), limit=0.2)
+        budget.setup(trainer, pl_module, "fit")
+        return budget
+
+    trainer, first = SimpleNamespace(current_epoch=0, global_step=3), module()
+    budget = budget_for(trainer, first)
+    budget.on_train_epoch_start(trainer, first)
+    first.meter.dropped_total["unreadable_image"] = 1
+    budget.on_train_batch_end(trainer, first, None, None, 0)  # 2 of 10 bad: reached, not exceeded
+    first.meter.dropped_total["unreadable_image"] = 2
     with pytest.raises(TooManySkipped, match=r"epoch 0, step 3: 3 of 10 samples are bad \(missing_image 1, "
                                              r"unreadable_image 2\)"):
-        budget.on_train_batch_end(trainer, module, None, None, 1)
+        budget.on_train_batch_end(trainer, first, None, None, 1)
     trainer.current_epoch = 1
-    budget.on_train_epoch_start(trainer, module)  # each epoch on its own: the 2 drops were epoch 0's
-    budget.on_train_batch_end(trainer, module, None, None, 0)
+    budget.on_train_epoch_start(trainer, first)  # each epoch on its own: the 2 drops were epoch 0's
+    first.meter.dropped_total["unreadable_image"] = 3
+    budget.on_train_batch_end(trainer, first, None, None, 0)
+    # a checkpoint here, resumed inside epoch 1: the counts come back, and epoch 1's drop still counts
+    state = budget.state_dict()
+    resumed = module()
+    again = budget_for(trainer, resumed)
+    again.load_state_dict(state)
+    assert resumed.meter.dropped_total == {"missing_image": 0, "unreadable_image": 3}
+    again.on_train_epoch_start(trainer, resumed)
+    resumed.meter.dropped_total["unreadable_image"] = 4
+    with pytest.raises(TooManySkipped, match=r"unreadable_image 2\)"):
+        again.on_train_batch_end(trainer, resumed, None, None, 1)

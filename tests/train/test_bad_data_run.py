@@ -53,6 +53,18 @@ def test_skipped_samples_are_counted_in_the_summary_report_and_metrics(tmp_path)
     assert logged[-1] == 1 and logged[0] in (0, 1) and len(logged) == summary["steps"]
 
 
+def test_a_resumed_run_reports_the_drops_before_its_checkpoint(tmp_path):
+    overrides = [*run_overrides(tmp_path, missing_image, undecodable_pixels, bad_samples="skip", max_skip_fraction=0.3),
+                 "trainer.checkpoint_every_n_steps=1"]
+    full = train(cfg_of(*overrides))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        # metrics.csv's step s is optimizer step s + 1: its checkpoint holds the drop
+        step = 1 + min(int(r["step"]) for r in csv.DictReader(f) if r.get("skipped/unreadable_image") == "1.0")
+    ckpt = tmp_path / "run" / "checkpoints" / f"step{step:06d}.ckpt"
+    resumed = train(cfg_of(*overrides, f"ckpt_path={ckpt}", f"run_dir={tmp_path / 'resumed'}"))
+    assert resumed["skipped"] == full["skipped"] == {"missing_image": 1, "unreadable_image": 1}
+
+
 def test_a_budget_of_zero_stops_the_run_at_start_or_when_the_loader_drops_one(tmp_path):
     with pytest.raises(TooManySkipped, match=r"at start: 1 of 7 samples are bad \(missing_image 1\)"):
         train(cfg_of(*run_overrides(tmp_path / "a", missing_image, undecodable_pixels, bad_samples="skip",
