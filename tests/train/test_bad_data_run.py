@@ -98,3 +98,18 @@ def test_a_drop_on_rank_1_reaches_rank_0s_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped"] == {"unreadable_image": 1}  # dropped by rank 1's loader, summed into rank 0's count
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_stages_count_a_drop_once(tmp_path):
+    # both stages of cluster=cpu_pp2 read the same micro-batches: the drops are summed over DP replicas only
+    overrides = [o for o in run_overrides(tmp_path, missing_image, undecodable_pixels, bad_samples="skip",
+                                          max_skip_fraction=0.3)
+                 if not o.startswith(("loader.num_workers", "balance.dp"))]
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *overrides, "cluster=cpu_pp2", "plan.use=uniform",
+                          "balance.micro_batches=2"], capture_output=True, text=True, timeout=380)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1}
