@@ -87,7 +87,8 @@ class StepMeter:
                     ) -> dict[str, float]:
         """The step's metrics from its global loss, totals (tokens, samples, tiles, FLOPs, then the samples the
         loaders dropped per ``LOADER_REASONS``, which may be left out) and gradient norm before clipping; starts
-        the next. ``skipped/<reason>``: samples dropped by the loaders of all ranks since the fit began.
+        the next. ``skipped/<reason>``: samples dropped by the loaders of all ranks since the run began (a resumed
+        run gets the earlier counts back from its checkpoint: :class:`~omnibal_pl.train.skip_budget.SkipBudget`).
 
         Reads the step's keep-rate penalty (sparsification only): one host sync per optimizer step."""
         tokens, samples, tiles, flops, *dropped = totals
