@@ -88,11 +88,10 @@ def compute_statistics(
     spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     with tqdm(total=n, disable=not progress, desc="omnibal-stats", unit="sample") as bar:
         if num_workers <= 0:
-            parts = (_rows(dataset, span) for span in spans)
-            for (start, _), (part, part_bad) in zip(spans, parts):
-                rows[start : start + len(part)] = part
+            for start, end in spans:
+                rows[start:end], part_bad = _rows(dataset, (start, end))
                 bad.update(part_bad)
-                bar.update(len(part))
+                bar.update(end - start)
         else:
             with mp.Pool(num_workers, initializer=_init_worker, initargs=(dataset,)) as pool:
                 for start, (part, part_bad) in pool.imap_unordered(_worker_rows, spans):
