@@ -23,7 +23,8 @@ tensors as built (the collate computes them on the CPU, in the loader workers). 
 the training hot path read them instead of the (device) tensors, so a micro-batch needs no host sync
 for them. ``to()`` and ``pin_memory()`` keep them. ``skipped`` counts, by reason, the samples of the group
 the loader dropped (an image that failed to decode under ``dataset.bad_samples=skip``): they are not in the
-batch. Replacing ``cu_seqlens``, ``image_flags`` or
+batch. ``pixel_norm``: the tiles are ``uint8`` RGB, normalised on the device by the vision embedding with
+this (mean, std) (:mod:`omnibal_pl.pixels`). Replacing ``cu_seqlens``, ``image_flags`` or
 ``input_ids`` after construction re-derives the fact that depends on it; a tensor changed *in place*
 leaves the facts stale.
 """
@@ -36,6 +37,7 @@ from itertools import accumulate
 import torch
 
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.pixels import PixelNorm
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompts, image tokens, padding)
 _HOST_FACT_OF = {"cu_seqlens": "seqlens", "image_flags": "num_tiles", "input_ids": "image_tokens"}  # tensor -> fact
@@ -50,7 +52,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, L] int64, restart per sample
     cu_seqlens: torch.Tensor  # [S + 1] int32, S segments (samples, then padding if any)
     max_seqlen: int  # longest segment, tokens
-    pixel_values: torch.Tensor  # [T, 3, H, W] float, T = tile cap
+    pixel_values: torch.Tensor  # [T, 3, H, W] float, or uint8 RGB with pixel_norm; T = tile cap
     image_flags: torch.Tensor  # [T] int64, 1 = real tile whose features enter the sequence
     loss_weight: torch.Tensor  # [1, L] float32
     sample_ids: torch.Tensor  # [num_samples] int64, dataset indices in packing order
@@ -59,6 +61,7 @@ class PackedBatch:
     num_tiles: int | None = None  # tiles with image_flags == 1; None: derived
     image_tokens: int | None = None  # positions holding the image-context id, counted by the collate; None: unknown
     skipped: dict[str, int] = field(default_factory=dict)  # samples of the group dropped by the loader, by reason
+    pixel_norm: PixelNorm | None = None  # (mean, std) the model normalises uint8 pixel_values with; None: float pixels
 
     def __post_init__(self) -> None:
         """Derive the host facts not given from the tensors (one read each; construct on the CPU, or pass them).

@@ -31,13 +31,14 @@ WORDS = ["what", "is", "in", "this", "image", "a", "chart", "of", "the", "sales"
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 
 
-def write_image_dataset(root: Path, n: int, seed: int) -> tuple[Path, Path]:
-    """n JPEG samples (random sizes and aspect ratios) in InternVL's meta + JSONL layout, and a tokenizer."""
+def write_image_dataset(root: Path, n: int, seed: int, sides: tuple[int, int] = (300, 1600)) -> tuple[Path, Path]:
+    """n JPEG samples (random sizes and aspect ratios, sides in ``sides`` px) in InternVL's meta + JSONL layout,
+    and a tokenizer."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     rows = []
     for i in range(n):
-        w, h = int(rng.integers(300, 1600)), int(rng.integers(300, 1600))
+        w, h = int(rng.integers(*sides)), int(rng.integers(*sides))
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg", quality=80)
         words = " ".join(rng.choice(WORDS, int(rng.integers(5, 120))))
         rows.append({"id": i, "image": f"images/{i}.jpg",

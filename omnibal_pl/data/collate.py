@@ -22,6 +22,7 @@ from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
 from omnibal_pl.data.datasets import Sample
 from omnibal_pl.data.skips import DroppedSample
 from omnibal_pl.errors import ConfigError, DataError
+from omnibal_pl.pixels import PixelNorm
 from omnibal_pl.qwen_batch import QwenPackedBatch, QwenVisionFields, pack_qwen_vision
 
 PAD_MODES = ("cap", "multiple", "none")
@@ -38,13 +39,15 @@ class PackingCollate:
     per supervised token 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``), n = supervised
     tokens of its sample; the loss divides by the global weight sum. ``image_context_id`` and
     ``tokens_per_tile``, when both given, check that each sample has ``tokens_per_tile`` image tokens per
-    flagged tile (the contract the model relies on). A :class:`~omnibal_pl.data.skips.DroppedSample` in the group
-    (a sample whose image failed to decode, under ``dataset.bad_samples=skip``) is left out of the batch and
-    counted in its ``skipped``; a group of nothing else becomes a micro-batch of padding only (no sample, its
-    dummy tile's shape), so every DP rank still runs the step (Qwen batches: an error). ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
+    flagged tile (the contract the model relies on). ``spatial_merge`` (Qwen2-VL / Qwen2.5-VL; None: fixed-size
     tiles): a tile is one merge block of ``spatial_merge^2`` patch rows and the batch a :class:`QwenPackedBatch`
     (:mod:`omnibal_pl.qwen_batch`): the real blocks first, padding blocks to ``vit_cap`` under ``pad_to: cap``
-    (else one dummy block for a group without images), M-RoPE positions from ``image_context_id``.
+    (else one dummy block for a group without images), M-RoPE positions from ``image_context_id``. ``pixel_norm``:
+    the samples' tiles are ``uint8`` (``tiling.pixels: uint8``) and the batch carries the (mean, std) the model
+    normalises them with on the device. A :class:`~omnibal_pl.data.skips.DroppedSample` in the group
+    (a sample whose image failed to decode, under ``dataset.bad_samples=skip``) is left out of the batch and
+    counted in its ``skipped``; a group of nothing else becomes a micro-batch of padding only (no sample, its
+    dummy tile's shape), so every DP rank still runs the step (Qwen batches: an error).
     """
 
     token_cap: int
@@ -56,6 +59,7 @@ class PackingCollate:
     image_context_id: int | None = None
     tokens_per_tile: int | None = None
     spatial_merge: int | None = None
+    pixel_norm: PixelNorm | None = None
 
     def __post_init__(self) -> None:
         if self.spatial_merge is not None and (self.spatial_merge < 1 or self.image_context_id is None):
@@ -112,6 +116,9 @@ class PackingCollate:
             position_ids, pixel_values, image_flags = vision.position_ids, vision.pixel_values, vision.image_flags
         else:
             first = (samples or dropped)[0].pixel_values
+            if (first.dtype == torch.uint8) != (self.pixel_norm is not None):
+                raise DataError(f"samples with {first.dtype} tiles but pixel_norm={self.pixel_norm}: uint8 tiles "
+                                "(tiling.pixels=uint8) need the (mean, std) the model normalises them with, float ones none")
             n_tile_rows = self.vit_cap if self.pad_to == "cap" else max(n_tiles, 1)
             pixel_values = first.new_zeros(n_tile_rows, *first.shape[1:])
             image_flags = torch.zeros(n_tile_rows, dtype=torch.int64)
@@ -134,6 +141,7 @@ class PackingCollate:
             num_tiles=int((image_flags == 1).sum()),
             image_tokens=self._count_image_tokens(input_ids),
             skipped=skipped,
+            pixel_norm=self.pixel_norm,
         )
 
     def _qwen_vision(self, samples: Sequence[Sample], length: int) -> QwenVisionFields:

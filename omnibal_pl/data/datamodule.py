@@ -36,6 +36,7 @@ from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.metrics import dist_ratio
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler
 from omnibal_pl.data.collate import GroupsDataset, PackingCollate, StepCollate
+from omnibal_pl.data.datasets import pixel_norm_of
 from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_training_data
 from omnibal_pl.errors import ConfigError
 
@@ -143,7 +144,8 @@ class OmniBalDataModule(L.LightningDataModule):
         vit_cap, token_cap = self._shape_caps()
         collate = PackingCollate(token_cap, vit_cap, self.packing.pad_to, self.packing.multiple,
                                  self.packing.loss_weighting, image_context_id=spec.image_context_id,
-                                 tokens_per_tile=spec.tokens_per_tile, spatial_merge=spec.merge)
+                                 tokens_per_tile=spec.tokens_per_tile, spatial_merge=spec.merge,
+                                 pixel_norm=pixel_norm_of(dataset))
         if self.whole_steps:
             dataset, collate = GroupsDataset(dataset), StepCollate(collate)
         workers = self.loader.num_workers

@@ -31,6 +31,7 @@ from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokeniz
 from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, patch_grid, tile_image
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
+from omnibal_pl.pixels import PixelNorm
 
 OVERLONG_POLICIES = ("error", "skip", "truncate")
 # Part of every statistics fingerprint: bump it when the code changes the tiles or tokens a record gets
@@ -197,8 +198,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[int(self.index[i])]
-        images = [_load_image(p, rec.origin) for p in rec.images]
-        pixels = [tile_image(image, self.tiling, len(images)) for image in images]
+        pixels, sizes = [], []
+        for path in rec.images:  # decoded inside tile_image, at the scale its tiles need (tiling.reduced_decode)
+            with _image_errors(path, rec.origin), Image.open(path) as image:
+                sizes.append(image.size)
+                pixels.append(tile_image(image, self.tiling, len(rec.images)))
         ids, labels = self.chat(rec.conversations, [p.shape[0] for p in pixels], rec.origin)
         ids, labels = self._fit_cap(ids, labels, rec)
         if pixels:
@@ -207,7 +211,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         else:
             pixel_values = dummy_tiles(1, self.tiling)
             flags = torch.zeros(1, dtype=torch.int64)
-        grids = tuple(patch_grid(im.width, im.height, self.tiling) for im in images) if self.tiling.mode == "qwen" else ()
+        grids = tuple(patch_grid(w, h, self.tiling) for w, h in sizes) if self.tiling.mode == "qwen" else ()
         return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, flags, int(i), grids)
 
     def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
@@ -222,7 +226,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]
         except DataError as e:
             raise BadSampleError(str(e), BAD_CONVERSATION) from e
-
 
     def _image_end(self, r: int) -> int:
         """How many leading tokens of record ``r`` hold all its image tokens (0 without images)."""
@@ -283,15 +286,19 @@ class InternVLDataset(ConversationDataset):
         super().__init__(records, names, tokenizer, template, tiling, max_tokens, overlong, files)
 
 
+def pixel_norm_of(dataset: torch.utils.data.Dataset) -> PixelNorm | None:
+    """The (mean, std) the model normalises the ``uint8`` tiles of ``dataset`` with (``tiling.pixels: uint8``); None
+    when its tiles arrive normalised. Wrappers holding the dataset as ``.dataset`` (``Subset``, the bad-sample
+    filter) are looked through."""
+    while not isinstance(dataset, ConversationDataset) and isinstance(getattr(dataset, "dataset", None), torch.utils.data.Dataset):
+        dataset = dataset.dataset
+    return dataset.tiling.pixel_norm if isinstance(dataset, ConversationDataset) else None
+
+
 def _image_size(path: Path, origin: str) -> tuple[int, int]:
     """(width, height) from the file header; no pixel decoding."""
     with _image_errors(path, origin), Image.open(path) as im:
         return im.size
-
-
-def _load_image(path: Path, origin: str) -> Image.Image:
-    with _image_errors(path, origin), Image.open(path) as im:
-        return im.convert("RGB")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ header alone (``PIL.Image.open(path).size``); :func:`tile_image` produces exactl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,7 +28,8 @@ from PIL import Image
 
 from omnibal_pl.data.qwen_pixels import SPATIAL_MERGE, patch_dim, qwen_patches
 from omnibal_pl.errors import ConfigError
-from omnibal_pl.image_grid import MAX_PIXELS, MIN_PIXELS, image_grid, image_tokens
+from omnibal_pl.image_grid import MAX_PIXELS, MIN_PIXELS, image_grid, image_tokens, resized_size
+from omnibal_pl.pixels import PixelNorm, normalise
 from omnibal_pl.qwen_batch import Grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,6 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _MODES = ("internvl", "llava", "qwen")
+PIXEL_TYPES = ("float32", "uint8")
 
 
 @dataclass
@@ -49,6 +52,10 @@ class TilingConfig:
     range means one tile).
     ``use_thumbnail``: append a whole-image thumbnail tile when the grid has more than one tile.
     ``min_pixels``/``max_pixels``: the pixel range an image is resized into (``qwen`` only; Qwen's defaults).
+    ``reduced_decode``: decode a JPEG at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still covers what its
+    tiles need (the decoder's own DCT scaling, :func:`decode_size`), then resize; a few times faster on large
+    photos, pixels within a few levels of a full decode. ``pixels``: ``float32`` (normalised here) or ``uint8``
+    (raw RGB, normalised on the device by the model, :mod:`omnibal_pl.pixels`; ``internvl`` and ``llava`` modes).
     """
 
     mode: str = "internvl"
@@ -58,6 +65,8 @@ class TilingConfig:
     use_thumbnail: bool = True
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
+    reduced_decode: bool = False
+    pixels: str = "float32"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -69,6 +78,11 @@ class TilingConfig:
         if self.mode == "qwen" and self.image_size % SPATIAL_MERGE:
             raise ConfigError(f"tiling.image_size={self.image_size}: in mode qwen a tile is one merge block of "
                               f"{SPATIAL_MERGE} x {SPATIAL_MERGE} patches (28 px for 14 px patches)")
+        if self.pixels not in PIXEL_TYPES:
+            raise ConfigError(f"tiling.pixels={self.pixels!r}: expected one of {PIXEL_TYPES}")
+        if self.mode == "qwen" and (self.pixels != "float32" or self.reduced_decode):
+            raise ConfigError("tiling.pixels=uint8 / tiling.reduced_decode: mode qwen resizes the whole image to its own "
+                              "grid and leaves the loader normalised; use pixels: float32, reduced_decode: false")
         if self.mode == "qwen" and not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError(f"tiling: need 0 < min_pixels <= max_pixels, got {self.min_pixels}..{self.max_pixels}")
 
@@ -83,6 +97,11 @@ class TilingConfig:
     def tile_range(self, num_images: int) -> tuple[int, int]:
         """(min, max) tiles of one image's grid in a sample with ``num_images`` images (may be empty)."""
         return self.min_tiles, max(1, self.max_tiles // max(1, num_images))
+
+    @property
+    def pixel_norm(self) -> PixelNorm | None:
+        """(mean, std) the model normalises ``uint8`` tiles with; None when the tiles leave here normalised."""
+        return (self.mean, self.std) if self.pixels == "uint8" else None
 
     @property
     def patch_size(self) -> int:
@@ -137,17 +156,42 @@ def patch_grid(width: int, height: int, cfg: TilingConfig) -> Grid | None:
     return image_grid(height, width, cfg.patch_size, SPATIAL_MERGE, cfg.min_pixels, cfg.max_pixels)
 
 
+def decode_size(width: int, height: int, cfg: TilingConfig, num_images: int = 1) -> tuple[int, int]:
+    """(width, height) in px the image is resized to before tiles are cut: the grid (``internvl``), the image's
+    share of the padded square (``llava``) or Qwen's resized size. A decode at least this large loses nothing."""
+    s = cfg.image_size
+    if cfg.mode == "qwen":
+        h, w = resized_size(height, width, cfg.patch_size * SPATIAL_MERGE, cfg.min_pixels, cfg.max_pixels)
+        return w, h
+    if cfg.mode == "llava":
+        side = max(width, height)
+        return math.ceil(width * s / side), math.ceil(height * s / side)
+    cols, rows = tile_grid(width, height, cfg, num_images)
+    return cols * s, rows * s
+
+
+def decode(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> Image.Image:
+    """``image`` (opened, not yet loaded) decoded to RGB; under ``reduced_decode`` a JPEG only at the scale
+    :func:`decode_size` needs (so the resize after it still only shrinks)."""
+    if cfg.reduced_decode and image.format == "JPEG":
+        image.draft("RGB", decode_size(image.width, image.height, cfg, num_images))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> torch.Tensor:
     """Normalised tiles of one image: float32 ``[count_tiles(...), 3, image_size, image_size]``; in ``qwen`` mode
-    its merge blocks ``[count_tiles(...), 4, 3 * 2 * patch^2]``."""
-    image = image.convert("RGB")
+    its merge blocks ``[count_tiles(...), 4, 3 * 2 * patch^2]``. ``uint8`` RGB tiles under ``pixels: uint8``.
+    ``image`` may be opened and not yet loaded (:func:`decode` then decodes it as ``reduced_decode`` says); the
+    grid follows its size as opened (the file's, which the statistics read), not the reduced decode's."""
+    width, height = image.size
+    image = decode(image, cfg, num_images)
     s = cfg.image_size
     if cfg.mode == "qwen":
         patches, _ = qwen_patches(image, cfg.patch_size, cfg.min_pixels, cfg.max_pixels, cfg.mean, cfg.std)
         return patches.view(-1, SPATIAL_MERGE**2, patches.shape[1])
     if cfg.mode == "llava":
         return _normalise([_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC)], cfg)
-    cols, rows = tile_grid(image.width, image.height, cfg, num_images)
+    cols, rows = tile_grid(width, height, cfg, num_images)
     resized = image.resize((cols * s, rows * s), Image.BICUBIC)
     tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
     if len(tiles) > 1 and cfg.use_thumbnail:
@@ -160,7 +204,7 @@ def dummy_tiles(n: int, cfg: TilingConfig) -> torch.Tensor:
     merge blocks."""
     if cfg.mode == "qwen":
         return torch.zeros(n, SPATIAL_MERGE**2, patch_dim(cfg.patch_size))
-    return torch.zeros(n, 3, cfg.image_size, cfg.image_size)
+    return torch.zeros(n, 3, cfg.image_size, cfg.image_size, dtype=getattr(torch, cfg.pixels))
 
 
 def _pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
@@ -174,6 +218,7 @@ def _pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Imag
 
 
 def _normalise(tiles: list[Image.Image], cfg: TilingConfig) -> torch.Tensor:
-    x = np.stack([np.asarray(t, dtype=np.float32) for t in tiles]) / 255.0  # [t, H, W, 3]
-    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    """The tiles as ``[t, 3, H, W]``: ``uint8`` RGB, or normalised float32 (the same :func:`normalise` the
+    model runs on ``uint8`` tiles)."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2)))
+    return x if cfg.pixels == "uint8" else normalise(x, cfg.mean, cfg.std)

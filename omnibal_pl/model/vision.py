@@ -14,10 +14,14 @@ from omnibal_pl.batch import PackedBatch
 from omnibal_pl.model.block import TransformerBlock
 from omnibal_pl.model.config import VisionConfig
 from omnibal_pl.model.norms import RMSNorm, make_norm
+from omnibal_pl.pixels import normalise
 
 
 class VisionEmbed(nn.Module):
-    """Block ``vision.embed``: pixels [T, 3, H, W] -> tokens [T, P, width], P = patches (+1 class token)."""
+    """Block ``vision.embed``: pixels [T, 3, H, W] -> tokens [T, P, width], P = patches (+1 class token).
+
+    ``uint8`` pixels (a loader that leaves tiles raw) are normalised here, on the device, with the batch's
+    ``pixel_norm``."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -31,6 +35,11 @@ class VisionEmbed(nn.Module):
         size = self.cfg.image_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
             raise ValueError(f"vision.embed wants pixel_values [T, 3, {size}, {size}], got {list(x.shape)}")
+        if x.dtype == torch.uint8:
+            if batch.pixel_norm is None:
+                raise ValueError("vision.embed got uint8 pixel_values without the batch's pixel_norm (mean, std) to "
+                                 "normalise them; the collate sets it from tiling.pixels=uint8")
+            x = normalise(x, *batch.pixel_norm)
         h = self.patch(x.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # [T, patches, width]
         if self.cls is not None:
             h = torch.cat([self.cls.to(h.dtype).expand(h.shape[0], 1, -1), h], dim=1)
