@@ -57,19 +57,19 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "balanced",
-      [](const Column& vit, const Column& tokens, int32_t vit_cap, int32_t token_cap, uint64_t seed,
-         const std::string& oversize) {
+      [](const Column& vit, const Column& tokens, int32_t vit_cap, int32_t token_cap, int32_t vit_quantum,
+         uint64_t seed, const std::string& oversize) {
         Lengths len = view(vit, tokens);
         Oversize p = policy(oversize);
         Groups g;
         {
           py::gil_scoped_release release;
-          g = omnibal::balanced(len, vit_cap, token_cap, seed, p);
+          g = omnibal::balanced(len, vit_cap, token_cap, vit_quantum, seed, p);
         }
         return to_python(std::move(g));
       },
-      py::arg("vit"), py::arg("tokens"), py::arg("vit_cap"), py::arg("token_cap"), py::arg("seed"),
-      py::arg("oversize"));
+      py::arg("vit"), py::arg("tokens"), py::arg("vit_cap"), py::arg("token_cap"), py::arg("vit_quantum"),
+      py::arg("seed"), py::arg("oversize"));
 
   m.def(
       "greedy_knapsack",

@@ -38,7 +38,9 @@ std::vector<int64_t> split_oversize(const Lengths& len, int32_t vit_cap, int32_t
 Groups isf(const Lengths& len, int32_t vit_cap, int32_t token_cap, int64_t token_threshold, int iterations,
            uint64_t seed, Oversize policy);
 
-Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, uint64_t seed, Oversize policy);
+// Fills groups to vit_cap in units of vit_quantum vision counts (1: exact tiles) and close to token_cap.
+Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t vit_quantum, uint64_t seed,
+                Oversize policy);
 
 // LLaMA-Factory's packing (greedy knapsack on tokens up to token_cap); tiles are not capped.
 Groups greedy_knapsack(const Lengths& len, int32_t token_cap, uint64_t seed, Oversize policy);

@@ -18,8 +18,15 @@ OVERSIZE_POLICIES = ("solo", "error")
 class BalanceConfig:
     """How samples are grouped into micro-batches and micro-batches into steps.
 
-    Units: ``vit_cap`` in tiles (Q_v), ``token_cap`` and ``token_threshold`` in LLM tokens (Q_t).
-    A cap left ``None`` is chosen by the algorithm's argument search for ``dp`` and ``samples_per_group``.
+    Units: ``vit_cap`` (Q_v) in the model family's vision unit, the unit of the length table's ``vit`` column and of
+    the planner's micro-batch shape: tiles for InternVL/LLaVA, merge blocks (2 x 2 patches, one LLM token) for
+    Qwen2-VL/2.5-VL. ``token_cap`` and ``token_threshold`` in LLM tokens (Q_t). A cap left ``None`` is chosen by
+    the algorithm's argument search for ``dp`` and ``samples_per_group``.
+
+    ``vit_quantum`` (``balanced`` only): how many vision counts make one unit of the grouping; a sample takes its
+    count rounded up to whole quanta and a group is filled to ``vit_cap // vit_quantum`` quanta exactly. ``None``:
+    :func:`~omnibal_pl.balance.grouping.auto_vit_quantum` of the data (1, exact tiles, for tile families; about
+    1/32 of a mean sample for Qwen's merge blocks), fixed once by the caps search.
 
     Algorithms: ``balanced`` (ours), ``isf`` (OmniBal's), and baselines: ``random`` and ``length_grouped``
     (``samples_per_group`` per micro-batch), ``disttrain`` (random fixed-count micro-batches dealt to ranks by
@@ -39,6 +46,7 @@ class BalanceConfig:
     vit_cap: Optional[int] = None
     token_cap: Optional[int] = None
     token_threshold: Optional[int] = None  # ISF: keep groups with at least this many tokens (None: token_cap - 128)
+    vit_quantum: Optional[int] = None  # balanced: vision counts per grouping unit (None: from the data)
     iterations: int = 50  # ISF passes
     seed: int = 0
     oversize: str = "solo"  # a sample over a cap: "solo" (its own group, counted) or "error"
@@ -59,10 +67,10 @@ class BalanceConfig:
         for name in ("dp", "micro_batches", "samples_per_group", "iterations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"balance.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("vit_cap", "token_cap"):
+        for name in ("vit_cap", "token_cap", "vit_quantum"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
-                raise ConfigError(f"balance.{name}={v}: must be >= 1 (or null to search it)")
+                raise ConfigError(f"balance.{name}={v}: must be >= 1 (or null: chosen from the data)")
         if self.seed < 0:
             raise ConfigError(f"balance.seed={self.seed}: must be >= 0")
         if self.algorithm in PACKERS and self.vit_cap is not None:

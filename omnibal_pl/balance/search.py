@@ -4,8 +4,9 @@
   tile, from token counts rounded up to 256 and rounded to 16), step Q_v by 1 and Q_t by that mean,
   score pad + vit dist + llm dist ratios with the Megatron sampler at ``dp`` (one group per rank per
   step) and keep settings whose mean group size is in [m, m + 1].
-- ``balanced``: Q_v around (m + 1/2) x mean tiles per sample, Q_t = Q_v x the data's tokens per tile x
-  (1 + slack) for a few slacks; each candidate grouped once and scored by pad + dist ratios +
+- ``balanced``: Q_v around (m + 1/2) x mean tiles per sample (multiples of the vision quantum, at most
+  ``MAX_VIT_CAPS`` of them: Qwen's merge blocks give hundreds of possible caps), Q_t = Q_v x the data's tokens
+  per tile x (1 + slack) for a few slacks; each candidate grouped once and scored by pad + dist ratios +
   the padding waste of both caps (2 - vit_fill - token_fill); mean group size in [m, m + 1]. Caps the
   algorithm fills to within 1% of the fewest possible groups (max(tiles / Q_v, tokens / Q_t)) are
   preferred: a cap pair too tight for the data's token-heavy samples leaves short groups behind.
@@ -23,26 +24,29 @@ from typing import Any
 import numpy as np
 
 from omnibal_pl.balance.config import PACKERS, BalanceConfig
-from omnibal_pl.balance.grouping import group_samples
+from omnibal_pl.balance.grouping import auto_vit_quantum, group_samples
 from omnibal_pl.balance.metrics import balance_metrics
 from omnibal_pl.balance.steps import arrange_steps
 from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import BalanceError, ConfigError
 from omnibal_pl.lengths import LengthTable
 
-BALANCED_TOKEN_SLACKS = (0.01, 0.02, 0.03, 0.05)
+BALANCED_TOKEN_SLACKS = (0.0, 0.01, 0.02, 0.03, 0.05)
 ISF_MAX_EVALUATIONS = 200
 FILLABLE_GROUP_EXCESS = 1.01  # groups / lower bound under which a cap pair counts as fillable
+MAX_VIT_CAPS = 8  # balanced: vision caps tried (evenly spaced multiples of the quantum)
 
 
 @dataclass
 class CapSearch:
-    """The chosen caps and how they were found (``candidates``: [vit_cap, token_cap, score, avg size])."""
+    """The chosen caps and how they were found (``candidates``: [vit_cap, token_cap, score, avg size]);
+    ``vit_quantum``: ``balanced``'s vision quantum, fixed with the caps (1 for the other algorithms)."""
 
     vit_cap: int
     token_cap: int
     seconds: float
     candidates: list[list[float]] = field(default_factory=list)
+    vit_quantum: int = 1
 
 
 def evaluate(table: LengthTable, cfg: BalanceConfig, vit_cap: int, token_cap: int) -> dict[str, Any]:
@@ -54,8 +58,10 @@ def evaluate(table: LengthTable, cfg: BalanceConfig, vit_cap: int, token_cap: in
 
 def resolve_caps(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
     """The caps to use: ``cfg``'s when both are set, else the algorithm's search (keeping a set one fixed)."""
+    if cfg.algorithm == "balanced":
+        cfg = replace(cfg, vit_quantum=auto_vit_quantum(table) if cfg.vit_quantum is None else cfg.vit_quantum)
     if cfg.vit_cap is not None and cfg.token_cap is not None:
-        return CapSearch(int(cfg.vit_cap), int(cfg.token_cap), 0.0)
+        return CapSearch(int(cfg.vit_cap), int(cfg.token_cap), 0.0, vit_quantum=cfg.vit_quantum or 1)
     start = time.perf_counter()
     if cfg.algorithm == "isf":
         found = _search_isf(table, cfg)
@@ -79,7 +85,8 @@ def resolve_shape(table: LengthTable, cfg: BalanceConfig) -> tuple[BalanceConfig
     (give the run's real DP size). Cap-free algorithms (``random``, ``length_grouped``) keep None.
     """
     found = resolve_caps(table, cfg)
-    return replace(cfg, vit_cap=found.vit_cap or None, token_cap=found.token_cap or None), found
+    quantum = found.vit_quantum if cfg.algorithm == "balanced" else cfg.vit_quantum
+    return replace(cfg, vit_cap=found.vit_cap or None, token_cap=found.token_cap or None, vit_quantum=quantum), found
 
 
 def micro_batch_shape(cfg: BalanceConfig) -> MicroBatchShape:
@@ -102,9 +109,12 @@ def _search_balanced(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
     want = cfg.samples_per_group
     mean_vit = table.total_vit / len(table)
     tokens_per_tile = table.total_tokens / table.total_vit
+    quantum = auto_vit_quantum(table) if cfg.vit_quantum is None else cfg.vit_quantum
     centre = max(1, round((want + 0.5) * mean_vit))
-    low, high = max(1, math.floor(want * mean_vit)), math.ceil((want + 1) * mean_vit)
-    vit_caps = [cfg.vit_cap] if cfg.vit_cap is not None else sorted(range(low, high + 1), key=lambda v: abs(v - centre))
+    low, high = max(quantum, math.floor(want * mean_vit)), math.ceil((want + 1) * mean_vit)
+    step = quantum * max(1, math.ceil((high - low) / quantum / MAX_VIT_CAPS))
+    spaced = range(_round_up(low, quantum), high + 1, step)
+    vit_caps = [cfg.vit_cap] if cfg.vit_cap is not None else sorted(spaced, key=lambda v: abs(v - centre))
     best: tuple[bool, float, int, int] | None = None
     tried = []
     for vit_cap in vit_caps:
@@ -123,7 +133,7 @@ def _search_balanced(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
     if best is None:
         raise BalanceError(f"balanced search found no caps giving {want}-{want + 1} samples per group "
                            f"(tried {len(tried)}); set balance.vit_cap and balance.token_cap by hand")
-    return CapSearch(best[2], best[3], 0.0, tried)
+    return CapSearch(best[2], best[3], 0.0, tried, quantum)
 
 
 def _round_up(x: float, step: int) -> int:
@@ -135,6 +145,10 @@ def _search_isf(table: LengthTable, cfg: BalanceConfig) -> CapSearch:
     mean_vit = float(table.vit.mean())
     mean_binned_tokens = float((np.ceil(table.tokens / 256) * 256).mean())
     tokens_per_tile = int(((mean_binned_tokens // max(mean_vit, 1) + 1) // 16) * 16)
+    if tokens_per_tile < 1:
+        raise BalanceError(f"ISF's published search steps the token cap by the mean tokens per tile rounded to 16, "
+                           f"which is 0 here ({mean_binned_tokens / max(mean_vit, 1):.2f} tokens per vision unit: "
+                           "merge blocks, not tiles); set balance.vit_cap and balance.token_cap by hand")
     token_cap = 4096
     vit_cap = max(1, token_cap // tokens_per_tile)
     results: list[list[float]] = []

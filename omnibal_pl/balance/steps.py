@@ -3,7 +3,9 @@
 A step holds ``dp x micro_batches`` groups. Four orders:
 
 - ``matched`` (ours): groups sorted by (tiles, tokens), or by modelled cost when one is given
-  (``balance.cost=fitted``), and cut into consecutive runs, so the groups of a step are near-equal; steps
+  (``balance.cost=fitted``), and cut into consecutive runs, so the groups of a step are near-equal (tiles
+  compared in bands of the vision quantum: merge-block sums of Qwen groups differ by a few blocks, and
+  tokens must still decide inside such a band); steps
   are then shuffled, and inside a step groups are dealt to ranks in snake order (rank totals equal when
   ``micro_batches > 1``) under a random rank permutation;
 - ``megatron``: the published ISF sampler: rank r owns a contiguous bucket of groups, and every rank
@@ -24,7 +26,7 @@ import numpy as np
 
 from omnibal_pl.balance.config import BalanceConfig
 from omnibal_pl.balance.cost import TimeModel, group_costs
-from omnibal_pl.balance.grouping import Grouping
+from omnibal_pl.balance.grouping import Grouping, auto_vit_quantum
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable
 
@@ -48,19 +50,22 @@ def arrange_steps(table: LengthTable, grouping: Grouping, cfg: BalanceConfig, se
     order = cfg.resolved_step_order
     vit_sums, token_sums = grouping.sums(table)
     cost = group_costs(table, grouping, time_model) if order == "lpt" or time_model is not None else None
-    return form_steps(vit_sums, token_sums, cfg.dp, cfg.micro_batches, order, cfg.seed if seed is None else seed, cost)
+    band = auto_vit_quantum(table) if cfg.vit_quantum is None else cfg.vit_quantum
+    return form_steps(vit_sums, token_sums, cfg.dp, cfg.micro_batches, order, cfg.seed if seed is None else seed, cost,
+                      band)
 
 
 def form_steps(vit_sums: np.ndarray, token_sums: np.ndarray, dp: int, micro_batches: int, order: str,
-               seed: int, cost: np.ndarray | None = None) -> Steps:
+               seed: int, cost: np.ndarray | None = None, vit_band: int = 1) -> Steps:
     """Arranges groups (given by their tile and token sums, and ``cost``: modelled cost per group) into steps;
-    see the module docstring. ``lpt`` needs ``cost``; ``matched`` sorts by it when given."""
+    see the module docstring. ``lpt`` needs ``cost``; ``matched`` sorts by it when given, else by tile sums in
+    bands of ``vit_band`` (the vision quantum), then tokens."""
     n = len(vit_sums)
     per_step = dp * micro_batches
     rng = np.random.default_rng(seed)
     if order == "matched":
         # heaviest first
-        ranked = np.lexsort((-token_sums, -vit_sums)) if cost is None else np.argsort(-cost, kind="stable")
+        ranked = np.lexsort((-token_sums, -(vit_sums // vit_band))) if cost is None else np.argsort(-cost, kind="stable")
         full = (n // per_step) * per_step
         steps = ranked[:full].reshape(-1, per_step)
         steps = steps[rng.permutation(len(steps))]
