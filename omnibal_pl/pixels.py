@@ -15,8 +15,10 @@ PixelNorm = tuple[tuple[float, float, float], tuple[float, float, float]]  # (me
 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float32 ``(pixels / 255 - mean) / std`` of ``uint8`` tiles ``[..., 3, H, W]``, on their device."""
+    """float32 ``(pixels / 255 - mean) / std`` of ``uint8`` tiles ``[..., 3, H, W]``, on their device, computed as
+    one multiply-add ``pixels * (1 / (255 std)) + (-mean / std)`` (within an ulp of the three-step form)."""
     shape = (3, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
-    return (pixels.to(torch.float32) / 255.0 - m) / s
+    m = torch.tensor(mean, dtype=torch.float64).view(shape)
+    s = torch.tensor(std, dtype=torch.float64).view(shape)
+    scale, shift = (1.0 / (255.0 * s)).float().to(pixels.device), (-m / s).float().to(pixels.device)
+    return torch.addcmul(shift, pixels.to(torch.float32), scale)

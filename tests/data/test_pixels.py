@@ -26,6 +26,14 @@ def photo(path, width: int, height: int, fmt: str = "JPEG"):
     return path
 
 
+def test_normalise_is_the_usual_formula():
+    raw = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = (raw.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    got = normalise(raw, mean, std)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode, size", [("internvl", 56), ("llava", 56)])
 def test_uint8_tiles_normalised_on_the_device_equal_the_cpus_float_tiles(tmp_path, mode, size):
     image = photo(tmp_path / "a.png", 150, 100, "PNG")
