@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
-from omnibal_pl.data.skips import BAD_CONVERSATION, MISSING_IMAGE, OVERLONG, UNREADABLE_IMAGE, BadSampleError
+from omnibal_pl.data.skips import (BAD_CONVERSATION, MALFORMED_ROW, MISSING_IMAGE, OVERLONG, UNREADABLE_IMAGE,
+                                   BadSampleError)
 from omnibal_pl.data.stats import compute_lengths
 from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
 from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, patch_grid, tile_image
@@ -221,6 +222,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Tiles per image (from image headers) and the uncapped ``input_ids`` of record ``r``; a record that
         cannot be read raises :class:`~omnibal_pl.data.skips.BadSampleError` with its reason."""
         rec = self.records[r]
+        if rec.problem is not None:
+            raise BadSampleError(rec.problem, MALFORMED_ROW)
         tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
         try:
             return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]

@@ -25,38 +25,48 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Record:
     """One annotated sample. ``key``: its ``id`` field (or ``origin`` when it has none); ``conversations``: its
-    messages, normalised (:func:`~omnibal_pl.data.messages.normalize_messages`)."""
+    messages, normalised (:func:`~omnibal_pl.data.messages.normalize_messages`). ``problem``: why the row is not a
+    sample (a JSONL line that does not parse, a row that is not a sample object), kept as a record so that
+    ``dataset.bad_samples`` decides, as for any bad sample, whether it stops the run or is skipped and counted."""
 
     key: str
     origin: str
     images: tuple[Path, ...]
     conversations: list
     source: int = 0
+    problem: str | None = None
 
 
 def read_annotation(path: str | Path, image_root: str | Path | None = None, source: int = 0) -> list[Record]:
     """Records of an annotation: a JSON list, or JSONL (one object per line) for ``.jsonl``.
 
-    Image paths are resolved against ``image_root`` (default: the annotation's folder).
-    Raises :class:`DataError` with file:line on malformed JSON and with the item on a malformed record.
+    Image paths are resolved against ``image_root`` (default: the annotation's folder). A line (or item) that is
+    not a sample becomes a record with its ``problem`` (file:line and what is wrong); a ``.json`` file that does not
+    parse as a whole raises :class:`DataError` with file:line:column.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such annotation file")
     root = Path(image_root) if image_root is not None else path.parent
-    if path.suffix == ".jsonl":
-        items = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    items.append((f"{path}:{lineno}", _parse(line, str(path), lineno)))
-    else:
+    if path.suffix != ".jsonl":
         data = _parse(path.read_text(encoding="utf-8"), str(path))
         if not isinstance(data, list):
             raise DataError(f"{path}: top level is {type(data).__name__}; a LLaVA annotation is a JSON list of samples "
                             "(use the .jsonl suffix for one sample per line)")
-        items = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
-    return [_record(item, origin, root, source) for origin, item in items]
+        return [_row(item, f"{path}[{i}]", root, source) for i, item in enumerate(data)]
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                item = _parse(line, str(path), lineno)
+            except DataError as e:
+                records.append(_problem(origin, e, source))
+                continue
+            records.append(_row(item, origin, root, source))
+    return records
 
 
 def read_internvl_meta(meta: str | Path, seed: int = 0) -> tuple[list[Record], list[str], list[Path]]:
@@ -101,6 +111,18 @@ def repeat_records(records: list[Record], repeat_time: float, seed: int) -> list
 def _resolve(base: Path, p: str) -> Path:
     p = Path(p)
     return p if p.is_absolute() else base / p
+
+
+def _row(item, origin: str, root: Path, source: int) -> Record:
+    """The record of one parsed item, or the record of its problem."""
+    try:
+        return _record(item, origin, root, source)
+    except DataError as e:
+        return _problem(origin, e, source)
+
+
+def _problem(origin: str, error: DataError, source: int) -> Record:
+    return Record(key=origin, origin=origin, images=(), conversations=[], source=source, problem=str(error))
 
 
 def _parse(text: str, file: str, lineno: int | None = None):

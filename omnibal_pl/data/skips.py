@@ -2,7 +2,8 @@
 
 A sample is *bad* when its files cannot be read: an image that is missing or whose header does not
 read, a conversation the chat format refuses (``<image>`` placeholders that do not match the images,
-an unknown role, malformed turns), or, found only when the pixels are decoded, an image whose data is
+an unknown role, malformed turns), an annotation row that is not a sample (a JSONL line cut short or not
+JSON, images named twice), or, found only when the pixels are decoded, an image whose data is
 corrupt (a truncated JPEG). The dataset node's ``bad_samples`` policy (:class:`SkipPolicy`) decides:
 
 - ``error`` (default): the run stops with a :class:`~omnibal_pl.errors.DataError` naming the record
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"  # header or pixels do not decode
 BAD_CONVERSATION = "bad_conversation"  # placeholder/image mismatch, unknown role, malformed turns
+MALFORMED_ROW = "malformed_row"  # a JSONL line that does not parse (a cut download), a row that is not a sample
 OVERLONG = "overlong"  # longer than the token cap under overlong=skip: counted, not bad
-BAD_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, BAD_CONVERSATION)  # what the budget counts
+BAD_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, BAD_CONVERSATION, MALFORMED_ROW)  # what the budget counts
 LOADER_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE)  # what a loader worker can find; all-reduced in this order
 BAD_SAMPLE_POLICIES = ("error", "skip")
 

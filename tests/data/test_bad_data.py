@@ -85,15 +85,18 @@ def test_a_bad_record_is_an_error_naming_it_or_a_counted_skip_of_exactly_that_re
     assert [int(data.dataset[i].image_flags.sum()) for i in range(6)] == data.lengths.image_flag.tolist()
 
 
-@pytest.mark.parametrize("policy", ["error", "skip"])
-def test_a_truncated_line_stops_the_start_naming_file_and_line(tmp_path, policy):
-    # read with the annotation (records.py), before any statistics: an error under either policy
-    node = bad_node(tmp_path, lambda root, records: None, bad_samples=policy)
+def test_a_truncated_line_is_an_error_naming_file_and_line_or_a_counted_skip_of_that_line(tmp_path):
+    node = bad_node(tmp_path, lambda root, records: None)
     lines = Path(node["annotation"]).read_text().splitlines(keepends=True)
-    lines[3] = lines[3][: len(lines[3]) // 2] + "\n"  # a download cut mid-line
+    lines[3] = lines[3][: len(lines[3]) // 2] + "\n"  # a download cut mid-line (sample s3)
     Path(node["annotation"]).write_text("".join(lines))
-    with pytest.raises(DataError, match=r"train.jsonl:4\b.*malformed JSON"):
+    with pytest.raises(BadSampleError, match=r"train.jsonl:4\b.*malformed JSON.*bad_samples=skip") as e:
         prepare_training_data(node, CAPS, SPEC)
+    assert e.value.reason == "malformed_row"
+    data = prepare_training_data({**node, "bad_samples": "skip", "max_skip_fraction": 0.5}, CAPS, SPEC)
+    assert data.skipped.counts == {"malformed_row": 1} and data.skipped.records == 7
+    assert row_keys(data) == [k for k in KEYS if k != "s3"]
+    assert [data.dataset[i].num_tokens for i in range(6)] == data.lengths.tokens.tolist()
 
 
 def test_a_cached_run_leaves_out_the_same_records_and_errors_alike(tmp_path, monkeypatch):

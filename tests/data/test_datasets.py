@@ -1,5 +1,7 @@
 import dataclasses
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -199,9 +201,9 @@ def test_malformed_json_and_jsonl_name_the_line(tmp_path, tok):
     (tmp_path / "a.json").write_text('[\n{"id": 1, "conversations": []},\n{"id": 2,, }\n]')
     with pytest.raises(DataError, match=r"a\.json:3:\d+: malformed JSON"):
         llava(tmp_path / "a.json", tok)
-    (tmp_path / "b.jsonl").write_text('{"id": 1, "conversations": []}\n\n{"id": 2\n')
-    with pytest.raises(DataError, match=r"b\.jsonl:3: malformed JSON"):
-        llava(tmp_path / "b.jsonl", tok)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": 1, "conversations": conversation(images=0)}) + '\n\n{"id": 2\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:3: malformed JSON"):  # when the statistics read it (bad_samples)
+        llava(tmp_path / "b.jsonl", tok).lengths()
     write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "conversations": conversation(images=0)}, {"id": 2, "conversations": "hi"}])
     with pytest.raises(DataError, match=r"c\.jsonl:2: the conversation must be a list of turns"):
         llava(tmp_path / "c.jsonl", tok).lengths()
