@@ -26,7 +26,7 @@ from PIL import Image
 
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
 from omnibal_pl.data.skips import (BAD_CONVERSATION, MALFORMED_ROW, MISSING_IMAGE, OVERLONG, UNREADABLE_IMAGE,
-                                   BadSampleError)
+                                   UNUSABLE_IMAGE, BadSampleError)
 from omnibal_pl.data.stats import compute_lengths
 from omnibal_pl.data.templates import ChatTokenizer, TemplateConfig, TextTokenizer, load_tokenizer
 from omnibal_pl.data.tiling import TilingConfig, count_tiles, dummy_tiles, patch_grid, tile_image
@@ -215,8 +215,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         grids = tuple(patch_grid(w, h, self.tiling) for w, h in sizes) if self.tiling.mode == "qwen" else ()
         return Sample(torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, flags, int(i), grids)
 
-    def _tiles_per_image(self, sizes: list[tuple[int, int]]) -> list[int]:
-        return [count_tiles(w, h, self.tiling, len(sizes)) for w, h in sizes]
+    def _tiles_per_image(self, rec: Record) -> list[int]:
+        """Tiles of each image of ``rec`` from its header; an image the tiling cannot take (Qwen: more than 200
+        times longer than wide) is a bad sample naming the record and the file."""
+        sizes = [_image_size(p, rec.origin) for p in rec.images]
+        tiles = []
+        for path, (w, h) in zip(rec.images, sizes):
+            try:
+                tiles.append(count_tiles(w, h, self.tiling, len(sizes)))
+            except DataError as e:
+                raise BadSampleError(f"{rec.origin}: image file {path}: {e}", UNUSABLE_IMAGE) from e
+        return tiles
 
     def _record_tokens(self, r: int) -> tuple[list[int], np.ndarray]:
         """Tiles per image (from image headers) and the uncapped ``input_ids`` of record ``r``; a record that
@@ -224,7 +233,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         rec = self.records[r]
         if rec.problem is not None:
             raise BadSampleError(rec.problem, MALFORMED_ROW)
-        tiles = self._tiles_per_image([_image_size(p, rec.origin) for p in rec.images])
+        tiles = self._tiles_per_image(rec)
         try:
             return tiles, self.chat(rec.conversations, tiles, rec.origin)[0]
         except DataError as e:

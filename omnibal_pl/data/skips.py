@@ -41,8 +41,9 @@ MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"  # header or pixels do not decode
 BAD_CONVERSATION = "bad_conversation"  # placeholder/image mismatch, unknown role, malformed turns
 MALFORMED_ROW = "malformed_row"  # a JSONL line that does not parse (a cut download), a row that is not a sample
+UNUSABLE_IMAGE = "unusable_image"  # an image the model family cannot take (Qwen: aspect ratio over 200)
 OVERLONG = "overlong"  # longer than the token cap under overlong=skip: counted, not bad
-BAD_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, BAD_CONVERSATION, MALFORMED_ROW)  # what the budget counts
+BAD_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE, BAD_CONVERSATION, MALFORMED_ROW, UNUSABLE_IMAGE)  # what the budget counts
 LOADER_REASONS = (MISSING_IMAGE, UNREADABLE_IMAGE)  # what a loader worker can find; all-reduced in this order
 BAD_SAMPLE_POLICIES = ("error", "skip")
 

@@ -253,3 +253,19 @@ def test_the_data_path_gives_transformers_logits(qwen_data, tmp_path):
             expected = hf(input_ids=s, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
                           mm_token_type_ids=(s == ids["image_token_id"]).int()).logits[0]
             torch.testing.assert_close(got[bounds[k]:bounds[k + 1]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_qwen_cannot_take_is_a_bad_sample_naming_its_file(tmp_path):
+    """More than 200 times longer than wide: refused by Qwen's resize rule as a bad sample naming the record and the
+    file, with the reason ``bad_samples=skip`` counts it under."""
+    from omnibal_pl.data.skips import BadSampleError
+
+    Image.new("RGB", (3000, 10)).save(tmp_path / "strip.png")
+    Image.new("RGB", (60, 40)).save(tmp_path / "ok.png")
+    rows = [{"id": "ok", "image": "ok.png", "conversations": conversation()},
+            {"id": "strip", "image": "strip.png", "conversations": conversation()}]
+    qwen_vl_byte_level_bpe().save(str(tmp_path / "tokenizer.json"))
+    dataset = LlavaDataset(write_jsonl(tmp_path / "train.jsonl", rows), tmp_path / "tokenizer.json", QWEN_TEMPLATE, QWEN_TILING)
+    with pytest.raises(BadSampleError, match=r"train.jsonl:2: image file .*strip.png: image of 3000 x 10 px: aspect ratio 300") as e:
+        dataset.lengths()
+    assert e.value.reason == "unusable_image"
