@@ -12,7 +12,6 @@ The run is resolved and built by :mod:`omnibal_pl.train.assemble`; docs/cli.md l
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnibal_pl.cli.conf import hydra_app
-from omnibal_pl.cli.group_options import check_group_options
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.train.artifacts import write_artifacts
 from omnibal_pl.train.assemble import build_run, plan_for_launched_processes, resolve_run
@@ -61,17 +59,7 @@ def optimised_train(cfg: DictConfig) -> float | None:
     return None if summary is None else summary["objective"]
 
 
-_app = hydra_app("train", "omnibal-train", optimised_train)
-
-
-def main() -> None:
-    """``omnibal-train``: an unknown group option on the command line (``logger=xyz``) is one line naming it."""
-    try:
-        check_group_options(sys.argv[1:])
-    except ConfigError as e:
-        print(f"omnibal-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _app()
+main = hydra_app("train", "omnibal-train", optimised_train)
 
 if __name__ == "__main__":
     main()

@@ -89,6 +89,10 @@ def test_an_unknown_logger_or_callback_name_is_one_line_naming_the_key_and_the_o
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "omnibal-train: error: logger=nosuch: no such option; the options are csv, mlflow, tensorboard, wandb"]
     assert not list(tmp_path.iterdir())  # refused before Hydra made a run directory
+    out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.stats", "dataset=lava", "output=x"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)  # every console script: the check is in hydra_app
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("omnibal-stats: error: dataset=lava: no such option; the options are chat, chat_qwen, ")
     with pytest.raises(ConfigError, match=r"^callbacks=xyz: no such option; the options are best_checkpoint, checkpoint, "
                                           r"early_stopping, lr_monitor$"):
         check_group_options(["-m", "callbacks=[checkpoint,lr_monitor],[checkpoint,xyz]"])  # a sweep over lists
