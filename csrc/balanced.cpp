@@ -218,23 +218,30 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   std::vector<int64_t> lo(unit_cap + 1), hi(unit_cap + 1), bucket_min(vmax + 1), bucket_max(vmax + 1);
   int64_t bounds_upto = -1;  // lo/hi are valid for r <= bounds_upto until an extreme changes
+  struct Extremes {
+    int64_t units, min_tokens, max_tokens;
+  };
+  std::vector<Extremes> present;
   auto fill_bounds = [&](int64_t rmax) {
     if (rmax <= bounds_upto) return;
     bounds_upto = unit_cap;
+    present.clear();  // non-empty buckets, ascending: the inner loop below reads them contiguously
     for (int32_t v = 1; v <= vmax; ++v) {
       if (buckets[v].left > 0) {
         bucket_min[v] = buckets[v].min_tokens();
         bucket_max[v] = buckets[v].max_tokens();
+        present.push_back({v, bucket_min[v], bucket_max[v]});
       }
     }
     lo[0] = hi[0] = 0;
     for (int64_t r = 1; r <= unit_cap; ++r) {
       lo[r] = kNone;
       hi[r] = 0;
-      for (int32_t v = 1; v <= std::min<int64_t>(r, vmax); ++v) {
-        if (buckets[v].left == 0 || lo[r - v] == kNone) continue;
-        lo[r] = std::min(lo[r], lo[r - v] + bucket_min[v]);
-        hi[r] = std::max(hi[r], hi[r - v] + bucket_max[v]);
+      for (const Extremes& e : present) {
+        if (e.units > r) break;
+        if (lo[r - e.units] == kNone) continue;
+        lo[r] = std::min(lo[r], lo[r - e.units] + e.min_tokens);
+        hi[r] = std::max(hi[r], hi[r - e.units] + e.max_tokens);
       }
     }
   };
@@ -278,7 +285,6 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
     while (vit < unit_cap) {
       const int64_t rv = unit_cap - vit, rt = token_cap - tok, aim_left = target - tok;
       const bool can_close = rv <= vmax && buckets[rv].left > 0;
-      int64_t close_pos = can_close ? buckets[rv].largest_at_most(rt, rng) : -1;
       const int64_t aim_pos = can_close ? buckets[rv].largest_at_most(std::min(rt, aim_left + close_slack), rng) : -1;
       if (aim_pos >= 0 && buckets[rv].tokens[aim_pos] >= aim_left - close_slack) {
         add(static_cast<int32_t>(rv), aim_pos);
@@ -320,7 +326,11 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
       }
       if (pick_pos >= 0) {
         add(pick_v, pick_pos);
-      } else if (close_pos >= 0) {
+        continue;
+      }
+      // Nothing grows the group exactly: close it off the aim with the largest sample that still fits.
+      const int64_t close_pos = can_close ? buckets[rv].largest_at_most(rt, rng) : -1;
+      if (close_pos >= 0) {
         add(static_cast<int32_t>(rv), close_pos);
         break;
       } else {

@@ -16,6 +16,11 @@ time of every algorithm on the real statistics at each DP of ``--time-dps``. ``-
 instead fits the time model to a model preset's training FLOPs (``omnibal_pl.model.flops.train_flops``) of
 random micro-batches of the real statistics: a noise-free stand-in for measured times, in units of
 1e15 FLOPs; written to ``--time-model`` when both are given.
+
+``--qwen N`` (default 1.2M; 0 skips) adds Qwen2-VL-style tables (vision in merge blocks,
+``omnibal_pl/balance/qwen_lengths.py``) at Qwen's default max_pixels and at ``28*28*576``: caps searched on 70k
+rows of each, then ``balanced`` (quantum from the data), ISF with the same caps (its published search cannot
+step merge blocks), LLaMA-Factory's knapsack and random on N rows, after the tile tables of the same run.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ import numpy as np
 from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange_steps, balance_metrics, fit_time_model, group_samples,
                                 isf_reference, resolve_caps)
 from omnibal_pl.balance.cost import steps_weight
+from omnibal_pl.balance.qwen_lengths import qwen_style_lengths
+from omnibal_pl.balance.search import resolve_shape
+from omnibal_pl.image_grid import MAX_PIXELS
 from omnibal_pl.lengths import LengthTable, load_lengths
 
 COLUMNS = (("seconds", "time s", "{:.3f}"), ("groups", "groups", "{:,}"), ("avg_group_size", "per group", "{:.2f}"),
@@ -110,6 +118,7 @@ def main() -> None:
     parser.add_argument("--time-model", type=Path, default=None, help="fitted micro-batch time model (JSON)")
     parser.add_argument("--time-dps", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--flops-model", default=None, help="fit the time model to this preset's FLOPs")
+    parser.add_argument("--qwen", type=int, default=1_200_000, help="rows of the Qwen-style tables (0: skip)")
     args = parser.parse_args()
 
     table = load_lengths(sorted(Path(args.data).glob("*.json")))
@@ -143,6 +152,27 @@ def main() -> None:
     default = replace(isf, vit_cap=9, token_cap=4096)
     d = row("isf at published defaults 9/4096", table, default, 1)
     print_table("published defaults (reference: 43,904 groups, vit dist 0.293, llm dist 0.328)", [d])
+    if args.qwen:
+        for max_pixels in (MAX_PIXELS, 28 * 28 * 576):
+            bench_qwen(args.qwen, max_pixels, base)
+
+
+def bench_qwen(n: int, max_pixels: int, base: BalanceConfig) -> None:
+    """Grouping of a Qwen-style table of ``n`` rows (vision in merge blocks) with caps searched on 70k rows."""
+    search_table = qwen_style_lengths(70_000, seed=base.seed, max_pixels=max_pixels)
+    start = time.perf_counter()
+    bal, _ = resolve_shape(search_table, base)
+    searched = time.perf_counter() - start
+    table = qwen_style_lengths(n, seed=base.seed + 1, max_pixels=max_pixels)
+    print(f"\nQwen-style table, max_pixels {max_pixels:,} ({max_pixels // 784} blocks per image at most): "
+          f"{len(table):,} samples, {len(np.unique(table.vit)):,} distinct merge-block counts, mean "
+          f"{table.total_vit / len(table):.0f}; balanced search on 70k rows {searched:.2f} s -> vit {bal.vit_cap} "
+          f"blocks, tokens {bal.token_cap}, quantum {bal.vit_quantum}")
+    configs = [("balanced (ours, C++)", bal),
+               ("isf (C++, same caps, matched)", replace(bal, algorithm="isf", step_order="matched")),
+               ("llamafactory (knapsack)", replace(base, algorithm="llamafactory", token_cap=bal.token_cap)),
+               ("random", replace(base, algorithm="random"))]
+    print_table(f"Qwen-style, {len(table):,} samples, DP={base.dp}", [row(name, table, cfg, 1) for name, cfg in configs])
 
 
 def flops_time_model(table: LengthTable, preset_name: str, groups: int = 400, seed: int = 0) -> TimeModel:

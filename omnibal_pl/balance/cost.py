@@ -2,7 +2,9 @@
 
 A micro-batch's features (one row per group) are sums over its samples of
 
-- ``tiles``: vision tiles (a text-only sample's dummy tile included: the ViT runs it);
+- ``tiles``: vision units, the length table's ``vit`` column: tiles for InternVL/LLaVA, merge blocks for
+  Qwen2-VL/2.5-VL (a text-only sample's dummy tile or block included: the ViT runs it). Linear in them: Qwen's
+  full-attention vision layers, quadratic in each image's patches, are not a term of their own;
 - ``tokens``: LLM tokens (image tokens included);
 - ``tokens_sq``: squared sample lengths (the attention work, quadratic in each packed sample's length);
 - ``samples``: 1 per sample (per-sample overheads: segment bookkeeping, loss terms).
