@@ -9,7 +9,7 @@ from omnibal_pl.model.hf_loading import load_hf_model, vlm_config_from_hf
 from omnibal_pl.model.qwen_vision import pack_qwen_samples, vision_layout
 from omnibal_pl.model.rope import mrope_position_ids
 
-from tests.helpers import model_config, train_on
+from tests.helpers import model_config, qwen_hf_model, train_on
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,29 +17,10 @@ IMAGE = 7
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
-def hf_model(family: str):
-    text = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]})
-    ids = dict(image_token_id=IMAGE, vision_start_token_id=5, vision_end_token_id=6, video_token_id=8)
-    if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=48)
-        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
-        return transformers.Qwen2VLForConditionalGeneration(config)
-    # 56 px windows = 2 x 2 merge blocks; block 1 attends over whole images
-    vision = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=40, out_hidden_size=48, window_size=56,
-                  fullatt_block_indexes=[1])
-    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
-    return transformers.Qwen2_5_VLForConditionalGeneration(config)
-
-
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def qwen_dir(request, tmp_path_factory):
     torch.manual_seed(0)
-    model = hf_model(request.param).eval()
-    with torch.no_grad():  # large random weights, norms and biases: a position or order mistake shows in the logits
-        for p in model.parameters():
-            p.add_(0.15 * torch.randn_like(p))
+    model = qwen_hf_model(request.param, IMAGE)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return path, model
