@@ -31,6 +31,8 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
         "steps": len(losses),
         "skipped_steps": module.nonfinite.skipped,  # non-finite loss or gradient norm (faults.max_nonfinite_steps)
         "skipped": skipped_samples(module, datamodule),
+        "val_skipped": {k.removeprefix("val/skipped/"): int(v) for k, v in module.validation.last.items()
+                        if k.startswith("val/skipped/") and v},  # the last validation pass's loader drops
         "loss_start": sum(head) / len(head) if losses else float("nan"),
         "loss_end": loss_end,
         "val_loss": val_loss,

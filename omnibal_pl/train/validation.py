@@ -6,7 +6,9 @@ supervised next-token predictions and how many of them the argmax gets right. Th
 until the pass ends; one all-reduce and one host read give
 
 - ``val/loss`` = sum(w * CE) / sum(w), the global weighted mean, whatever the DP size;
-- ``val/token_acc`` = correct / supervised predictions (unweighted).
+- ``val/token_acc`` = correct / supervised predictions (unweighted);
+- ``val/skipped/<reason>``: held-out samples the loaders dropped in the pass (an image that no longer decodes,
+  under ``dataset.bad_samples=skip``); each pass reads them again, so each pass counts them again.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import lightning.pytorch as pl
 import torch
 
 from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
+from omnibal_pl.data.skips import LOADER_REASONS
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.sparsify import split_output
 from omnibal_pl.train.objective import packed_loss_sum
 
 
 class ValidationMeter:
-    """Sums of one validation pass (see the module docstring): [CE sum, weight, correct, predictions], float64."""
+    """Sums of one validation pass (see the module docstring): [CE sum, weight, correct, predictions, dropped per
+    ``LOADER_REASONS``], float64."""
 
     def __init__(self, cfg: VLMConfig) -> None:
         self.cfg = cfg
@@ -36,16 +40,20 @@ class ValidationMeter:
         targets = batch.labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
-        terms = torch.stack([loss_sum.double(), weight.double(), correct.double(), supervised.sum().double()])
+        dropped = torch.tensor([batch.skipped.get(r, 0) for r in LOADER_REASONS], dtype=torch.float64, device=logits.device)
+        terms = torch.cat([torch.stack([loss_sum.double(), weight.double(), correct.double(), supervised.sum().double()]),
+                           dropped])
         self.totals = terms if self.totals is None else self.totals + terms
 
     def finish(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, float]:
         """The pass's global metrics (``all_reduce_sum``: the sum over DP ranks); resets for the next pass.
         A rank that validated nothing contributes zeros, so every rank takes part in the reduction."""
-        local = self.totals if self.totals is not None else torch.zeros(4, dtype=torch.float64, device=device)
+        size = 4 + len(LOADER_REASONS)
+        local = self.totals if self.totals is not None else torch.zeros(size, dtype=torch.float64, device=device)
         self.totals = None
-        loss_sum, weight, correct, predictions = all_reduce_sum(local).tolist()
-        self.last = {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0)}
+        loss_sum, weight, correct, predictions, *dropped = all_reduce_sum(local).tolist()
+        self.last = {"val/loss": loss_sum / max(weight, 1e-12), "val/token_acc": correct / max(predictions, 1.0),
+                     **{f"val/skipped/{r}": n for r, n in zip(LOADER_REASONS, dropped)}}
         return dict(self.last)
 
 

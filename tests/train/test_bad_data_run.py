@@ -113,3 +113,18 @@ def test_pipeline_stages_count_a_drop_once(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1}
+
+
+def test_a_held_out_sample_that_fails_to_decode_is_counted_by_the_validation_pass(tmp_path):
+    """Separate validation data with one truncated JPEG: every validation pass drops it and says so
+    (``val/skipped/unreadable_image`` per pass, ``val_skipped`` in the summary); training data is clean."""
+    overrides = run_overrides(tmp_path, bad_samples="skip", max_skip_fraction=0.3)
+    root = tmp_path / "data"
+    records = llava_records(root)
+    undecodable_pixels(root, records)
+    val = write_jsonl(root / "val.jsonl", records)
+    summary = train(cfg_of(*overrides, f"+dataset.val_annotation={val}", "trainer.val_check_interval=2"))
+    assert summary["skipped"] == {} and summary["val_skipped"] == {"unreadable_image": 1}
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        passes = [float(r["val/skipped/unreadable_image"]) for r in csv.DictReader(f) if r.get("val/skipped/unreadable_image")]
+    assert len(passes) >= 2 and set(passes) == {1.0}
