@@ -9,7 +9,9 @@ step carry near-equal work.
 Nothing is lost: groups that cannot fill a whole step are carried into the next epoch (their samples
 join that epoch's grouping); after the last epoch they are reported by :meth:`BalancedSampler.leftover`.
 Epoch ``e``'s arrangement depends on epoch ``e - 1``'s carry, so arrangements are built in order from epoch 0 and
-cached.
+cached. While a rank iterates epoch ``e``, epoch ``e + 1``'s arrangement is built in a background thread (the
+C++ grouping releases the GIL), so the next epoch starts without waiting for its grouping: the build, a second
+of CPU at 1.2M samples, is taken off the training loop's critical path instead of being paid at every epoch start.
 
 Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on
 a batch sampler itself: hence two classes, :class:`BalancedSampler` (the epoch arrangement, ``set_epoch``,
@@ -18,8 +20,9 @@ second's ``.sampler``.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -60,6 +63,28 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
 
 
+class _Background:
+    """``fn()`` run in a daemon thread (one that never holds up the interpreter's exit); :meth:`result` waits for it."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # re-raised in the thread that asks for the result
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class BalancedSampler(Sampler[int]):
     """The epoch arrangement of one DP rank; iterating it gives the rank's sample ids in training order.
 
@@ -84,6 +109,7 @@ class BalancedSampler(Sampler[int]):
         self.dp_rank = dp_rank
         self.epoch = 0
         self._arrangements: dict[int, EpochArrangement] = {}
+        self._next: tuple[int, _Background] | None = None  # (epoch, its arrangement being built)
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batches already consumed)
 
     @property
@@ -99,10 +125,24 @@ class BalancedSampler(Sampler[int]):
         epoch = self.epoch if epoch is None else epoch
         start = max((e for e in self._arrangements if e <= epoch), default=-1)
         for e in range(start + 1, epoch + 1):
-            carried = self._arrangements[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
-            self._arrangements[e] = self._build(e, carried)
+            if self._next is not None and self._next[0] == e:
+                self._arrangements[e] = self._next[1].result()
+            else:
+                carried = self._arrangements[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
+                self._arrangements[e] = self._build(e, carried)
             self._arrangements.pop(e - 2, None)  # keep memory bounded: only the last two are needed
         return self._arrangements[epoch]
+
+    def prefetch_next(self) -> None:
+        """Starts building the arrangement of the epoch after the current one in the background (once)."""
+        nxt = self.epoch + 1
+        if nxt in self._arrangements or (self._next is not None and self._next[0] == nxt):
+            return
+        carried = self.arrangement().leftover
+        self._next = (nxt, _Background(lambda: self._build(nxt, carried)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_next": None}  # a thread does not cross a pickle; the epoch is built again if asked
 
     def _build(self, epoch: int, carried: np.ndarray) -> EpochArrangement:
         pool = np.concatenate([np.arange(len(self.lengths), dtype=np.int64), carried])
@@ -183,6 +223,7 @@ class BalancedBatchSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         arrangement = self.sampler.arrangement()
+        self.sampler.prefetch_next()
         skip = self.sampler.take_skip()
         groups = [arrangement.grouping.group(g).tolist() for g in arrangement.rank_groups(self.sampler.dp_rank)[skip:]]
         if not self.whole_steps:

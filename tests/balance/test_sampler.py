@@ -46,6 +46,21 @@ def test_each_sample_once_per_epoch_and_equal_step_counts(dp, micro, epochs, see
         carried = arr.leftover
 
 
+def test_the_next_epoch_built_in_the_background_is_the_one_built_in_order():
+    """Iterating epoch e builds epoch e + 1 in a background thread; the epochs one sampler then yields are a fresh
+    sampler's, carry-overs included (a background build from the wrong carry would differ)."""
+    cfg = BalanceConfig(dp=8, micro_batches=2, vit_cap=18, token_cap=5280)
+    sampler = BalancedSampler(TABLE, cfg, 3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(BalancedBatchSampler(sampler))
+        assert sampler._next is not None and sampler._next[0] == epoch + 1  # already being built
+        fresh = BalancedSampler(TABLE, cfg, 3)
+        fresh.set_epoch(epoch)
+        assert batches == list(BalancedBatchSampler(fresh))
+        assert len(fresh.arrangement().carried_in) > 0 or epoch == 0  # the carry matters from epoch 1 on
+
+
 def test_ranks_of_a_step_carry_equal_work():
     cfg = BalanceConfig(dp=8, micro_batches=2, vit_cap=18, token_cap=5280)
     per_rank = rank_batches(cfg, 0)
