@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -203,6 +204,7 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # a long run killed by a timeout keeps the rows it printed
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
