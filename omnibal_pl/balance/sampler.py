@@ -126,7 +126,7 @@ class BalancedSampler(Sampler[int]):
         start = max((e for e in self._arrangements if e <= epoch), default=-1)
         for e in range(start + 1, epoch + 1):
             if self._next is not None and self._next[0] == e:
-                self._arrangements[e] = self._next[1].result()
+                self._arrangements[e], self._next = self._next[1].result(), None  # not held past its epoch
             else:
                 carried = self._arrangements[e - 1].leftover if e > 0 else np.zeros(0, np.int64)
                 self._arrangements[e] = self._build(e, carried)
