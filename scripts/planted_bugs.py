@@ -238,6 +238,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return self.min_tiles, max(1, self.max_tiles // max(1, num_images))",
         "return min(self.min_tiles, self.max_tiles // max(1, num_images)), max(1, self.max_tiles // max(1, num_images))",
         *DATA),
+    # ---- data: the tokenizer's own chat template, uint8 tiles, reduced decode, the next epoch (stop 12) ----
+    one("template_reply_trailing_newline_supervised", "data", "omnibal_pl/data/templates.py",
+        "reply = turn[len(prompt):].rstrip()", "reply = turn[len(prompt):]", "tests/data/test_chat_templates.py"),
+    one("template_reply_starts_before_generation_prompt", "data", "omnibal_pl/data/templates.py",
+        "prompt, turn = self._render(messages[:k], True)", "prompt, turn = self._render(messages[:k], False)",
+        "tests/data/test_chat_templates.py"),
+    one("template_bos_added_twice", "data", "omnibal_pl/data/templates.py",
+        "parts, bos = self._template_parts(messages, origin), []",
+        "parts, bos = self._template_parts(messages, origin), self.tokenizer.bos_ids", "tests/data/test_chat_templates.py"),
+    one("uint8_tiles_normalised_with_mean_and_std_swapped", "data", "omnibal_pl/model/vision.py",
+        "x = normalise(x, *batch.pixel_norm)", "x = normalise(x, *reversed(batch.pixel_norm))", "tests/data/test_pixels.py"),
+    one("reduced_decode_sized_for_the_thumbnail", "data", "omnibal_pl/data/tiling.py",
+        "    return cols * s, rows * s", "    return s, s", "tests/data/test_pixels.py"),
+    one("next_epoch_built_without_the_carry", "balance", "omnibal_pl/balance/sampler.py",
+        "carried = self.arrangement().leftover", "carried = np.zeros(0, np.int64)", "tests/balance/test_sampler.py"),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (
