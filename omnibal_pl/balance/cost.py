@@ -10,13 +10,16 @@ A micro-batch's features (one row per group) are sums over its samples of
 - ``samples``: 1 per sample (per-sample overheads: segment bookkeeping, loss terms).
 
 :class:`TimeModel` predicts seconds as ``t = a*tiles + b*tokens + c*tokens_sq + d*samples``, its coefficients
-found by least squares on measured (features, seconds) pairs (:func:`fit_time_model`). A model is valid only
-with every coefficient >= 0 (a negative one means the measurements cannot separate the terms: too few or too
-alike micro-batches) and from at least ``MIN_FITS_PER_TERM`` micro-batches per term; otherwise fitting raises
-:class:`~omnibal_pl.errors.BalanceError` and the caller keeps ``cost=counts`` and says so.
+found by non-negative least squares on measured (features, seconds) pairs (:func:`fit_time_model`): a term the
+measurements cannot separate from the others (tiles and tokens of micro-batches whose text is mostly image
+tokens, say) or that would lower the time gets 0, never a negative coefficient that would reward the ranks
+with more work. A fit is refused (:class:`~omnibal_pl.errors.BalanceError`, and the caller keeps
+``cost=counts`` and says so) from fewer than ``MIN_FITS_PER_TERM`` micro-batches per term, or when its RMS
+error exceeds ``MAX_RELATIVE_ERROR`` of the mean measured time (the terms do not explain the times).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from omnibal_pl.lengths import LengthTable
 TERMS = ("tiles", "tokens", "tokens_sq", "samples")
 MIN_FITS_PER_TERM = 3
 NUMERICAL_ZERO = 1e-9  # relative to the largest measured time
+MAX_RELATIVE_ERROR = 0.25  # RMS error of an accepted fit, as a fraction of the mean measured time
 
 
 @dataclass
@@ -48,9 +52,9 @@ class TimeModel:
                                f"({', '.join(TERMS)})")
         negative = [f"{t}={c:.3g}" for t, c in zip(TERMS, self.coefficients) if c < 0]
         if negative:
-            raise BalanceError(f"time model has negative coefficients ({', '.join(negative)}): the measured "
-                               "micro-batches cannot separate these terms; measure more, and more varied, micro-batches "
-                               "(different sample counts and lengths) or use balance.cost=counts")
+            raise BalanceError(f"time model has negative coefficients ({', '.join(negative)}): it would give the "
+                               "ranks with more work more of it; refit it (fit_time_model never returns one) or use "
+                               "balance.cost=counts")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Seconds per row of ``features`` ([n, len(TERMS)])."""
@@ -86,11 +90,11 @@ def group_features(table: LengthTable, grouping: Grouping) -> np.ndarray:
 
 
 def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
-    """Least-squares coefficients of :data:`TERMS` for measured micro-batches (no intercept: a fixed cost per
-    micro-batch is the same on every rank and does not change balance).
+    """Non-negative least-squares coefficients of :data:`TERMS` for measured micro-batches (no intercept: a fixed
+    cost per micro-batch is the same on every rank and does not change balance).
 
-    Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when a
-    coefficient comes out negative.
+    Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when the
+    fit's RMS error exceeds ``MAX_RELATIVE_ERROR`` of the mean time.
     """
     features = np.asarray(features, np.float64)
     seconds = np.asarray(seconds, np.float64)
@@ -103,12 +107,34 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
                            f"{len(features)}; measure more steps or use balance.cost=counts")
     scale = np.abs(features).max(axis=0)
     scale[scale == 0] = 1.0  # a term absent from every micro-batch gets coefficient 0
-    solution, *_ = np.linalg.lstsq(features / scale, seconds, rcond=None)
-    # a term whose largest contribution is below rounding of the times is zero, whatever its sign
-    solution[np.abs(solution) <= NUMERICAL_ZERO * np.abs(seconds).max()] = 0.0
+    solution = nonnegative_lstsq(features / scale, seconds)
+    # a term whose largest contribution is below rounding of the times is zero
+    solution[solution <= NUMERICAL_ZERO * np.abs(seconds).max()] = 0.0
     coefficients = solution / scale
     rms = float(np.sqrt(np.mean((features @ coefficients - seconds) ** 2)))
+    mean = float(np.mean(seconds))
+    if not rms <= MAX_RELATIVE_ERROR * mean:
+        raise BalanceError(f"the best non-negative time model ({', '.join(f'{t}={c:.3g}' for t, c in zip(TERMS, coefficients))}) "
+                           f"misses the measured times by {rms:.3g} s RMS against a mean of {mean:.3g} s (more than "
+                           f"{MAX_RELATIVE_ERROR:.0%}): the times are too noisy or not explained by {', '.join(TERMS)}; "
+                           "measure on a quieter machine, with more micro-batches, or use balance.cost=counts")
     return TimeModel([float(c) for c in coefficients], rms, len(features))
+
+
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``x >= 0`` minimising ``|a x - b|``, exactly, for few columns: the unconstrained least-squares solution
+    on each subset of columns (the others 0), the best of those that are non-negative. The optimum is one of
+    them: on its support the constraints are inactive, so it solves that subset's least squares."""
+    best, best_residual = np.zeros(a.shape[1]), float(np.sum(b * b))
+    for size in range(1, a.shape[1] + 1):
+        for columns in itertools.combinations(range(a.shape[1]), size):
+            x, *_ = np.linalg.lstsq(a[:, columns], b, rcond=None)
+            if np.all(x >= 0):
+                residual = float(np.sum((a[:, columns] @ x - b) ** 2))
+                if residual < best_residual:
+                    best, best_residual = np.zeros(a.shape[1]), residual
+                    best[list(columns)] = x
+    return best
 
 
 def load_time_model(cfg: BalanceConfig) -> TimeModel | None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from omnibal_pl.balance import BalanceConfig, TimeModel, balance_metrics, fit_time_model, group_features, group_samples
+from omnibal_pl.balance.cost import nonnegative_lstsq
 from omnibal_pl.balance.grouping import Grouping
 from omnibal_pl.balance.sampler import BalancedSampler
 from omnibal_pl.balance.steps import arrange_steps
@@ -42,12 +43,45 @@ def test_fit_refuses_too_few_micro_batches():
         fit_time_model(features, np.ones(11))
 
 
-def test_fit_refuses_a_negative_coefficient():
+def test_fit_separates_nearly_collinear_terms_without_a_negative_coefficient():
+    # tokens are mostly 64 image tokens per tile: unconstrained least squares trades tiles against tokens and
+    # gives one of them a negative coefficient; the non-negative fit keeps both >= 0 and still fits the times
     rng = np.random.default_rng(1)
+    n = 40
+    samples = rng.integers(1, 6, n)
+    tiles = samples * rng.integers(1, 8, n)
+    tokens = 64 * tiles + rng.integers(0, 3, n)
+    features = np.stack([tiles, tokens, tokens**2 / samples, samples], axis=1).astype(float)
+    seconds = features @ np.array([0.0, 1e-4, 0.0, 2e-3]) * (1 + rng.normal(0, 0.01, n))
+    unconstrained, *_ = np.linalg.lstsq(features, seconds, rcond=None)
+    assert unconstrained.min() < 0  # the case this test is about
+    model = fit_time_model(features, seconds)
+    assert min(model.coefficients) >= 0
+    assert model.rms_error < 0.02 * seconds.mean()  # dropping the negative terms of the plain fit misses by far more
+
+
+def test_fit_refuses_times_its_terms_do_not_explain():
+    rng = np.random.default_rng(3)
     features = rng.uniform(1, 10, (40, 4))
-    seconds = features @ np.array([1.0, 1.0, 1.0, -2.0])  # more samples make it faster: not a time model
-    with pytest.raises(BalanceError, match=r"negative coefficients \(samples="):
-        fit_time_model(features, seconds)
+    with pytest.raises(BalanceError, match=r"misses the measured times by .* \(more than 25%\)"):
+        fit_time_model(features, rng.uniform(0.1, 10, 40))  # times unrelated to the work
+
+
+def test_a_stored_model_with_a_negative_coefficient_is_refused():
+    with pytest.raises(BalanceError, match=r"negative coefficients \(tokens=-1\)"):
+        TimeModel([1.0, -1.0, 0.0, 0.0])
+
+
+def test_nonnegative_lstsq_is_the_constrained_optimum():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        a, b = rng.normal(size=(12, 4)), rng.normal(size=12)
+        x = nonnegative_lstsq(a, b)
+        assert x.min() >= 0
+        # no non-negative point nearby does better (first-order optimality, checked by sampling)
+        residual = np.sum((a @ x - b) ** 2)
+        trials = np.maximum(x + rng.normal(0, 0.05, (200, 4)), 0)
+        assert np.all(np.sum((trials @ a.T - b) ** 2, axis=1) >= residual - 1e-12)
 
 
 def test_save_load_round_trip_and_wrong_terms(tmp_path):
