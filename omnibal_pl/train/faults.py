@@ -133,19 +133,19 @@ class FaultWatch(pl.Callback):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
-        self._previous_fd = -1
+        self._previous_fd: int | None = None  # the wakeup fd before ours, while ours is installed
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rank, self._step = trainer.global_rank, trainer.global_step
         self._last_progress = time.monotonic()
         self._stop.clear()
+        read, write = socket.socketpair()  # the watcher sleeps on ``read``; a byte on ``write`` wakes it
+        write.setblocking(False)
+        self._wakeup = (read, write)
         if threading.current_thread() is threading.main_thread():
-            read, write = socket.socketpair()
-            write.setblocking(False)
-            self._wakeup = (read, write)
             # Python's C-level handler writes every signal that has a Python handler (Lightning's SIGTERM one) here
             self._previous_fd = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-        self._thread = threading.Thread(target=self._watch, name="omnibal-fault-watch", daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(read,), name="omnibal-fault-watch", daemon=True)
         self._thread.start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -167,21 +167,30 @@ class FaultWatch(pl.Callback):
         self._shutdown()
 
     def _shutdown(self) -> None:
+        """Stops the watcher at once (a byte wakes its ``select``) and restores the wakeup fd. Safe to call again,
+        also after a signal handler's exception interrupted an earlier call."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._wakeup is not None:
+        thread, wakeup = self._thread, self._wakeup
+        self._thread = self._wakeup = None
+        if wakeup is None:
+            return
+        if self._previous_fd is not None:  # installed by on_train_start in the main thread, where this runs too
             signal.set_wakeup_fd(self._previous_fd)
-            for s in self._wakeup:
+            self._previous_fd = None
+        with contextlib.suppress(OSError):
+            wakeup[1].send(b"\0")  # no signal has number 0
+        try:
+            if thread is not None:
+                thread.join(timeout=5)
+        finally:
+            for s in wakeup:
                 s.close()
-            self._wakeup = None
 
-    def _watch(self) -> None:
+    def _watch(self, wakeup: socket.socket) -> None:
         sigterm_at: float | None = None
         while not self._stop.is_set():
             now = time.monotonic()
-            waits = [1.0]
+            waits = []  # seconds to the next deadline; none: sleep until a signal or _shutdown's byte
             if sigterm_at is not None:
                 if now - sigterm_at >= self.sigterm_grace_s:
                     self._end(EXIT_SIGTERM, f"SIGTERM {self.sigterm_grace_s:.0f} s ago (faults.sigterm_grace_s) and "
@@ -195,19 +204,15 @@ class FaultWatch(pl.Callback):
                                          f"{self.step_timeout_s:.0f}): a peer rank died or a collective hangs")
                     return
                 waits.append(self.step_timeout_s - idle)
-            if self._wakeup is None:
-                self._stop.wait(max(min(waits), 0.01))
-                continue
-            ready, _, _ = select.select([self._wakeup[0]], [], [], max(min(waits), 0.01))
-            if ready:
-                try:
-                    signals = self._wakeup[0].recv(64)
-                except OSError:
-                    return
-                if sigterm_at is None and signal.SIGTERM in signals:
-                    sigterm_at = time.monotonic()
-                    print(f"omnibal: global rank {self._rank} got SIGTERM at step {self._step}: stopping; the process "
-                          f"ends within {self.sigterm_grace_s:.0f} s", file=sys.stderr, flush=True)
+            try:
+                ready, _, _ = select.select([wakeup], [], [], max(min(waits), 0.01) if waits else None)
+                signals = wakeup.recv(64) if ready else b""
+            except (OSError, ValueError):  # closed by _shutdown
+                return
+            if sigterm_at is None and signal.SIGTERM in signals:
+                sigterm_at = time.monotonic()
+                print(f"omnibal: global rank {self._rank} got SIGTERM at step {self._step}: stopping; the process "
+                      f"ends within {self.sigterm_grace_s:.0f} s", file=sys.stderr, flush=True)
 
     def _end(self, status: int, why: str) -> None:
         print(f"omnibal: global rank {self._rank} at step {self._step}: {why}; ending the process (exit status "

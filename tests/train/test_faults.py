@@ -122,6 +122,21 @@ def test_watchdog_ends_a_process_without_progress_and_spares_one_with_progress()
         watch._shutdown()
 
 
+def test_the_end_of_training_stops_the_watcher_at_once_and_twice_is_harmless():
+    # no step timeout and no SIGTERM: the watcher has no deadline and sleeps until woken; _shutdown's byte wakes
+    # it (without it the join gives up after 5 s with the thread still alive)
+    watch = FaultWatch(step_timeout_s=None, sigterm_grace_s=30, exit=pytest.fail)
+    trainer = type("T", (), {"global_rank": 0, "global_step": 0})()
+    watch.on_train_start(trainer, None)
+    thread, previous = watch._thread, signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous)  # read back: the watcher's socket is the process's wakeup fd while it runs
+    assert previous != -1
+    watch.on_train_end(trainer, None)
+    assert not thread.is_alive()
+    assert signal.set_wakeup_fd(-1) == -1  # restored to what it was before training (none)
+    watch.on_exception(trainer, None, RuntimeError())  # Lightning may call both: nothing left to stop
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 def test_nonfinite_steps_are_counted_and_stop_at_the_limit():

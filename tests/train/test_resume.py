@@ -190,9 +190,11 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_with_every_sample_once
         _, stderr = proc.communicate(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    job_logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "sweep").glob(".submitit/*/*_log.err")))
+    assert proc.returncode == 0, stderr[-3000:] + job_logs
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
-    assert len({r["pid"] for r in rows}) == 2  # preempted once, requeued once
+    attempts = {r["pid"]: r["step"] for r in rows}  # each attempt's last step
+    assert len(attempts) == 2, f"attempts (pid: last step) {attempts}; the job's log:\n{job_logs}"  # preempted, requeued
     committed = committed_micro_batches(samples)
     assert [r["ids"] for r in committed] == expected_micro_batches(args, tmp_path / "resolve", 0, 24)
     check_attempts_agree(samples)
