@@ -23,11 +23,11 @@
 // Inside a bucket, look-ups ("a sample with the largest tokens <= x", "a uniform unused one with tokens
 // in [lo, hi]") count unused samples per distinct token count in a Fenwick tree (a few thousand entries
 // at most, so it stays in cache however many samples there are: O(log distinct counts) per look-up),
-// then take the last unused sample of that count. Samples of one bucket and token count are alike to
-// the grouping (same units, same tokens) and lie in shuffled order, so the last unused one is a uniform
-// draw among them, and a count's unused samples are always the first slots of its run: a take touches
-// one run's end and no per-sample bookkeeping (on 1.2M Qwen-style rows, the random reads of a
-// swap-remove list were a third of the grouping's time).
+// and answer with that token count; taking it takes the count's last unused sample. Samples of one bucket
+// and token count are alike to the grouping (same units, same tokens) and lie in shuffled order, so the
+// last unused one is a uniform draw among them, and a count's unused samples are always the first slots
+// of its run: a take reads one sample index and keeps no per-sample bookkeeping (on 1.2M Qwen-style rows,
+// the random reads of per-sample lists were a third of the grouping's time).
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -82,9 +82,8 @@ class Fenwick {
 
 struct Bucket {
   std::vector<int64_t> items;   // sample indices, ascending tokens (equal tokens: in shuffled order)
-  std::vector<int32_t> tokens;  // tokens of items, ascending
   std::vector<int32_t> values;  // distinct token counts of the bucket, ascending
-  // Slots of token count v: start[v] .. start[v] + size; the unused ones are the first count[v] of them.
+  // The slots of token count v start at start[v]; its unused ones are the first count[v] of them.
   std::vector<int64_t> start;
   std::vector<int32_t> count;
   Fenwick unused{{}};
@@ -92,7 +91,7 @@ struct Bucket {
   int64_t first = 0, last = -1;  // smallest / largest token-count index with unused samples
   bool extremes_changed = false;  // the last take() changed min_tokens(), max_tokens() or emptied it
 
-  void init() {
+  void init(const std::vector<int32_t>& tokens) {  // tokens of items
     for (size_t k = 0; k < items.size(); ++k) {
       if (k == 0 || tokens[k] != tokens[k - 1]) {
         values.push_back(tokens[k]);
@@ -112,22 +111,19 @@ struct Bucket {
   int64_t count_at_most(int64_t x) const {
     return unused.prefix(std::upper_bound(values.begin(), values.end(), x) - values.begin());
   }
-  // Slot of the last unused item of the token count holding the k-th unused item.
-  int64_t kth_slot(int64_t k) const {
-    const size_t v = unused.kth(k);
-    return start[v] + count[v] - 1;
-  }
-  // Slot of an unused item with the largest token count <= x, or -1.
+  // Token-count index (into values) of the k-th unused item.
+  int64_t kth_value(int64_t k) const { return static_cast<int64_t>(unused.kth(k)); }
+  // Token-count index of the largest token count <= x with an unused item, or -1.
   int64_t largest_at_most(int64_t x) const {
     int64_t c = count_at_most(x);
-    return c == 0 ? -1 : kth_slot(c);
+    return c == 0 ? -1 : kth_value(c);
   }
-  // Slot of an unused item drawn uniformly among those with tokens in [lo, hi], or -1.
+  // Token-count index of an unused item drawn uniformly among those with tokens in [lo, hi], or -1.
   int64_t uniform_between(int64_t lo, int64_t hi, SplitMix64& rng) const {
     if (lo > hi) return -1;
     int64_t a = count_below(lo), b = count_at_most(hi);
     if (b <= a) return -1;
-    return kth_slot(a + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(b - a))));
+    return kth_value(a + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(b - a))));
   }
   // Weight of this bucket in a growing move: its size, sharpened by how much of it is left, so
   // buckets that closing moves drain faster (small tile counts) are spared by growing moves and all
@@ -137,18 +133,15 @@ struct Bucket {
     const double f2 = frac * frac, f4 = f2 * f2;
     return static_cast<double>(left) * f4 * f4;
   }
-  int64_t take(int64_t slot) {
+  // Takes the last unused item of token count ``v`` (an index into values); returns its sample index.
+  int64_t take(int64_t v) {
     // Once per sample, outside the look-up loops: a look-up bug becomes a Python IndexError, not a
-    // write past the bucket or a sample taken twice.
-    const int64_t v = slot < 0 || slot >= static_cast<int64_t>(items.size())
-                          ? -1
-                          : std::lower_bound(values.begin(), values.end(), tokens[slot]) - values.begin();
-    if (v < 0 || count[v] == 0 || slot != start[v] + count[v] - 1)
-      throw std::out_of_range("balanced: slot " + std::to_string(slot) + " of a bucket of " +
-                              std::to_string(items.size()) + " is outside it or not the next unused one of its "
-                              "token count");
+    // read past the bucket or a sample taken twice.
+    if (v < 0 || v >= static_cast<int64_t>(values.size()) || count[v] == 0)
+      throw std::out_of_range("balanced: token count " + std::to_string(v) + " of a bucket of " +
+                              std::to_string(values.size()) + " counts is outside it or has no unused sample");
     unused.remove(static_cast<size_t>(v));
-    --count[v];
+    const int64_t slot = start[v] + --count[v];
     --left;
     // Items only ever leave, so the smallest / largest token count in use only moves inwards.
     const int64_t was_first = first, was_last = last;
@@ -201,11 +194,12 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
     for (int64_t i : by_tokens) buckets[units(i)].items.push_back(i);
   }
   std::vector<double> drain(vmax + 1, 0.0);  // drain weight per bucket, 0 once empty (contiguous for the scans)
+  std::vector<int32_t> tokens;  // of one bucket's items, while its look-ups are built
   for (int32_t v = 0; v <= vmax; ++v) {
     Bucket& b = buckets[v];
-    b.tokens.resize(b.items.size());
-    for (size_t k = 0; k < b.items.size(); ++k) b.tokens[k] = len.tokens[b.items[k]];
-    b.init();
+    tokens.resize(b.items.size());
+    for (size_t k = 0; k < b.items.size(); ++k) tokens[k] = len.tokens[b.items[k]];
+    b.init(tokens);
     if (b.left > 0) drain[v] = b.drain_weight();
   }
 
@@ -254,15 +248,15 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
     pool_units += units(i);
     pool_tokens += len.tokens[i];
   }
-  auto add = [&](int32_t v, int64_t pos) {
+  auto add = [&](int32_t v, int64_t value) {  // value: the token-count index a look-up of bucket v gave
     Bucket& b = buckets[v];
-    int64_t i = b.take(pos);
+    int64_t i = b.take(value);
     if (b.extremes_changed) bounds_upto = -1;
     drain[v] = b.drain_weight();
     vit += v;
-    tok += b.tokens[pos];
+    tok += b.values[value];
     pool_units -= v;
-    pool_tokens -= b.tokens[pos];
+    pool_tokens -= b.values[value];
     out.indices.push_back(i);
   };
 
@@ -277,14 +271,14 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
     while (seed_v > 1 && (drain[seed_v] == 0 || (r -= drain[seed_v]) >= 0)) --seed_v;
     while (buckets[seed_v].left == 0) ++seed_v;  // rounding left r >= 0 down to bucket 1
     Bucket& sb = buckets[seed_v];
-    add(seed_v, sb.kth_slot(1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(sb.left)))));
+    add(seed_v, sb.kth_value(1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(sb.left)))));
 
     while (vit < unit_cap) {
       const int64_t rv = unit_cap - vit, rt = token_cap - tok, aim_left = target - tok;
       const bool can_close = rv <= vmax && buckets[rv].left > 0;
-      const int64_t aim_pos = can_close ? buckets[rv].largest_at_most(std::min(rt, aim_left + close_slack)) : -1;
-      if (aim_pos >= 0 && buckets[rv].tokens[aim_pos] >= aim_left - close_slack) {
-        add(static_cast<int32_t>(rv), aim_pos);
+      const int64_t aim_value = can_close ? buckets[rv].largest_at_most(std::min(rt, aim_left + close_slack)) : -1;
+      if (aim_value >= 0 && buckets[rv].values[aim_value] >= aim_left - close_slack) {
+        add(static_cast<int32_t>(rv), aim_value);
         break;
       }
       fill_bounds(rv - 1);
@@ -300,9 +294,9 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
         grow_weight.push_back(drain[v]);
         weight += grow_weight.back();
       }
-      int64_t pick_pos = -1;
+      int64_t pick_value = -1;
       int32_t pick_v = 0;
-      while (pick_pos < 0 && !grow.empty()) {
+      while (pick_value < 0 && !grow.empty()) {
         double r = weight * (static_cast<double>(rng.next() >> 11) * 0x1.0p-53);
         size_t c = grow.size() - 1;
         for (size_t k = 0; k < grow.size(); ++k) {
@@ -314,21 +308,21 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
         pick_v = grow[c];
         Bucket& b = buckets[pick_v];
         const int64_t rest = rv - pick_v, t_lo = rt - hi[rest], t_hi = rt - lo[rest];
-        pick_pos = b.uniform_between(std::max<int64_t>(t_lo, 1), t_hi, rng);
-        if (pick_pos < 0) {  // no sample of this unit count fits the window: drop the candidate
+        pick_value = b.uniform_between(std::max<int64_t>(t_lo, 1), t_hi, rng);
+        if (pick_value < 0) {  // no sample of this unit count fits the window: drop the candidate
           weight -= grow_weight[c];
           grow.erase(grow.begin() + static_cast<int64_t>(c));
           grow_weight.erase(grow_weight.begin() + static_cast<int64_t>(c));
         }
       }
-      if (pick_pos >= 0) {
-        add(pick_v, pick_pos);
+      if (pick_value >= 0) {
+        add(pick_v, pick_value);
         continue;
       }
       // Nothing grows the group exactly: close it off the aim with the largest sample that still fits.
-      const int64_t close_pos = can_close ? buckets[rv].largest_at_most(rt) : -1;
-      if (close_pos >= 0) {
-        add(static_cast<int32_t>(rv), close_pos);
+      const int64_t close_value = can_close ? buckets[rv].largest_at_most(rt) : -1;
+      if (close_value >= 0) {
+        add(static_cast<int32_t>(rv), close_value);
         break;
       } else {
         // No exact fill is possible (a token-heavy sample, or the pool's end): add what still fits,
