@@ -5,8 +5,8 @@
 // Vision units: a sample of `vit` vision counts (tiles for InternVL/LLaVA, merge blocks for Qwen2-VL) takes
 // ceil(vit / vit_quantum) units and a group holds vit_cap / vit_quantum (rounded down) units, so a full group
 // never passes vit_cap and falls short of it by less than one quantum per sample. Quantum 1 is exact tiles
-// (about 13 distinct counts); Qwen's hundreds of distinct block counts take a quantum of ~1/32 of a mean
-// sample (~150 units per group instead of ~18 tiles; the scans below are linear in the units).
+// (about 13 distinct counts); Qwen's hundreds of distinct block counts take a quantum of ~1/48 of a mean
+// sample (~250 units per group instead of ~18 tiles; the scans below are linear in the units).
 //
 // Samples are bucketed by units and sorted by tokens inside a bucket. A group aims at `target` tokens:
 // the token cap, or less when the unused samples carry fewer tokens per unit than the caps (the group's

@@ -26,7 +26,7 @@ class BalanceConfig:
     ``vit_quantum`` (``balanced`` only): how many vision counts make one unit of the grouping; a sample takes its
     count rounded up to whole quanta and a group is filled to ``vit_cap // vit_quantum`` quanta exactly. ``None``:
     :func:`~omnibal_pl.balance.grouping.auto_vit_quantum` of the data (1, exact tiles, for tile families; about
-    1/32 of a mean sample for Qwen's merge blocks), fixed once by the caps search. ``matched`` steps of every
+    1/48 of a mean sample for Qwen's merge blocks), fixed once by the caps search. ``matched`` steps of every
     algorithm compare vision sums in bands of this quantum (unset: the same automatic value).
 
     Algorithms: ``balanced`` (ours), ``isf`` (OmniBal's), and baselines: ``random`` and ``length_grouped``

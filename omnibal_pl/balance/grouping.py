@@ -22,7 +22,7 @@ LENGTH_GROUPED_MEGABATCH = 50
 # ms-swift packs its (shuffled) dataset in chunks of this many samples, carrying each chunk's last bin over.
 SWIFT_PACKING_CHUNK = 1000
 # balanced's automatic vision quantum: this many quanta per mean sample (tables of a few tiles per sample get 1).
-QUANTA_PER_MEAN_SAMPLE = 32
+QUANTA_PER_MEAN_SAMPLE = 48
 
 
 @dataclass
@@ -78,7 +78,7 @@ def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def auto_vit_quantum(table: LengthTable) -> int:
     """``balanced``'s vision quantum for ``table`` when ``balance.vit_quantum`` is unset: the mean sample's vision
     count / :data:`QUANTA_PER_MEAN_SAMPLE`, at least 1. Tiles (InternVL/LLaVA, ~4 per sample) get 1, exact tiles;
-    Qwen's merge blocks (~660 per sample) get ~20, so a sample loses under half a quantum (~1.5%) to rounding."""
+    Qwen's merge blocks (~660 per sample) get ~13, so a sample loses under half a quantum (~1%) to rounding."""
     return max(1, int(table.total_vit / max(len(table), 1) / QUANTA_PER_MEAN_SAMPLE))
 
 
