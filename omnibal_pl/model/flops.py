@@ -4,6 +4,10 @@ Attention-aware, as training cost really is: linear layers cost in proportion to
 the sum over packed sequences of s^2 (never the square of the sum):
 
 - vision block, per tile of S tokens: 2 S (4 w^2 + 2 w m) linear + 4 S^2 w attention (bidirectional);
+  Qwen's vision blocks attend over each image frame (full-attention blocks) or each window of it (Qwen2.5's
+  windowed blocks; edge windows are smaller), so their attention is 4 w sum_segments n^2 over those segments'
+  patch counts n, from the images' patch grids (:func:`vision_segments`); a micro-batch's padding blocks are
+  one segment of their own, as the encoder runs them;
 - LLM layer over L tokens with packed lengths s_i: 2 L (d (d + 2 kv hd) + d^2 + 3 d f) linear +
   2 sum_i s_i^2 d attention (causal: half of the 4 s^2 d of a full score matrix);
 - head: 2 L d V; embeddings and norms are negligible and counted as 0.
@@ -18,10 +22,13 @@ Recomputation adds forward work again and is not counted (MFU counts useful work
 """
 from __future__ import annotations
 
+import math
 from typing import Collection, Sequence
 
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
+
+Grid = tuple[int, int, int]  # (t, h, w) of an image in patches
 
 
 def block_kind(name: str) -> str:
@@ -41,10 +48,52 @@ def block_kind(name: str) -> str:
     raise ConfigError(f"{name!r} is not a block name of VLM.blocks()")
 
 
-def attention_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
+def vision_segments(cfg: VLMConfig, grids: Sequence[Grid], block: int, tiles: int) -> list[int]:
+    """Patch counts of the attention segments of Qwen vision block ``block`` over images ``grids`` in a
+    micro-batch of ``tiles`` merge blocks: one per image frame, or per window of a frame in Qwen2.5's windowed
+    blocks (``window_size`` / (patch x merge) merge blocks a side; windows at the right and bottom edges are
+    cut), then one for the padding blocks (``tiles`` beyond the images')."""
+    v = cfg.vision
+    unit = v.spatial_merge**2
+    side = v.window_size // (v.patch_size * v.spatial_merge) if v.window_size and block not in v.full_attention_blocks else 0
+    segments: list[int] = []
+    for t, h, w in grids:
+        gh, gw = h // v.spatial_merge, w // v.spatial_merge
+        if side:
+            rows = [min(side, gh - y) for y in range(0, gh, side)]
+            cols = [min(side, gw - x) for x in range(0, gw, side)]
+            segments += [r * c * unit for _ in range(t) for r in rows for c in cols]
+        else:
+            segments += [h * w] * t
+    padding = tiles * unit - sum(segments)
+    if padding < 0:
+        raise ConfigError(f"images {list(grids)} hold more than the micro-batch's {tiles} merge blocks")
+    return segments + ([padding] if padding else [])
+
+
+def square_grids(units: Sequence[int], merge: int) -> list[Grid]:
+    """Images of ``units`` merge blocks each as patch grids (for a planned micro-batch, whose images' shapes are
+    not known): ``a`` x ``n // a`` blocks with ``a`` = round(sqrt(n)), the ``n % a`` left over as a strip of their
+    own, so the grids hold exactly ``sum(units)`` blocks."""
+    grids: list[Grid] = []
+    for n in units:
+        if n > 0:
+            a = max(1, round(math.sqrt(n)))
+            grids.append((1, a * merge, n // a * merge))
+            if n % a:
+                grids.append((1, merge, n % a * merge))
+    return grids
+
+
+def attention_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int],
+                            grids: Sequence[Grid] | None = None, block: int = 0) -> float:
     """The attention-core part (softmax(QK^T)V, the s^2 terms) of :func:`block_forward_flops`; 0 for
-    blocks without attention. Qwen's vision blocks attend over whole images or windows, which ``tiles``
-    alone does not describe: their term here spans one merge block (4 patches), a lower bound."""
+    blocks without attention. Qwen vision blocks need the images' ``grids`` and the ``block`` index (windowed
+    or full attention); see :func:`vision_segments`."""
+    if kind == "vision_block" and cfg.vision.family != "vit":
+        if grids is None:
+            raise ConfigError("the attention of a Qwen vision block depends on its images: pass their patch grids")
+        return 4.0 * cfg.vision.width * sum(n * n for n in vision_segments(cfg, grids, block, tiles))
     if kind == "vision_block":
         return tiles * 4.0 * cfg.vision.seq_len**2 * cfg.vision.width
     if kind == "llm_layer":
@@ -52,10 +101,12 @@ def attention_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequ
     return 0.0
 
 
-def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int]) -> float:
+def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence[int],
+                        grids: Sequence[Grid] | None = None, block: int = 0) -> float:
     """Forward FLOPs of one block of ``kind`` for ``tiles`` tiles and packed LLM sequences ``seqlens``.
 
-    ``seqlens`` are the segment lengths of the micro-batch (padding included where it is computed).
+    ``seqlens`` are the segment lengths of the micro-batch (padding included where it is computed); ``grids``
+    and ``block``: Qwen vision blocks only (:func:`attention_forward_flops`).
     """
     v, llm = cfg.vision, cfg.llm
     s = v.seq_len  # tokens per tile inside the encoder
@@ -66,7 +117,7 @@ def block_forward_flops(cfg: VLMConfig, kind: str, tiles: int, seqlens: Sequence
         return 2.0 * tiles * v.num_patches * 3 * frames * v.patch_size**2 * v.width
     if kind == "vision_block":
         linear = tiles * 2.0 * s * (4 * v.width**2 + mlp_matrices * v.width * v.mlp_dim)
-        return linear + attention_forward_flops(cfg, kind, tiles, seqlens)
+        return linear + attention_forward_flops(cfg, kind, tiles, seqlens, grids, block)
     if kind == "projector" and cfg.projector.kind == "patch_merger":  # Qwen: Linear(4w, 4w), Linear(4w, hidden)
         width_in = v.width * cfg.projector.merge
         return 2.0 * tiles * width_in * (width_in + llm.hidden)
@@ -98,18 +149,26 @@ def block_counts(cfg: VLMConfig) -> dict[str, int]:
             "llm_layer": cfg.llm.layers, "llm_head": 1}
 
 
-def part_forward_flops(cfg: VLMConfig, part: str, tiles: int, seqlens: Sequence[int]) -> float:
-    """Forward FLOPs of one part (``vision``, ``projector`` or ``llm``) for one micro-batch."""
+def part_forward_flops(cfg: VLMConfig, part: str, tiles: int, seqlens: Sequence[int],
+                       grids: Sequence[Grid] | None = None) -> float:
+    """Forward FLOPs of one part (``vision``, ``projector`` or ``llm``) for one micro-batch (``grids``: its
+    images, for Qwen's vision blocks, whose attention differs from block to block)."""
     counts = block_counts(cfg)
     kinds = dict(PART_KINDS).get(part)
     if kinds is None:
         raise ConfigError(f"{part!r} is not a model part; choose from {[name for name, _ in PART_KINDS]}")
-    return sum(counts[kind] * block_forward_flops(cfg, kind, tiles, seqlens) for kind in kinds)
+    total = 0.0
+    for kind in kinds:
+        if kind == "vision_block" and cfg.vision.family != "vit":
+            total += sum(block_forward_flops(cfg, kind, tiles, seqlens, grids, b) for b in range(counts[kind]))
+        else:
+            total += counts[kind] * block_forward_flops(cfg, kind, tiles, seqlens)
+    return total
 
 
-def model_forward_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int]) -> float:
+def model_forward_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int], grids: Sequence[Grid] | None = None) -> float:
     """Forward FLOPs of the whole model for one micro-batch."""
-    return sum(part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)
+    return sum(part_forward_flops(cfg, part, tiles, seqlens, grids) for part, _ in PART_KINDS)
 
 
 def pass_multiples(frozen: Collection[str] = (), adapted: Collection[str] = ()) -> dict[str, float]:
@@ -144,12 +203,14 @@ def adapter_parts(cfg: VLMConfig) -> tuple[list[str], list[str]]:
     return ([p for p in parts if p not in trained and p not in adapted], [p for p in parts if p in adapted and p not in trained])
 
 
-def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int], frozen: Collection[str] = ()) -> float:
+def train_flops(cfg: VLMConfig, tiles: int, seqlens: Sequence[int], frozen: Collection[str] = (),
+                grids: Sequence[Grid] | None = None) -> float:
     """Forward + backward FLOPs of one micro-batch, without recomputation (useful work, for MFU).
 
     ``tiles``: real tiles (flag 1; padding and dummy tiles excluded); ``seqlens``: the real samples'
     lengths (the padding segment excluded); ``frozen``: the ``optim.freeze`` parts. With LoRA
-    (``cfg.adapter``) the parts come from the adapter config instead (:func:`adapter_parts`).
+    (``cfg.adapter``) the parts come from the adapter config instead (:func:`adapter_parts`). ``grids``: the
+    real images' patch grids (Qwen; required there, see :func:`attention_forward_flops`).
     """
     multiples = pass_multiples(*adapter_parts(cfg)) if cfg.adapter.enabled else pass_multiples(frozen)
-    return sum(multiples[part] * part_forward_flops(cfg, part, tiles, seqlens) for part, _ in PART_KINDS)
+    return sum(multiples[part] * part_forward_flops(cfg, part, tiles, seqlens, grids) for part, _ in PART_KINDS)

@@ -5,7 +5,8 @@ micro-batch (:class:`~omnibal_pl.batch.MicroBatchShape`):
 
 - FLOPs: :func:`omnibal_pl.model.flops.block_forward_flops` (linear terms plus the sum over packed
   samples of s^2), the attention core's share from :func:`~omnibal_pl.model.flops.attention_forward_flops`;
-  backward is twice the forward.
+  backward is twice the forward. Qwen vision blocks: each sample's merge blocks as one near-square image
+  (:func:`~omnibal_pl.model.flops.square_grids`), attended whole or by windows as the block does.
 - Time of an op: a roofline, ``overhead_s + max(flops / (peak * efficiency), bytes / bandwidth)`` where
   the bytes are the parameters read plus the activations written (forward) or twice both (backward).
 - Activations kept for backward, in the training dtype, counted tensor by tensor for this package's
@@ -33,7 +34,7 @@ import torch
 from omnibal_pl.batch import MicroBatchShape
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model.config import VLMConfig
-from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
+from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind, square_grids
 from omnibal_pl.model.sparsify import masked_attention_cost
 from omnibal_pl.model.vlm import VLM
 from omnibal_pl.plan.costs import BlockCost, CostProfile, ZeroSharding, training_static_bytes
@@ -141,11 +142,13 @@ def block_work(cfg: VLMConfig, name: str, shape: MicroBatchShape, phase: str = "
     v, llm, e = cfg.vision, cfg.llm, element_bytes
     tiles, tpt = shape.vit_cap, cfg.tokens_per_tile
     n_vis = tiles * v.seq_len  # tokens inside the encoder
-    layer = int(name.rsplit(".", 1)[1]) if kind == "llm_layer" else None
-    lengths = _llm_lengths(cfg, shape, layer, phase)
+    layer = int(name.rsplit(".", 1)[1]) if kind in ("llm_layer", "vision_block") else None
+    lengths = _llm_lengths(cfg, shape, layer if kind == "llm_layer" else None, phase)
     tokens = sum(lengths)
-    flops = block_forward_flops(cfg, kind, tiles, lengths)
-    attn = attention_forward_flops(cfg, kind, tiles, lengths)
+    # Qwen's vision attention spans whole images or windows: each sample's blocks as one near-square image
+    grids = square_grids(shape.sample_tiles(tpt), v.spatial_merge) if v.family != "vit" else None
+    flops = block_forward_flops(cfg, kind, tiles, lengths, grids, layer or 0)
+    attn = attention_forward_flops(cfg, kind, tiles, lengths, grids, layer or 0)
     if kind == "vision_embed":
         act = e * (tiles * 3 * v.image_size**2 + (n_vis * v.width if v.embed_norm else 0))
         return BlockWork(flops, 0.0, False, 0.0, act, act, act, e * n_vis * v.width)

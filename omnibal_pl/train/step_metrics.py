@@ -16,6 +16,7 @@ from omnibal_pl.batch import PackedBatch
 from omnibal_pl.data.skips import LOADER_REASONS
 from omnibal_pl.model.config import VLMConfig
 from omnibal_pl.model.flops import train_flops
+from omnibal_pl.qwen_batch import QwenPackedBatch
 from omnibal_pl.train.objective import Objective
 
 
@@ -54,7 +55,8 @@ class StepMeter:
         self.tokens += batch.num_tokens
         self.samples += batch.num_samples
         self.tiles += batch.num_tiles
-        self.flops += train_flops(self.cfg, batch.num_tiles, batch.sample_seqlens, self.frozen)
+        grids = batch.image_grids if isinstance(batch, QwenPackedBatch) else None
+        self.flops += train_flops(self.cfg, batch.num_tiles, batch.sample_seqlens, self.frozen, grids)
         self.micro_batches += 1
         self.sample_ids.append(batch.sample_ids)
         for reason, n in batch.skipped.items():

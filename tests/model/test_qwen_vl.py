@@ -1,5 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL: logits of a packed batch against transformers, M-RoPE positions, the window
 layout, blocks for the pipeline, and the published sizes."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -196,17 +198,22 @@ def test_pipeline_stages_and_recompute_give_the_whole_models_outputs_and_gradien
         torch.testing.assert_close(grads[name], p.grad, msg=name)
 
 
-def test_block_flops_count_the_qwen_matrices():
+@pytest.mark.parametrize("window_size", [56, 0])  # Qwen2.5's windows with full blocks 1 and 3; Qwen2's full blocks
+def test_block_flops_count_what_the_qwen_blocks_run(window_size):
     """vision.embed (2-frame patches), a vision block's linear layers (gated MLP: 3 matrices) and the merger
-    (4w x 4w, then 4w x hidden) against torch's FLOP counter; attention cores are not in the comparison."""
+    (4w x 4w, then 4w x hidden) against torch's FLOP counter; and each vision block's attention core (SDPA's
+    math path on CPU runs as bmm) over its segments: whole images in full-attention blocks, windows cut at
+    the image edges in windowed ones, and the padding blocks as one segment."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
 
     cfg = model_config("qwen2_5_vl_tiny")
+    cfg = replace(cfg, vision=replace(cfg.vision, window_size=window_size))
     model = VLM(cfg).eval()
     _, _, batch = packed_inputs(cfg, token_cap=80, block_cap=20)
     x = batch.pixel_values
+    attention = []
     with torch.no_grad():
         for name, block in model.blocks():
             kind = block_kind(name)
@@ -215,10 +222,19 @@ def test_block_flops_count_the_qwen_matrices():
             x = out
             if kind not in ("vision_embed", "vision_block", "projector"):
                 continue
-            # linear layers run as (add)mm; the attention core (SDPA's math path on CPU) as bmm
-            counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
-            expected = block_forward_flops(cfg, kind, 20, [80]) - attention_forward_flops(cfg, kind, 20, [80])
-            assert counted == expected, name
+            flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+            index = int(name.rsplit(".", 1)[1]) if kind == "vision_block" else 0
+            attn = attention_forward_flops(cfg, kind, 20, [80], batch.image_grids, index)
+            assert flops.get("aten.bmm", 0) == attn, name
+            assert flops.get("aten.mm", 0) + flops.get("aten.addmm", 0) == \
+                block_forward_flops(cfg, kind, 20, [80], batch.image_grids, index) - attn, name
+            if kind == "vision_block":
+                attention.append(attn)
+    # images of 4x6, 8x4 and 2x2 patches (2x3, 4x2 and 1x1 blocks), then 5 padding blocks (20 patches); windows of
+    # 2x2 blocks cut the first image into 2x2 + 2x1 blocks and the second into two 2x2
+    full = 4 * cfg.vision.width * (24**2 + 32**2 + 4**2 + 20**2)
+    windowed = 4 * cfg.vision.width * (16**2 + 8**2 + 2 * 16**2 + 4**2 + 20**2)
+    assert attention == ([windowed, full, windowed, full] if window_size else [full] * 4)
 
 
 def test_dynamic_resolution_matches_qwens_resize_rule():
@@ -264,3 +280,13 @@ def test_a_tile_batch_is_a_named_error():
     tiles = dummy_batch(model_config("tiny"), [5], [1])  # fixed-size tiles, as a tiling dataset makes them
     with pytest.raises(DataError, match=r"wants Qwen patches \[P, 1176\]"):
         VLM(model_config("qwen2_5_vl_tiny"))(tiles)
+
+
+def test_planned_images_are_near_square_and_hold_exactly_their_blocks():
+    from omnibal_pl.model.flops import square_grids
+
+    assert square_grids([6, 7, 1, 0], merge=2) == [(1, 4, 6), (1, 6, 4), (1, 2, 2), (1, 2, 2)]
+    for n in range(1, 300):
+        grids = square_grids([n], merge=2)
+        assert sum(t * h * w for t, h, w in grids) == 4 * n
+        assert grids[0][1] <= grids[0][2] + 2 * 2  # near-square: sides within a block or so of each other

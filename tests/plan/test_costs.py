@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from omnibal_pl.batch import MicroBatchShape
+from omnibal_pl.conf import preset
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.model.flops import block_forward_flops
@@ -199,3 +200,17 @@ def test_transient_bytes_follow_the_runtime_at_each_zero_level() -> None:
     assert transient_bytes(blocks, ZeroSharding(3, 4)) == recompute + 3 * 4 * 40 * 2**20
     # a pipeline stage also receives its input and its output's gradient (the first block's checkpointed input)
     assert transient_bytes(blocks, ZeroSharding(0, 1), pipelined=True) == recompute + 2 * 100
+
+
+def test_qwen2_5_full_attention_vision_blocks_cost_more_than_windowed_ones():
+    """Qwen2.5-VL-7B: blocks 7, 15, 23 and 31 attend over whole images, the others within 112 px windows. With
+    images of 1,280 merge blocks (5,120 patches) a full block's attention core is ~80x a windowed one's."""
+    cfg = VLMConfig.from_dict(preset("model", "qwen2_5_vl_7b"))
+    profile = cost_model_profile(cfg, MicroBatchShape(4 * 1280, 4 * 1280 + 4 * 512, samples=4), "h100_80gb")
+    vision = {b.name: b for b in profile.blocks if b.kind == "vision_block"}
+    full = [vision[f"vision.blocks.{i}"].recompute_attention_s for i in cfg.vision.full_attention_blocks]
+    windowed = [b.recompute_attention_s for n, b in vision.items() if int(n.rsplit(".", 1)[1])
+                not in cfg.vision.full_attention_blocks]
+    assert sorted(cfg.vision.full_attention_blocks) == [7, 15, 23, 31] and len(windowed) == 28
+    assert len(set(full)) == 1 and len(set(windowed)) == 1  # same images, same cost within each kind
+    assert 40 < full[0] / windowed[0] < 120
