@@ -208,24 +208,27 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
   // kNone where r units cannot be filled exactly.
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   std::vector<int64_t> lo(unit_cap + 1), hi(unit_cap + 1), bucket_min(vmax + 1), bucket_max(vmax + 1);
-  int64_t bounds_upto = -1;  // lo/hi are valid for r <= bounds_upto until an extreme changes
+  int64_t bounds_upto = -1;  // lo/hi are valid for r <= bounds_upto; -1 once an extreme changed
   struct Extremes {
     int64_t units, min_tokens, max_tokens;
   };
   std::vector<Extremes> present;
+  // lo/hi up to rmax, extending what is valid (a group's later moves need smaller r than its first).
   auto fill_bounds = [&](int64_t rmax) {
     if (rmax <= bounds_upto) return;
-    bounds_upto = unit_cap;
-    present.clear();  // non-empty buckets, ascending: the inner loop below reads them contiguously
-    for (int32_t v = 1; v <= vmax; ++v) {
-      if (buckets[v].left > 0) {
-        bucket_min[v] = buckets[v].min_tokens();
-        bucket_max[v] = buckets[v].max_tokens();
-        present.push_back({v, bucket_min[v], bucket_max[v]});
+    if (bounds_upto < 0) {
+      present.clear();  // non-empty buckets, ascending: the inner loop below reads them contiguously
+      for (int32_t v = 1; v <= vmax; ++v) {
+        if (buckets[v].left > 0) {
+          bucket_min[v] = buckets[v].min_tokens();
+          bucket_max[v] = buckets[v].max_tokens();
+          present.push_back({v, bucket_min[v], bucket_max[v]});
+        }
       }
+      lo[0] = hi[0] = 0;
+      bounds_upto = 0;
     }
-    lo[0] = hi[0] = 0;
-    for (int64_t r = 1; r <= unit_cap; ++r) {
+    for (int64_t r = bounds_upto + 1; r <= rmax; ++r) {
       lo[r] = kNone;
       hi[r] = 0;
       for (const Extremes& e : present) {
@@ -235,11 +238,12 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
         hi[r] = std::max(hi[r], hi[r - e.units] + e.max_tokens);
       }
     }
+    bounds_upto = rmax;
   };
 
   const int64_t close_slack = std::max<int64_t>(1, token_cap / 200);
-  std::vector<int32_t> grow;  // candidate unit counts for a growing move
-  std::vector<double> grow_weight;
+  std::vector<int32_t> grow(vmax + 1);  // candidate unit counts of a growing move: grow[0 .. n_grow)
+  std::vector<double> grow_weight(vmax + 1);
   int64_t vit = 0, tok = 0;  // the open group's units and tokens
   // Units and tokens of the unused samples: a group aims at their ratio (its fair share of tokens), so
   // token-rich samples are not used up by the first groups, leaving the last ones short.
@@ -282,24 +286,23 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
         break;
       }
       fill_bounds(rv - 1);
-      grow.clear();
-      grow_weight.clear();
+      size_t n_grow = 0;
       double weight = 0;
       for (int32_t v = 1; v <= std::min<int64_t>(rv - 1, vmax); ++v) {
         const int64_t rest = rv - v;
         if (drain[v] == 0 || lo[rest] == kNone) continue;
         // The pick must leave tokens that the remaining units can use exactly.
         if (bucket_min[v] > rt - lo[rest] || bucket_max[v] < rt - hi[rest]) continue;
-        grow.push_back(v);
-        grow_weight.push_back(drain[v]);
-        weight += grow_weight.back();
+        grow[n_grow] = v;
+        grow_weight[n_grow++] = drain[v];
+        weight += drain[v];
       }
       int64_t pick_value = -1;
       int32_t pick_v = 0;
-      while (pick_value < 0 && !grow.empty()) {
+      while (pick_value < 0 && n_grow > 0) {
         double r = weight * (static_cast<double>(rng.next() >> 11) * 0x1.0p-53);
-        size_t c = grow.size() - 1;
-        for (size_t k = 0; k < grow.size(); ++k) {
+        size_t c = n_grow - 1;
+        for (size_t k = 0; k < n_grow; ++k) {
           if ((r -= grow_weight[k]) < 0) {
             c = k;
             break;
@@ -311,8 +314,9 @@ Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t 
         pick_value = b.uniform_between(std::max<int64_t>(t_lo, 1), t_hi, rng);
         if (pick_value < 0) {  // no sample of this unit count fits the window: drop the candidate
           weight -= grow_weight[c];
-          grow.erase(grow.begin() + static_cast<int64_t>(c));
-          grow_weight.erase(grow_weight.begin() + static_cast<int64_t>(c));
+          std::copy(grow.begin() + c + 1, grow.begin() + n_grow, grow.begin() + c);
+          std::copy(grow_weight.begin() + c + 1, grow_weight.begin() + n_grow, grow_weight.begin() + c);
+          --n_grow;
         }
       }
       if (pick_value >= 0) {
