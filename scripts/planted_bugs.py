@@ -267,6 +267,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "block not in v.full_attention_blocks", "block in v.full_attention_blocks", "tests/model/test_qwen_vl.py"),
     one("qwen_padding_segment_not_counted", "plan", "omnibal_pl/model/flops.py",
         "return segments + ([padding] if padding else [])", "return segments", "tests/model/test_qwen_vl.py"),
+    one("time_calibration_features_of_the_first_samples", "train", "omnibal_pl/train/time_calibration.py",
+        "*self.features[ids].sum(axis=0)", "*self.features[: len(ids)].sum(axis=0)", "tests/train/test_time_calibration.py"),
+    one("time_calibration_step_end_not_marked", "train", "omnibal_pl/train/time_calibration.py",
+        "float(trainer.global_step > step)", "0.0", "tests/train/test_time_calibration.py"),
     one("fault_watch_not_woken_at_shutdown", "train", "omnibal_pl/train/faults.py",
         'wakeup[1].send(b"\\0")', 'wakeup[1].send(b"")', "tests/train/test_faults.py"),
 )

@@ -89,9 +89,11 @@ def group_features(table: LengthTable, grouping: Grouping) -> np.ndarray:
     return np.stack([segment_sums(per_sample[:, k], grouping.offsets) for k in range(len(TERMS))], axis=1)
 
 
-def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
-    """Non-negative least-squares coefficients of :data:`TERMS` for measured micro-batches (no intercept: a fixed
-    cost per micro-batch is the same on every rank and does not change balance).
+def fit_time_model(features: np.ndarray, seconds: np.ndarray, nuisance: np.ndarray | None = None) -> TimeModel:
+    """Non-negative least-squares coefficients of :data:`TERMS` for measured micro-batches. ``nuisance`` ([n, k]):
+    costs fitted alongside and left out of the model, such as a fixed cost per micro-batch (a column of ones)
+    or the optimizer step timed with the micro-batch that ends a step: the same on every rank, so they do not
+    change balance, but unfitted they would be charged to the terms.
 
     Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when the
     fit's RMS error exceeds ``MAX_RELATIVE_ERROR`` of the mean time.
@@ -105,13 +107,14 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray) -> TimeModel:
     if len(features) < need:
         raise BalanceError(f"a time model of {len(TERMS)} terms needs at least {need} measured micro-batches, got "
                            f"{len(features)}; measure more steps or use balance.cost=counts")
-    scale = np.abs(features).max(axis=0)
+    design = features if nuisance is None else np.concatenate([features, np.asarray(nuisance, np.float64)], axis=1)
+    scale = np.abs(design).max(axis=0)
     scale[scale == 0] = 1.0  # a term absent from every micro-batch gets coefficient 0
-    solution = nonnegative_lstsq(features / scale, seconds)
+    solution = nonnegative_lstsq(design / scale, seconds)
     # a term whose largest contribution is below rounding of the times is zero
     solution[solution <= NUMERICAL_ZERO * np.abs(seconds).max()] = 0.0
-    coefficients = solution / scale
-    rms = float(np.sqrt(np.mean((features @ coefficients - seconds) ** 2)))
+    rms = float(np.sqrt(np.mean((design @ (solution / scale) - seconds) ** 2)))
+    coefficients = solution[: len(TERMS)] / scale[: len(TERMS)]
     mean = float(np.mean(seconds))
     if not rms <= MAX_RELATIVE_ERROR * mean:
         raise BalanceError(f"the best non-negative time model ({', '.join(f'{t}={c:.3g}' for t, c in zip(TERMS, coefficients))}) "

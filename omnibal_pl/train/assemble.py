@@ -40,6 +40,7 @@ from omnibal_pl.plan.profiler import precision_of
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.checkpoints import AtomicCheckpointIO
 from omnibal_pl.train.config_groups import build_callbacks
+from omnibal_pl.train.time_calibration import TimeModelCalibration
 from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_with_timeout
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
@@ -176,6 +177,13 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
         callbacks.append(ValidateAfterLastStep())
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
+    if cfg.trainer.time_model_steps > 0:
+        if run.pipelined:
+            raise ConfigError("trainer.time_model_steps times micro-batches one by one, which the pipeline strategy "
+                              "runs inside a step: fit the time model in a run without it (cluster.strategy=auto or "
+                              "ddp); the model holds for the same data and model under any strategy")
+        callbacks.append(TimeModelCalibration(run.run_dir / "time_model.json", run.data.lengths,
+                                              cfg.trainer.time_model_steps))
     chosen = {"callbacks": cfg.callbacks, "trainer.callbacks": dict(enumerate(cfg.trainer.callbacks))}
     for group, specs in chosen.items():
         callbacks += build_callbacks(group, specs, run.run_dir, bool(loggers), run.data.val is not None)

@@ -29,6 +29,7 @@ class TrainerConfig:
     deterministic: bool = False
     callbacks: list[Any] = field(default_factory=list)
     val_check_interval: int = 100  # optimizer steps between validations (with dataset.val_fraction > 0)
+    time_model_steps: int = 0  # > 0: fit the balance time model on these steps (omnibal_pl/train/time_calibration.py)
 
 
 @dataclass

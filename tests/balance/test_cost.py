@@ -133,3 +133,22 @@ def test_a_term_absent_from_the_times_fits_to_exactly_zero():
     seconds = features[:, :3] @ np.array([3e-3, 2e-5, 4e-10])  # no per-sample cost: rounding may come out below 0
     model = fit_time_model(features, seconds)
     assert model.coefficients[3] == 0.0 and model.coefficients[0] == pytest.approx(3e-3)
+
+
+def test_nuisance_costs_are_fitted_and_left_out_of_the_model():
+    # every micro-batch pays 50 ms of overhead and the one ending a step 200 ms of optimizer step: without them
+    # no non-negative model of the four terms explains the times
+    rng = np.random.default_rng(5)
+    n = 48
+    samples = rng.integers(1, 7, n)
+    tiles = samples * rng.integers(1, 6, n)
+    tokens = tiles * 256 + rng.integers(10, 900, n) * samples
+    features = np.stack([tiles, tokens, tokens**2 / samples, samples], axis=1).astype(float)
+    truth = np.array([2e-3, 1e-5, 3e-10, 4e-3])
+    ends_step = (np.arange(n) % 2 == 1).astype(float)
+    seconds = features @ truth + 0.05 + 0.2 * ends_step
+    model = fit_time_model(features, seconds, nuisance=np.stack([np.ones(n), ends_step], axis=1))
+    np.testing.assert_allclose(model.coefficients, truth, rtol=1e-6)
+    assert model.rms_error < 1e-9
+    with pytest.raises(BalanceError, match="misses the measured times"):
+        fit_time_model(features, seconds)

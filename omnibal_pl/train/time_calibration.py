@@ -1,0 +1,90 @@
+"""The balance time model fitted from a run's own micro-batches (``trainer.time_model_steps``).
+
+For ``steps`` optimizer steps after the first ``skip_steps`` (compilation, allocator and optimizer-state
+warm-up), every training micro-batch is timed from the start of its batch to its end (forward, backward, and
+for the micro-batch that ends a step the optimizer step; on CUDA with a device synchronisation at both ends),
+and its features are read from the length table by its sample ids: the same sums the sampler weighs groups by
+(:func:`~omnibal_pl.balance.cost.group_features`). Then every rank's measurements are gathered and
+:func:`~omnibal_pl.balance.fit_time_model` fits them, with a fixed cost per micro-batch and the optimizer step
+as nuisance terms; global rank 0 writes the model to ``path`` (the run directory's ``time_model.json``) for a
+later run's ``balance.cost=fitted balance.time_model=<path>``. A fit that is refused (too few micro-batches,
+times the terms do not explain) is logged with its reason and nothing is written: the run's balance is as set.
+
+Only without the pipeline strategy: there a loader item is a whole pipelined step, not one micro-batch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from omnibal_pl.balance.cost import TERMS, TimeModel, fit_time_model, sample_features
+from omnibal_pl.errors import BalanceError
+from omnibal_pl.lengths import LengthTable
+
+log = logging.getLogger(__name__)
+
+
+class TimeModelCalibration(pl.Callback):
+    """Times the micro-batches of optimizer steps ``skip_steps .. skip_steps + steps - 1`` and fits the time model
+    (see the module docstring). ``clock`` (seconds) is replaceable for tests; ``model`` holds the fit once done."""
+
+    def __init__(self, path: Path, lengths: LengthTable, steps: int, skip_steps: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.path, self.steps, self.skip_steps, self.clock = Path(path), steps, skip_steps, clock
+        self.features = sample_features(lengths)  # [samples, len(TERMS)]
+        self.rows: list[list[float]] = []  # per timed micro-batch: its features, then seconds and whether it ended a step
+        self.model: TimeModel | None = None
+        self._started: tuple[float, int] | None = None  # (clock, global step) at the running batch's start
+        self._done = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._done and self.skip_steps <= trainer.global_step < self.skip_steps + self.steps:
+            _synchronize(pl_module.device)
+            self._started = (self.clock(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._started is None:
+            return
+        _synchronize(pl_module.device)
+        start, step = self._started
+        self._started = None
+        ids = batch.sample_ids.tolist()  # a host read, during the timed steps only
+        self.rows.append([*self.features[ids].sum(axis=0), self.clock() - start, float(trainer.global_step > step)])
+        if trainer.global_step >= self.skip_steps + self.steps:
+            self._finish(trainer)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        self._done = True
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = [r for rank_rows in gathered for r in rank_rows]
+        table = np.asarray(rows, np.float64).reshape(-1, len(TERMS) + 2)
+        nuisance = np.stack([np.ones(len(table)), table[:, -1]], axis=1)  # a fixed cost; the optimizer step
+        try:
+            self.model = fit_time_model(table[:, : len(TERMS)], table[:, len(TERMS)], nuisance)
+        except BalanceError as e:
+            if trainer.is_global_zero:
+                log.warning("trainer.time_model_steps: no time model written: %s", e)
+            return
+        if trainer.is_global_zero:
+            self.model.save(self.path)
+            terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, self.model.coefficients))
+            log.warning("time model fitted on %d micro-batches (s per unit: %s; rms error %.3g s): %s; use it with "
+                        "balance.cost=fitted balance.time_model=%s", self.model.fitted_on, terms,
+                        self.model.rms_error, self.path, self.path)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
