@@ -17,7 +17,7 @@ Time model: before the samplers run, ``--calibration`` micro-batches of random s
 ``3 x samples-per-group`` samples each, so sample counts, tiles and tokens vary independently) are timed and
 a :class:`~omnibal_pl.balance.TimeModel` is fitted on them; its prediction error is then reported on every
 micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured). A fit that
-fails (too few micro-batches, a negative coefficient) is printed and ``balanced_fitted`` is skipped.
+fails (too few micro-batches, times the terms do not explain) is printed and ``balanced_fitted`` is skipped.
 
 Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
 rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
@@ -140,6 +140,7 @@ def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, dev
         return None
     fitted.save(path)
     terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(("tiles", "tokens", "tokens^2", "samples"), fitted.coefficients))
+    terms += f", fixed {fitted.fixed_s:.3g} s"
     print(f"time model fitted on {len(batches)} calibration micro-batches (s per unit): {terms}; "
           f"rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms; saved {path}")
     return fitted

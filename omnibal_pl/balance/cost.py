@@ -9,7 +9,7 @@ A micro-batch's features (one row per group) are sums over its samples of
 - ``tokens_sq``: squared sample lengths (the attention work, quadratic in each packed sample's length);
 - ``samples``: 1 per sample (per-sample overheads: segment bookkeeping, loss terms).
 
-:class:`TimeModel` predicts seconds as ``t = a*tiles + b*tokens + c*tokens_sq + d*samples``, its coefficients
+:class:`TimeModel` predicts seconds as ``t = a*tiles + b*tokens + c*tokens_sq + d*samples + fixed``, its coefficients
 found by non-negative least squares on measured (features, seconds) pairs (:func:`fit_time_model`): a term the
 measurements cannot separate from the others (tiles and tokens of micro-batches whose text is mostly image
 tokens, say) or that would lower the time gets 0, never a negative coefficient that would reward the ranks
@@ -40,17 +40,20 @@ MAX_RELATIVE_ERROR = 0.25  # RMS error of an accepted fit, as a fraction of the 
 @dataclass
 class TimeModel:
     """Seconds of one micro-batch (forward + backward) from its features; ``coefficients`` in seconds per unit,
-    in :data:`TERMS` order. ``rms_error`` (seconds) and ``fitted_on`` (micro-batches) describe the fit."""
+    in :data:`TERMS` order; ``fixed_s``: what every micro-batch costs whatever it holds (kernel launches, Python),
+    the same on every rank. ``rms_error`` (seconds) and ``fitted_on`` (micro-batches) describe the fit."""
 
     coefficients: list[float]
     rms_error: float = 0.0
     fitted_on: int = 0
+    fixed_s: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.coefficients) != len(TERMS):
             raise BalanceError(f"time model has {len(self.coefficients)} coefficients, expected {len(TERMS)} "
                                f"({', '.join(TERMS)})")
         negative = [f"{t}={c:.3g}" for t, c in zip(TERMS, self.coefficients) if c < 0]
+        negative += [f"fixed_s={self.fixed_s:.3g}"] if self.fixed_s < 0 else []
         if negative:
             raise BalanceError(f"time model has negative coefficients ({', '.join(negative)}): it would give the "
                                "ranks with more work more of it; refit it (fit_time_model never returns one) or use "
@@ -58,7 +61,7 @@ class TimeModel:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Seconds per row of ``features`` ([n, len(TERMS)])."""
-        return np.asarray(features, np.float64) @ np.asarray(self.coefficients, np.float64)
+        return np.asarray(features, np.float64) @ np.asarray(self.coefficients, np.float64) + self.fixed_s
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -74,7 +77,8 @@ class TimeModel:
             raise BalanceError(f"cannot read the time model {path}: {e}") from None
         if raw.get("terms") != list(TERMS):
             raise BalanceError(f"time model {path} has terms {raw.get('terms')}, this version uses {list(TERMS)}; refit it")
-        return cls([float(c) for c in raw["coefficients"]], float(raw.get("rms_error", 0.0)), int(raw.get("fitted_on", 0)))
+        return cls([float(c) for c in raw["coefficients"]], float(raw.get("rms_error", 0.0)), int(raw.get("fitted_on", 0)),
+                   float(raw.get("fixed_s", 0.0)))
 
 
 def sample_features(table: LengthTable) -> np.ndarray:
@@ -89,11 +93,11 @@ def group_features(table: LengthTable, grouping: Grouping) -> np.ndarray:
     return np.stack([segment_sums(per_sample[:, k], grouping.offsets) for k in range(len(TERMS))], axis=1)
 
 
-def fit_time_model(features: np.ndarray, seconds: np.ndarray, nuisance: np.ndarray | None = None) -> TimeModel:
-    """Non-negative least-squares coefficients of :data:`TERMS` for measured micro-batches. ``nuisance`` ([n, k]):
-    costs fitted alongside and left out of the model, such as a fixed cost per micro-batch (a column of ones)
-    or the optimizer step timed with the micro-batch that ends a step: the same on every rank, so they do not
-    change balance, but unfitted they would be charged to the terms.
+def fit_time_model(features: np.ndarray, seconds: np.ndarray, step_ends: np.ndarray | None = None) -> TimeModel:
+    """Non-negative least-squares coefficients of :data:`TERMS` and the fixed cost per micro-batch, for measured
+    micro-batches. ``step_ends`` (1 where a measured time also holds the optimizer step that ended a step, else
+    0): that cost is fitted alongside and left out of the model. Fixed and step costs are the same on every rank,
+    so they do not change balance, but unfitted they would be charged to the terms.
 
     Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when the
     fit's RMS error exceeds ``MAX_RELATIVE_ERROR`` of the mean time.
@@ -107,7 +111,8 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray, nuisance: np.ndarr
     if len(features) < need:
         raise BalanceError(f"a time model of {len(TERMS)} terms needs at least {need} measured micro-batches, got "
                            f"{len(features)}; measure more steps or use balance.cost=counts")
-    design = features if nuisance is None else np.concatenate([features, np.asarray(nuisance, np.float64)], axis=1)
+    extra = [np.ones(len(features))] + ([] if step_ends is None else [np.asarray(step_ends, np.float64)])
+    design = np.concatenate([features, np.stack(extra, axis=1)], axis=1)
     scale = np.abs(design).max(axis=0)
     scale[scale == 0] = 1.0  # a term absent from every micro-batch gets coefficient 0
     solution = nonnegative_lstsq(design / scale, seconds)
@@ -115,13 +120,14 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray, nuisance: np.ndarr
     solution[solution <= NUMERICAL_ZERO * np.abs(seconds).max()] = 0.0
     rms = float(np.sqrt(np.mean((design @ (solution / scale) - seconds) ** 2)))
     coefficients = solution[: len(TERMS)] / scale[: len(TERMS)]
+    fixed_s = float(solution[len(TERMS)] / scale[len(TERMS)])
     mean = float(np.mean(seconds))
     if not rms <= MAX_RELATIVE_ERROR * mean:
         raise BalanceError(f"the best non-negative time model ({', '.join(f'{t}={c:.3g}' for t, c in zip(TERMS, coefficients))}) "
                            f"misses the measured times by {rms:.3g} s RMS against a mean of {mean:.3g} s (more than "
                            f"{MAX_RELATIVE_ERROR:.0%}): the times are too noisy or not explained by {', '.join(TERMS)}; "
                            "measure on a quieter machine, with more micro-batches, or use balance.cost=counts")
-    return TimeModel([float(c) for c in coefficients], rms, len(features))
+    return TimeModel([float(c) for c in coefficients], rms, len(features), fixed_s)
 
 
 def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ warm-up), every training micro-batch is timed from the start of its batch to its
 for the micro-batch that ends a step the optimizer step; on CUDA with a device synchronisation at both ends),
 and its features are read from the length table by its sample ids: the same sums the sampler weighs groups by
 (:func:`~omnibal_pl.balance.cost.group_features`). Then every rank's measurements are gathered and
-:func:`~omnibal_pl.balance.fit_time_model` fits them, with a fixed cost per micro-batch and the optimizer step
-as nuisance terms; global rank 0 writes the model to ``path`` (the run directory's ``time_model.json``) for a
+:func:`~omnibal_pl.balance.fit_time_model` fits them (the optimizer step fitted alongside and left out,
+as it is the same on every rank); global rank 0 writes the model to ``path`` (the run directory's ``time_model.json``) for a
 later run's ``balance.cost=fitted balance.time_model=<path>``. A fit that is refused (too few micro-batches,
 times the terms do not explain) is logged with its reason and nothing is written: the run's balance is as set.
 
@@ -70,16 +70,16 @@ class TimeModelCalibration(pl.Callback):
             dist.all_gather_object(gathered, rows)
             rows = [r for rank_rows in gathered for r in rank_rows]
         table = np.asarray(rows, np.float64).reshape(-1, len(TERMS) + 2)
-        nuisance = np.stack([np.ones(len(table)), table[:, -1]], axis=1)  # a fixed cost; the optimizer step
         try:
-            self.model = fit_time_model(table[:, : len(TERMS)], table[:, len(TERMS)], nuisance)
+            self.model = fit_time_model(table[:, : len(TERMS)], table[:, len(TERMS)], step_ends=table[:, -1])
         except BalanceError as e:
             if trainer.is_global_zero:
                 log.warning("trainer.time_model_steps: no time model written: %s", e)
             return
         if trainer.is_global_zero:
             self.model.save(self.path)
-            terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, self.model.coefficients))
+            terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, self.model.coefficients)) + \
+                f", fixed {self.model.fixed_s:.3g}"
             log.warning("time model fitted on %d micro-batches (s per unit: %s; rms error %.3g s): %s; use it with "
                         "balance.cost=fitted balance.time_model=%s", self.model.fitted_on, terms,
                         self.model.rms_error, self.path, self.path)

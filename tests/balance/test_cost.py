@@ -135,9 +135,9 @@ def test_a_term_absent_from_the_times_fits_to_exactly_zero():
     assert model.coefficients[3] == 0.0 and model.coefficients[0] == pytest.approx(3e-3)
 
 
-def test_nuisance_costs_are_fitted_and_left_out_of_the_model():
-    # every micro-batch pays 50 ms of overhead and the one ending a step 200 ms of optimizer step: without them
-    # no non-negative model of the four terms explains the times
+def test_fixed_and_step_costs_are_fitted_apart_from_the_terms():
+    # every micro-batch pays 50 ms of overhead and the one ending a step 200 ms of optimizer step: without the
+    # step's indicator no non-negative model explains the times
     rng = np.random.default_rng(5)
     n = 48
     samples = rng.integers(1, 7, n)
@@ -147,8 +147,9 @@ def test_nuisance_costs_are_fitted_and_left_out_of_the_model():
     truth = np.array([2e-3, 1e-5, 3e-10, 4e-3])
     ends_step = (np.arange(n) % 2 == 1).astype(float)
     seconds = features @ truth + 0.05 + 0.2 * ends_step
-    model = fit_time_model(features, seconds, nuisance=np.stack([np.ones(n), ends_step], axis=1))
+    model = fit_time_model(features, seconds, step_ends=ends_step)
     np.testing.assert_allclose(model.coefficients, truth, rtol=1e-6)
-    assert model.rms_error < 1e-9
+    assert model.fixed_s == pytest.approx(0.05) and model.rms_error < 1e-9
+    np.testing.assert_allclose(model.predict(features), seconds - 0.2 * ends_step)  # the step's own cost left out
     with pytest.raises(BalanceError, match="misses the measured times"):
         fit_time_model(features, seconds)

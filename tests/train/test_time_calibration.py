@@ -61,7 +61,8 @@ def test_the_fit_recovers_the_cost_of_the_samples_each_micro_batch_held(tmp_path
     callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=8, skip_steps=1, clock=clock)
     run_steps(callback, table, clock, steps=12, per_step=3)
     assert len(callback.rows) == 8 * 3  # steps 1..8 timed: not the first (warm-up), not after the window
-    np.testing.assert_allclose(callback.model.coefficients, TRUTH, rtol=1e-6)  # fixed and step costs left out
+    np.testing.assert_allclose(callback.model.coefficients, TRUTH, rtol=1e-6)  # fixed and step costs apart
+    assert callback.model.fixed_s == pytest.approx(FIXED_S)
     saved = TimeModel.load(tmp_path / "time_model.json")
     assert saved == callback.model and saved.fitted_on == 24
 
