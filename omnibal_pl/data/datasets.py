@@ -207,7 +207,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         ids, labels = self.chat(rec.conversations, [p.shape[0] for p in pixels], rec.origin)
         ids, labels = self._fit_cap(ids, labels, rec)
         if pixels:
-            pixel_values = torch.cat(pixels)
+            pixel_values = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
             flags = torch.ones(pixel_values.shape[0], dtype=torch.int64)
         else:
             pixel_values = dummy_tiles(1, self.tiling)

@@ -192,11 +192,16 @@ def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> to
     if cfg.mode == "llava":
         return _normalise([_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC)], cfg)
     cols, rows = tile_grid(width, height, cfg, num_images)
-    resized = image.resize((cols * s, rows * s), Image.BICUBIC)
-    tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
-    if len(tiles) > 1 and cfg.use_thumbnail:
-        tiles.append(image.resize((s, s), Image.BICUBIC))
-    return _normalise(tiles, cfg)
+    grid = np.asarray(image.resize((cols * s, rows * s), Image.BICUBIC))  # [rows * s, cols * s, 3]
+    n = rows * cols
+    thumbnail = n > 1 and cfg.use_thumbnail
+    tiles = np.empty((n + thumbnail, 3, s, s), np.uint8)
+    # the grid's tiles, row-major, in one copy: [rows, s, cols, s, 3] -> [rows, cols, 3, s, s]
+    tiles[:n].reshape(rows, cols, 3, s, s)[...] = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3)
+    if thumbnail:
+        tiles[n] = np.asarray(image.resize((s, s), Image.BICUBIC)).transpose(2, 0, 1)
+    x = torch.from_numpy(tiles)
+    return x if cfg.pixels == "uint8" else normalise(x, cfg.mean, cfg.std)
 
 
 def dummy_tiles(n: int, cfg: TilingConfig) -> torch.Tensor:
