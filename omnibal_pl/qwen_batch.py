@@ -86,11 +86,12 @@ class QwenVisionFields:
 
 
 def pack_qwen_vision(input_ids: Sequence[torch.Tensor], patches: Sequence[torch.Tensor], grids: Sequence[Sequence[Grid]],
-                     image_token_id: int, spatial_merge: int, length: int, block_cap: int | None = None
-                     ) -> QwenVisionFields:
+                     image_token_id: int, spatial_merge: int, length: int, block_cap: int | None = None,
+                     patch_dim: int | None = None) -> QwenVisionFields:
     """Positions, patch rows, block flags and grids of samples packed end to end in a sequence of ``length``
     tokens (sample ``k``: ``input_ids[k]`` [n_k], its images' ``patches[k]`` [p_k, D] and ``grids[k]``);
-    the patch rows padded with zeros to ``block_cap`` merge blocks (None: no padding).
+    the patch rows padded with zeros to ``block_cap`` merge blocks (None: no padding). ``patch_dim`` (D) is
+    needed only without samples (a group whose every sample was dropped: padding only).
 
     Raises :class:`DataError` when the samples need more than ``length`` tokens or ``block_cap`` blocks, or
     when a sample's patch rows are not its grids' patches.
@@ -106,7 +107,7 @@ def pack_qwen_vision(input_ids: Sequence[torch.Tensor], patches: Sequence[torch.
                             f"{list(sample_grids)} have {want} patches")
     positions = [mrope_position_ids(s, g, image_token_id, spatial_merge) for s, g in zip(input_ids, grids)]
     positions.append(torch.arange(length - used).expand(3, -1))  # the padding segment restarts too
-    pixels = torch.cat(list(patches))
+    pixels = torch.cat(list(patches)) if patches else torch.zeros(0, patch_dim or 0)
     blocks = pixels.shape[0] // unit
     cap = blocks if block_cap is None else block_cap
     if blocks > cap:

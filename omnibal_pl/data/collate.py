@@ -47,7 +47,7 @@ class PackingCollate:
     normalises them with on the device. A :class:`~omnibal_pl.data.skips.DroppedSample` in the group
     (a sample whose image failed to decode, under ``dataset.bad_samples=skip``) is left out of the batch and
     counted in its ``skipped``; a group of nothing else becomes a micro-batch of padding only (no sample, its
-    dummy tile's shape), so every DP rank still runs the step (Qwen batches: an error).
+    dummy tile's shape; Qwen: padding blocks, no image), so every DP rank still runs the step.
     """
 
     token_cap: int
@@ -80,10 +80,6 @@ class PackingCollate:
         skipped: dict[str, int] = {}
         for d in dropped:
             skipped[d.reason] = skipped.get(d.reason, 0) + 1
-        if not samples and self.spatial_merge:
-            raise DataError(f"every sample of a group failed to load ({skipped}; samples "
-                            f"{[d.sample_id for d in dropped]}, the log names their files): a Qwen micro-batch needs one; "
-                            "fix or remove those files")
         lengths = [s.num_tokens for s in samples]
         n_tokens, n_tiles = sum(lengths), sum(s.num_tiles for s in samples)
         ids = [s.sample_id for s in samples]
@@ -111,7 +107,7 @@ class PackingCollate:
             loss_weight[a:b] = supervised * self._weight(int(supervised.sum()))
 
         if self.spatial_merge:
-            vision = self._qwen_vision(samples, length)
+            vision = self._qwen_vision(samples, length, (samples or dropped)[0].pixel_values.shape[-1])
             make = functools.partial(QwenPackedBatch, image_grids=vision.image_grids)
             position_ids, pixel_values, image_flags = vision.position_ids, vision.pixel_values, vision.image_flags
         else:
@@ -144,14 +140,15 @@ class PackingCollate:
             pixel_norm=self.pixel_norm,
         )
 
-    def _qwen_vision(self, samples: Sequence[Sample], length: int) -> QwenVisionFields:
+    def _qwen_vision(self, samples: Sequence[Sample], length: int, patch_dim: int) -> QwenVisionFields:
         """M-RoPE positions [3, length] and the real merge blocks' patch rows of ``samples`` (a text-only sample's
         dummy block left out), padded to the block cap."""
         blocks = [s.pixel_values[s.image_flags == 1] for s in samples]  # [b_k, m^2, patch dim]
         real = sum(b.shape[0] for b in blocks)
         cap = self.vit_cap if self.pad_to == "cap" else max(real, 1)  # a group without images still runs the encoder
         return pack_qwen_vision([s.input_ids for s in samples], [b.flatten(0, 1) for b in blocks],
-                                [s.image_grids for s in samples], self.image_context_id, self.spatial_merge, length, cap)
+                                [s.image_grids for s in samples], self.image_context_id, self.spatial_merge, length, cap,
+                                patch_dim)
 
     def _padded_length(self, n_tokens: int) -> int:
         if self.pad_to == "cap":

@@ -11,7 +11,8 @@ from PIL import Image
 
 from omnibal_pl.data import LlavaDataset, TemplateConfig, TilingConfig
 from omnibal_pl.data.collate import PackingCollate
-from omnibal_pl.data.tiling import count_tiles, tile_image
+from omnibal_pl.data.skips import DroppedSample
+from omnibal_pl.data.tiling import count_tiles, dummy_tiles, tile_image
 from omnibal_pl.data.training_data import ModelSpec, check_fits_model
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.image_grid import image_tokens
@@ -152,6 +153,23 @@ def test_collated_logits_equal_pack_qwen_samples(qwen_data):
                                [s.image_grids for s in samples], token_cap=520, block_cap=blocks + 2)
     with torch.no_grad():
         torch.testing.assert_close(model(collated), model(packed), rtol=0, atol=0)
+
+
+def test_a_group_whose_every_sample_was_dropped_is_a_padding_only_qwen_batch_the_model_runs(qwen_data):
+    """Under dataset.bad_samples=skip every DP rank still runs the step: the group becomes padding blocks and one
+    padding segment, nothing supervised, the drops counted (before, a Qwen group of nothing else was an error)."""
+    _, dataset = qwen_data
+    model = tiny_qwen(dataset)
+    dummy = dummy_tiles(1, dataset.tiling)
+    collate = PackingCollate(token_cap=64, vit_cap=6, image_context_id=model.cfg.image_context_id, tokens_per_tile=1,
+                             spatial_merge=2)
+    batch = collate([DroppedSample(3, "unreadable_image", dummy), DroppedSample(8, "missing_image", dummy)])
+    assert isinstance(batch, QwenPackedBatch) and batch.image_grids == () and batch.num_samples == 0
+    assert batch.pixel_values.shape == (4 * 6, dummy.shape[-1]) and batch.image_flags.tolist() == [0] * 6
+    assert batch.seqlens == (64,) and batch.position_ids.tolist() == [list(range(64))] * 3
+    assert batch.skipped == {"unreadable_image": 1, "missing_image": 1} and float(batch.loss_weight.sum()) == 0
+    with torch.no_grad():
+        assert model(batch).shape[1] == 64
 
 
 def test_a_dataset_that_does_not_fit_the_model_family_is_a_named_error():
