@@ -20,6 +20,7 @@ second's ``.sampler``.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
@@ -176,19 +177,43 @@ class BalancedSampler(Sampler[int]):
         return out
 
     # ------------------------------------------------------------------ resume
-    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
-        """Rank-independent position: seed, epoch and micro-batches consumed in it (by every rank)."""
+    def state_dict(self, batches_done: int = 0) -> dict[str, Any]:
+        """Rank-independent position: seed, epoch and micro-batches consumed in it (by every rank), and what the
+        epoch's arrangement was made of (its shape settings and a digest of its groups), so a resume that would
+        arrange the epoch differently is refused instead of seeing some samples twice and others never."""
         return {"seed": int(self.cfg.seed), "epoch": int(self.epoch), "batches_done": int(batches_done),
-                "dp_size": int(self.cfg.dp)}
+                "dp_size": int(self.cfg.dp), "shape": self._shape(), "arrangement": self.digest(self.epoch)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The next iteration of ``state['epoch']`` skips the micro-batches already consumed."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration of ``state['epoch']`` skips the micro-batches already consumed. Raises
+        :class:`ConfigError` when this sampler would arrange that epoch differently from the saving run (states
+        written before the digest existed are taken as they are)."""
         if int(state["seed"]) != self.cfg.seed or int(state.get("dp_size", self.cfg.dp)) != self.cfg.dp:
             raise ConfigError(f"sampler state is for seed {state['seed']} and DP size {state.get('dp_size')}, "
                               f"this run has seed {self.cfg.seed} and DP size {self.cfg.dp}: resume with the same "
                               "balance.seed and data-parallel size, or start a new run")
-        self.epoch = int(state["epoch"])
+        epoch = int(state["epoch"])
+        if "arrangement" in state and state["arrangement"] != self.digest(epoch):
+            saved, here = state.get("shape", {}), self._shape()
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in here.items() if saved.get(k) != v)
+            raise ConfigError(f"the checkpoint's epoch {epoch} was arranged differently from how this run arranges it "
+                              f"({'changed: ' + changed if changed else 'same caps and algorithm: the data or the grouping code changed'}); "
+                              "resuming would see some samples twice and others never: resume with the saving run's data, "
+                              "settings and version, or start a new run")
+        self.epoch = epoch
         self._resume = (self.epoch, int(state["batches_done"]))
+
+    def digest(self, epoch: int) -> str:
+        """A digest of the groups and step order of ``epoch``'s arrangement (the same on every rank)."""
+        arr = self.arrangement(epoch)
+        h = hashlib.blake2b(digest_size=16)
+        for a in (arr.grouping.indices, arr.grouping.offsets, arr.steps.groups):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def _shape(self) -> dict[str, Any]:
+        return {"algorithm": self.cfg.algorithm, "vit_cap": self.cfg.vit_cap, "token_cap": self.cfg.token_cap,
+                "vit_quantum": self.cfg.vit_quantum, "samples": len(self.lengths)}
 
     def take_skip(self) -> int:
         """Micro-batches to skip at the start of the current epoch (once, after a resume)."""

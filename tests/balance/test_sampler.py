@@ -11,6 +11,7 @@ from omnibal_pl.balance.config import PACKERS
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler
 from omnibal_pl.data.synthetic_lengths import synthetic_lengths
 from omnibal_pl.errors import ConfigError
+from omnibal_pl.lengths import LengthTable
 
 TABLE = synthetic_lengths(3000, seed=1)
 
@@ -108,6 +109,25 @@ def test_resume_state_must_match_the_run():
     other = BalancedSampler(TABLE, BalanceConfig(dp=4, vit_cap=18, token_cap=5280), 0)
     with pytest.raises(ConfigError, match="same balance.seed and data-parallel size"):
         other.load_state_dict(state)
+
+
+def test_a_resume_that_would_arrange_the_epoch_differently_is_refused():
+    """Same seed and DP size, but another cap, other data (a sample's length changed) or an old state: the
+    digest of the epoch's groups and steps tells them apart before a single sample is seen twice."""
+    cfg = BalanceConfig(dp=2, vit_cap=18, token_cap=5280, seed=1)
+    saving = BalancedSampler(TABLE, cfg, 0)
+    saving.set_epoch(1)
+    state = saving.state_dict(3)
+    BalancedSampler(TABLE, cfg, 1).load_state_dict(state)  # another rank of the same run: the same digest
+    with pytest.raises(ConfigError, match=r"changed: token_cap 5280 -> 5120"):
+        BalancedSampler(TABLE, BalanceConfig(dp=2, vit_cap=18, token_cap=5120, seed=1), 0).load_state_dict(state)
+    tokens = TABLE.tokens.copy()
+    tokens[0] -= 1
+    edited = LengthTable.from_arrays(TABLE.vit, tokens)
+    with pytest.raises(ConfigError, match="same caps and algorithm: the data or the grouping code changed"):
+        BalancedSampler(edited, cfg, 0).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("arrangement", "shape")}
+    BalancedSampler(edited, cfg, 0).load_state_dict(old)  # a state from before the digest: taken as it is
 
 
 def test_bad_rank_and_missing_caps():
