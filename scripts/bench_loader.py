@@ -6,7 +6,9 @@ and against InternVL's own preprocessing, on the same files in the same run.
 ``--sides``: the range of the JPEGs' sides in px; 300-1600 are the images of bench_data.py (mostly upscaled to
 their grid, where reduced decoding cannot help), 1600-4000 camera-sized photos (decoded at 1/2 or 1/4 scale).
 
-Rows (each the median of ``--repeats`` passes over the images, one process = one loader worker):
+Rows (each the median of ``--repeats`` passes over the images, one process = one loader worker; with
+``--baseline-tree DIR``, a checkout of an earlier commit, first that code's dataset with the before settings,
+timed in a child process on the same files, and the ratios against it):
 - ``dataset, float32 full decode``: ``InternVLDataset[i]`` as before (full JPEG decode, tiles normalised to
   float32 on the CPU), tokenisation included;
 - ``dataset, uint8 reduced decode``: the same with ``tiling.reduced_decode=true`` and ``tiling.pixels=uint8``
@@ -21,7 +23,10 @@ levels), and the device-side normalisation against the CPU's (float32 and bf16).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+# only what an earlier checkout also has at module level: --baseline-tree runs this file against one
 from omnibal_pl.data import InternVLDataset, TemplateConfig, TilingConfig
-from omnibal_pl.data.tiling import decode, tile_grid, tile_image
-from omnibal_pl.pixels import normalise
-from bench_data import write_image_dataset  # this folder: python scripts/bench_loader.py
+from omnibal_pl.data.tiling import tile_grid, tile_image
 
 TEMPLATE = TemplateConfig(name="internlm2-chat", tokens_per_tile=256, image_context_token="<IMG_CONTEXT>")
 BEFORE = TilingConfig(mode="internvl", image_size=448, max_tiles=6)
-FAST = TilingConfig(mode="internvl", image_size=448, max_tiles=6, reduced_decode=True, pixels="uint8")
 
 
 def internvl_preprocess(path: Path, size: int = 448, max_num: int = 6) -> torch.Tensor:
@@ -77,44 +80,61 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", type=int, nargs=2, default=(300, 1600))
+    parser.add_argument("--baseline-tree", default=None,
+                        help="a checkout of an earlier commit (its C++ core built): its dataset, before settings, as a row")
+    parser.add_argument("--child-rate", nargs=2, default=None, help=argparse.SUPPRESS)  # META TOKENIZER
     args = parser.parse_args()
+    if args.child_rate:  # the baseline tree's dataset, in the process --baseline-tree started
+        print(per_second(InternVLDataset(*args.child_rate, TEMPLATE, BEFORE).__getitem__, args.images, args.repeats))
+        return
+    from bench_data import write_image_dataset  # this folder: python scripts/bench_loader.py
+    from omnibal_pl.data.tiling import decode
+    from omnibal_pl.pixels import normalise
+
+    fast_cfg = TilingConfig(mode="internvl", image_size=448, max_tiles=6, reduced_decode=True, pixels="uint8")
     with tempfile.TemporaryDirectory() as tmp:
         meta, tok = write_image_dataset(Path(tmp), args.images, seed=0, sides=tuple(args.sides))
         paths = sorted((Path(tmp) / "images").glob("*.jpg"))
         before = InternVLDataset(meta, tok, TEMPLATE, BEFORE)
-        fast = InternVLDataset(meta, tok, TEMPLATE, FAST)
+        fast = InternVLDataset(meta, tok, TEMPLATE, fast_cfg)
         n, r = args.images, args.repeats
         rows = [
             ("dataset, float32 full decode (before)", per_second(lambda i: before[i], n, r)),
             ("dataset, uint8 reduced decode (now)", per_second(lambda i: fast[i], n, r)),
             ("pixels only: InternVL preprocessing", per_second(lambda i: internvl_preprocess(paths[i]), n, r)),
             ("pixels only: ours before", per_second(lambda i: tile_image(Image.open(paths[i]), BEFORE), n, r)),
-            ("pixels only: ours now", per_second(lambda i: tile_image(Image.open(paths[i]), FAST), n, r)),
+            ("pixels only: ours now", per_second(lambda i: tile_image(Image.open(paths[i]), fast_cfg), n, r)),
         ]
-        decoded = [decode(Image.open(p), FAST) for p in paths]
+        if args.baseline_tree:
+            child = subprocess.run([sys.executable, __file__, "--child-rate", str(meta), str(tok), "--images", str(n),
+                                    "--repeats", str(r)], env={**os.environ, "PYTHONPATH": args.baseline_tree},
+                                   capture_output=True, text=True, check=True)
+            rows.insert(0, (f"dataset at {Path(args.baseline_tree).name} (float32, full)", float(child.stdout.split()[-1])))
+        decoded = [decode(Image.open(p), fast_cfg) for p in paths]
         for image in decoded:
             image.load()
-        grids = [tile_grid(*Image.open(p).size, FAST) for p in paths]
-        size = FAST.image_size
+        grids = [tile_grid(*Image.open(p).size, fast_cfg) for p in paths]
+        size = fast_cfg.image_size
         resize_only = per_second(lambda i: decoded[i].resize((grids[i][0] * size, grids[i][1] * size), Image.BICUBIC), n, r)
         print(f"{args.images} JPEGs of {args.sides[0]}-{args.sides[1]} px (InternVL dynamic tiling, 448 px, up to 6 tiles + thumbnail), "
               f"one process, median of {args.repeats}")
         print(f"{'path':<42}{'samples/s':>10}{'vs before':>11}{'vs InternVL':>13}")
-        base, internvl = rows[0][1], rows[2][1]
+        base, internvl = rows[0][1], next(rate for name, rate in rows if "InternVL" in name)
+        now = next(rate for name, rate in rows if name.startswith("dataset, uint8"))
         for name, rate in rows:
             print(f"{name:<42}{rate:>10.1f}{rate / base:>10.2f}x{rate / internvl:>12.2f}x")
         print(f"of which the bicubic resize to the tile grid alone (PIL, uint8, decoded image given): "
-              f"{resize_only:.1f} /s, {rows[1][1] / resize_only:.0%} of the fast path's time")
+              f"{resize_only:.1f} /s, {now / resize_only:.0%} of the fast path's time")
         diffs, worst = [], 0
         for path in paths:
-            full = tile_image(Image.open(path), TilingConfig(**{**vars(FAST), "reduced_decode": False})).int()
-            reduced = tile_image(Image.open(path), FAST).int()
+            full = tile_image(Image.open(path), TilingConfig(**{**vars(fast_cfg), "reduced_decode": False})).int()
+            reduced = tile_image(Image.open(path), fast_cfg).int()
             diffs.append((full - reduced).abs().float().mean().item())
             worst = max(worst, int((full - reduced).abs().max()))
         print(f"\nreduced decode vs full decode, tiles in 0-255 levels: mean |diff| {statistics.mean(diffs):.2f}, "
               f"largest {worst}")
-        tiles = tile_image(Image.open(paths[0]), FAST)
-        cpu = tile_image(Image.open(paths[0]), TilingConfig(**{**vars(FAST), "pixels": "float32"}))
+        tiles = tile_image(Image.open(paths[0]), fast_cfg)
+        cpu = tile_image(Image.open(paths[0]), TilingConfig(**{**vars(fast_cfg), "pixels": "float32"}))
         on_device = normalise(tiles, BEFORE.mean, BEFORE.std)  # what the vision embedding runs (CPU here)
         print(f"device-side normalisation vs CPU: float32 max |diff| {(on_device - cpu).abs().max().item():.2e}, "
               f"bf16 max |diff| {(on_device.bfloat16().float() - cpu.bfloat16().float()).abs().max().item():.2e}")
