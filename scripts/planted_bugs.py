@@ -266,6 +266,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "const int64_t slot = start[v] + --count[v];", "const int64_t slot = start[v] + count[v]--;", GROUPING),
     one("qwen_windowed_and_full_blocks_swapped", "plan", "omnibal_pl/model/flops.py",
         "block not in v.full_attention_blocks", "block in v.full_attention_blocks", "tests/model/test_qwen_vl.py"),
+    one("qwen_vision_part_counts_each_side_once", "plan", "omnibal_pl/model/flops.py",
+        "total += sum(len(bs) * block_forward_flops", "total += sum(1 * block_forward_flops", "tests/model/test_qwen_vl.py"),
     one("qwen_padding_segment_not_counted", "plan", "omnibal_pl/model/flops.py",
         "return segments + ([padding] if padding else [])", "return segments", "tests/model/test_qwen_vl.py"),
     one("time_calibration_features_of_the_first_samples", "train", "omnibal_pl/train/time_calibration.py",

@@ -48,6 +48,12 @@ def block_kind(name: str) -> str:
     raise ConfigError(f"{name!r} is not a block name of VLM.blocks()")
 
 
+def window_side(cfg: VLMConfig, block: int) -> int:
+    """Window side in merge blocks of Qwen vision block ``block``; 0 where it attends over whole image frames."""
+    v = cfg.vision
+    return v.window_size // (v.patch_size * v.spatial_merge) if v.window_size and block not in v.full_attention_blocks else 0
+
+
 def vision_segments(cfg: VLMConfig, grids: Sequence[Grid], block: int, tiles: int) -> list[int]:
     """Patch counts of the attention segments of Qwen vision block ``block`` over images ``grids`` in a
     micro-batch of ``tiles`` merge blocks: one per image frame, or per window of a frame in Qwen2.5's windowed
@@ -55,7 +61,7 @@ def vision_segments(cfg: VLMConfig, grids: Sequence[Grid], block: int, tiles: in
     cut), then one for the padding blocks (``tiles`` beyond the images')."""
     v = cfg.vision
     unit = v.spatial_merge**2
-    side = v.window_size // (v.patch_size * v.spatial_merge) if v.window_size and block not in v.full_attention_blocks else 0
+    side = window_side(cfg, block)
     segments: list[int] = []
     for t, h, w in grids:
         gh, gw = h // v.spatial_merge, w // v.spatial_merge
@@ -160,7 +166,12 @@ def part_forward_flops(cfg: VLMConfig, part: str, tiles: int, seqlens: Sequence[
     total = 0.0
     for kind in kinds:
         if kind == "vision_block" and cfg.vision.family != "vit":
-            total += sum(block_forward_flops(cfg, kind, tiles, seqlens, grids, b) for b in range(counts[kind]))
+            # blocks differ only in their window side: one count per side, times the blocks that have it
+            blocks_of_side: dict[int, list[int]] = {}
+            for b in range(counts[kind]):
+                blocks_of_side.setdefault(window_side(cfg, b), []).append(b)
+            total += sum(len(bs) * block_forward_flops(cfg, kind, tiles, seqlens, grids, bs[0])
+                         for bs in blocks_of_side.values())
         else:
             total += counts[kind] * block_forward_flops(cfg, kind, tiles, seqlens)
     return total

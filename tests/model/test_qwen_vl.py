@@ -206,14 +206,14 @@ def test_block_flops_count_what_the_qwen_blocks_run(window_size):
     the image edges in windowed ones, and the padding blocks as one segment."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind
+    from omnibal_pl.model.flops import attention_forward_flops, block_forward_flops, block_kind, part_forward_flops
 
     cfg = model_config("qwen2_5_vl_tiny")
     cfg = replace(cfg, vision=replace(cfg.vision, window_size=window_size))
     model = VLM(cfg).eval()
     _, _, batch = packed_inputs(cfg, token_cap=80, block_cap=20)
     x = batch.pixel_values
-    attention = []
+    attention, vision_counted = [], 0
     with torch.no_grad():
         for name, block in model.blocks():
             kind = block_kind(name)
@@ -223,6 +223,7 @@ def test_block_flops_count_what_the_qwen_blocks_run(window_size):
             if kind not in ("vision_embed", "vision_block", "projector"):
                 continue
             flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+            vision_counted += sum(flops.values()) if kind != "projector" else 0
             index = int(name.rsplit(".", 1)[1]) if kind == "vision_block" else 0
             attn = attention_forward_flops(cfg, kind, 20, [80], batch.image_grids, index)
             assert flops.get("aten.bmm", 0) == attn, name
@@ -235,6 +236,7 @@ def test_block_flops_count_what_the_qwen_blocks_run(window_size):
     full = 4 * cfg.vision.width * (24**2 + 32**2 + 4**2 + 20**2)
     windowed = 4 * cfg.vision.width * (16**2 + 8**2 + 2 * 16**2 + 4**2 + 20**2)
     assert attention == ([windowed, full, windowed, full] if window_size else [full] * 4)
+    assert part_forward_flops(cfg, "vision", 20, [80], batch.image_grids) == vision_counted  # the part: every block
 
 
 def test_dynamic_resolution_matches_qwens_resize_rule():
