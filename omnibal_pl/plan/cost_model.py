@@ -142,13 +142,14 @@ def block_work(cfg: VLMConfig, name: str, shape: MicroBatchShape, phase: str = "
     v, llm, e = cfg.vision, cfg.llm, element_bytes
     tiles, tpt = shape.vit_cap, cfg.tokens_per_tile
     n_vis = tiles * v.seq_len  # tokens inside the encoder
-    layer = int(name.rsplit(".", 1)[1]) if kind in ("llm_layer", "vision_block") else None
-    lengths = _llm_lengths(cfg, shape, layer if kind == "llm_layer" else None, phase)
+    index = int(name.rsplit(".", 1)[1]) if kind in ("llm_layer", "vision_block") else 0  # within its kind
+    layer = index if kind == "llm_layer" else None
+    lengths = _llm_lengths(cfg, shape, layer, phase)
     tokens = sum(lengths)
     # Qwen's vision attention spans whole images or windows: each sample's blocks as one near-square image
     grids = square_grids(shape.sample_tiles(tpt), v.spatial_merge) if v.family != "vit" else None
-    flops = block_forward_flops(cfg, kind, tiles, lengths, grids, layer or 0)
-    attn = attention_forward_flops(cfg, kind, tiles, lengths, grids, layer or 0)
+    flops = block_forward_flops(cfg, kind, tiles, lengths, grids, index)
+    attn = attention_forward_flops(cfg, kind, tiles, lengths, grids, index)
     if kind == "vision_embed":
         act = e * (tiles * 3 * v.image_size**2 + (n_vis * v.width if v.embed_norm else 0))
         return BlockWork(flops, 0.0, False, 0.0, act, act, act, e * n_vis * v.width)
