@@ -275,7 +275,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("time_calibration_step_end_not_marked", "train", "omnibal_pl/train/time_calibration.py",
         "float(trainer.global_step > step)", "0.0", "tests/train/test_time_calibration.py"),
     one("resume_arrangement_not_checked", "balance", "omnibal_pl/balance/sampler.py",
-        'if "arrangement" in state and state["arrangement"] != self.digest(epoch):', "if False:",
+        'if "arrangement" in state and state["arrangement"] != self.arrangement(epoch).digest:', "if False:",
         "tests/balance/test_sampler.py"),
     one("fault_watch_not_woken_at_shutdown", "train", "omnibal_pl/train/faults.py",
         'wakeup[1].send(b"\\0")', 'wakeup[1].send(b"")', "tests/train/test_faults.py"),

@@ -20,6 +20,7 @@ second's ``.sampler``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass, replace
@@ -57,6 +58,14 @@ class EpochArrangement:
     def rank_groups(self, dp_rank: int) -> np.ndarray:
         """Group ids this DP rank runs, in order: step by step, micro-batch by micro-batch."""
         return self.steps.groups[:, dp_rank, :].reshape(-1)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the groups and step order (the same on every rank), hashed once: checkpoints store it."""
+        h = hashlib.blake2b(digest_size=16)
+        for a in (self.grouping.indices, self.grouping.offsets, self.steps.groups):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -182,7 +191,7 @@ class BalancedSampler(Sampler[int]):
         epoch's arrangement was made of (its shape settings and a digest of its groups), so a resume that would
         arrange the epoch differently is refused instead of seeing some samples twice and others never."""
         return {"seed": int(self.cfg.seed), "epoch": int(self.epoch), "batches_done": int(batches_done),
-                "dp_size": int(self.cfg.dp), "shape": self._shape(), "arrangement": self.digest(self.epoch)}
+                "dp_size": int(self.cfg.dp), "shape": self._shape(), "arrangement": self.arrangement().digest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next iteration of ``state['epoch']`` skips the micro-batches already consumed. Raises
@@ -193,7 +202,7 @@ class BalancedSampler(Sampler[int]):
                               f"this run has seed {self.cfg.seed} and DP size {self.cfg.dp}: resume with the same "
                               "balance.seed and data-parallel size, or start a new run")
         epoch = int(state["epoch"])
-        if "arrangement" in state and state["arrangement"] != self.digest(epoch):
+        if "arrangement" in state and state["arrangement"] != self.arrangement(epoch).digest:
             saved, here = state.get("shape", {}), self._shape()
             changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in here.items() if saved.get(k) != v)
             raise ConfigError(f"the checkpoint's epoch {epoch} was arranged differently from how this run arranges it "
@@ -202,14 +211,6 @@ class BalancedSampler(Sampler[int]):
                               "settings and version, or start a new run")
         self.epoch = epoch
         self._resume = (self.epoch, int(state["batches_done"]))
-
-    def digest(self, epoch: int) -> str:
-        """A digest of the groups and step order of ``epoch``'s arrangement (the same on every rank)."""
-        arr = self.arrangement(epoch)
-        h = hashlib.blake2b(digest_size=16)
-        for a in (arr.grouping.indices, arr.grouping.offsets, arr.steps.groups):
-            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-        return h.hexdigest()
 
     def _shape(self) -> dict[str, Any]:
         return {"algorithm": self.cfg.algorithm, "vit_cap": self.cfg.vit_cap, "token_cap": self.cfg.token_cap,
