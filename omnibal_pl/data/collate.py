@@ -106,12 +106,12 @@ class PackingCollate:
             supervised = s.labels != IGNORE_INDEX
             loss_weight[a:b] = supervised * self._weight(int(supervised.sum()))
 
+        first = (samples or dropped)[0].pixel_values  # the tile (Qwen: patch row) shape of the padding
         if self.spatial_merge:
-            vision = self._qwen_vision(samples, length, (samples or dropped)[0].pixel_values.shape[-1])
+            vision = self._qwen_vision(samples, length, first.shape[-1])
             make = functools.partial(QwenPackedBatch, image_grids=vision.image_grids)
             position_ids, pixel_values, image_flags = vision.position_ids, vision.pixel_values, vision.image_flags
         else:
-            first = (samples or dropped)[0].pixel_values
             if (first.dtype == torch.uint8) != (self.pixel_norm is not None):
                 raise DataError(f"samples with {first.dtype} tiles but pixel_norm={self.pixel_norm}: uint8 tiles "
                                 "(tiling.pixels=uint8) need the (mean, std) the model normalises them with, float ones none")

@@ -190,7 +190,8 @@ def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> to
         patches, _ = qwen_patches(image, cfg.patch_size, cfg.min_pixels, cfg.max_pixels, cfg.mean, cfg.std)
         return patches.view(-1, SPATIAL_MERGE**2, patches.shape[1])
     if cfg.mode == "llava":
-        return _normalise([_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC)], cfg)
+        square = np.asarray(_pad_to_square(image, cfg.mean).resize((s, s), Image.BICUBIC))
+        return _as_tiles(np.ascontiguousarray(square.transpose(2, 0, 1)[None]), cfg)
     cols, rows = tile_grid(width, height, cfg, num_images)
     grid = np.asarray(image.resize((cols * s, rows * s), Image.BICUBIC))  # [rows * s, cols * s, 3]
     n = rows * cols
@@ -200,8 +201,7 @@ def tile_image(image: Image.Image, cfg: TilingConfig, num_images: int = 1) -> to
     tiles[:n].reshape(rows, cols, 3, s, s)[...] = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3)
     if thumbnail:
         tiles[n] = np.asarray(image.resize((s, s), Image.BICUBIC)).transpose(2, 0, 1)
-    x = torch.from_numpy(tiles)
-    return x if cfg.pixels == "uint8" else normalise(x, cfg.mean, cfg.std)
+    return _as_tiles(tiles, cfg)
 
 
 def dummy_tiles(n: int, cfg: TilingConfig) -> torch.Tensor:
@@ -222,8 +222,8 @@ def _pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Imag
     return canvas
 
 
-def _normalise(tiles: list[Image.Image], cfg: TilingConfig) -> torch.Tensor:
-    """The tiles as ``[t, 3, H, W]``: ``uint8`` RGB, or normalised float32 (the same :func:`normalise` the
-    model runs on ``uint8`` tiles)."""
-    x = torch.from_numpy(np.ascontiguousarray(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2)))
+def _as_tiles(tiles: np.ndarray, cfg: TilingConfig) -> torch.Tensor:
+    """RGB tiles ``[t, 3, H, W]`` (contiguous ``uint8``) as the loader hands them on: ``uint8``, or normalised float32
+    (the same :func:`normalise` the model runs on ``uint8`` tiles)."""
+    x = torch.from_numpy(tiles)
     return x if cfg.pixels == "uint8" else normalise(x, cfg.mean, cfg.std)
