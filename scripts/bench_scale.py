@@ -90,7 +90,7 @@ def phase(name: str, n: int, dp: int, vit_cap: int, token_cap: int, step_ms: flo
         for _ in BalancedBatchSampler(sampler):
             time.sleep(step_ms / 1e3)  # a training step; epoch 1 is built meanwhile
         sampler.set_epoch(1)
-        start, cpu = time.perf_counter(), cpu_seconds()
+        start, cpu = time.perf_counter(), cpu_seconds()  # the phase reports epoch 1 alone
         spent, count = sampler_seconds(BalancedBatchSampler(sampler))
         extra = {"per_step_ms": 1e3 * spent / count, "steps": count}
     elif name == "torch":
