@@ -11,14 +11,16 @@ Rows (each the median of ``--repeats`` passes over the images, one process = one
 timed in a child process on the same files, and the ratios against it):
 - ``dataset, float32 full decode``: ``InternVLDataset[i]`` as before (full JPEG decode, tiles normalised to
   float32 on the CPU), tokenisation included;
-- ``dataset, uint8 reduced decode``: the same with ``tiling.reduced_decode=true`` and ``tiling.pixels=uint8``
-  (JPEG decoded at the scale its tiles need, tiles left uint8 for the device to normalise);
+- ``dataset, uint8 reduced decode``: the same with ``tiling.reduced_decode=true``, ``tiling.resize=torch`` and
+  ``tiling.pixels=uint8`` (JPEG decoded at the scale its tiles need, resized by torch's bicubic, tiles left uint8
+  for the device to normalise);
 - ``pixels only``: the image -> tiles step alone for ours (both settings) and for InternVL's preprocessing as its
   training code does it (full decode, ``dynamic_preprocess`` resize and crops, then per tile torchvision's
   ``Resize`` + ``ToTensor`` + ``Normalize``, reimplemented here with PIL and numpy since torchvision is absent).
-Then the share of the fast path's time its bicubic resize to the tile grid takes alone (the part a loader on the
-CPU cannot drop without resizing differently from the model's preprocessing), and what the fast path changes: the mean and largest difference of its tiles from a full decode (0-255
-levels), and the device-side normalisation against the CPU's (float32 and bf16).
+Then the share of the fast path's time the bicubic resize to the tile grid takes alone (torch's, and PIL's for
+comparison), and what the fast path changes: the mean and largest difference of its tiles from a full decode
+with PIL's resize (0-255 levels), and the device-side normalisation against the CPU's (float32 and bf16).
+torch runs on one thread throughout, as in a loader worker.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ def main() -> None:
                         help="a checkout of an earlier commit (its C++ core built): its dataset, before settings, as a row")
     parser.add_argument("--child-rate", nargs=2, default=None, help=argparse.SUPPRESS)  # META TOKENIZER
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a DataLoader worker's setting: one loader process is one core
     if args.child_rate:  # the baseline tree's dataset, in the process --baseline-tree started
         print(per_second(InternVLDataset(*args.child_rate, TEMPLATE, BEFORE).__getitem__, args.images, args.repeats))
         return
@@ -91,7 +94,10 @@ def main() -> None:
     from omnibal_pl.data.tiling import decode
     from omnibal_pl.pixels import normalise
 
-    fast_cfg = TilingConfig(mode="internvl", image_size=448, max_tiles=6, reduced_decode=True, pixels="uint8")
+    from omnibal_pl.data.resample import resize_rgb
+
+    fast_cfg = TilingConfig(mode="internvl", image_size=448, max_tiles=6, reduced_decode=True, resize="torch",
+                            pixels="uint8")
     with tempfile.TemporaryDirectory() as tmp:
         meta, tok = write_image_dataset(Path(tmp), args.images, seed=0, sides=tuple(args.sides))
         paths = sorted((Path(tmp) / "images").glob("*.jpg"))
@@ -115,7 +121,8 @@ def main() -> None:
             image.load()
         grids = [tile_grid(*Image.open(p).size, fast_cfg) for p in paths]
         size = fast_cfg.image_size
-        resize_only = per_second(lambda i: decoded[i].resize((grids[i][0] * size, grids[i][1] * size), Image.BICUBIC), n, r)
+        resize_only = {resizer: per_second(lambda i: resize_rgb(decoded[i], grids[i][0] * size, grids[i][1] * size,
+                                                                resizer), n, r) for resizer in ("torch", "pil")}
         print(f"{args.images} JPEGs of {args.sides[0]}-{args.sides[1]} px (InternVL dynamic tiling, 448 px, up to 6 tiles + thumbnail), "
               f"one process, median of {args.repeats}")
         print(f"{'path':<42}{'samples/s':>10}{'vs before':>11}{'vs InternVL':>13}")
@@ -123,15 +130,15 @@ def main() -> None:
         now = next(rate for name, rate in rows if name.startswith("dataset, uint8"))
         for name, rate in rows:
             print(f"{name:<42}{rate:>10.1f}{rate / base:>10.2f}x{rate / internvl:>12.2f}x")
-        print(f"of which the bicubic resize to the tile grid alone (PIL, uint8, decoded image given): "
-              f"{resize_only:.1f} /s, {now / resize_only:.0%} of the fast path's time")
+        print(f"of which the bicubic resize to the tile grid alone (decoded image given): torch {resize_only['torch']:.1f} /s, "
+              f"{now / resize_only['torch']:.0%} of the fast path's time (PIL's: {resize_only['pil']:.1f} /s)")
         diffs, worst = [], 0
         for path in paths:
-            full = tile_image(Image.open(path), TilingConfig(**{**vars(fast_cfg), "reduced_decode": False})).int()
+            full = tile_image(Image.open(path), TilingConfig(**{**vars(fast_cfg), "reduced_decode": False, "resize": "pil"})).int()
             reduced = tile_image(Image.open(path), fast_cfg).int()
             diffs.append((full - reduced).abs().float().mean().item())
             worst = max(worst, int((full - reduced).abs().max()))
-        print(f"\nreduced decode vs full decode, tiles in 0-255 levels: mean |diff| {statistics.mean(diffs):.2f}, "
+        print(f"\nfast path vs full decode and PIL's resize, tiles in 0-255 levels: mean |diff| {statistics.mean(diffs):.2f}, "
               f"largest {worst}")
         tiles = tile_image(Image.open(paths[0]), fast_cfg)
         cpu = tile_image(Image.open(paths[0]), TilingConfig(**{**vars(fast_cfg), "pixels": "float32"}))

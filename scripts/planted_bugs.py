@@ -220,9 +220,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.229, 0.224, 0.255)", *DATA),
     one("llava_normalised_with_imagenet_std", "data", "omnibal_pl/data/tiling.py",
         'return IMAGENET_STD if self.mode == "internvl" else CLIP_STD', "return IMAGENET_STD", *DATA),
-    one("tiles_resized_bilinear", "data", "omnibal_pl/data/tiling.py",
-        "grid = np.asarray(image.resize((cols * s, rows * s), Image.BICUBIC))",
-        "grid = np.asarray(image.resize((cols * s, rows * s), Image.BILINEAR))", *DATA),
+    one("tiles_resized_bilinear", "data", "omnibal_pl/data/resample.py",
+        "np.array(image.resize((width, height), Image.BICUBIC))", "np.array(image.resize((width, height), Image.BILINEAR))",
+        *DATA),
     one("aspect_tie_factor_quarter", "data", "omnibal_pl/data/tiling.py",
         "area > 0.5 * cfg.image_size**2 * cols * rows", "area > 0.25 * cfg.image_size**2 * cols * rows", *DATA),
     # ---- data: token bugs of issue 18 (the golden sequences are to catch them) ----
@@ -279,6 +279,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/balance/test_sampler.py"),
     one("fault_watch_not_woken_at_shutdown", "train", "omnibal_pl/train/faults.py",
         'wakeup[1].send(b"\\0")', 'wakeup[1].send(b"")', "tests/train/test_faults.py"),
+    # ---- stop 14: torch's bicubic resize and the tile cut ----
+    one("torch_resize_without_antialiasing", "data", "omnibal_pl/data/resample.py",
+        'mode="bicubic", antialias=True', 'mode="bicubic", antialias=False', "tests/data/test_tiling.py"),
+    one("torch_resize_bilinear", "data", "omnibal_pl/data/resample.py",
+        'mode="bicubic", antialias=True', 'mode="bilinear", antialias=True', "tests/data/test_tiling.py"),
+    one("tiles_cut_column_major", "data", "omnibal_pl/data/tiling.py",
+        "tiles[:n].view(rows, cols, 3, s, s)", "tiles[:n].view(cols, rows, 3, s, s)", "tests/data/test_tiling.py"),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (

@@ -1,7 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL image preprocessing: one image -> its patch rows and its (t, h, w) patch grid.
 
-As Qwen's image processor does it: the image is resized (PIL bicubic, on 8-bit RGB) to the size of
-:func:`~omnibal_pl.image_grid.resized_size` (sides multiples of one merge block, pixels within
+As Qwen's image processor does it: the image is resized (PIL's bicubic on 8-bit RGB,
+:mod:`~omnibal_pl.data.resample`) to the size of :func:`~omnibal_pl.image_grid.resized_size` (sides multiples of one merge block, pixels within
 ``[min_pixels, max_pixels]``), scaled to [0, 1] and normalised (Qwen: the OpenAI CLIP mean and std); the
 still image is repeated to ``TEMPORAL_PATCH`` frames; each ``patch x patch`` patch becomes one row of
 ``3 * TEMPORAL_PATCH * patch * patch`` values (channel, frame, row, column), the ``SPATIAL_MERGE^2``
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from omnibal_pl.data.resample import resize_rgb
 from omnibal_pl.image_grid import resized_size
 from omnibal_pl.qwen_batch import Grid
 
@@ -28,12 +29,12 @@ def patch_dim(patch: int) -> int:
 
 
 def qwen_patches(image: Image.Image, patch: int, min_pixels: int, max_pixels: int, mean: Sequence[float],
-                 std: Sequence[float]) -> tuple[torch.Tensor, Grid]:
+                 std: Sequence[float], resizer: str) -> tuple[torch.Tensor, Grid]:
     """Patch rows float32 [h * w, patch_dim(patch)] of ``image`` and its grid (1, h, w) in ``patch`` px patches,
-    normalised per channel with ``mean`` and ``std``."""
+    normalised per channel with ``mean`` and ``std``; ``resizer``: :func:`~omnibal_pl.data.resample.resize_rgb`'s."""
     height, width = resized_size(image.height, image.width, patch * SPATIAL_MERGE, min_pixels, max_pixels)
-    resized = image.convert("RGB").resize((width, height), Image.BICUBIC)
-    x = np.asarray(resized, dtype=np.float32) / 255.0  # [H, W, 3]
+    resized = resize_rgb(image.convert("RGB"), width, height, resizer)  # [3, H, W]
+    x = resized.permute(1, 2, 0).numpy().astype(np.float32) / 255.0  # [H, W, 3]
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     gh, gw, m = height // patch, width // patch, SPATIAL_MERGE
     x = x.reshape(gh // m, m, patch, gw // m, m, patch, 3)  # block row, row in block, px row, block col, col, px col, c
