@@ -23,6 +23,10 @@ Repeats: the whole measurement of all samplers runs ``--repeats`` times, interle
 rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
 over repeats and the spread (min..max) of samples/s, the median step time, ideal and idle fraction.
 Speedups compare medians in samples/s (epoch time: samplers put different amounts of work in a step).
+Which samples: with ``--steps N`` each sampler's first N steps, i.e. different samples per sampler, whose cost
+differs as much as balance does over a few steps; with ``--steps 0`` and a small ``--samples`` every sampler runs
+its whole epoch over the same samples (less the few a sampler's last incomplete step drops), so samples/s
+compares the same work: the figure to quote.
 
 Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed).
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
@@ -32,6 +36,7 @@ Data: the synthetic dataset shaped by the embedded real-statistics generator, te
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import sys
@@ -86,14 +91,14 @@ def balance_config(algorithm: str, args: argparse.Namespace, model_path: Path | 
 
 
 def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespace) -> list[list[PackedBatch]]:
-    """``[step][rank]`` packed micro-batches of the first ``args.steps`` steps, one DataModule per DP rank."""
+    """``[step][rank]`` packed micro-batches of the first ``args.steps`` steps (0: the whole epoch), one DataModule
+    per DP rank."""
     data = prepare_training_data(dataset_config(args), balance, model_spec(cfg))  # caps resolved for args.dp ranks
     per_rank = []
     for rank in range(args.dp):
         dm = OmniBalDataModule(data, PACKING, dp_rank=rank)
         dm.setup("fit")
-        loader = iter(dm.train_dataloader())
-        per_rank.append([next(loader) for _ in range(args.steps)])
+        per_rank.append(list(itertools.islice(dm.train_dataloader(), args.steps or None)))
     return [list(step) for step in zip(*per_rank)]
 
 
@@ -160,7 +165,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
     data = {a: rank_batches(cfg, balance_config(a, args, Path(path) if fitted else None), args) for a in algorithms}
 
-    runs: dict[str, list[tuple[float, float, int, int]]] = {a: [] for a in algorithms}
+    runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors: dict[str, list[float]] = {a: [] for a in algorithms}
     for r in range(args.repeats):
         for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
@@ -174,20 +179,20 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
                     errors[algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
             tokens = sum(b.num_tokens for step in data[algo] for b in step)
             samples = sum(b.num_samples for step in data[algo] for b in step)
-            runs[algo].append((step_s, ideal_s, tokens, samples))
+            runs[algo].append((step_s, ideal_s, tokens, samples, len(data[algo])))
     report(name, params, cfg, args, device, runs, errors)
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
-           runs: dict[str, list[tuple[float, float, int, int]]], errors: dict[str, list[float]]) -> None:
-    n = args.steps
-    rate = {a: [s / step for step, _, _, s in rs] for a, rs in runs.items()}  # samples/s per repeat
+           runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, list[float]]) -> None:
+    rate = {a: [s / step for step, _, _, s, _ in rs] for a, rs in runs.items()}  # samples/s per repeat
     median = {a: statistics.median(v) for a, v in rate.items()}
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
-          f"{n} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
-    print(f"{'sampler':<16}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
-          f"{'spread':>16}{'vs random':>10}{'model err':>11}{'p90':>6}")
+          f"{args.steps or 'all'} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
+    print(f"{'sampler':<16}{'steps':>6}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
+          f"{'spread':>18}{'vs random':>10}{'model err':>11}{'p90':>6}")
     for algo, rs in runs.items():
+        n = rs[0][4]
         step = statistics.median(r[0] for r in rs) / n
         ideal = statistics.median(r[1] for r in rs) / n
         idle = statistics.median(1 - r[1] / r[0] for r in rs)
@@ -196,8 +201,8 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         vs = f"{median[algo] / median['random']:.2f}x" if "random" in median else "-"
         err = errors[algo]
         err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
-        print(f"{algo:<16}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
-              f"{spread:>16}{vs:>10}{err_s}")
+        print(f"{algo:<16}{n:>6}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
+              f"{spread:>18}{vs:>10}{err_s}")
     for ours in ("balanced", "balanced_fitted"):
         if ours in median:
             others = ", ".join(f"{a} {median[ours] / median[a]:.2f}x" for a in median if not a.startswith("balanced"))
@@ -210,7 +215,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--dp", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6, help="steps measured per sampler and repeat")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="steps measured per sampler and repeat; 0: every step of the epoch, so that with a small "
+                             "--samples every sampler runs the same samples")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole measurement (median, spread)")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
     parser.add_argument("--calibration", type=int, default=48, help="random micro-batches timed to fit the model")
