@@ -91,10 +91,9 @@ def main() -> None:
         print(per_second(InternVLDataset(*args.child_rate, TEMPLATE, BEFORE).__getitem__, args.images, args.repeats))
         return
     from bench_data import write_image_dataset  # this folder: python scripts/bench_loader.py
+    from omnibal_pl.data.resample import resize_rgb
     from omnibal_pl.data.tiling import decode
     from omnibal_pl.pixels import normalise
-
-    from omnibal_pl.data.resample import resize_rgb
 
     fast_cfg = TilingConfig(mode="internvl", image_size=448, max_tiles=6, reduced_decode=True, resize="torch",
                             pixels="uint8")

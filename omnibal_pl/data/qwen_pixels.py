@@ -1,11 +1,12 @@
 """Qwen2-VL / Qwen2.5-VL image preprocessing: one image -> its patch rows and its (t, h, w) patch grid.
 
 As Qwen's image processor does it: the image is resized (PIL's bicubic on 8-bit RGB,
-:mod:`~omnibal_pl.data.resample`) to the size of :func:`~omnibal_pl.image_grid.resized_size` (sides multiples of one merge block, pixels within
-``[min_pixels, max_pixels]``), scaled to [0, 1] and normalised (Qwen: the OpenAI CLIP mean and std); the
-still image is repeated to ``TEMPORAL_PATCH`` frames; each ``patch x patch`` patch becomes one row of
-``3 * TEMPORAL_PATCH * patch * patch`` values (channel, frame, row, column), the ``SPATIAL_MERGE^2``
-patches of a merge block consecutive, blocks row-major (the layout :mod:`omnibal_pl.qwen_batch` describes).
+:mod:`~omnibal_pl.data.resample`) to the size of :func:`~omnibal_pl.image_grid.resized_size` (sides multiples
+of one merge block, pixels within ``[min_pixels, max_pixels]``), scaled to [0, 1] and normalised (Qwen: the
+OpenAI CLIP mean and std); the still image is repeated to ``TEMPORAL_PATCH`` frames; each ``patch x patch``
+patch becomes one row of ``3 * TEMPORAL_PATCH * patch * patch`` values (channel, frame, row, column), the
+``SPATIAL_MERGE^2`` patches of a merge block consecutive, blocks row-major (the layout
+:mod:`omnibal_pl.qwen_batch` describes).
 """
 from __future__ import annotations
 
