@@ -1,7 +1,8 @@
 """Training throughput at simulated DP: the slowest rank sets the step time, so balance is speed.
 
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
-        [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random] [--save-time-model PATH]
+        [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
+        [--save-time-model PATH]
         [--calibration 48] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
@@ -12,6 +13,14 @@ over the same micro-batches (perfect balance of the same work, the limit balance
 Samplers: ``balanced`` (counts), ``balanced_fitted`` (``balance.cost=fitted``: steps formed on the fitted
 time model), ``isf``, ``disttrain`` (LPT on the fitted model when one fits, else on tokens), the
 ``llamafactory`` and ``swift`` packers (the token cap ``balanced`` searched, tiles uncapped) and ``random``.
+``identical`` is no sampler but the timing's floor: ``balanced``'s steps with rank 0's micro-batch run by every
+rank, so the ranks' work is equal by construction and the idle it shows is what timing noise alone adds to the
+slowest of ``--dp`` ranks.
+
+Columns: ``idle`` = 1 - ideal / step (the share of the slowest rank's time the others wait); ``no idle`` = the
+samples/s the same micro-batches would reach at zero idle (samples / ideal time), the most any balancing of the
+same micro-batches can give; the lines under the table compare ``balanced`` with each sampler measured, and its
+``no idle`` figure with theirs measured (the ceiling of balance alone, for targets above it).
 
 Time model: before the samplers run, ``--calibration`` micro-batches of random samples (1 to
 ``3 x samples-per-group`` samples each, so sample counts, tiles and tokens vary independently) are timed and
@@ -57,7 +66,7 @@ from omnibal_pl.errors import BalanceError
 from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.train.objective import packed_loss_sum
 
-ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random")
+ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random", "identical")
 PACKING = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
 
 
@@ -82,6 +91,8 @@ def batch_features(batch: PackedBatch) -> list[float]:
 
 
 def balance_config(algorithm: str, args: argparse.Namespace, model_path: Path | None) -> BalanceConfig:
+    if algorithm == "identical":
+        algorithm = "balanced"
     if algorithm == "balanced_fitted":
         return BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, cost="fitted",
                              time_model=str(model_path))
@@ -100,6 +111,15 @@ def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespac
         dm.setup("fit")
         per_rank.append(list(itertools.islice(dm.train_dataloader(), args.steps or None)))
     return [list(step) for step in zip(*per_rank)]
+
+
+def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, model_path: Path | None
+                  ) -> list[list[PackedBatch]]:
+    """``[step][rank]`` micro-batches a sampler gives; for ``identical``, ``balanced``'s rank 0 on every rank."""
+    steps = rank_batches(cfg, balance_config(algorithm, args, model_path), args)
+    if algorithm == "identical":
+        return [[step[0]] * len(step) for step in steps]
+    return steps
 
 
 def calibration_batches(cfg: VLMConfig, args: argparse.Namespace) -> list[PackedBatch]:
@@ -163,7 +183,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     if args.fit_only:
         return
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
-    data = {a: rank_batches(cfg, balance_config(a, args, Path(path) if fitted else None), args) for a in algorithms}
+    data = {a: sampler_steps(a, cfg, args, Path(path) if fitted else None) for a in algorithms}
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors: dict[str, list[float]] = {a: [] for a in algorithms}
@@ -187,10 +207,11 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
            runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, list[float]]) -> None:
     rate = {a: [s / step for step, _, _, s, _ in rs] for a, rs in runs.items()}  # samples/s per repeat
     median = {a: statistics.median(v) for a, v in rate.items()}
+    no_idle = {a: statistics.median(s / ideal for _, ideal, _, s, _ in rs) for a, rs in runs.items()}
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
           f"{args.steps or 'all'} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
     print(f"{'sampler':<16}{'steps':>6}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
-          f"{'spread':>18}{'vs random':>10}{'model err':>11}{'p90':>6}")
+          f"{'spread':>18}{'vs random':>10}{'no idle':>9}{'model err':>11}{'p90':>6}")
     for algo, rs in runs.items():
         n = rs[0][4]
         step = statistics.median(r[0] for r in rs) / n
@@ -202,11 +223,12 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         err = errors[algo]
         err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
         print(f"{algo:<16}{n:>6}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
-              f"{spread:>18}{vs:>10}{err_s}")
+              f"{spread:>18}{vs:>10}{no_idle[algo]:>9.2f}{err_s}")
+    samplers = [a for a in median if not a.startswith("balanced") and a != "identical"]
     for ours in ("balanced", "balanced_fitted"):
         if ours in median:
-            others = ", ".join(f"{a} {median[ours] / median[a]:.2f}x" for a in median if not a.startswith("balanced"))
-            print(f"{ours} vs: {others}")
+            print(f"{ours} vs: " + ", ".join(f"{a} {median[ours] / median[a]:.2f}x" for a in samplers))
+            print(f"{ours} at no idle vs: " + ", ".join(f"{a} {no_idle[ours] / median[a]:.2f}x" for a in samplers))
 
 
 def main() -> None:
