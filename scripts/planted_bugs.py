@@ -286,6 +286,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         'mode="bicubic", antialias=True', 'mode="bilinear", antialias=True', "tests/data/test_tiling.py"),
     one("tiles_cut_column_major", "data", "omnibal_pl/data/tiling.py",
         "tiles[:n].view(rows, cols, 3, s, s)", "tiles[:n].view(cols, rows, 3, s, s)", "tests/data/test_tiling.py"),
+    one("pipeline_checkpoint_kept_when_present", "parallel", "omnibal_pl/parallel/strategy.py",
+        "        if path.is_file():\n            path.unlink()\n", "        if path.exists():\n            return\n",
+        "tests/train/test_validation.py"),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (

@@ -21,6 +21,7 @@ from omnibal_pl.data.training_data import ModelSpec, prepare_training_data
 from omnibal_pl.data.validation_split import split_validation
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable
+from omnibal_pl.parallel.dcp import META_FILE, load_meta
 from omnibal_pl.train.assemble import build_run, resolve_run
 from omnibal_pl.train.schemas import parse_run_config
 from omnibal_pl.train.trained_model import read_trained_model
@@ -136,9 +137,11 @@ def test_a_run_bounded_by_epochs_validates_after_its_last_step(tmp_path):
 @pytest.mark.timeout(400)
 def test_pipeline_validation_equals_the_single_process_one(tmp_path):
     """cluster=cpu_pp2 runs validation forward only through the pipeline: the last stage measures, the other
-    adds zeros; the values equal one process's at the same steps (same weights, same held-out samples)."""
+    adds zeros; the values equal one process's at the same steps (same weights, same held-out samples). The best
+    checkpoint, a distributed checkpoint folder there, holds the lowest val/loss the run logged and its step."""
     rows = {}
-    for name, extra in (("pp", ["cluster=cpu_pp2", "plan.use=uniform"]), ("one", ["balance.micro_batches=4"])):
+    pp = ["cluster=cpu_pp2", "plan.use=uniform", "callbacks=[checkpoint,lr_monitor,best_checkpoint]"]
+    for name, extra in (("pp", pp), ("one", ["balance.micro_batches=4"])):
         out = subprocess.run([sys.executable, "-m", "omnibal_pl.cli.train", *extra, f"hydra.run.dir={tmp_path / name}",
                               *FAST, *VAL], capture_output=True, text=True, timeout=380)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -147,6 +150,14 @@ def test_pipeline_validation_equals_the_single_process_one(tmp_path):
     for step in (1, 3):
         assert rows["pp"][step]["loss"] == pytest.approx(rows["one"][step]["loss"], rel=1e-5)
         assert rows["pp"][step]["acc"] == pytest.approx(rows["one"][step]["acc"], rel=1e-6)
+
+    best = tmp_path / "pp" / "checkpoints" / "best" / "best.ckpt"
+    assert (best / ".metadata").is_file()
+    meta = load_meta(best / META_FILE)
+    callback = next(v for k, v in meta["callbacks"].items() if "ModelCheckpoint" in k and "val/loss" in k)
+    best_step = min(rows["pp"], key=lambda step: rows["pp"][step]["loss"])
+    assert float(callback["best_model_score"]) == pytest.approx(rows["pp"][best_step]["loss"], rel=1e-6)
+    assert meta["global_step"] == best_step + 1  # metrics.csv logs the step index, the checkpoint the steps done
 
 
 @pytest.mark.distributed
