@@ -219,7 +219,7 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         idle = statistics.median(1 - r[1] / r[0] for r in rs)
         tokens, samples = rs[0][2] / n, rs[0][3] / n
         spread = f"{min(rate[algo]):.2f}..{max(rate[algo]):.2f}"
-        vs = f"{median[algo] / median['random']:.2f}x" if "random" in median else "-"
+        vs = f"{median[algo] / median['random']:.2f}x" if "random" in median and algo != "identical" else "-"
         err = errors[algo]
         err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
         print(f"{algo:<16}{n:>6}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
