@@ -91,8 +91,6 @@ def batch_features(batch: PackedBatch) -> list[float]:
 
 
 def balance_config(algorithm: str, args: argparse.Namespace, model_path: Path | None) -> BalanceConfig:
-    if algorithm == "identical":
-        algorithm = "balanced"
     if algorithm == "balanced_fitted":
         return BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, cost="fitted",
                              time_model=str(model_path))
@@ -116,10 +114,10 @@ def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespac
 def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, model_path: Path | None
                   ) -> list[list[PackedBatch]]:
     """``[step][rank]`` micro-batches a sampler gives; for ``identical``, ``balanced``'s rank 0 on every rank."""
-    steps = rank_batches(cfg, balance_config(algorithm, args, model_path), args)
     if algorithm == "identical":
+        steps = rank_batches(cfg, balance_config("balanced", args, model_path), args)
         return [[step[0]] * len(step) for step in steps]
-    return steps
+    return rank_batches(cfg, balance_config(algorithm, args, model_path), args)
 
 
 def calibration_batches(cfg: VLMConfig, args: argparse.Namespace) -> list[PackedBatch]:

@@ -38,6 +38,11 @@ def val_rows(run_dir: Path) -> dict[int, dict[str, float]]:
                 for r in csv.DictReader(f) if r.get("val/loss")}
 
 
+def val_loss_checkpoint_state(checkpoint: dict) -> dict:
+    """The state of the ModelCheckpoint that monitors val/loss, from a checkpoint's ``callbacks``."""
+    return next(v for k, v in checkpoint["callbacks"].items() if "ModelCheckpoint" in k and "val/loss" in k)
+
+
 def test_the_split_is_disjoint_seeded_and_sized():
     n = 50
     table = LengthTable(np.ones(n, np.int64), np.arange(10, 10 + n), np.ones(n, np.int64), np.zeros(n, np.int64), ["s"])
@@ -85,8 +90,8 @@ def test_val_metrics_every_interval_equal_a_direct_computation_and_can_be_monito
     assert sorted(rows) == [1, 3]  # after optimizer steps 2 and 4 (Lightning logs the step index)
     assert (best / "best.ckpt").is_file()
     saved = torch.load(best / "best.ckpt", map_location="cpu", weights_only=False)
-    callback = next(v for k, v in saved["callbacks"].items() if "ModelCheckpoint" in k and "val/loss" in k)
-    assert float(callback["best_model_score"]) == pytest.approx(min(r["loss"] for r in rows.values()))
+    best_score = float(val_loss_checkpoint_state(saved)["best_model_score"])
+    assert best_score == pytest.approx(min(r["loss"] for r in rows.values()))
 
     # the last validation, recomputed by hand over the held-out micro-batches with the final weights
     model = read_trained_model(tmp_path / "checkpoints" / "last.ckpt").build()
@@ -154,9 +159,9 @@ def test_pipeline_validation_equals_the_single_process_one(tmp_path):
     best = tmp_path / "pp" / "checkpoints" / "best" / "best.ckpt"
     assert (best / ".metadata").is_file()
     meta = load_meta(best / META_FILE)
-    callback = next(v for k, v in meta["callbacks"].items() if "ModelCheckpoint" in k and "val/loss" in k)
     best_step = min(rows["pp"], key=lambda step: rows["pp"][step]["loss"])
-    assert float(callback["best_model_score"]) == pytest.approx(rows["pp"][best_step]["loss"], rel=1e-6)
+    best_score = float(val_loss_checkpoint_state(meta)["best_model_score"])
+    assert best_score == pytest.approx(rows["pp"][best_step]["loss"], rel=1e-6)
     assert meta["global_step"] == best_step + 1  # metrics.csv logs the step index, the checkpoint the steps done
 
 
