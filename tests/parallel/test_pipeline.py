@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -24,7 +23,7 @@ from omnibal_pl.parallel import all_reduce_grads, build_mesh, build_pipeline, ga
 from omnibal_pl.parallel.dcp import state_holder
 from omnibal_pl.parallel.sharding import local_tensor
 
-from tests.helpers import RecomputeCounter, plan_of
+from tests.helpers import RecomputeCounter, plan_of, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -88,10 +87,13 @@ def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
 
 def spawn(fn, world: int, tmp_path: Path, *args) -> list:
     """Run ``fn(*args)`` on ``world`` gloo ranks; the list of their return values, by rank."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_entry, args=(world, str(tmp_path), fn, args), nprocs=world, start_method="spawn",
-                       join=True, daemon=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    def attempt(k: int) -> tuple:
+        folder = tmp_path / f"attempt{k}"  # a fresh rendezvous file for each attempt
+        folder.mkdir(parents=True)
+        return world, str(folder), fn, args
+
+    _, folder, _, _ = run_ranks(_entry, world, attempt)
+    return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def train_worker(pp: int, schedule: str, stages: list[list[str]], recompute: dict[str, str], m: int,

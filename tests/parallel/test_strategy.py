@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from omnibal_pl.balance.config import BalanceConfig
@@ -31,7 +30,7 @@ from omnibal_pl.train.module import OmniBalModule
 from omnibal_pl.train.optim import OptimConfig
 from omnibal_pl.train.pipeline_module import OmniBalPipelineModule
 from omnibal_pl.train.schemas import parse_run_config
-from tests.helpers import CollectiveDevices, RecomputeCounter, cfg_of, model_config, plan_of
+from tests.helpers import CollectiveDevices, RecomputeCounter, cfg_of, model_config, plan_of, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -117,14 +116,16 @@ def _entry(rank: int, world: int, port: int, out: str, fn, kwargs) -> None:
 
 
 def spawn(fn, world: int, tmp_path: Path, **kwargs) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / f"out{port}"
-    out.mkdir()
-    mp.start_processes(_entry, args=(world, port, str(out), fn, kwargs), nprocs=world, start_method="spawn",
-                       join=True, daemon=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    def attempt(_: int) -> tuple:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"out{port}"
+        out.mkdir()
+        return world, port, str(out), fn, kwargs
+
+    _, _, out, _, _ = run_ranks(_entry, world, attempt)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def reference(m: int, dp: int, steps: int) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
