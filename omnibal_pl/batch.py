@@ -31,7 +31,7 @@ leaves the facts stale.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import accumulate
 
 import torch
@@ -88,9 +88,10 @@ class PackedBatch:
             self.__post_init__()
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
-        """A copy with ``fn`` applied to every tensor field; the host fields (ints, tuples, None) are kept."""
+        """A copy of the same class with ``fn`` applied to every tensor field; the host fields (ints, tuples,
+        None) are kept."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+        return replace(self, **{k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor)})
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor field, in field order."""

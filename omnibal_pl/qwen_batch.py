@@ -16,8 +16,8 @@ Layout of one micro-batch (see :mod:`omnibal_pl.model.qwen_vision` for what the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,6 @@ class QwenPackedBatch(PackedBatch):
     grid of every image in packing order (host values)."""
 
     image_grids: tuple[Grid, ...] = ()
-
-    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QwenPackedBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return QwenPackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 def mrope_position_ids(input_ids: torch.Tensor, grids: Sequence[Grid], image_token_id: int,

@@ -138,6 +138,9 @@ def test_collate_packs_a_qwen_batch_with_restarting_positions(qwen_data):
         torch.testing.assert_close(batch.position_ids[:, bounds[k]:bounds[k + 1]],
                                    mrope_position_ids(s.input_ids, s.image_grids, context, 2))
     assert batch.position_ids.shape == (3, 500) and batch.position_ids[:, bounds[-2]].tolist() == [0, 0, 0]
+    moved = batch.to("cpu")  # what the training step and the pipeline do to every micro-batch
+    assert isinstance(moved, QwenPackedBatch) and moved.image_grids == batch.image_grids
+    assert torch.equal(moved.position_ids, batch.position_ids)
 
 
 def test_collated_logits_equal_pack_qwen_samples(qwen_data):
