@@ -27,11 +27,15 @@ def photo(path, width: int, height: int, fmt: str = "JPEG"):
 
 
 def test_normalise_is_the_usual_formula():
+    """ImageNet's and CLIP's constants in turn, the second ImageNet call from a list: each call uses its own
+    norm's factors (they are built once per norm and device)."""
     raw = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    expected = (raw.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
-    got = normalise(raw, mean, std)
-    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=0, atol=1e-6)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    clip = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    for mean, std in (imagenet, clip, [list(imagenet[0]), list(imagenet[1])]):
+        m, s = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (mean, std))
+        got = normalise(raw, mean, std)
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), (raw.double() / 255 - m) / s, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode, size", [("internvl", 56), ("llava", 56)])
