@@ -1,5 +1,5 @@
 """Datasets, tiling, tokenisation, length statistics and packing: samples in, packed micro-batches out."""
-from omnibal_pl.data.collate import GroupsDataset, PackingCollate, StepCollate, unpack
+from omnibal_pl.data.collate import GroupsDataset, PackingCollate, StepCollate
 from omnibal_pl.data.datamodule import LoaderConfig, OmniBalDataModule, PackingConfig
 from omnibal_pl.data.datasets import ConversationDataset, InternVLDataset, LlavaDataset, Sample, SkipReport
 from omnibal_pl.data.records import Record, read_annotation, read_internvl_meta
@@ -40,5 +40,4 @@ __all__ = [
     "synthetic_lengths",
     "tile_grid",
     "tile_image",
-    "unpack",
 ]

@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnibal_pl.data import PackingCollate, SyntheticDataset, unpack
-from omnibal_pl.batch import IGNORE_INDEX
+from omnibal_pl.batch import IGNORE_INDEX, PackedBatch
+from omnibal_pl.data import PackingCollate, SyntheticDataset
+from omnibal_pl.data.datasets import Sample
 from omnibal_pl.errors import ConfigError, DataError
 from omnibal_pl.lengths import LengthTable
 
@@ -20,6 +21,31 @@ def make_dataset(draw, n: int) -> SyntheticDataset:
     tokens = flag * TPT + np.array(draw(st.lists(st.integers(1, 40), min_size=n, max_size=n)))
     return SyntheticDataset(LengthTable.from_arrays(vit, tokens, flag), vocab_size=64, image_size=6,
                             tokens_per_tile=TPT, image_context_id=CTX, seed=draw(st.integers(0, 9)))
+
+
+def unpack(batch: PackedBatch, image_context_id: int, tokens_per_tile: int) -> list[Sample]:
+    """The samples of a packed batch, in packing order: tokens and labels exactly, and each sample's
+    real (flagged) tiles; a sample without real tiles gets one zero dummy tile with flag 0.
+
+    Real tiles are assigned to samples by their image-context tokens (``tokens_per_tile`` per tile);
+    unflagged tiles carry no features, so which sample a dummy tile came from is not recorded.
+    """
+    real_tiles = batch.pixel_values[batch.image_flags == 1]
+    out: list[Sample] = []
+    next_tile = 0
+    for k in range(batch.num_samples):
+        a, b = int(batch.cu_seqlens[k]), int(batch.cu_seqlens[k + 1])
+        ids = batch.input_ids[0, a:b].clone()
+        n = int((ids == image_context_id).sum()) // tokens_per_tile
+        if n:
+            pixels = real_tiles[next_tile : next_tile + n].clone()
+            flags = torch.ones(n, dtype=torch.int64)
+        else:
+            pixels = batch.pixel_values.new_zeros(1, *batch.pixel_values.shape[1:])
+            flags = torch.zeros(1, dtype=torch.int64)
+        next_tile += n
+        out.append(Sample(ids, batch.labels[0, a:b].clone(), pixels, flags, int(batch.sample_ids[k])))
+    return out
 
 
 @settings(max_examples=60, deadline=None)
