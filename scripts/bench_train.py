@@ -37,7 +37,8 @@ differs as much as balance does over a few steps; with ``--steps 0`` and a small
 its whole epoch over the same samples (less the few a sampler's last incomplete step drops), so samples/s
 compares the same work: the figure to quote.
 
-Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed).
+Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed); in a
+step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs.
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
 ``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs with
 ``pad_to=multiple`` (varlen attention over the real tokens). On CUDA (``--device cuda``): bf16 autocast.
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import statistics
 import sys
@@ -152,6 +154,16 @@ def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps:
     return min(times)
 
 
+def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: int) -> list[float]:
+    """Seconds of each rank's micro-batch of ``step``: the fastest of ``reps`` runs, the runs interleaved over the
+    ranks (rank 0 .. n-1, then again), so that a slow spell of the machine, which lasts longer than a few runs,
+    does not fall on one rank's runs alone."""
+    best = [math.inf] * len(step)
+    for _ in range(reps):
+        for rank, batch in enumerate(step):
+            best[rank] = min(best[rank], time_micro_batch(model, batch, device, 1))
+    return best
+
 def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
                        path: Path) -> TimeModel | None:
     batches = calibration_batches(cfg, args)
@@ -189,7 +201,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
             step_s = ideal_s = 0.0
             for step in data[algo]:
-                ranks = [time_micro_batch(model, b, device, args.reps) for b in step]
+                ranks = time_ranks(model, step, device, args.reps)
                 step_s += max(ranks)
                 ideal_s += sum(ranks) / len(ranks)
                 if fitted is not None:
