@@ -158,11 +158,13 @@ def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: 
     """Seconds of each rank's micro-batch of ``step``: the fastest of ``reps`` runs, the runs interleaved over the
     ranks (rank 0 .. n-1, then again), so that a slow spell of the machine, which lasts longer than a few runs,
     does not fall on one rank's runs alone."""
+    on_device = [b.to(device) for b in step]  # once, not once per run
     best = [math.inf] * len(step)
     for _ in range(reps):
-        for rank, batch in enumerate(step):
+        for rank, batch in enumerate(on_device):
             best[rank] = min(best[rank], time_micro_batch(model, batch, device, 1))
     return best
+
 
 def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
                        path: Path) -> TimeModel | None:

@@ -526,8 +526,8 @@ def run_ranks(entry: Callable[..., None], world: int, args_of_attempt: Callable[
     """Runs ``entry(rank, *args_of_attempt(0))`` on ``world`` spawned processes and waits for them; returns the
     ``args`` of the attempt that completed.
 
-    A rank killed by a signal (a C++ abort inside torch, seen once in CI in a ZeRO-2 gloo run that passes
-    hundreds of times) makes the ranks run once more, on ``args_of_attempt(1)`` (its own rendezvous and result
+    A rank killed by a signal (a C++ abort inside torch, seen once in CI in a ZeRO-2 gloo run that passed about a
+    hundred local reruns) makes the ranks run once more, on ``args_of_attempt(1)`` (its own rendezvous and result
     folder), with a warning. A rank that raised, or a second killed rank, fails the test as it is."""
     args = args_of_attempt(0)
     try:

@@ -1,0 +1,42 @@
+"""bench_train's per-step timing: each rank keeps its fastest run, and the runs go round the ranks."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+
+
+def load_bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Step:
+    """Stands in for a rank's micro-batch: ``to`` returns itself, as a batch already on the device does."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def to(self, device) -> "Step":
+        return self
+
+
+def test_time_ranks_keeps_each_ranks_fastest_run_and_goes_round_the_ranks(monkeypatch):
+    bench = load_bench_train()
+    order: list[int] = []
+    scripted = iter([3.0, 5.0, 1.0, 2.0, 4.0, 6.0])  # rep 0: ranks 0, 1, 2; rep 1: ranks 0, 1, 2
+
+    def fake_time(model, batch, device, reps):
+        assert reps == 1
+        order.append(batch.rank)
+        return next(scripted)
+
+    monkeypatch.setattr(bench, "time_micro_batch", fake_time)
+    best = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2)
+    assert order == [0, 1, 2, 0, 1, 2]
+    assert best == [2.0, 4.0, 1.0]
