@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH]
-        [--calibration 48] [--fit-only]
+        [--calibration 48] [--calibration-designs d_optimal random] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -22,11 +22,14 @@ samples/s the same micro-batches would reach at zero idle (samples / ideal time)
 same micro-batches can give; the lines under the table compare ``balanced`` with each sampler measured, and its
 ``no idle`` figure with theirs measured (the ceiling of balance alone, for targets above it).
 
-Time model: before the samplers run, ``--calibration`` micro-batches of random samples (1 to
-``3 x samples-per-group`` samples each, so sample counts, tiles and tokens vary independently) are timed and
-a :class:`~omnibal_pl.balance.TimeModel` is fitted on them; its prediction error is then reported on every
-micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured). A fit that
-fails (too few micro-batches, times the terms do not explain) is printed and ``balanced_fitted`` is skipped.
+Time model: before the samplers run, ``--calibration`` micro-batches of 1 to ``3 x samples-per-group`` samples
+are timed and a :class:`~omnibal_pl.balance.TimeModel` is fitted on them, once per ``--calibration-designs``
+entry (:mod:`omnibal_pl.balance.calibration`: ``d_optimal`` picks micro-batches that separate the model's terms,
+``random`` draws them at random, the baseline); the first design's model is the one ``balanced_fitted`` and
+``disttrain`` weigh by and ``--save-time-model`` writes. Each model's prediction error is reported on every
+micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured): the table's
+columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
+terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 
 Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
 rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
@@ -59,6 +62,7 @@ import numpy as np
 import torch
 
 from omnibal_pl.balance import BalanceConfig, TimeModel, fit_time_model
+from omnibal_pl.balance.calibration import DESIGNS, design_calibration
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import preset
 from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
@@ -122,13 +126,11 @@ def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, mode
     return rank_batches(cfg, balance_config(algorithm, args, model_path), args)
 
 
-def calibration_batches(cfg: VLMConfig, args: argparse.Namespace) -> list[PackedBatch]:
-    """Micro-batches of 1 .. 3 x samples-per-group random samples (varied counts, tiles and tokens)."""
+def calibration_batches(cfg: VLMConfig, args: argparse.Namespace, design: str, count: int) -> list[PackedBatch]:
+    """``count`` micro-batches of 1 .. 3 x samples-per-group samples, chosen by ``design``."""
     data = prepare_training_data(dataset_config(args), BalanceConfig(algorithm="random", dp=args.dp), model_spec(cfg))
-    rng = np.random.default_rng(1)
     out = []
-    for _ in range(args.calibration):
-        ids = rng.choice(len(data.dataset), size=int(rng.integers(1, 3 * args.samples_per_group + 1)), replace=False)
+    for ids in design_calibration(data.lengths, count, 3 * args.samples_per_group, design, seed=1):
         samples = [data.dataset[int(i)] for i in ids]
         tokens, tiles = sum(s.num_tokens for s in samples), sum(s.num_tiles for s in samples)
         collate = PackingCollate(-(-tokens // 64) * 64, tiles, PACKING.pad_to, PACKING.multiple, PACKING.loss_weighting)
@@ -167,19 +169,22 @@ def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: 
 
 
 def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
-                       path: Path) -> TimeModel | None:
-    batches = calibration_batches(cfg, args)
+                       design: str, path: Path | None) -> TimeModel | None:
+    """The time model fitted on ``design``'s calibration micro-batches (saved to ``path`` when given), or None
+    when the fit is refused."""
+    batches = calibration_batches(cfg, args, design, args.calibration)
     seconds = [time_micro_batch(model, b, device, args.reps) for b in batches]
+    samples = sum(b.num_samples for b in batches)
     try:
         fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds))
     except BalanceError as e:
-        print(f"time model: fit failed, balanced_fitted skipped and disttrain weighs tokens (cost=counts): {e}")
+        print(f"time model ({design}): fit failed: {e}")
         return None
-    fitted.save(path)
     terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(("tiles", "tokens", "tokens^2", "samples"), fitted.coefficients))
     terms += f", fixed {fitted.fixed_s:.3g} s"
-    print(f"time model fitted on {len(batches)} calibration micro-batches (s per unit): {terms}; "
-          f"rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms; saved {path}")
+    print(f"time model ({design}) fitted on {len(batches)} calibration micro-batches, {samples} samples (s per unit): "
+          f"{terms}; rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms"
+          + (f"; saved {fitted.save(path)}" if path else ""))
     return fitted
 
 
@@ -188,17 +193,21 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     torch.manual_seed(0)
     model = VLM(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
-    warm = calibration_batches(cfg, argparse.Namespace(**{**vars(args), "calibration": 1}))[0]
+    warm = calibration_batches(cfg, args, "random", 1)[0]
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
-    path = args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json"
-    fitted = fit_on_calibration(model, cfg, args, device, Path(path))
+    path = Path(args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json")
+    fits = {design: fit_on_calibration(model, cfg, args, device, design, path if i == 0 else None)
+            for i, design in enumerate(args.calibration_designs if args.calibration else [])}
     if args.fit_only:
         return
+    fitted = next(iter(fits.values()), None)
+    if fitted is None:
+        print("no time model: balanced_fitted skipped, disttrain weighs tokens (cost=counts)")
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
-    data = {a: sampler_steps(a, cfg, args, Path(path) if fitted else None) for a in algorithms}
+    data = {a: sampler_steps(a, cfg, args, path if fitted else None) for a in algorithms}
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
-    errors: dict[str, list[float]] = {a: [] for a in algorithms}
+    errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
     for r in range(args.repeats):
         for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
             step_s = ideal_s = 0.0
@@ -206,9 +215,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
                 ranks = time_ranks(model, step, device, args.reps)
                 step_s += max(ranks)
                 ideal_s += sum(ranks) / len(ranks)
-                if fitted is not None:
-                    predicted = fitted.predict(np.array([batch_features(b) for b in step]))
-                    errors[algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
+                for design in errors:
+                    predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
+                    errors[design][algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
             tokens = sum(b.num_tokens for step in data[algo] for b in step)
             samples = sum(b.num_samples for step in data[algo] for b in step)
             runs[algo].append((step_s, ideal_s, tokens, samples, len(data[algo])))
@@ -216,7 +225,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
-           runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, list[float]]) -> None:
+           runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, dict[str, list[float]]]) -> None:
+    """The table (model error columns: the first calibration design's model), then each design's model error over
+    all micro-batches run, then ``balanced``'s speedups."""
     rate = {a: [s / step for step, _, _, s, _ in rs] for a, rs in runs.items()}  # samples/s per repeat
     median = {a: statistics.median(v) for a, v in rate.items()}
     no_idle = {a: statistics.median(s / ideal for _, ideal, _, s, _ in rs) for a, rs in runs.items()}
@@ -232,10 +243,14 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         tokens, samples = rs[0][2] / n, rs[0][3] / n
         spread = f"{min(rate[algo]):.2f}..{max(rate[algo]):.2f}"
         vs = f"{median[algo] / median['random']:.2f}x" if "random" in median and algo != "identical" else "-"
-        err = errors[algo]
+        err = next(iter(errors.values()), {}).get(algo, [])
         err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
         print(f"{algo:<16}{n:>6}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
               f"{spread:>18}{vs:>10}{no_idle[algo]:>9.2f}{err_s}")
+    for design, per_algo in errors.items():
+        err = [e for algo_err in per_algo.values() for e in algo_err]
+        print(f"time model ({design}): |predicted - measured| / measured over the {len(err)} micro-batches run: "
+              f"median {np.median(err):.1%}, p90 {np.percentile(err, 90):.1%}")
     samplers = [a for a in median if not a.startswith("balanced") and a != "identical"]
     for ours in ("balanced", "balanced_fitted"):
         if ours in median:
@@ -254,7 +269,9 @@ def main() -> None:
                              "--samples every sampler runs the same samples")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole measurement (median, spread)")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
-    parser.add_argument("--calibration", type=int, default=48, help="random micro-batches timed to fit the model")
+    parser.add_argument("--calibration", type=int, default=48, help="micro-batches timed to fit the model (0: none)")
+    parser.add_argument("--calibration-designs", nargs="+", default=["d_optimal"], choices=DESIGNS,
+                        help="how calibration micro-batches are chosen; one model per design, the first is used")
     parser.add_argument("--save-time-model", type=Path, default=None, help="where to write the fitted model JSON")
     parser.add_argument("--fit-only", action="store_true", help="fit (and save) the time model, run no sampler")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
