@@ -61,6 +61,7 @@ def one(name: str, area: str, path: str, before: str, after: str, *tests: str, r
 
 
 GROUPING, METRICS = "tests/balance/test_grouping.py", "tests/balance/test_metrics.py"
+CALIBRATION = "tests/balance/test_calibration.py"
 SAMPLER = "tests/balance/test_sampler.py"
 BASELINES, COST = "tests/balance/test_baselines.py", "tests/balance/test_cost.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
@@ -289,6 +290,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("pipeline_checkpoint_kept_when_present", "parallel", "omnibal_pl/parallel/strategy.py",
         "        if path.is_file():\n            path.unlink()\n", "        if path.exists():\n            return\n",
         "tests/train/test_validation.py"),
+    # ---- stop 17: the D-optimal calibration design ----
+    one("calibration_picks_the_least_informative", "balance", "omnibal_pl/balance/calibration.py",
+        "best = int(np.argmax(gain))", "best = int(np.argmin(gain))", CALIBRATION),
+    one("calibration_features_unscaled", "balance", "omnibal_pl/balance/calibration.py",
+        "rows / rows.max(axis=0)", "rows", CALIBRATION),
+    one("calibration_candidates_never_one_sided", "balance", "omnibal_pl/balance/calibration.py",
+        "        if rng.random() < 0.5:\n            groups.append", "        if True:\n            groups.append",
+        CALIBRATION),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (
