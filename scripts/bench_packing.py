@@ -9,8 +9,8 @@ pixel shuffle): rows of 1 .. 20 tiles are 256 .. 5,120 image tokens per sample, 
 are drawn from the real statistics' image samples (``--data``; the embedded generator when absent); the
 ``mixed`` row draws whole samples (tiles and text) from them.
 
-A micro-batch holds as many samples as fit ``--budget`` tokens on average (at least one). The same samples
-run both ways:
+A micro-batch holds as many samples as fit ``--budget`` tokens on average, and at least two: with one sample
+there is nothing to pack, and on and off would run the same batch. The same samples run both ways:
 
 - packing on: one varlen sequence, each sample its own attention segment (the project's collate);
 - packing off: a padded batch: every sample padded to the micro-batch's longest, each padded row one causal
@@ -19,7 +19,8 @@ run both ways:
 
 One process: ms per sample = mean micro-batch time / samples. Simulated DP = ``--dp``: each rank runs its
 own micro-batch (different samples), a step waits for the slowest rank: ms per sample = mean step time /
-samples of the step. Timing: each micro-batch runs ``--reps`` times, the fastest counts.
+samples of the step. Timing: each micro-batch runs ``--reps`` times, the fastest counts; the runs go round
+a step's micro-batches (``bench_train.time_ranks``), so a slow spell of the machine does not fall on one only.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from omnibal_pl.data.synthetic import SyntheticDataset
 from omnibal_pl.data.synthetic_lengths import synthetic_lengths
 from omnibal_pl.lengths import LengthTable, load_lengths
 from omnibal_pl.model import VLM, VLMConfig
-from bench_train import time_micro_batch  # this folder: python scripts/bench_packing.py
+from bench_train import time_ranks  # this folder: python scripts/bench_packing.py
 
 TILE_SIZE = 448  # px: 256 LLM tokens per tile
 
@@ -84,7 +85,7 @@ def micro_batch(samples: list[Sample], packed: bool, cfg: VLMConfig) -> PackedBa
 def measure_row(model: VLM, cfg: VLMConfig, stats: LengthTable, tiles: int | None, args: argparse.Namespace,
                 device: torch.device) -> dict:
     probe = row_table(stats, tiles, 4096, cfg.tokens_per_tile, seed=0)
-    per_mb = max(1, int(args.budget // probe.tokens.mean()))
+    per_mb = max(2, int(args.budget // probe.tokens.mean()))
     n = per_mb * args.dp * args.steps
     table = row_table(stats, tiles, n, cfg.tokens_per_tile, seed=1)
     data = SyntheticDataset(table, cfg.llm.vocab_size, TILE_SIZE, cfg.tokens_per_tile, cfg.image_context_id)
@@ -92,8 +93,8 @@ def measure_row(model: VLM, cfg: VLMConfig, stats: LengthTable, tiles: int | Non
     out = {"tiles": tiles or "mixed", "samples": per_mb}
     for packed in (True, False):
         key = "on" if packed else "off"
-        ranks = [[time_micro_batch(model, micro_batch([data[int(i)] for i in g], packed, cfg), device, args.reps)
-                  for g in step] for step in groups]
+        ranks = [time_ranks(model, [micro_batch([data[int(i)] for i in g], packed, cfg) for g in step], device,
+                            args.reps) for step in groups]
         out[f"{key}_one"] = 1e3 * statistics.mean(t for step in ranks for t in step) / per_mb
         out[f"{key}_dp"] = 1e3 * statistics.mean(max(step) for step in ranks) / (per_mb * args.dp)
         out[f"{key}_tokens"] = micro_batch([data[int(i)] for i in groups[0, 0]], packed, cfg).input_ids.shape[1]
