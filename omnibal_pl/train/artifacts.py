@@ -15,14 +15,16 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
     """The run's summary: loss start/end, the last validation loss (NaN without validation), ``objective`` (that
     validation loss, else the final training loss), throughput (means over every optimizer step, whatever the
     loggers and ``log_every_n_steps``), the balance of epoch 0 and ``skipped``: samples left out, by reason (at
-    start, and every time a loader dropped one: a sample whose image does not decode is dropped every epoch)."""
-    losses = module.losses
+    start, and every time a loader dropped one: a sample whose image does not decode is dropped every epoch).
+
+    A resumed run's summary covers the whole run (:class:`~omnibal_pl.train.run_record.RunRecord`): its steps,
+    losses and means include the earlier attempts' up to the checkpoint resumed from; ``attempts`` and
+    ``resumed_at`` (global steps) say how it went; ``seconds`` is this attempt's wall time, ``run_seconds`` adds the
+    earlier attempts' training time up to that checkpoint."""
+    record = module.record
+    losses = record.losses
     report = datamodule.balance_report(0)
-
-    def mean(key: str) -> float:
-        vals = [step[key] for step in module.step_history if key in step]
-        return sum(vals) / len(vals) if vals else float("nan")
-
+    mean = record.mean
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
     loss_end = sum(tail) / len(tail) if losses else float("nan")
@@ -42,6 +44,9 @@ def summarize(module: VLMTrainingModule, datamodule: OmniBalDataModule, run_dir:
         "tiles_per_s": mean("train/tiles_per_s"),
         "mfu": mean("train/mfu"),
         "seconds": seconds,
+        "attempts": record.attempts,
+        "resumed_at": list(record.resumed_at),
+        "run_seconds": record.seconds_before + seconds,
         "vit_cap": report["vit_cap"],
         "token_cap": report["token_cap"],
         "vit_dist_ratio": report["vit_dist_ratio"],
@@ -76,7 +81,11 @@ def write_artifacts(module: VLMTrainingModule, datamodule: OmniBalDataModule, ru
             ("vit / llm dist ratio", f"{summary['vit_dist_ratio']:.4f} / {summary['llm_dist_ratio']:.4f}"),
             ("vit / token fill", f"{summary['vit_fill']:.3f} / {summary['token_fill']:.3f}"),
             ("samples left out", describe(summary["skipped"])),
-            ("wall time (s)", f"{seconds:.1f}"), ("run directory", str(run_dir))]
+            *([("attempts", f"{summary['attempts']} (resumed at step {', '.join(map(str, summary['resumed_at']))})")]
+              if summary["attempts"] > 1 else []),
+            ("wall time (s)", f"{seconds:.1f}" + (f" (the run: {summary['run_seconds']:.1f})" if summary["attempts"] > 1
+                                                  else "")),
+            ("run directory", str(run_dir))]
     print("\n".join(f"{k:<24}{v}" for k, v in rows))
     return summary
 

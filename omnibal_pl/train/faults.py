@@ -234,6 +234,12 @@ class NonFiniteSteps:
         self.skipped = 0
         self.consecutive = 0
 
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
     def admit(self, loss: float, grad_norm: float, step: int, sample_ids: Callable[[], list[int]]) -> bool:
         """True to apply the step; False to skip it (the caller drops its gradients). ``sample_ids`` is called
         only when the run stops (it may read the device)."""

@@ -36,6 +36,7 @@ from omnibal_pl.parallel import OmniBalStrategy
 from omnibal_pl.train.faults import NonFiniteSteps
 from omnibal_pl.train.objective import LOSS_SCALE, micro_batch_objective
 from omnibal_pl.train.optim import OptimConfig, build_optimizer
+from omnibal_pl.train.run_record import CHECKPOINT_KEY as RUN_RECORD_KEY, RunRecord
 from omnibal_pl.train.step_metrics import StepMeter
 from omnibal_pl.train.validation import ValidationMeter
 
@@ -57,14 +58,15 @@ class VLMTrainingModule(L.LightningModule):
                                    "peak_tflops": peak_tflops, "seed": seed, "init_from": init_from})
         self.meter = StepMeter(self.model_cfg, peak_tflops, self.optim.freeze)
         self.validation = ValidationMeter(self.model_cfg)
-        self.step_history: list[dict[str, float]] = []  # every optimizer step's logged metrics, whatever the loggers
+        self.record = RunRecord()  # every optimizer step of the run, whatever the loggers; kept in checkpoints
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.model: VLM | None = self._initial_model()
 
     @property
     def losses(self) -> list[float]:
-        """The global loss of every optimizer step of this process's fit."""
-        return self.meter.losses
+        """The global loss of every optimizer step of the run (a resumed run: from its checkpoint on, the earlier
+        attempts' steps too)."""
+        return self.record.losses
 
     def build_model(self) -> VLM:
         """The whole model: ``torch.manual_seed(seed); VLM(cfg)``, then ``init_from``'s weights if given."""
@@ -92,11 +94,23 @@ class VLMTrainingModule(L.LightningModule):
         if self.model_cfg.adapter.enabled:
             trained = {f"model.{n}" for m in self.local_models() for n in trainable_state_dict(m)}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint[RUN_RECORD_KEY] = {**self.record.state_dict(), "nonfinite": self.nonfinite.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run's record and skipped-step counts up to the checkpoint (none in a checkpoint saved before they
+        were kept: the summary then covers this attempt only)."""
+        state = checkpoint.get(RUN_RECORD_KEY)
+        if state is not None:
+            self.record.load_state_dict(state, int(checkpoint["global_step"]))
+            self.nonfinite.load_state_dict(state["nonfinite"])
+
+    def on_train_start(self) -> None:
+        self.record.start_attempt()
 
     @property
     def grad_norms(self) -> list[float]:
-        """The global gradient norm (before clipping) of every optimizer step of this process's fit."""
-        return self.meter.grad_norms
+        """The global gradient norm (before clipping) of every optimizer step of the run."""
+        return self.record.grad_norms
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """A micro-batch, or a step's list of them, moved with ``non_blocking`` copies on CUDA (from the pinned
@@ -116,7 +130,7 @@ class VLMTrainingModule(L.LightningModule):
         metrics = self.meter.finish_step(loss, totals, lr, self.trainer.world_size, grad_norm)
         metrics["train/skipped_steps"] = float(self.nonfinite.skipped)
         metrics.update(self._balance_metrics())
-        self.step_history.append(metrics)
+        self.record.add_step(loss, grad_norm, metrics)
         # every value is global (reduced or broadcast), so every rank logs it for its callbacks
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
@@ -166,6 +180,7 @@ class OmniBalModule(VLMTrainingModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """An adapter checkpoint's trained parameters over this module's frozen ones (built as the saving run
         built them); a checkpoint lacking a trained parameter is an error, not a silent fresh adapter."""
+        super().on_load_checkpoint(checkpoint)
         if not self.model_cfg.adapter.enabled:
             return
         saved = checkpoint["state_dict"]

@@ -32,9 +32,7 @@ class StepMeter:
         self.cfg = cfg
         self.peak_tflops = peak_tflops
         self.frozen = tuple(frozen)
-        self.losses: list[float] = []  # global loss of every finished step
         self.dropped_total = dict.fromkeys(LOADER_REASONS, 0)  # samples the loaders of all ranks dropped, by reason
-        self.grad_norms: list[float] = []  # global gradient norm (before clipping) of every finished step
         self._reset()
 
     def _reset(self) -> None:
@@ -96,8 +94,6 @@ class StepMeter:
         tokens, samples, tiles, flops, *dropped = totals
         for reason, n in zip(LOADER_REASONS, dropped):
             self.dropped_total[reason] += round(n)
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
         now = time.perf_counter()
         seconds = max(now - (self.start or now), 1e-9)
         metrics = {"train/loss": loss, "train/tokens_per_s": tokens / seconds, "train/samples_per_s": samples / seconds,

@@ -64,17 +64,23 @@ def test_tiny_model_overfits_a_small_fixed_set(tmp_path):
     assert summary["loss_end"] < 0.5 * summary["loss_start"]
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_curve_and_summarises_the_whole_run(tmp_path):
     common = [*FAST, "trainer.max_steps=16", "trainer.checkpoint_every_n_steps=7"]
-    train(cfg_of(*common, f"run_dir={tmp_path / 'full'}"))
+    full_summary = train(cfg_of(*common, f"run_dir={tmp_path / 'full'}"))
     full = losses_in(tmp_path / "full")
     # the step-7 checkpoint is what a run killed after step 7 leaves (same schedule length, unlike max_steps=7)
     ckpt = tmp_path / "full" / "checkpoints" / "step000007.ckpt"
-    train(cfg_of(*common, f"ckpt_path={ckpt}", f"run_dir={tmp_path / 'resumed'}"))
+    summary = train(cfg_of(*common, f"ckpt_path={ckpt}", f"run_dir={tmp_path / 'resumed'}"))
     resumed = losses_in(tmp_path / "resumed")
     assert sorted(resumed) == list(range(7, 16))
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=1e-5, abs=1e-6)
+    # the summary is the run's, not the last attempt's: 16 steps, the first attempt's starting loss
+    assert (full_summary["attempts"], full_summary["resumed_at"]) == (1, [])
+    assert (summary["steps"], summary["attempts"], summary["resumed_at"]) == (16, 2, [7])
+    assert summary["loss_start"] == pytest.approx(full_summary["loss_start"], rel=1e-5)
+    assert summary["loss_end"] == pytest.approx(full_summary["loss_end"], rel=1e-5)
+    assert summary["run_seconds"] > summary["seconds"]
 
 
 def test_sweep_over_two_algorithms(tmp_path):
