@@ -253,7 +253,7 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
               f"median {np.median(err):.1%}, p90 {np.percentile(err, 90):.1%}")
     samplers = [a for a in median if not a.startswith("balanced") and a != "identical"]
     for ours in ("balanced", "balanced_fitted"):
-        if ours in median:
+        if ours in median and samplers:
             print(f"{ours} vs: " + ", ".join(f"{a} {median[ours] / median[a]:.2f}x" for a in samplers))
             print(f"{ours} at no idle vs: " + ", ".join(f"{a} {no_idle[ours] / median[a]:.2f}x" for a in samplers))
 
