@@ -62,6 +62,7 @@ def one(name: str, area: str, path: str, before: str, after: str, *tests: str, r
 
 GROUPING, METRICS = "tests/balance/test_grouping.py", "tests/balance/test_metrics.py"
 CALIBRATION = "tests/balance/test_calibration.py"
+RUN_RECORD = "tests/train/test_run_record.py"
 SAMPLER = "tests/balance/test_sampler.py"
 BASELINES, COST = "tests/balance/test_baselines.py", "tests/balance/test_cost.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
@@ -298,6 +299,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("calibration_candidates_never_one_sided", "balance", "omnibal_pl/balance/calibration.py",
         "        if rng.random() < 0.5:\n            groups.append", "        if True:\n            groups.append",
         CALIBRATION),
+    # ---- stop 17: a resumed run's record ----
+    one("run_record_means_of_the_last_attempt", "train", "omnibal_pl/train/run_record.py",
+        'self.sums, self.counts = dict(state["sums"]), dict(state["counts"])', "pass", RUN_RECORD),
+    one("run_record_not_loaded_by_the_module", "train", "omnibal_pl/train/module.py",
+        "        if state is not None:\n            self.record", "        if False:\n            self.record", RUN_RECORD),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (
