@@ -226,7 +226,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
            runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, dict[str, list[float]]]) -> None:
-    """The table (model error columns: the first calibration design's model), then each design's model error over
+    """The table (model error columns: the first design whose fit was accepted), then each such model's error over
     all micro-batches run, then ``balanced``'s speedups."""
     rate = {a: [s / step for step, _, _, s, _ in rs] for a, rs in runs.items()}  # samples/s per repeat
     median = {a: statistics.median(v) for a, v in rate.items()}
