@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omnibal_pl.balance.cost import sample_features
+from omnibal_pl.balance.cost import segment_features
 from omnibal_pl.errors import BalanceError
 from omnibal_pl.lengths import LengthTable
 
@@ -38,8 +38,9 @@ def design_calibration(table: LengthTable, count: int, max_samples: int, design:
     if design == "random":
         return [rng.choice(len(table), size=int(rng.integers(1, max_samples + 1)), replace=False) for _ in range(count)]
     pool = candidate_groups(table, POOL_PER_PICK * count, max_samples, rng)
-    per_sample = sample_features(table)
-    rows = np.array([[*per_sample[ids].sum(axis=0), 1.0] for ids in pool])  # + the fixed cost's column
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in pool])])
+    features = segment_features(table, np.concatenate(pool), offsets)
+    rows = np.column_stack([features, np.ones(len(pool))])  # + the fixed cost's column
     return [pool[i] for i in d_optimal_rows(rows / rows.max(axis=0), count)]
 
 

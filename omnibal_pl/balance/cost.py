@@ -89,8 +89,13 @@ def sample_features(table: LengthTable) -> np.ndarray:
 
 def group_features(table: LengthTable, grouping: Grouping) -> np.ndarray:
     """Features of each group ([groups, len(TERMS)] float64): sums of its samples' features."""
-    per_sample = sample_features(table)[grouping.indices]
-    return np.stack([segment_sums(per_sample[:, k], grouping.offsets) for k in range(len(TERMS))], axis=1)
+    return segment_features(table, grouping.indices, grouping.offsets)
+
+
+def segment_features(table: LengthTable, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Features of each segment ``indices[offsets[g]:offsets[g + 1]]`` of sample ids ([segments, len(TERMS)])."""
+    per_sample = sample_features(table)[indices]
+    return np.stack([segment_sums(per_sample[:, k], offsets) for k in range(len(TERMS))], axis=1)
 
 
 def fit_time_model(features: np.ndarray, seconds: np.ndarray, step_ends: np.ndarray | None = None) -> TimeModel:
