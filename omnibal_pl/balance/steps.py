@@ -64,17 +64,26 @@ def form_steps(vit_sums: np.ndarray, token_sums: np.ndarray, dp: int, micro_batc
     per_step = dp * micro_batches
     rng = np.random.default_rng(seed)
     if order == "matched":
-        # heaviest first
-        ranked = np.lexsort((-token_sums, -(vit_sums // vit_band))) if cost is None else np.argsort(-cost, kind="stable")
-        full = (n // per_step) * per_step
-        steps = ranked[:full].reshape(-1, per_step)
+        # heaviest first; key: descending along ranked, the tile band outweighing any token difference
+        if cost is None:
+            band = np.asarray(vit_sums) // vit_band
+            ranked = np.lexsort((-token_sums, -band))
+            key = (band * (int(np.max(token_sums, initial=0)) + 1) + token_sums)[ranked].astype(np.float64)
+        else:
+            ranked = np.argsort(-cost, kind="stable")
+            key = np.asarray(cost, np.float64)[ranked]
+        starts = matched_runs(key, per_step)
+        in_step = np.zeros(n, bool)
+        positions = (starts[:, None] + np.arange(per_step)).reshape(-1)
+        in_step[positions] = True
+        steps = ranked[positions].reshape(-1, per_step)
         steps = steps[rng.permutation(len(steps))]
         # Snake deal: slot j takes ranks in forward order for even j, backward for odd j.
         snake = np.arange(per_step).reshape(micro_batches, dp)
         snake[1::2] = snake[1::2, ::-1]
         grid = steps[:, snake.T]  # [steps, dp, micro_batches]
         grid = grid[:, rng.permutation(dp)]
-        return Steps(grid, ranked[full:])
+        return Steps(grid, ranked[~in_step])
     if order == "megatron":
         bucket = (n // per_step) * micro_batches  # groups per rank
         walk = rng.permutation(bucket)
@@ -90,6 +99,51 @@ def form_steps(vit_sums: np.ndarray, token_sums: np.ndarray, dp: int, micro_batc
         grid = np.arange(full, dtype=np.int64).reshape(-1, dp, micro_batches)
         return Steps(grid, np.arange(full, n, dtype=np.int64))
     raise ConfigError(f"step order {order!r}: choose matched, megatron, lpt or sequential")
+
+
+def matched_runs(key: np.ndarray, per_step: int) -> np.ndarray:
+    """Where the steps of ``matched`` start along the ranked groups: ``len(key) // per_step`` runs of ``per_step``
+    consecutive positions, ascending, the ``len(key) % per_step`` positions in no run (the leftover) placed so
+    that the runs' summed spread, ``key[start] - key[start + per_step - 1]``, is least (``key`` descending).
+
+    Cutting runs from the top and leaving the last positions over (the lightest groups) makes a step straddle
+    a jump in the key wherever one falls inside a run, e.g. four groups of 11 tiles and four of 10 in one
+    step: its 11-tile ranks set the time and the others wait. Leaving over a group or two before the jump
+    keeps both steps even. Exact, by a dynamic programme over (run k, positions left over before it d):
+    ``h_d[k]``, the least spread of runs 0..k with run k at ``k * per_step + d``, is
+    ``min over j <= k`` of (least spread of runs 0..j-1 at fewer than d left over) + spreads of runs j..k at d,
+    a running minimum along k: one vectorised pass per d, ``O(len(key))`` work in all.
+    """
+    n = len(key)
+    runs, spare = divmod(n, per_step)
+    if runs == 0 or spare == 0:
+        return np.arange(runs, dtype=np.int64) * per_step
+    spread = key[: n - per_step + 1] - key[per_step - 1 :]  # of the run starting at each position
+    k = np.arange(runs)
+    best = np.full(runs, np.inf)  # least h over the d passed so far, per k
+    best_d = np.zeros(runs, np.int64)
+    first_run = np.empty((spare + 1, runs), np.int64)  # j of h_d[k]'s minimum
+    before = np.empty((spare + 1, runs), np.int64)  # best_d as pass d began: the d of runs 0..j-1
+    for d in range(spare + 1):
+        at_d = spread[k * per_step + d]
+        through = np.cumsum(at_d)  # spreads of runs 0..k at d
+        entry = np.concatenate([[0.0], best[:-1]])  # runs 0..j-1 at fewer left over (none before run 0)
+        offset = entry - (through - at_d)
+        low = np.minimum.accumulate(offset)
+        first_run[d] = np.maximum.accumulate(np.where(offset == low, k, 0))
+        before[d] = best_d
+        h = through + low
+        better = h < best
+        best, best_d = np.where(better, h, best), np.where(better, d, best_d)
+    starts = np.empty(runs, np.int64)
+    last, d = runs - 1, int(best_d[-1])
+    while last >= 0:
+        j = int(first_run[d, last])
+        starts[j : last + 1] = np.arange(j, last + 1) * per_step + d
+        if j > 0:
+            d = int(before[d, j - 1])
+        last = j - 1
+    return starts
 
 
 def _lpt(cost: np.ndarray, dp: int, micro_batches: int) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Metric definitions on hand-made cases, step formation, and the argument searches on the real data."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from omnibal_pl.balance import BalanceConfig, Grouping, balance_metrics, dist_ratio, form_steps, pad_ratio, resolve_caps
 from omnibal_pl.balance import Steps
 from omnibal_pl.balance.metrics import max_over_mean
+from omnibal_pl.balance.steps import matched_runs
 from omnibal_pl.balance.search import evaluate
 from omnibal_pl.lengths import LengthTable
 
@@ -131,3 +134,42 @@ def test_heaviest_group_of_a_step_goes_to_varying_ranks():
         steps, tokens = matched_steps(seed=seed, dp=4, micro_batches=2, n=16)
         ranks |= {int(np.unravel_index(np.argmax(tokens[step]), step.shape)[0]) for step in steps.groups}
     assert ranks == {0, 1, 2, 3}
+
+
+def test_matched_leaves_over_the_groups_that_would_split_a_step():
+    """Six groups of 11 tiles and five of 10, dp = 4: two steps, three groups left over. Cut from the top, the
+    second step would hold two of each (its 11-tile ranks set the time); leaving two 11-tile groups over keeps
+    both steps even in tiles."""
+    tiles = np.array([11] * 6 + [10] * 5)
+    tokens = np.array([800, 790, 780, 770, 760, 750, 800, 790, 780, 770, 760])
+    for seed in range(3):
+        steps = form_steps(tiles, tokens, dp=4, micro_batches=1, order="matched", seed=seed)
+        assert sorted(tiles[step].min() == tiles[step].max() for step in steps.groups.reshape(2, -1)) == [True, True]
+        assert sorted(tiles[steps.leftover].tolist()) == [10, 11, 11]
+
+
+def test_matched_weighs_by_modelled_cost_when_given():
+    """With a cost, steps are runs of near-equal cost: the cost 50 outlier is left over, not the lightest."""
+    cost = np.array([100, 99, 98, 97, 50, 30, 29, 28, 27], dtype=float)
+    steps = form_steps(np.ones(9), np.ones(9), dp=4, micro_batches=1, order="matched", seed=0, cost=cost)
+    assert steps.leftover.tolist() == [4]
+    assert sorted(np.ptp(cost[steps.groups], axis=(1, 2)).tolist()) == [3.0, 3.0]
+
+
+def _least_spread(key: np.ndarray, per_step: int) -> float:
+    """Brute force: every placement of the left-over positions before, between and after the runs."""
+    runs, spare = divmod(len(key), per_step)
+    return min(sum(key[k * per_step + d] - key[k * per_step + d + per_step - 1] for k, d in enumerate(ds))
+               for ds in itertools.combinations_with_replacement(range(spare + 1), runs))
+
+
+@pytest.mark.parametrize("per_step", [1, 2, 3, 5])
+def test_matched_runs_are_the_least_spread_placement(per_step):
+    rng = np.random.default_rng(per_step)
+    for _ in range(60):
+        n = int(rng.integers(per_step, 4 * per_step + 4))
+        key = np.sort(rng.integers(0, 40, n).astype(float))[::-1]
+        starts = matched_runs(key, per_step)
+        assert len(starts) == n // per_step and np.all(np.diff(starts) >= per_step) and starts[-1] + per_step <= n
+        spread = sum(key[s] - key[s + per_step - 1] for s in starts)
+        assert spread == _least_spread(key, per_step)
