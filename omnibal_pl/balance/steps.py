@@ -5,7 +5,8 @@ A step holds ``dp x micro_batches`` groups. Four orders:
 - ``matched`` (ours): groups sorted by (tiles, tokens), or by modelled cost when one is given
   (``balance.cost=fitted``), and cut into consecutive runs, so the groups of a step are near-equal (tiles
   compared in bands of the vision quantum: merge-block sums of Qwen groups differ by a few blocks, and
-  tokens must still decide inside such a band); steps
+  tokens must still decide inside such a band); the groups left over (fewer than a step) are the ones
+  whose removal gives the least summed spread over steps (:func:`matched_runs`), not simply the lightest; steps
   are then shuffled, and inside a step groups are dealt to ranks in snake order (rank totals equal when
   ``micro_batches > 1``) under a random rank permutation;
 - ``megatron``: the published ISF sampler: rank r owns a contiguous bucket of groups, and every rank
