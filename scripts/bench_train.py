@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
-        [--save-time-model PATH]
+        [--save-time-model PATH] [--time-model PATH]
         [--calibration 48] [--calibration-designs d_optimal random] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
@@ -30,6 +30,7 @@ entry (:mod:`omnibal_pl.balance.calibration`: ``d_optimal`` picks micro-batches 
 micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured): the table's
 columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
+``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported).
 
 Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
 rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
@@ -62,6 +63,7 @@ import numpy as np
 import torch
 
 from omnibal_pl.balance import BalanceConfig, TimeModel, fit_time_model
+from omnibal_pl.balance.cost import TERMS
 from omnibal_pl.balance.calibration import DESIGNS, design_calibration
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import preset
@@ -195,9 +197,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     params = sum(p.numel() for p in model.parameters())
     warm = calibration_batches(cfg, args, "random", 1)[0]
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
-    path = Path(args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json")
-    fits = {design: fit_on_calibration(model, cfg, args, device, design, path if i == 0 else None)
-            for i, design in enumerate(args.calibration_designs if args.calibration else [])}
+    if args.time_model:
+        path, fits = args.time_model, {"loaded": TimeModel.load(args.time_model)}
+        print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches): "
+              + ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, fits["loaded"].coefficients)))
+    else:
+        path = Path(args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json")
+        fits = {design: fit_on_calibration(model, cfg, args, device, design, path if i == 0 else None)
+                for i, design in enumerate(args.calibration_designs if args.calibration else [])}
     if args.fit_only:
         return
     fitted = next(iter(fits.values()), None)
@@ -274,6 +281,9 @@ def main() -> None:
                         help="how calibration micro-batches are chosen; one model per design, the first is used")
     parser.add_argument("--save-time-model", type=Path, default=None, help="where to write the fitted model JSON")
     parser.add_argument("--fit-only", action="store_true", help="fit (and save) the time model, run no sampler")
+    parser.add_argument("--time-model", type=Path, default=None,
+                        help="a model saved by an earlier run's --save-time-model, used instead of calibrating "
+                             "(--calibration ignored)")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
     parser.add_argument("--samples-per-group", type=int, default=2)
     parser.add_argument("--text-scale", type=float, default=0.25)
