@@ -31,6 +31,8 @@ micro-batch the samplers run (median and 90th percentile of |predicted - measure
 columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported).
+With a model, each sampler's modelled idle (the model's prediction of every micro-batch, no timing) is printed
+before the timed runs; ``--repeats 0`` stops there.
 
 Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
 rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
@@ -212,6 +214,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         print("no time model: balanced_fitted skipped, disttrain weighs tokens (cost=counts)")
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
     data = {a: sampler_steps(a, cfg, args, path if fitted else None) for a in algorithms}
+    if fitted is not None:
+        print("modelled idle (each micro-batch's time predicted by the model, no timing): "
+              + ", ".join(f"{a} {modelled_idle(fitted, data[a]):.2%}" for a in algorithms))
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
@@ -228,7 +233,15 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
             tokens = sum(b.num_tokens for step in data[algo] for b in step)
             samples = sum(b.num_samples for step in data[algo] for b in step)
             runs[algo].append((step_s, ideal_s, tokens, samples, len(data[algo])))
-    report(name, params, cfg, args, device, runs, errors)
+    if args.repeats:
+        report(name, params, cfg, args, device, runs, errors)
+
+
+def modelled_idle(model: TimeModel, steps: list[list[PackedBatch]]) -> float:
+    """1 - (sum over steps of the mean rank's modelled time) / (sum of the slowest rank's): the idle the time
+    model predicts for these micro-batches."""
+    seconds = np.array([model.predict(np.array([batch_features(b) for b in step])) for step in steps])
+    return float(1 - seconds.mean(axis=1).sum() / seconds.max(axis=1).sum())
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
@@ -274,7 +287,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6,
                         help="steps measured per sampler and repeat; 0: every step of the epoch, so that with a small "
                              "--samples every sampler runs the same samples")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole measurement (median, spread)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repeats of the whole measurement (median, spread); 0: only the modelled idle")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
     parser.add_argument("--calibration", type=int, default=48, help="micro-batches timed to fit the model (0: none)")
     parser.add_argument("--calibration-designs", nargs="+", default=["d_optimal"], choices=DESIGNS,

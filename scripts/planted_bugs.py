@@ -131,6 +131,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "entry = np.concatenate([[0.0], best[:-1]])", "entry = np.concatenate([[0.0], best[1:]])", METRICS),
     one("matched_runs_backtrack_off_by_one", "balance", "omnibal_pl/balance/steps.py",
         "d = int(before[d, j - 1])", "d = int(before[d, j])", METRICS),
+    one("bench_modelled_idle_sums_ranks", "balance", "scripts/bench_train.py",
+        "seconds.mean(axis=1).sum()", "seconds.sum(axis=1).sum()", "tests/test_bench_timing.py"),
     one("time_model_length_not_squared", "balance", "omnibal_pl/balance/cost.py",
         "tokens * tokens, np.ones(len(table))", "tokens, np.ones(len(table))", COST),
     one("negative_coefficients_accepted", "balance", "omnibal_pl/balance/cost.py",

@@ -40,3 +40,14 @@ def test_time_ranks_keeps_each_ranks_fastest_run_and_goes_round_the_ranks(monkey
     best = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2)
     assert order == [0, 1, 2, 0, 1, 2]
     assert best == [2.0, 4.0, 1.0]
+
+
+def test_modelled_idle_is_mean_over_slowest_summed_over_steps(monkeypatch):
+    """Modelled times 4, 2 (step 1) and 3, 3 (step 2): mean ranks 3 + 3 = 6, slowest 4 + 3 = 7, idle 1/7 (the
+    mean of per-step idles would be 1/8; a sum instead of the mean rank, 1 - 12/7 < 0)."""
+    from omnibal_pl.balance import TimeModel
+
+    bench = load_bench_train()
+    monkeypatch.setattr(bench, "batch_features", lambda seconds: [seconds, 0.0, 0.0, 0.0])
+    model = TimeModel([1.0, 0.0, 0.0, 0.0])
+    assert abs(bench.modelled_idle(model, [[4.0, 2.0], [3.0, 3.0]]) - 1 / 7) < 1e-12
