@@ -184,12 +184,15 @@ def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, dev
     except BalanceError as e:
         print(f"time model ({design}): fit failed: {e}")
         return None
-    terms = ", ".join(f"{t} {c:.3g}" for t, c in zip(("tiles", "tokens", "tokens^2", "samples"), fitted.coefficients))
-    terms += f", fixed {fitted.fixed_s:.3g} s"
     print(f"time model ({design}) fitted on {len(batches)} calibration micro-batches, {samples} samples (s per unit): "
-          f"{terms}; rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms"
+          f"{describe(fitted)}; rms error {fitted.rms_error * 1e3:.1f} ms of mean {np.mean(seconds) * 1e3:.1f} ms"
           + (f"; saved {fitted.save(path)}" if path else ""))
     return fitted
+
+
+def describe(model: TimeModel) -> str:
+    """The model's coefficients (seconds per unit of each term) and fixed cost, for the log."""
+    return ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, model.coefficients)) + f", fixed {model.fixed_s:.3g} s"
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -201,8 +204,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
     if args.time_model:
         path, fits = args.time_model, {"loaded": TimeModel.load(args.time_model)}
-        print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches): "
-              + ", ".join(f"{t} {c:.3g}" for t, c in zip(TERMS, fits["loaded"].coefficients)))
+        print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches, s per unit): "
+              f"{describe(fits['loaded'])}")
     else:
         path = Path(args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json")
         fits = {design: fit_on_calibration(model, cfg, args, device, design, path if i == 0 else None)
