@@ -4,7 +4,7 @@ from setuptools import setup
 
 core = Pybind11Extension(
     "omnibal_pl.balance._core",
-    sources=["csrc/bindings.cpp", "csrc/isf.cpp", "csrc/balanced.cpp", "csrc/knapsack.cpp"],
+    sources=["csrc/bindings.cpp", "csrc/isf.cpp", "csrc/balanced.cpp", "csrc/knapsack.cpp", "csrc/exchange.cpp"],
     include_dirs=["csrc"],
     depends=["csrc/rng.h", "csrc/grouping.h"],
     cxx_std=17,

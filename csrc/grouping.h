@@ -42,6 +42,20 @@ Groups isf(const Lengths& len, int32_t vit_cap, int32_t token_cap, int64_t token
 Groups balanced(const Lengths& len, int32_t vit_cap, int32_t token_cap, int32_t vit_quantum, uint64_t seed,
                 Oversize policy);
 
+// Groups as CSR arrays held elsewhere (numpy): group g is indices[offsets[g] .. offsets[g + 1]).
+struct CsrGroups {
+  const int64_t* indices;
+  const int64_t* offsets;
+  int64_t groups;
+};
+
+// Exchanges samples between the groups of each step (step_groups: [steps][dp][micro_batches] group ids, each
+// group in at most one step) so the DP ranks' summed `cost` (per sample) evens out, every changed group kept
+// within vit_cap and token_cap; at most `sweeps` sweeps per step. Returns all groups, same ids, same order.
+Groups exchange_samples(const Lengths& len, const double* cost, const CsrGroups& grouping, const int64_t* step_groups,
+                        int64_t steps, int32_t dp, int32_t micro_batches, int32_t vit_cap, int32_t token_cap,
+                        int sweeps);
+
 // LLaMA-Factory's packing (greedy knapsack on tokens up to token_cap); tiles are not capped.
 Groups greedy_knapsack(const Lengths& len, int32_t token_cap, uint64_t seed, Oversize policy);
 

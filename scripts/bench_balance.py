@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange_steps, balance_metrics, fit_time_model, group_samples,
+from omnibal_pl.balance import (BalanceConfig, TimeModel, arrange, balance_metrics, fit_time_model, group_samples,
                                 isf_reference, resolve_caps)
 from omnibal_pl.balance.cost import steps_weight
 from omnibal_pl.balance.qwen_lengths import qwen_style_lengths
@@ -59,7 +59,7 @@ def timed(fn, repeats: int = 1):
 def row(name: str, table: LengthTable, cfg: BalanceConfig, repeats: int, model: TimeModel | None = None) -> dict:
     """Grouping time (best of ``repeats``) and the metrics; modelled rank times under ``model`` when given."""
     grouping, seconds = timed(lambda: group_samples(table, cfg), repeats)
-    steps = arrange_steps(table, grouping, cfg, time_model=steps_weight(cfg, model))
+    grouping, steps = arrange(table, grouping, cfg, time_model=steps_weight(cfg, model))
     m = balance_metrics(table, grouping, steps, model)
     m.update(name=name, seconds=seconds)
     return m

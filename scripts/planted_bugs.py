@@ -69,6 +69,7 @@ SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partitio
 DATA = ("tests/data/test_templates.py", "tests/data/test_tiling.py", "tests/data/test_datasets.py")
 SPARSIFY = ("tests/model/test_sparsify.py", "tests/model/test_generate.py", "tests/train/test_sparsify_train.py")
 
+EXCHANGE = "tests/balance/test_exchange.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- balance: the survivors of issue 20 ----
     one("steps_not_shuffled", "balance", "omnibal_pl/balance/steps.py",
@@ -131,6 +132,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "entry = np.concatenate([[0.0], best[:-1]])", "entry = np.concatenate([[0.0], best[1:]])", METRICS),
     one("matched_runs_backtrack_off_by_one", "balance", "omnibal_pl/balance/steps.py",
         "d = int(before[d, j - 1])", "d = int(before[d, j])", METRICS),
+    # ---- balance: samples exchanged between the ranks of a step (stop 19) ----
+    one("exchange_score_not_absolute", "balance", "csrc/exchange.cpp",
+        "const double score = std::fabs(gap - 2 * d);", "const double score = gap - 2 * d;", EXCHANGE),
+    one("exchange_swap_giver_unchecked", "balance", "csrc/exchange.cpp",
+        "if (fits(*to, dv, dt) && fits(*from, -dv, -dt))", "if (fits(*to, dv, dt))", EXCHANGE),
+    one("exchange_moves_a_last_sample", "balance", "csrc/exchange.cpp",
+        "if (from->samples.size() > 1 && fits", "if (from->samples.size() > 0 && fits", EXCHANGE),
+    one("exchange_pairs_heavy_with_heavy", "balance", "csrc/exchange.cpp",
+        "const int32_t l = order[q];", "const int32_t l = order[dp - q + p];", EXCHANGE),
+    one("exchange_load_not_shifted", "balance", "csrc/exchange.cpp",
+        "load[l] += e.shift;", "load[l] -= e.shift;", EXCHANGE),
+    one("exchange_overshoot_allowed", "balance", "csrc/exchange.cpp",
+        "if (!(d > 0 && d < gap)) return;", "if (!(d > 0)) return;", EXCHANGE),
+    one("arrange_never_exchanges", "balance", "omnibal_pl/balance/steps.py",
+        "or cfg.exchange_sweeps == 0:", "or True:", EXCHANGE),
     one("bench_modelled_idle_sums_ranks", "balance", "scripts/bench_train.py",
         "seconds.mean(axis=1).sum()", "seconds.sum(axis=1).sum()", "tests/test_bench_timing.py"),
     one("time_model_length_not_squared", "balance", "omnibal_pl/balance/cost.py",

@@ -6,7 +6,7 @@ from omnibal_pl.balance.isf_reference import isf_reference
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler, EpochArrangement
 from omnibal_pl.balance.metrics import balance_metrics, dist_ratio, pad_ratio, per_source
 from omnibal_pl.balance.search import CapSearch, evaluate, micro_batch_shape, resolve_caps, resolve_shape
-from omnibal_pl.balance.steps import Steps, arrange_steps, form_steps
+from omnibal_pl.balance.steps import Steps, arrange, arrange_steps, exchange_samples, form_steps
 
 __all__ = [
     "ALGORITHMS",
@@ -18,10 +18,12 @@ __all__ = [
     "Grouping",
     "Steps",
     "TimeModel",
+    "arrange",
     "arrange_steps",
     "balance_metrics",
     "dist_ratio",
     "evaluate",
+    "exchange_samples",
     "fit_time_model",
     "form_steps",
     "group_features",

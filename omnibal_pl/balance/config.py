@@ -38,6 +38,10 @@ class BalanceConfig:
     sorts groups by them; ``lpt`` weighs a group by its tokens). ``fitted``: the micro-batch time model stored
     at ``time_model`` (JSON written by :meth:`omnibal_pl.balance.cost.TimeModel.save`). A ``time_model`` given
     under ``counts`` only reports the modelled rank times.
+
+    ``exchange_sweeps`` (``cost=fitted`` with ``matched`` steps): after steps are formed, samples are exchanged
+    between the groups of a step's ranks to even their modelled time, every group kept within both caps
+    (:func:`~omnibal_pl.balance.steps.exchange_samples`); at most this many sweeps per step, 0 turns it off.
     """
 
     algorithm: str = "balanced"
@@ -54,6 +58,7 @@ class BalanceConfig:
     step_order: str = "auto"  # matched (ours), megatron (published ISF sampler), lpt (DistTrain), sequential
     cost: str = "counts"  # counts | fitted (then time_model names the fitted model's JSON)
     time_model: Optional[str] = None
+    exchange_sweeps: int = 8  # cost=fitted, matched steps: sweeps of sample exchanges evening a step's ranks
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +77,8 @@ class BalanceConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"balance.{name}={v}: must be >= 1 (or null: chosen from the data)")
+        if int(self.exchange_sweeps) < 0:
+            raise ConfigError(f"balance.exchange_sweeps={self.exchange_sweeps}: must be >= 0 (0: no exchange)")
         if self.seed < 0:
             raise ConfigError(f"balance.seed={self.seed}: must be >= 0")
         if self.algorithm in PACKERS and self.vit_cap is not None:

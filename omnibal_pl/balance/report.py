@@ -14,7 +14,7 @@ from omnibal_pl.balance.cost import TimeModel, load_time_model, steps_weight
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.metrics import balance_metrics, per_source
 from omnibal_pl.balance.search import resolve_shape
-from omnibal_pl.balance.steps import Steps, arrange_steps
+from omnibal_pl.balance.steps import Steps, arrange
 from omnibal_pl.lengths import LengthTable
 
 # Rows of the printed table: (report key, label, format).
@@ -55,7 +55,7 @@ def run_balance(table: LengthTable, cfg: BalanceConfig,
     start = time.perf_counter()
     grouping = group_samples(table, cfg)
     seconds_grouping = time.perf_counter() - start
-    steps = arrange_steps(table, grouping, cfg, time_model=steps_weight(cfg, model))
+    grouping, steps = arrange(table, grouping, cfg, time_model=steps_weight(cfg, model))
     report = balance_metrics(table, grouping, steps, model)
     report.update(
         seconds_grouping=seconds_grouping,

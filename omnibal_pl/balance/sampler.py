@@ -2,7 +2,7 @@
 
 Every DP rank builds the same epoch arrangement from (seed, epoch, dp size): group the epoch's samples with
 the configured algorithm and caps, arrange the groups into steps of ``dp x micro_batches`` groups
-(:func:`~omnibal_pl.balance.steps.form_steps`), then yield its own ``micro_batches`` groups of every
+(:func:`~omnibal_pl.balance.steps.arrange`), then yield its own ``micro_batches`` groups of every
 step. So all ranks yield the same number of micro-batches (no collective can hang) and the ranks of one
 step carry near-equal work.
 
@@ -33,7 +33,7 @@ from omnibal_pl.balance.config import CAPPED_ALGORITHMS, PACKERS, BalanceConfig
 from omnibal_pl.balance.cost import load_time_model, steps_weight
 from omnibal_pl.balance.grouping import Grouping, group_samples
 from omnibal_pl.balance.metrics import balance_metrics
-from omnibal_pl.balance.steps import Steps, arrange_steps
+from omnibal_pl.balance.steps import Steps, arrange
 from omnibal_pl.errors import ConfigError
 from omnibal_pl.lengths import LengthTable
 
@@ -158,10 +158,10 @@ class BalancedSampler(Sampler[int]):
         pool = np.concatenate([np.arange(len(self.lengths), dtype=np.int64), carried])
         table = self.lengths.subset(pool)
         seed = epoch_seed(self.cfg.seed, epoch)
-        local = group_samples(table, self.cfg, seed=seed)
+        local, steps = arrange(table, group_samples(table, self.cfg, seed=seed), self.cfg, seed,
+                               steps_weight(self.cfg, self.time_model))
         grouping = replace(local, indices=pool[local.indices])
         vit_sums, token_sums = local.sums(table)
-        steps = arrange_steps(table, local, self.cfg, seed, steps_weight(self.cfg, self.time_model))
         leftover = np.concatenate([grouping.group(g) for g in steps.leftover]) if len(steps.leftover) else np.zeros(0, np.int64)
         return EpochArrangement(epoch, grouping, steps, carried, leftover, vit_sums, token_sums)
 
