@@ -11,6 +11,8 @@ set just before the phase (the length table already loaded). Phases:
 - ``group``: ``group_samples`` with ``balanced`` at fixed caps (what ``omnibal-balance`` reports as
   ``seconds_grouping``); baseline in the same run: ``random`` (a permutation cut into 4-sample groups);
 - ``steps``: ``arrange_steps`` (matched) of those groups into steps of ``dp`` ranks;
+- ``fitted``: the same under ``cost=fitted`` (``arrange`` with :data:`SCALE_TIME_MODEL`): groups sorted by modelled
+  seconds, then samples exchanged between the ranks of every step (``balance.exchange_sweeps``, default 8);
 - ``sampler``: what one DP rank of a ``dp``-rank run does: ``BalancedSampler.arrangement`` (grouping + steps
   of the epoch) and then the whole epoch of its ``BalancedBatchSampler``; per-step cost = that iteration's
   time / steps. Baseline: torch's ``BatchSampler(DistributedSampler)`` over the same samples for the same
@@ -32,6 +34,8 @@ from pathlib import Path
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/omnibal_lengths"
+# the shape of bench_train's internvl_100m fit on CPU (s per tile, token, squared length, sample)
+SCALE_TIME_MODEL = [0.24, 2.9e-3, 5.6e-6, 0.165]
 
 
 def rss_mb() -> float:
@@ -62,13 +66,13 @@ def sampler_seconds(batches) -> tuple[float, int]:
 
 
 def phase(name: str, n: int, dp: int, vit_cap: int, token_cap: int, step_ms: float, out: mp.Queue) -> None:
-    from omnibal_pl.balance import BalanceConfig, arrange_steps, group_samples
+    from omnibal_pl.balance import BalanceConfig, TimeModel, arrange, arrange_steps, group_samples
     from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler
     from omnibal_pl.lengths import load_lengths
 
     table = load_lengths(sorted(DATA.glob("*.json"))).resample(n, seed=0)
     cfg = BalanceConfig(dp=dp, vit_cap=vit_cap, token_cap=token_cap)
-    grouping = group_samples(table, cfg) if name == "steps" else None
+    grouping = group_samples(table, cfg) if name in ("steps", "fitted") else None
     before, cpu = rss_mb(), cpu_seconds()
     start = time.perf_counter()
     extra = {}
@@ -79,6 +83,8 @@ def phase(name: str, n: int, dp: int, vit_cap: int, token_cap: int, step_ms: flo
         group_samples(table, BalanceConfig(algorithm="random", dp=dp))
     elif name == "steps":
         extra = {"steps": arrange_steps(table, grouping, cfg).num_steps}
+    elif name == "fitted":
+        extra = {"steps": arrange(table, grouping, cfg, time_model=TimeModel(SCALE_TIME_MODEL))[1].num_steps}
     elif name == "sampler":
         sampler = BalancedSampler(table, cfg, dp_rank=dp - 1, dp_size=dp)
         steps = sampler.arrangement(0).steps.num_steps
@@ -125,7 +131,7 @@ def main() -> None:
     print(f"caps {args.vit_cap} tiles / {args.token_cap} tokens, DP={args.dp}; peak MB = phase's own peak RSS")
     print(f"{'samples':>12}{'phase':>12}{'seconds':>10}{'CPU s':>8}{'peak MB':>10}  detail")
     for n in args.sizes:
-        for name in ("group", "random", "steps", "sampler", "next_epoch", "torch"):
+        for name in ("group", "random", "steps", "fitted", "sampler", "next_epoch", "torch"):
             r = run(name, n, args)
             detail = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                                if k not in ("phase", "seconds", "cpu_s", "peak_mb"))
