@@ -213,8 +213,11 @@ class BalancedSampler(Sampler[int]):
         self._resume = (self.epoch, int(state["batches_done"]))
 
     def _shape(self) -> dict[str, Any]:
+        weight = steps_weight(self.cfg, self.time_model)
         return {"algorithm": self.cfg.algorithm, "vit_cap": self.cfg.vit_cap, "token_cap": self.cfg.token_cap,
-                "vit_quantum": self.cfg.vit_quantum, "samples": len(self.lengths)}
+                "vit_quantum": self.cfg.vit_quantum, "samples": len(self.lengths), "step_order": self.cfg.step_order,
+                "cost": self.cfg.cost, "exchange_sweeps": self.cfg.exchange_sweeps,
+                "time_model": None if weight is None else [*weight.coefficients, weight.fixed_s]}
 
     def take_skip(self) -> int:
         """Micro-batches to skip at the start of the current epoch (once, after a resume)."""

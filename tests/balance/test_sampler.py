@@ -1,12 +1,14 @@
 """Balanced sampler: every sample once per epoch across DP ranks, equal step counts, exact resume."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnibal_pl.balance import BalanceConfig, dist_ratio
+from omnibal_pl.balance import BalanceConfig, TimeModel, dist_ratio
 from omnibal_pl.balance.config import PACKERS
 from omnibal_pl.balance.sampler import BalancedBatchSampler, BalancedSampler
 from omnibal_pl.data.synthetic_lengths import synthetic_lengths
@@ -128,6 +130,17 @@ def test_a_resume_that_would_arrange_the_epoch_differently_is_refused():
         BalancedSampler(edited, cfg, 0).load_state_dict(state)
     old = {k: v for k, v in state.items() if k not in ("arrangement", "shape")}
     BalancedSampler(edited, cfg, 0).load_state_dict(old)  # a state from before the digest: taken as it is
+
+
+def test_a_fitted_resume_names_the_exchange_or_model_that_changed(tmp_path):
+    model = TimeModel([0.24, 2.9e-3, 5.6e-6, 0.165])
+    cfg = BalanceConfig(dp=4, vit_cap=18, token_cap=5280, cost="fitted", time_model=str(model.save(tmp_path / "a.json")))
+    state = BalancedSampler(TABLE, cfg, 0).state_dict(2)
+    with pytest.raises(ConfigError, match="changed: exchange_sweeps 8 -> 0"):
+        BalancedSampler(TABLE, replace(cfg, exchange_sweeps=0), 0).load_state_dict(state)
+    other = TimeModel([0.24, 2.9e-3, 5.6e-6, 0.5]).save(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match=r"changed: time_model \[0.24.*0.165.*\] -> \[0.24.*0.5"):
+        BalancedSampler(TABLE, replace(cfg, time_model=str(other)), 0).load_state_dict(state)
 
 
 def test_bad_rank_and_missing_caps():
