@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH] [--time-model PATH]
-        [--calibration 48] [--calibration-designs d_optimal random] [--fit-only] [--clock wall|cpu]
+        [--calibration 48] [--calibration-designs d_optimal random] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -45,9 +45,6 @@ compares the same work: the figure to quote.
 
 Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed); in a
 step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs.
-``--clock cpu`` times with the process's CPU seconds instead of elapsed ones: time the operating system or a
-virtual machine's host gives other work is not counted, only what this process ran (cache and clock-speed
-effects still are). Use it with ``--threads 1`` on a CPU: a rank's work is then one thread's CPU time.
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
 ``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs with
 ``pad_to=multiple`` (varlen attention over the real tokens). On CUDA (``--device cuda``): bf16 autocast.
@@ -63,7 +60,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -81,8 +77,6 @@ from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.train.objective import packed_loss_sum
 
 ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random", "identical")
-# wall: elapsed seconds; cpu: the process's CPU seconds (all its threads), blind to time the machine gives others
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 PACKING = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
 
 
@@ -148,28 +142,25 @@ def calibration_batches(cfg: VLMConfig, args: argparse.Namespace, design: str, c
     return out
 
 
-def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps: int,
-                     clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds of forward + loss + backward of one micro-batch on ``clock`` (:data:`CLOCKS`): the fastest of ``reps``
-    runs."""
+def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps: int) -> float:
+    """Seconds of forward + loss + backward of one micro-batch: the fastest of ``reps`` runs."""
     batch = batch.to(device)
     times = []
     for _ in range(reps):
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = clock()
+        start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss_sum, weight = packed_loss_sum(model(batch), batch)
         (loss_sum / weight.clamp(min=1)).backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(clock() - start)
+        times.append(time.perf_counter() - start)
     return min(times)
 
 
-def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: int,
-               clock: Callable[[], float] = time.perf_counter) -> list[float]:
+def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: int) -> list[float]:
     """Seconds of each rank's micro-batch of ``step``: the fastest of ``reps`` runs, the runs interleaved over the
     ranks (rank 0 .. n-1, then again), so that a slow spell of the machine, which lasts longer than a few runs,
     does not fall on one rank's runs alone."""
@@ -177,7 +168,7 @@ def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: 
     best = [math.inf] * len(step)
     for _ in range(reps):
         for rank, batch in enumerate(on_device):
-            best[rank] = min(best[rank], time_micro_batch(model, batch, device, 1, clock))
+            best[rank] = min(best[rank], time_micro_batch(model, batch, device, 1))
     return best
 
 
@@ -186,7 +177,7 @@ def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, dev
     """The time model fitted on ``design``'s calibration micro-batches (saved to ``path`` when given), or None
     when the fit is refused."""
     batches = calibration_batches(cfg, args, design, args.calibration)
-    seconds = [time_micro_batch(model, b, device, args.reps, CLOCKS[args.clock]) for b in batches]
+    seconds = [time_micro_batch(model, b, device, args.reps) for b in batches]
     samples = sum(b.num_samples for b in batches)
     try:
         fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds))
@@ -236,7 +227,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
             step_s = ideal_s = 0.0
             for step in data[algo]:
-                ranks = time_ranks(model, step, device, args.reps, CLOCKS[args.clock])
+                ranks = time_ranks(model, step, device, args.reps)
                 step_s += max(ranks)
                 ideal_s += sum(ranks) / len(ranks)
                 for design in errors:
@@ -302,9 +293,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="repeats of the whole measurement (median, spread); 0: only the modelled idle")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: the process's CPU time (CPU device only; on a shared machine "
-                             "it leaves out the time the machine runs other work)")
     parser.add_argument("--calibration", type=int, default=48, help="micro-batches timed to fit the model (0: none)")
     parser.add_argument("--calibration-designs", nargs="+", default=["d_optimal"], choices=DESIGNS,
                         help="how calibration micro-batches are chosen; one model per design, the first is used")
@@ -319,8 +307,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
-    if args.clock == "cpu" and args.device != "cpu":
-        parser.error("--clock cpu measures the host's CPU time; a CUDA micro-batch runs on the device: use --clock wall")
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(0)

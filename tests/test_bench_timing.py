@@ -31,36 +31,15 @@ def test_time_ranks_keeps_each_ranks_fastest_run_and_goes_round_the_ranks(monkey
     order: list[int] = []
     scripted = iter([3.0, 5.0, 1.0, 2.0, 4.0, 6.0])  # rep 0: ranks 0, 1, 2; rep 1: ranks 0, 1, 2
 
-    def clock() -> float:
-        return 0.0
-
-    def fake_time(model, batch, device, reps, clock_used):
-        assert reps == 1 and clock_used is clock
+    def fake_time(model, batch, device, reps):
+        assert reps == 1
         order.append(batch.rank)
         return next(scripted)
 
     monkeypatch.setattr(bench, "time_micro_batch", fake_time)
-    best = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2, clock=clock)
+    best = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2)
     assert order == [0, 1, 2, 0, 1, 2]
     assert best == [2.0, 4.0, 1.0]
-
-
-def test_a_micro_batch_is_timed_on_the_clock_given_and_its_fastest_run_counts(monkeypatch):
-    bench = load_bench_train()
-
-    class Stub(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, batch):
-            return self.w * 2
-
-    monkeypatch.setattr(bench, "packed_loss_sum", lambda out, batch: (out.sum(), torch.tensor(1.0)))
-    readings = iter([10.0, 10.5, 20.0, 20.25])  # two runs: 0.5 s and 0.25 s on this clock
-    seconds = bench.time_micro_batch(Stub(), Step(0), torch.device("cpu"), reps=2, clock=lambda: next(readings))
-    assert seconds == 0.25
-    assert set(bench.CLOCKS) == {"wall", "cpu"}
 
 
 def test_modelled_idle_is_mean_over_slowest_summed_over_steps(monkeypatch):
