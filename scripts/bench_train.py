@@ -34,8 +34,9 @@ terms do not explain) is printed; when the first design's fails, ``balanced_fitt
 With a model, each sampler's modelled idle (the model's prediction of every micro-batch, no timing) is printed
 before the timed runs; ``--repeats 0`` stops there.
 
-Repeats: the whole measurement of all samplers runs ``--repeats`` times, interleaved (sampler order
-rotates) so a slow period of the shared machine hits every sampler alike; printed per sampler: the median
+Repeats: the whole measurement of all samplers runs ``--repeats`` times. Within a repeat the samplers' steps are
+interleaved (step 0 of every sampler, then step 1, ...; the sampler order rotates between repeats), so a slow
+period of the shared machine falls on every sampler alike, not on one sampler's turn; printed per sampler: the median
 over repeats and the spread (min..max) of samples/s, the median step time, ideal and idle fraction.
 Speedups compare medians in samples/s (epoch time: samplers put different amounts of work in a step).
 Which samples: with ``--steps N`` each sampler's first N steps, i.e. different samples per sampler, whose cost
@@ -224,20 +225,31 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
     for r in range(args.repeats):
-        for algo in algorithms[r % len(algorithms):] + algorithms[: r % len(algorithms)]:
-            step_s = ideal_s = 0.0
-            for step in data[algo]:
-                ranks = time_ranks(model, step, device, args.reps)
-                step_s += max(ranks)
-                ideal_s += sum(ranks) / len(ranks)
-                for design in errors:
-                    predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
-                    errors[design][algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
+        step_s = dict.fromkeys(algorithms, 0.0)
+        ideal_s = dict.fromkeys(algorithms, 0.0)
+        for algo, i in timing_order({a: len(data[a]) for a in algorithms}, r):
+            step = data[algo][i]
+            ranks = time_ranks(model, step, device, args.reps)
+            step_s[algo] += max(ranks)
+            ideal_s[algo] += sum(ranks) / len(ranks)
+            for design in errors:
+                predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
+                errors[design][algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
+        for algo in algorithms:
             tokens = sum(b.num_tokens for step in data[algo] for b in step)
             samples = sum(b.num_samples for step in data[algo] for b in step)
-            runs[algo].append((step_s, ideal_s, tokens, samples, len(data[algo])))
+            runs[algo].append((step_s[algo], ideal_s[algo], tokens, samples, len(data[algo])))
     if args.repeats:
         report(name, params, cfg, args, device, runs, errors)
+
+
+def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
+    """(sampler, step index) in the order one repeat times them: step 0 of every sampler, then step 1, ..., the
+    samplers' order rotated by ``repeat``. Interleaved so that a slow spell of a shared machine (minutes long) falls
+    on every sampler's steps alike, not on one sampler's whole turn; a sampler with fewer steps drops out early."""
+    names = list(steps)
+    names = names[repeat % len(names):] + names[: repeat % len(names)]
+    return [(name, i) for i in range(max(steps.values(), default=0)) for name in names if i < steps[name]]
 
 
 def modelled_idle(model: TimeModel, steps: list[list[PackedBatch]]) -> float:

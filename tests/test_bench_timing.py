@@ -51,3 +51,14 @@ def test_modelled_idle_is_mean_over_slowest_summed_over_steps(monkeypatch):
     monkeypatch.setattr(bench, "batch_features", lambda seconds: [seconds, 0.0, 0.0, 0.0])
     model = TimeModel([1.0, 0.0, 0.0, 0.0])
     assert abs(bench.modelled_idle(model, [[4.0, 2.0], [3.0, 3.0]]) - 1 / 7) < 1e-12
+
+
+def test_timing_order_interleaves_the_samplers_step_by_step():
+    """Every sampler's every step once per repeat; step i of all samplers before step i + 1 of any (one sampler's
+    steps back to back would let a slow spell fall on it alone); the first sampler rotates with the repeat."""
+    bench = load_bench_train()
+    steps = {"balanced": 2, "random": 3, "identical": 2}
+    assert bench.timing_order(steps, 0) == [("balanced", 0), ("random", 0), ("identical", 0),
+                                            ("balanced", 1), ("random", 1), ("identical", 1), ("random", 2)]
+    assert bench.timing_order(steps, 1)[:3] == [("random", 0), ("identical", 0), ("balanced", 0)]
+    assert sorted(bench.timing_order(steps, 2)) == sorted((a, i) for a, n in steps.items() for i in range(n))
