@@ -1,7 +1,6 @@
 """Sample exchange between the ranks of a step (``cost=fitted``): hand case, brute force, caps, sampler."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import numpy as np
