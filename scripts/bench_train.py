@@ -224,6 +224,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
+    tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
+    samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
     for r in range(args.repeats):
         step_s = dict.fromkeys(algorithms, 0.0)
         ideal_s = dict.fromkeys(algorithms, 0.0)
@@ -236,9 +238,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
                 predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
                 errors[design][algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
         for algo in algorithms:
-            tokens = sum(b.num_tokens for step in data[algo] for b in step)
-            samples = sum(b.num_samples for step in data[algo] for b in step)
-            runs[algo].append((step_s[algo], ideal_s[algo], tokens, samples, len(data[algo])))
+            runs[algo].append((step_s[algo], ideal_s[algo], tokens[algo], samples[algo], len(data[algo])))
     if args.repeats:
         report(name, params, cfg, args, device, runs, errors)
 
