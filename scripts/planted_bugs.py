@@ -67,6 +67,7 @@ SAMPLER = "tests/balance/test_sampler.py"
 BASELINES, COST = "tests/balance/test_baselines.py", "tests/balance/test_cost.py"
 SIMULATOR, PARTITION = "tests/plan/test_simulator.py", "tests/plan/test_partition.py"
 DATA = ("tests/data/test_templates.py", "tests/data/test_tiling.py", "tests/data/test_datasets.py")
+TIME_SETTING = "tests/train/test_time_calibration.py"
 SPARSIFY = ("tests/model/test_sparsify.py", "tests/model/test_generate.py", "tests/train/test_sparsify_train.py")
 
 EXCHANGE = "tests/balance/test_exchange.py"
@@ -332,6 +333,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         'self.sums, self.counts = dict(state["sums"]), dict(state["counts"])', "pass", RUN_RECORD),
     one("run_record_not_loaded_by_the_module", "train", "omnibal_pl/train/module.py",
         "        if state is not None:\n            self.record", "        if False:\n            self.record", RUN_RECORD),
+    # ---- stop 20: a time model records the setting it was measured in ----
+    one("time_model_setting_not_compared", "train", "omnibal_pl/balance/cost.py",
+        "for k, v in setting.items() if self.made_for.get(k) != v]", "for k, v in setting.items() if False]",
+        TIME_SETTING),
+    one("fitted_run_does_not_check_its_model", "train", "omnibal_pl/train/assemble.py",
+        'if cfg.balance.cost == "fitted" and cfg.balance.time_model:', "if False:", TIME_SETTING),
+    one("time_model_setting_without_precision", "train", "omnibal_pl/train/time_calibration.py",
+        '"precision": prec.name,', "", TIME_SETTING),
+    one("calibration_records_no_setting", "train", "omnibal_pl/train/time_calibration.py",
+        "made_for=self.made_for)", "made_for=None)", TIME_SETTING),
+    one("time_model_loaded_without_its_setting", "train", "omnibal_pl/balance/cost.py",
+        '{str(k): str(v) for k, v in raw.get("made_for", {}).items()}', "{}", TIME_SETTING),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (

@@ -16,13 +16,18 @@ tokens, say) or that would lower the time gets 0, never a negative coefficient t
 with more work. A fit is refused (:class:`~omnibal_pl.errors.BalanceError`, and the caller keeps
 ``cost=counts`` and says so) from fewer than ``MIN_FITS_PER_TERM`` micro-batches per term, or when its RMS
 error exceeds ``MAX_RELATIVE_ERROR`` of the mean measured time (the terms do not explain the times).
+
+A model holds for the setting its times were measured in: ``made_for`` records it (model config, device,
+precision, packing; :func:`omnibal_pl.train.time_calibration.time_model_setting`), and a training run with
+``cost=fitted`` refuses a model made for another setting or for none recorded (:meth:`TimeModel.check_setting`).
 """
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -41,12 +46,14 @@ MAX_RELATIVE_ERROR = 0.25  # RMS error of an accepted fit, as a fraction of the 
 class TimeModel:
     """Seconds of one micro-batch (forward + backward) from its features; ``coefficients`` in seconds per unit,
     in :data:`TERMS` order; ``fixed_s``: what every micro-batch costs whatever it holds (kernel launches, Python),
-    the same on every rank. ``rms_error`` (seconds) and ``fitted_on`` (micro-batches) describe the fit."""
+    the same on every rank. ``rms_error`` (seconds) and ``fitted_on`` (micro-batches) describe the fit;
+    ``made_for``: the setting the times were measured in (setting name -> value; empty when unknown)."""
 
     coefficients: list[float]
     rms_error: float = 0.0
     fitted_on: int = 0
     fixed_s: float = 0.0
+    made_for: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.coefficients) != len(TERMS):
@@ -58,6 +65,16 @@ class TimeModel:
             raise BalanceError(f"time model has negative coefficients ({', '.join(negative)}): it would give the "
                                "ranks with more work more of it; refit it (fit_time_model never returns one) or use "
                                "balance.cost=counts")
+
+    def check_setting(self, setting: Mapping[str, str], where: str = "time model") -> None:
+        """Raises :class:`BalanceError` unless the model was measured in ``setting``: every key of ``setting`` is
+        recorded in :attr:`made_for` with the same value. The message names each key that differs or is missing."""
+        diff = [f"{k}: model {self.made_for[k]!r}, run {v!r}" if k in self.made_for else f"{k}: not recorded, run {v!r}"
+                for k, v in setting.items() if self.made_for.get(k) != v]
+        if diff:
+            raise BalanceError(f"{where} was measured in another setting than this run's ({'; '.join(diff)}): its "
+                               "seconds do not hold here; fit one in this setting (trainer.time_model_steps=N writes "
+                               "<run_dir>/time_model.json) or use balance.cost=counts")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Seconds per row of ``features`` ([n, len(TERMS)])."""
@@ -78,7 +95,7 @@ class TimeModel:
         if raw.get("terms") != list(TERMS):
             raise BalanceError(f"time model {path} has terms {raw.get('terms')}, this version uses {list(TERMS)}; refit it")
         return cls([float(c) for c in raw["coefficients"]], float(raw.get("rms_error", 0.0)), int(raw.get("fitted_on", 0)),
-                   float(raw.get("fixed_s", 0.0)))
+                   float(raw.get("fixed_s", 0.0)), {str(k): str(v) for k, v in raw.get("made_for", {}).items()})
 
 
 def sample_features(table: LengthTable) -> np.ndarray:
@@ -98,11 +115,13 @@ def segment_features(table: LengthTable, indices: np.ndarray, offsets: np.ndarra
     return np.stack([segment_sums(per_sample[:, k], offsets) for k in range(len(TERMS))], axis=1)
 
 
-def fit_time_model(features: np.ndarray, seconds: np.ndarray, step_ends: np.ndarray | None = None) -> TimeModel:
+def fit_time_model(features: np.ndarray, seconds: np.ndarray, step_ends: np.ndarray | None = None,
+                   made_for: Mapping[str, str] | None = None) -> TimeModel:
     """Non-negative least-squares coefficients of :data:`TERMS` and the fixed cost per micro-batch, for measured
     micro-batches. ``step_ends`` (1 where a measured time also holds the optimizer step that ended a step, else
     0): that cost is fitted alongside and left out of the model. Fixed and step costs are the same on every rank,
-    so they do not change balance, but unfitted they would be charged to the terms.
+    so they do not change balance, but unfitted they would be charged to the terms. ``made_for``: the setting the
+    times were measured in, recorded in the model.
 
     Raises :class:`BalanceError` with fewer than ``MIN_FITS_PER_TERM * len(TERMS)`` micro-batches or when the
     fit's RMS error exceeds ``MAX_RELATIVE_ERROR`` of the mean time.
@@ -132,7 +151,7 @@ def fit_time_model(features: np.ndarray, seconds: np.ndarray, step_ends: np.ndar
                            f"misses the measured times by {rms:.3g} s RMS against a mean of {mean:.3g} s (more than "
                            f"{MAX_RELATIVE_ERROR:.0%}): the times are too noisy or not explained by {', '.join(TERMS)}; "
                            "measure on a quieter machine, with more micro-batches, or use balance.cost=counts")
-    return TimeModel([float(c) for c in coefficients], rms, len(features), fixed_s)
+    return TimeModel([float(c) for c in coefficients], rms, len(features), fixed_s, dict(made_for or {}))
 
 
 def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@
 
 1. the DP size, from the cluster (processes / pipeline stages);
 2. the training data: dataset, per-sample statistics, and the micro-batch shape (caps given, or searched
-   once for that real DP size: :func:`~omnibal_pl.data.training_data.prepare_training_data`);
+   once for that real DP size: :func:`~omnibal_pl.data.training_data.prepare_training_data`); under
+   ``balance.cost=fitted`` the time model is checked against the run's setting first
+   (:func:`~omnibal_pl.train.time_calibration.time_model_setting`): one measured elsewhere is refused;
 3. the pipeline :class:`~omnibal_pl.plan.Plan` (pipeline runs only): searched (``plan.use=auto``), a
    uniform split, or a plan file, checked against the model and the run's settings.
 
@@ -27,6 +29,7 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 
+from omnibal_pl.balance.cost import TimeModel
 from omnibal_pl.balance.search import micro_batch_shape
 from omnibal_pl.data.datamodule import OmniBalDataModule
 from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_training_data
@@ -40,7 +43,7 @@ from omnibal_pl.plan.profiler import precision_of
 from omnibal_pl.train.callbacks import GumbelTemperature
 from omnibal_pl.train.checkpoints import AtomicCheckpointIO
 from omnibal_pl.train.config_groups import build_callbacks
-from omnibal_pl.train.time_calibration import TimeModelCalibration
+from omnibal_pl.train.time_calibration import TimeModelCalibration, time_model_setting
 from omnibal_pl.train.faults import FaultWatch, collective_timeout, strategy_with_timeout
 from omnibal_pl.train.loggers import build_loggers
 from omnibal_pl.train.memory_report import MemoryReport
@@ -83,9 +86,23 @@ def resolve_run(cfg: RunConfig, run_dir: Path) -> ResolvedRun:
     m = cfg.model
     spec = ModelSpec(m.llm.vocab_size, m.vision.image_size, m.tokens_per_tile, m.image_context_id, m.vision.family,
                      m.vision.spatial_merge)
+    if cfg.balance.cost == "fitted" and cfg.balance.time_model:
+        TimeModel.load(cfg.balance.time_model).check_setting(run_setting(cfg), f"time model {cfg.balance.time_model}")
     data = prepare_training_data(cfg.dataset, replace(cfg.balance, dp=dp), spec)
     plan = resolve_plan(cfg, run_dir, data) if pipelined else None
     return ResolvedRun(cfg, run_dir, dp, data, plan)
+
+
+def run_device(accelerator: str) -> torch.device:
+    """The device type a run on Lightning's ``accelerator`` trains on (``gpu``/``cuda``: CUDA; ``auto``: CUDA
+    where available; else CPU)."""
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def run_setting(cfg: RunConfig) -> dict[str, str]:
+    """The setting a time model for this run must have been measured in (:func:`time_model_setting`)."""
+    return time_model_setting(cfg.model, run_device(cfg.cluster.accelerator), cfg.cluster.precision, cfg.packing.pad_to)
 
 
 def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:
@@ -145,7 +162,7 @@ def measured_plan(cfg: RunConfig, inputs: PlanInputs, data: TrainingData, trials
                           "cluster.num_nodes > 1 make the plan on one node (omnibal-train ... plan.adapt=true "
                           "trainer.max_steps=0) and pass it as plan.use=<plan.yaml>")
     batches = first_step_batches(data, cfg.packing)
-    trial_args = dict(steps=settings.trial_steps, device_type="cuda" if c.accelerator == "gpu" else "cpu",
+    trial_args = dict(steps=settings.trial_steps, device_type=run_device(c.accelerator).type,
                       seed=cfg.seed, threads=c.threads or 1, precision=str(c.precision))
     plan = refine_plan(cfg.model, inputs, settings.refine, batches, c.zero, **trial_args) if settings.refine > 1 else searched
     return adapt_plan(cfg.model, plan, inputs, batches, **trial_args) if settings.adapt else plan
@@ -183,7 +200,7 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
                               "runs inside a step: fit the time model in a run without it (cluster.strategy=auto or "
                               "ddp); the model holds for the same data and model under any strategy")
         callbacks.append(TimeModelCalibration(run.run_dir / "time_model.json", run.data.lengths,
-                                              cfg.trainer.time_model_steps))
+                                              cfg.trainer.time_model_steps, run_setting(cfg)))
     chosen = {"callbacks": cfg.callbacks, "trainer.callbacks": dict(enumerate(cfg.trainer.callbacks))}
     for group, specs in chosen.items():
         callbacks += build_callbacks(group, specs, run.run_dir, bool(loggers), run.data.val is not None)

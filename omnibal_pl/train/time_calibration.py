@@ -7,13 +7,16 @@ and its features are read from the length table by its sample ids: the same sums
 (:func:`~omnibal_pl.balance.cost.group_features`). Then every rank's measurements are gathered and
 :func:`~omnibal_pl.balance.fit_time_model` fits them (the optimizer step fitted alongside and left out,
 as it is the same on every rank); global rank 0 writes the model to ``path`` (the run directory's ``time_model.json``) for a
-later run's ``balance.cost=fitted balance.time_model=<path>``. A fit that is refused (too few micro-batches,
+later run's ``balance.cost=fitted balance.time_model=<path>``, with the setting it was measured in
+(:func:`time_model_setting`), which that run checks against its own. A fit that is refused (too few micro-batches,
 times the terms do not explain) is logged with its reason and nothing is written: the run's balance is as set.
 
 Only without the pipeline strategy: there a loader item is a whole pipelined step, not one micro-batch.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,17 +30,33 @@ import torch.distributed as dist
 from omnibal_pl.balance.cost import TERMS, TimeModel, fit_time_model, sample_features
 from omnibal_pl.errors import BalanceError
 from omnibal_pl.lengths import LengthTable
+from omnibal_pl.model import VLMConfig, resolve_backend
+from omnibal_pl.plan.profiler import device_name, precision_of
 
 log = logging.getLogger(__name__)
 
 
+def time_model_setting(model: VLMConfig, device: torch.device, precision: str, pad_to: str) -> dict[str, str]:
+    """What a micro-batch's seconds depend on besides its features, as a time model records it (``made_for``):
+    the model config (its name and a digest of every field: widths, sparsification, LoRA), the device kind
+    (``cpu`` or the GPU's name), Lightning's precision, the attention kernel the model's backend runs here, and
+    the packing's ``pad_to`` (padding to the caps times tokens the features do not count)."""
+    digest = hashlib.sha1(json.dumps(model.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    prec = precision_of(precision)
+    return {"model": model.name, "model_config": digest, "device": device_name(device), "precision": prec.name,
+            "attention": resolve_backend(model.attention_backend, device, prec.autocast or prec.params),
+            "pad_to": pad_to}
+
+
 class TimeModelCalibration(pl.Callback):
     """Times the micro-batches of optimizer steps ``skip_steps .. skip_steps + steps - 1`` and fits the time model
-    (see the module docstring). ``clock`` (seconds) is replaceable for tests; ``model`` holds the fit once done."""
+    (see the module docstring). ``made_for``: the run's :func:`time_model_setting`, recorded in the model; ``clock``
+    (seconds) is replaceable for tests; ``model`` holds the fit once done."""
 
-    def __init__(self, path: Path, lengths: LengthTable, steps: int, skip_steps: int = 1,
+    def __init__(self, path: Path, lengths: LengthTable, steps: int, made_for: dict[str, str], skip_steps: int = 1,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.path, self.steps, self.skip_steps, self.clock = Path(path), steps, skip_steps, clock
+        self.made_for = made_for
         self.features = sample_features(lengths)  # [samples, len(TERMS)]
         self.rows: list[list[float]] = []  # per timed micro-batch: its features, then seconds and whether it ended a step
         self.model: TimeModel | None = None
@@ -71,7 +90,8 @@ class TimeModelCalibration(pl.Callback):
             rows = [r for rank_rows in gathered for r in rank_rows]
         table = np.asarray(rows, np.float64).reshape(-1, len(TERMS) + 2)
         try:
-            self.model = fit_time_model(table[:, : len(TERMS)], table[:, len(TERMS)], step_ends=table[:, -1])
+            self.model = fit_time_model(table[:, : len(TERMS)], table[:, len(TERMS)], step_ends=table[:, -1],
+                                        made_for=self.made_for)
         except BalanceError as e:
             if trainer.is_global_zero:
                 log.warning("trainer.time_model_steps: no time model written: %s", e)

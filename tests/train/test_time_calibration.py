@@ -1,5 +1,6 @@
 """trainer.time_model_steps: a run times its own micro-batches and fits the balance time model on the length
-table's features of the samples each one held (omnibal_pl/train/time_calibration.py)."""
+table's features of the samples each one held (omnibal_pl/train/time_calibration.py); the model records the
+setting it was measured in, and a run with balance.cost=fitted refuses one measured in another."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,18 @@ import torch
 
 from omnibal_pl.balance.cost import TERMS, TimeModel, sample_features
 from omnibal_pl.cli.train import train
-from omnibal_pl.errors import ConfigError
+from omnibal_pl.errors import BalanceError, ConfigError
 from omnibal_pl.lengths import LengthTable
+from omnibal_pl.train.assemble import resolve_run, run_setting
+from omnibal_pl.train.schemas import parse_run_config
 from omnibal_pl.train.time_calibration import TimeModelCalibration
 
 from tests.helpers import FAST, cfg_of
 
 TRUTH = np.array([3e-3, 2e-5, 1e-8, 5e-3])  # seconds per tile, token, squared length, sample
 FIXED_S, STEP_S = 0.04, 0.3  # per micro-batch; the optimizer step, timed with a step's last micro-batch
+SETTING = {"model": "tiny", "model_config": "0123abcd", "device": "cpu", "precision": "32-true", "attention": "sdpa",
+           "pad_to": "multiple"}
 
 
 class FakeClock:
@@ -58,33 +63,75 @@ def table_of(n: int = 400) -> LengthTable:
 
 def test_the_fit_recovers_the_cost_of_the_samples_each_micro_batch_held(tmp_path):
     table, clock = table_of(), FakeClock()
-    callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=8, skip_steps=1, clock=clock)
+    callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=8, made_for=SETTING, skip_steps=1,
+                                    clock=clock)
     run_steps(callback, table, clock, steps=12, per_step=3)
     assert len(callback.rows) == 8 * 3  # steps 1..8 timed: not the first (warm-up), not after the window
     np.testing.assert_allclose(callback.model.coefficients, TRUTH, rtol=1e-6)  # fixed and step costs apart
     assert callback.model.fixed_s == pytest.approx(FIXED_S)
     saved = TimeModel.load(tmp_path / "time_model.json")
-    assert saved == callback.model and saved.fitted_on == 24
+    assert saved == callback.model and saved.fitted_on == 24 and saved.made_for == SETTING
 
 
 def test_too_few_micro_batches_write_nothing(tmp_path, caplog):
     table, clock = table_of(), FakeClock()
-    callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=2, skip_steps=0, clock=clock)
+    callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=2, made_for=SETTING, skip_steps=0,
+                                    clock=clock)
     run_steps(callback, table, clock, steps=3, per_step=2)
     assert callback.model is None and not (tmp_path / "time_model.json").exists()
     assert "no time model written: a time model of 4 terms needs at least 12 measured micro-batches, got 4" in caplog.text
 
 
 def test_a_run_times_its_micro_batches_and_writes_or_explains(tmp_path, caplog):
-    train(cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=8", "trainer.time_model_steps=6",
-                 f"run_dir={tmp_path}"))
+    cfg = cfg_of(*FAST, "balance.micro_batches=2", "trainer.max_steps=8", "trainer.time_model_steps=6",
+                 f"run_dir={tmp_path}")
+    train(cfg)
     path = tmp_path / "time_model.json"
     if path.exists():
         raw = json.loads(path.read_text())
         assert raw["terms"] == list(TERMS) and raw["fitted_on"] == 12 and min(raw["coefficients"]) >= 0
+        assert raw["made_for"] == run_setting(parse_run_config(cfg))
         assert "time model fitted on 12 micro-batches" in caplog.text
     else:  # the times of a tiny model on this shared machine may be refused: then the log says why
         assert "no time model written: the best non-negative time model" in caplog.text
+
+
+def fitted_run(tmp_path, made_for: dict[str, str], *overrides: str):
+    """A run config with balance.cost=fitted on a model measured in ``made_for`` (None: the run's own setting)."""
+    base = [*FAST, "balance.cost=fitted", f"balance.time_model={tmp_path / 'tm.json'}", *overrides]
+    own = run_setting(parse_run_config(cfg_of(*base)))
+    TimeModel([0.2, 3e-3, 5e-6, 0.1], 0.01, 24, 0.03, own if made_for is None else made_for).save(tmp_path / "tm.json")
+    return parse_run_config(cfg_of(*base)), own
+
+
+def test_a_fitted_run_takes_a_model_measured_in_its_own_setting(tmp_path):
+    cfg, own = fitted_run(tmp_path, None)
+    assert set(own) == {"model", "model_config", "device", "precision", "attention", "pad_to"}
+    assert own["device"] == "cpu" and own["precision"] == "32-true" and own["model"] == cfg.model.name
+    run = resolve_run(cfg, tmp_path / "run")
+    assert run.data.balance.cost == "fitted"
+
+
+@pytest.mark.parametrize("override, key", [("cluster.precision=bf16-mixed", "precision"),
+                                           ("model.llm.layers=3", "model_config"),
+                                           ("packing.pad_to=multiple", "pad_to")])
+def test_a_fitted_run_refuses_a_model_measured_in_another_setting(tmp_path, override, key):
+    _, own = fitted_run(tmp_path, None)  # measured in the default setting; the run then changes one thing
+    cfg, _ = fitted_run(tmp_path, own, override)
+    with pytest.raises(BalanceError, match=rf"measured in another setting than this run's \({key}: model "):
+        resolve_run(cfg, tmp_path / "run")
+
+
+def test_a_fitted_run_refuses_a_model_that_records_no_setting(tmp_path):
+    cfg, _ = fitted_run(tmp_path, {})
+    with pytest.raises(BalanceError, match="model: not recorded, run 'tiny'.*trainer.time_model_steps=N"):
+        resolve_run(cfg, tmp_path / "run")
+
+
+def test_a_counts_run_only_reports_under_a_model_of_another_setting(tmp_path):
+    cfg, _ = fitted_run(tmp_path, {"device": "NVIDIA-H200"})
+    counts = parse_run_config(cfg_of(*FAST, f"balance.time_model={tmp_path / 'tm.json'}"))
+    assert resolve_run(counts, tmp_path / "run").data.balance.cost == "counts"
 
 
 def test_the_pipeline_strategy_refuses_it(tmp_path):
