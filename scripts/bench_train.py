@@ -30,7 +30,8 @@ entry (:mod:`omnibal_pl.balance.calibration`: ``d_optimal`` picks micro-batches 
 micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured): the table's
 columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
-``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported).
+``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
+was measured in this run's setting (model, device, precision, attention kernel, packing: its ``made_for``).
 With a model, each sampler's modelled idle (the model's prediction of every micro-batch, no timing) is printed
 before the timed runs; ``--repeats 0`` stops there.
 
@@ -45,7 +46,9 @@ its whole epoch over the same samples (less the few a sampler's last incomplete 
 compares the same work: the figure to quote.
 
 Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed); in a
-step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs.
+step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs. Under
+the table, each sampler's idle with the fastest of the first 1, 2, .. ``--reps`` runs: where it still falls at
+``--reps``, timing noise is still part of the idle (the floor's row shows how much).
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
 ``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs with
 ``pad_to=multiple`` (varlen attention over the real tokens). On CUDA (``--device cuda``): bf16 autocast.
@@ -54,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import random
 import statistics
 import sys
@@ -75,7 +77,9 @@ from omnibal_pl.data.collate import PackingCollate
 from omnibal_pl.data.datamodule import PackingConfig
 from omnibal_pl.errors import BalanceError
 from omnibal_pl.model import VLM, VLMConfig
+from omnibal_pl.plan.profiler import default_precision
 from omnibal_pl.train.objective import packed_loss_sum
+from omnibal_pl.train.time_calibration import time_model_setting
 
 ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random", "identical")
 PACKING = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
@@ -92,6 +96,11 @@ def dataset_config(args: argparse.Namespace) -> dict:
 
 def model_spec(cfg: VLMConfig) -> ModelSpec:
     return ModelSpec(cfg.llm.vocab_size, cfg.vision.image_size, cfg.tokens_per_tile, cfg.image_context_id)
+
+
+def bench_setting(cfg: VLMConfig, device: torch.device) -> dict[str, str]:
+    """The setting this benchmark times micro-batches in, as a time model records it."""
+    return time_model_setting(cfg, device, default_precision(device), PACKING.pad_to)
 
 
 def batch_features(batch: PackedBatch) -> list[float]:
@@ -161,16 +170,32 @@ def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps:
     return min(times)
 
 
-def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: int) -> list[float]:
-    """Seconds of each rank's micro-batch of ``step``: the fastest of ``reps`` runs, the runs interleaved over the
-    ranks (rank 0 .. n-1, then again), so that a slow spell of the machine, which lasts longer than a few runs,
-    does not fall on one rank's runs alone."""
+def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: int) -> list[list[float]]:
+    """Seconds of each of ``reps`` runs of each rank's micro-batch of ``step`` (``[rank][run]``), the runs going
+    round the ranks (rank 0 .. n-1, then again), so that a slow spell of the machine, which lasts longer than a few
+    runs, does not fall on one rank's runs alone."""
     on_device = [b.to(device) for b in step]  # once, not once per run
-    best = [math.inf] * len(step)
+    runs: list[list[float]] = [[] for _ in step]
     for _ in range(reps):
         for rank, batch in enumerate(on_device):
-            best[rank] = min(best[rank], time_micro_batch(model, batch, device, 1))
-    return best
+            runs[rank].append(time_micro_batch(model, batch, device, 1))
+    return runs
+
+
+def fastest(runs: list[list[float]], k: int) -> list[float]:
+    """Each rank's fastest of its first ``k`` runs (on a shared machine, the least disturbed)."""
+    return [min(r[:k]) for r in runs]
+
+
+def idle_by_runs(steps: list[list[list[float]]], reps: int) -> list[float]:
+    """For k = 1 .. ``reps``: the idle of ``steps`` (``[step][rank][run]`` seconds), 1 - (sum over steps of the mean
+    rank's time) / (sum of the slowest rank's), each rank's time its fastest of its first k runs. Still falling at
+    k = reps: timing noise is still part of the figure; flat: more runs would not change it."""
+    idles = []
+    for k in range(1, reps + 1):
+        ranks = [fastest(step, k) for step in steps]
+        idles.append(1 - sum(sum(r) / len(r) for r in ranks) / sum(max(r) for r in ranks))
+    return idles
 
 
 def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
@@ -181,7 +206,8 @@ def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, dev
     seconds = [time_micro_batch(model, b, device, args.reps) for b in batches]
     samples = sum(b.num_samples for b in batches)
     try:
-        fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds))
+        fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds),
+                                made_for=bench_setting(cfg, device))
     except BalanceError as e:
         print(f"time model ({design}): fit failed: {e}")
         return None
@@ -205,6 +231,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
     if args.time_model:
         path, fits = args.time_model, {"loaded": TimeModel.load(args.time_model)}
+        fits["loaded"].check_setting(bench_setting(cfg, device), f"time model {path}")
         print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches, s per unit): "
               f"{describe(fits['loaded'])}")
     else:
@@ -226,21 +253,23 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
     tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
     samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
+    by_runs: dict[str, list[list[float]]] = {a: [] for a in algorithms}  # per repeat: idle by runs per micro-batch
     for r in range(args.repeats):
-        step_s = dict.fromkeys(algorithms, 0.0)
-        ideal_s = dict.fromkeys(algorithms, 0.0)
+        timed: dict[str, list[list[list[float]]]] = {a: [] for a in algorithms}  # [step][rank][run] seconds
         for algo, i in timing_order({a: len(data[a]) for a in algorithms}, r):
             step = data[algo][i]
-            ranks = time_ranks(model, step, device, args.reps)
-            step_s[algo] += max(ranks)
-            ideal_s[algo] += sum(ranks) / len(ranks)
+            timed[algo].append(time_ranks(model, step, device, args.reps))
+            ranks = np.array(fastest(timed[algo][-1], args.reps))
             for design in errors:
                 predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
-                errors[design][algo].extend(np.abs(predicted - np.array(ranks)) / np.array(ranks))
+                errors[design][algo].extend(np.abs(predicted - ranks) / ranks)
         for algo in algorithms:
-            runs[algo].append((step_s[algo], ideal_s[algo], tokens[algo], samples[algo], len(data[algo])))
+            ranks = [fastest(step, args.reps) for step in timed[algo]]
+            step_s, ideal_s = sum(max(t) for t in ranks), sum(sum(t) / len(t) for t in ranks)
+            runs[algo].append((step_s, ideal_s, tokens[algo], samples[algo], len(data[algo])))
+            by_runs[algo].append(idle_by_runs(timed[algo], args.reps))
     if args.repeats:
-        report(name, params, cfg, args, device, runs, errors)
+        report(name, params, cfg, args, device, runs, errors, by_runs)
 
 
 def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
@@ -260,9 +289,10 @@ def modelled_idle(model: TimeModel, steps: list[list[PackedBatch]]) -> float:
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
-           runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, dict[str, list[float]]]) -> None:
+           runs: dict[str, list[tuple[float, float, int, int, int]]], errors: dict[str, dict[str, list[float]]],
+           by_runs: dict[str, list[list[float]]]) -> None:
     """The table (model error columns: the first design whose fit was accepted), then each such model's error over
-    all micro-batches run, then ``balanced``'s speedups."""
+    all micro-batches run, each sampler's idle by the runs kept per micro-batch, then ``balanced``'s speedups."""
     rate = {a: [s / step for step, _, _, s, _ in rs] for a, rs in runs.items()}  # samples/s per repeat
     median = {a: statistics.median(v) for a, v in rate.items()}
     no_idle = {a: statistics.median(s / ideal for _, ideal, _, s, _ in rs) for a, rs in runs.items()}
@@ -286,6 +316,11 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         err = [e for algo_err in per_algo.values() for e in algo_err]
         print(f"time model ({design}): |predicted - measured| / measured over the {len(err)} micro-batches run: "
               f"median {np.median(err):.1%}, p90 {np.percentile(err, 90):.1%}")
+    if args.reps > 1:
+        print(f"idle with each micro-batch's fastest of 1 .. {args.reps} runs (median over repeats; still falling at "
+              f"{args.reps}: timing noise is part of the figure):")
+        for algo, idles in by_runs.items():
+            print(f"  {algo:<16}" + " ".join(f"{statistics.median(r[k] for r in idles):>7.2%}" for k in range(args.reps)))
     samplers = [a for a in median if not a.startswith("balanced") and a != "identical"]
     for ours in ("balanced", "balanced_fitted"):
         if ours in median and samplers:

@@ -37,9 +37,20 @@ def test_time_ranks_keeps_each_ranks_fastest_run_and_goes_round_the_ranks(monkey
         return next(scripted)
 
     monkeypatch.setattr(bench, "time_micro_batch", fake_time)
-    best = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2)
+    runs = bench.time_ranks(None, [Step(0), Step(1), Step(2)], torch.device("cpu"), reps=2)
     assert order == [0, 1, 2, 0, 1, 2]
-    assert best == [2.0, 4.0, 1.0]
+    assert runs == [[3.0, 2.0], [5.0, 4.0], [1.0, 6.0]]
+    assert bench.fastest(runs, 2) == [2.0, 4.0, 1.0] and bench.fastest(runs, 1) == [3.0, 5.0, 1.0]
+
+
+def test_idle_by_runs_keeps_each_ranks_fastest_of_its_first_k_runs():
+    """Two steps of two ranks, two runs each. Fastest of 1: ranks 4, 2 and 3, 3: mean ranks 3 + 3, slowest 4 + 3,
+    idle 1/7. Fastest of 2: 2, 2 and 3, 1: mean ranks 2 + 2, slowest 2 + 3, idle 1/5 (every run's minimum for every
+    k would give 1/5 twice)."""
+    bench = load_bench_train()
+    steps = [[[4.0, 2.0], [2.0, 2.0]], [[3.0, 3.0], [3.0, 1.0]]]
+    idles = bench.idle_by_runs(steps, 2)
+    assert abs(idles[0] - 1 / 7) < 1e-12 and abs(idles[1] - 1 / 5) < 1e-12
 
 
 def test_modelled_idle_is_mean_over_slowest_summed_over_steps(monkeypatch):
