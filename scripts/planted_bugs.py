@@ -153,6 +153,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("bench_samplers_timed_back_to_back", "balance", "scripts/bench_train.py",
         "for i in range(max(steps.values(), default=0)) for name in names if",
         "for name in names for i in range(max(steps.values(), default=0)) if", "tests/test_bench_timing.py"),
+    one("bench_idle_by_runs_keeps_every_run", "balance", "scripts/bench_train.py",
+        "return [min(r[:k]) for r in runs]", "return [min(r) for r in runs]", "tests/test_bench_timing.py"),
     one("time_model_length_not_squared", "balance", "omnibal_pl/balance/cost.py",
         "tokens * tokens, np.ones(len(table))", "tokens, np.ones(len(table))", COST),
     one("negative_coefficients_accepted", "balance", "omnibal_pl/balance/cost.py",
