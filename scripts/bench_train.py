@@ -193,9 +193,15 @@ def idle_by_runs(steps: list[list[list[float]]], reps: int) -> list[float]:
     k = reps: timing noise is still part of the figure; flat: more runs would not change it."""
     idles = []
     for k in range(1, reps + 1):
-        ranks = [fastest(step, k) for step in steps]
-        idles.append(1 - sum(sum(r) / len(r) for r in ranks) / sum(max(r) for r in ranks))
+        step_s, ideal_s = step_and_ideal([fastest(step, k) for step in steps])
+        idles.append(1 - ideal_s / step_s)
     return idles
+
+
+def step_and_ideal(seconds: list[list[float]]) -> tuple[float, float]:
+    """Summed over steps (``[step][rank]`` seconds): the slowest rank's time (what a synchronous step waits for)
+    and the mean rank's (the ideal: the same work perfectly balanced)."""
+    return sum(max(t) for t in seconds), sum(sum(t) / len(t) for t in seconds)
 
 
 def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
@@ -264,8 +270,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
                 predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
                 errors[design][algo].extend(np.abs(predicted - ranks) / ranks)
         for algo in algorithms:
-            ranks = [fastest(step, args.reps) for step in timed[algo]]
-            step_s, ideal_s = sum(max(t) for t in ranks), sum(sum(t) / len(t) for t in ranks)
+            step_s, ideal_s = step_and_ideal([fastest(step, args.reps) for step in timed[algo]])
             runs[algo].append((step_s, ideal_s, tokens[algo], samples[algo], len(data[algo])))
             by_runs[algo].append(idle_by_runs(timed[algo], args.reps))
     if args.repeats:
@@ -284,8 +289,9 @@ def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
 def modelled_idle(model: TimeModel, steps: list[list[PackedBatch]]) -> float:
     """1 - (sum over steps of the mean rank's modelled time) / (sum of the slowest rank's): the idle the time
     model predicts for these micro-batches."""
-    seconds = np.array([model.predict(np.array([batch_features(b) for b in step])) for step in steps])
-    return float(1 - seconds.mean(axis=1).sum() / seconds.max(axis=1).sum())
+    step_s, ideal_s = step_and_ideal([model.predict(np.array([batch_features(b) for b in step])).tolist()
+                                      for step in steps])
+    return 1 - ideal_s / step_s
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,
