@@ -75,7 +75,7 @@ from omnibal_pl.conf import preset
 from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
 from omnibal_pl.data.collate import PackingCollate
 from omnibal_pl.data.datamodule import PackingConfig
-from omnibal_pl.errors import BalanceError
+from omnibal_pl.errors import BalanceError, OmniBalError
 from omnibal_pl.model import VLM, VLMConfig
 from omnibal_pl.plan.profiler import default_precision
 from omnibal_pl.train.objective import packed_loss_sum
@@ -230,17 +230,17 @@ def describe(model: TimeModel) -> str:
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> None:
     cfg = load_model_config(name)
+    if args.time_model:  # refused before any work when measured in another setting
+        path, fits = args.time_model, {"loaded": TimeModel.load(args.time_model)}
+        fits["loaded"].check_setting(bench_setting(cfg, device), f"time model {path}")
+        print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches, s per unit): "
+              f"{describe(fits['loaded'])}")
     torch.manual_seed(0)
     model = VLM(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
     warm = calibration_batches(cfg, args, "random", 1)[0]
     time_micro_batch(model, warm, device, reps=2)  # allocator and kernel warm-up
-    if args.time_model:
-        path, fits = args.time_model, {"loaded": TimeModel.load(args.time_model)}
-        fits["loaded"].check_setting(bench_setting(cfg, device), f"time model {path}")
-        print(f"time model loaded from {path} (fitted on {fits['loaded'].fitted_on} micro-batches, s per unit): "
-              f"{describe(fits['loaded'])}")
-    else:
+    if not args.time_model:
         path = Path(args.save_time_model or Path(tempfile.mkdtemp()) / f"time_model_{name}.json")
         fits = {design: fit_on_calibration(model, cfg, args, device, design, path if i == 0 else None)
                 for i, design in enumerate(args.calibration_designs if args.calibration else [])}
@@ -364,8 +364,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     random.seed(0)
     device = torch.device(args.device)
-    for name in args.models:
-        bench_model(name, args, device)
+    try:
+        for name in args.models:
+            bench_model(name, args, device)
+    except OmniBalError as e:  # a refused time model or configuration: the message says what to change
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -347,6 +347,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "made_for=self.made_for)", "made_for=None)", TIME_SETTING),
     one("time_model_loaded_without_its_setting", "train", "omnibal_pl/balance/cost.py",
         '{str(k): str(v) for k, v in raw.get("made_for", {}).items()}', "{}", TIME_SETTING),
+    # ---- stop 21: a forking strategy cannot follow CUDA's initialisation ----
+    one("fork_strategy_reads_the_gpu_setting", "train", "omnibal_pl/train/assemble.py",
+        'if device.type == "cuda" and forks_processes(strategy):', "if False:", TIME_SETTING),
+    one("fork_strategy_judged_by_its_name", "train", "omnibal_pl/train/assemble.py",
+        '["init_params"].get("start_method") == "fork"', ' is not None and strategy == "ddp_fork"', TIME_SETTING),
 )
 
 EQUIVALENT: tuple[Mutation, ...] = (

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -73,3 +75,16 @@ def test_timing_order_interleaves_the_samplers_step_by_step():
                                             ("balanced", 1), ("random", 1), ("identical", 1), ("random", 2)]
     assert bench.timing_order(steps, 1)[:3] == [("random", 0), ("identical", 0), ("balanced", 0)]
     assert sorted(bench.timing_order(steps, 2)) == sorted((a, i) for a, n in steps.items() for i in range(n))
+
+
+def test_a_time_model_of_another_setting_is_refused_before_any_timing(tmp_path):
+    from omnibal_pl.balance import TimeModel
+
+    setting = {"model": "tiny", "model_config": "0", "device": "cpu", "precision": "bf16-mixed", "attention": "sdpa",
+               "pad_to": "multiple"}
+    TimeModel([0.2, 3e-3, 5e-6, 0.1], 0.01, 24, 0.03, setting).save(tmp_path / "tm.json")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--samples", "64", "--algorithms", "random",
+                           "--time-model", str(tmp_path / "tm.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "time model loaded" not in done.stdout
+    assert "measured in another setting than this run's (model_config: model '0'" in done.stderr

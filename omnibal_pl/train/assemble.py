@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
+from lightning.pytorch.strategies import StrategyRegistry
 import torch
 
 from omnibal_pl.balance.cost import TimeModel
@@ -100,9 +101,24 @@ def run_device(accelerator: str) -> torch.device:
     return torch.device("cuda" if cuda else "cpu")
 
 
+def forks_processes(strategy: str) -> bool:
+    """Whether Lightning's registered strategy ``strategy`` starts its processes by forking this one
+    (``ddp_fork``, ``ddp_notebook`` and their variants)."""
+    return strategy in StrategyRegistry and StrategyRegistry[strategy]["init_params"].get("start_method") == "fork"
+
+
 def run_setting(cfg: RunConfig) -> dict[str, str]:
-    """The setting a time model for this run must have been measured in (:func:`time_model_setting`)."""
-    return time_model_setting(cfg.model, run_device(cfg.cluster.accelerator), cfg.cluster.precision, cfg.packing.pad_to)
+    """The setting a time model for this run must have been measured in (:func:`time_model_setting`).
+
+    On CUDA this reads the GPU's name and capability, which initialises CUDA in this process, before Lightning
+    starts the run's processes; a strategy that forks them cannot run after that, so it is refused here."""
+    device, strategy = run_device(cfg.cluster.accelerator), cfg.cluster.strategy
+    if device.type == "cuda" and forks_processes(strategy):
+        raise ConfigError(f"cluster.strategy={strategy} forks its processes after the time model's setting (the GPU's "
+                          "name and attention kernel) is read here, which initialises CUDA; Lightning cannot fork "
+                          "after that. Use cluster.strategy=ddp (or ddp_spawn) with balance.cost=fitted or "
+                          "trainer.time_model_steps")
+    return time_model_setting(cfg.model, device, cfg.cluster.precision, cfg.packing.pad_to)
 
 
 def resolve_plan(cfg: RunConfig, run_dir: Path, data: TrainingData) -> Plan:

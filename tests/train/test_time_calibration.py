@@ -138,3 +138,21 @@ def test_the_pipeline_strategy_refuses_it(tmp_path):
     with pytest.raises(ConfigError, match="trainer.time_model_steps times micro-batches one by one"):
         train(cfg_of(*FAST, "cluster.strategy=omnibal", "plan.use=uniform", "trainer.max_steps=2",
                      "trainer.time_model_steps=2", f"run_dir={tmp_path}"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp_fork", "ddp_notebook_find_unused_parameters_true"])
+def test_a_gpu_run_that_forks_refuses_to_read_the_setting_before_cuda_is_touched(tmp_path, strategy):
+    # reading the GPU's name initialises CUDA, after which Lightning cannot fork the run's processes
+    TimeModel([0.2, 3e-3, 5e-6, 0.1], 0.01, 24, 0.03, {**SETTING, "device": "NVIDIA-H200"}).save(tmp_path / "tm.json")
+    cfg = parse_run_config(cfg_of(*FAST, "cluster.accelerator=gpu", f"cluster.strategy={strategy}",
+                                  "balance.cost=fitted", f"balance.time_model={tmp_path / 'tm.json'}"))
+    with pytest.raises(ConfigError, match=rf"cluster.strategy={strategy} forks its processes.*cluster.strategy=ddp"):
+        resolve_run(cfg, tmp_path / "run")
+    assert not torch.cuda.is_initialized()
+
+
+def test_a_gpu_run_that_starts_processes_anew_reads_the_setting(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr("omnibal_pl.train.time_calibration.resolve_backend", lambda *args: "flash")
+    cfg = parse_run_config(cfg_of(*FAST, "cluster.accelerator=gpu", "cluster.strategy=ddp"))
+    assert run_setting(cfg)["device"] == "NVIDIA-H200" and run_setting(cfg)["attention"] == "flash"
