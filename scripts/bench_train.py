@@ -32,8 +32,8 @@ columns for the first design, a line per design under it. A fit that fails (too 
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
 was measured in this run's setting (model, device, precision, attention kernel, packing: its ``made_for``).
-With a model, each sampler's modelled idle (the model's prediction of every micro-batch, no timing) is printed
-before the timed runs; ``--repeats 0`` stops there.
+With a model, each sampler's modelled idle, samples/s and samples/s at no idle (the model's prediction of every
+micro-batch, no timing) are printed before the timed runs, to hold the measured table against; ``--repeats 0`` stops there.
 
 Repeats: the whole measurement of all samplers runs ``--repeats`` times. Within a repeat the samplers' steps are
 interleaved (step 0 of every sampler, then step 1, ...; the sampler order rotates between repeats), so a slow
@@ -252,8 +252,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
     algorithms = [a for a in args.algorithms if fitted is not None or a != "balanced_fitted"]
     data = {a: sampler_steps(a, cfg, args, path if fitted else None) for a in algorithms}
     if fitted is not None:
-        print("modelled idle (each micro-batch's time predicted by the model, no timing): "
-              + ", ".join(f"{a} {modelled_idle(fitted, data[a]):.2%}" for a in algorithms))
+        print("modelled (each micro-batch's time predicted by the model, no timing): idle, samples/s, at no idle")
+        for algo in algorithms:
+            idle, rate, no_idle = modelled(fitted, data[algo])
+            print(f"  {algo:<16}{idle:>7.2%}{rate:>7.2f}{no_idle:>7.2f}")
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
@@ -286,12 +288,14 @@ def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
     return [(name, i) for i in range(max(steps.values(), default=0)) for name in names if i < steps[name]]
 
 
-def modelled_idle(model: TimeModel, steps: list[list[PackedBatch]]) -> float:
-    """1 - (sum over steps of the mean rank's modelled time) / (sum of the slowest rank's): the idle the time
-    model predicts for these micro-batches."""
+def modelled(model: TimeModel, steps: list[list[PackedBatch]]) -> tuple[float, float, float]:
+    """What the time model predicts for these micro-batches (each one's time predicted, no timing), as the table
+    measures it: the idle, 1 - (sum over steps of the mean rank's time) / (sum of the slowest rank's); samples/s
+    (samples / the slowest ranks' time); and samples/s at no idle (samples / the mean ranks' time)."""
     step_s, ideal_s = step_and_ideal([model.predict(np.array([batch_features(b) for b in step])).tolist()
                                       for step in steps])
-    return 1 - ideal_s / step_s
+    samples = sum(b.num_samples for step in steps for b in step)
+    return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s
 
 
 def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, device: torch.device,

@@ -350,6 +350,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- stop 21: a forking strategy cannot follow CUDA's initialisation ----
     one("fork_strategy_reads_the_gpu_setting", "train", "omnibal_pl/train/assemble.py",
         'if device.type == "cuda" and forks_processes(strategy):', "if False:", TIME_SETTING),
+    one("bench_modelled_rate_at_no_idle", "balance", "scripts/bench_train.py",
+        "return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s",
+        "return 1 - ideal_s / step_s, samples / ideal_s, samples / ideal_s", "tests/test_bench_timing.py"),
     one("fork_strategy_judged_by_its_name", "train", "omnibal_pl/train/assemble.py",
         '["init_params"].get("start_method") == "fork"', ' is not None and strategy == "ddp_fork"', TIME_SETTING),
 )

@@ -28,6 +28,13 @@ class Step:
         return self
 
 
+class Modelled:
+    """A micro-batch whose only feature is its modelled seconds."""
+
+    def __init__(self, seconds: float, samples: int) -> None:
+        self.seconds, self.num_samples = seconds, samples
+
+
 def test_time_ranks_keeps_each_ranks_fastest_run_and_goes_round_the_ranks(monkeypatch):
     bench = load_bench_train()
     order: list[int] = []
@@ -55,15 +62,18 @@ def test_idle_by_runs_keeps_each_ranks_fastest_of_its_first_k_runs():
     assert abs(idles[0] - 1 / 7) < 1e-12 and abs(idles[1] - 1 / 5) < 1e-12
 
 
-def test_modelled_idle_is_mean_over_slowest_summed_over_steps(monkeypatch):
-    """Modelled times 4, 2 (step 1) and 3, 3 (step 2): mean ranks 3 + 3 = 6, slowest 4 + 3 = 7, idle 1/7 (the
-    mean of per-step idles would be 1/8; a sum instead of the mean rank, 1 - 12/7 < 0)."""
+def test_modelled_idle_and_rates_are_means_over_slowest_summed_over_steps(monkeypatch):
+    """Modelled times 4, 2 (step 1) and 3, 3 (step 2), 10 samples: mean ranks 3 + 3 = 6, slowest 4 + 3 = 7, idle
+    1/7 (the mean of per-step idles would be 1/8; a sum instead of the mean rank, 1 - 12/7 < 0); samples/s 10/7, at
+    no idle 10/6."""
     from omnibal_pl.balance import TimeModel
 
     bench = load_bench_train()
-    monkeypatch.setattr(bench, "batch_features", lambda seconds: [seconds, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(bench, "batch_features", lambda batch: [batch.seconds, 0.0, 0.0, 0.0])
     model = TimeModel([1.0, 0.0, 0.0, 0.0])
-    assert abs(bench.modelled_idle(model, [[4.0, 2.0], [3.0, 3.0]]) - 1 / 7) < 1e-12
+    steps = [[Modelled(4.0, 3), Modelled(2.0, 1)], [Modelled(3.0, 2), Modelled(3.0, 4)]]
+    idle, rate, no_idle = bench.modelled(model, steps)
+    assert abs(idle - 1 / 7) < 1e-12 and abs(rate - 10 / 7) < 1e-12 and abs(no_idle - 10 / 6) < 1e-12
 
 
 def test_timing_order_interleaves_the_samplers_step_by_step():
