@@ -215,8 +215,10 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
             raise ConfigError("trainer.time_model_steps times micro-batches one by one, which the pipeline strategy "
                               "runs inside a step: fit the time model in a run without it (cluster.strategy=auto or "
                               "ddp); the model holds for the same data and model under any strategy")
+        balance_model = TimeModel.load(cfg.balance.time_model) if cfg.balance.time_model else None
         callbacks.append(TimeModelCalibration(run.run_dir / "time_model.json", run.data.lengths,
-                                              cfg.trainer.time_model_steps, run_setting(cfg)))
+                                              cfg.trainer.time_model_steps, run_setting(cfg),
+                                              balance_model=balance_model))
     chosen = {"callbacks": cfg.callbacks, "trainer.callbacks": dict(enumerate(cfg.trainer.callbacks))}
     for group, specs in chosen.items():
         callbacks += build_callbacks(group, specs, run.run_dir, bool(loggers), run.data.val is not None)

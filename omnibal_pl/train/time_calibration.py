@@ -10,6 +10,8 @@ as it is the same on every rank); global rank 0 writes the model to ``path`` (th
 later run's ``balance.cost=fitted balance.time_model=<path>``, with the setting it was measured in
 (:func:`time_model_setting`), which that run checks against its own. A fit that is refused (too few micro-batches,
 times the terms do not explain) is logged with its reason and nothing is written: the run's balance is as set.
+A run that also balances by a time model (``balance.time_model``) logs how that model's predictions of the timed
+micro-batches differ from the fresh fit's, a check of the model against the machine it runs on.
 
 Only without the pipeline strategy: there a loader item is a whole pipelined step, not one micro-batch.
 """
@@ -51,12 +53,14 @@ def time_model_setting(model: VLMConfig, device: torch.device, precision: str, p
 class TimeModelCalibration(pl.Callback):
     """Times the micro-batches of optimizer steps ``skip_steps .. skip_steps + steps - 1`` and fits the time model
     (see the module docstring). ``made_for``: the run's :func:`time_model_setting`, recorded in the model; ``clock``
-    (seconds) is replaceable for tests; ``model`` holds the fit once done."""
+    (seconds) is replaceable for tests; ``model`` holds the fit once done. ``balance_model``: the model the run
+    balances by (``balance.time_model``), if any; the log then says how far the fresh fit is from it
+    (:func:`model_agreement`)."""
 
     def __init__(self, path: Path, lengths: LengthTable, steps: int, made_for: dict[str, str], skip_steps: int = 1,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, balance_model: TimeModel | None = None) -> None:
         self.path, self.steps, self.skip_steps, self.clock = Path(path), steps, skip_steps, clock
-        self.made_for = made_for
+        self.made_for, self.balance_model = made_for, balance_model
         self.features = sample_features(lengths)  # [samples, len(TERMS)]
         self.rows: list[list[float]] = []  # per timed micro-batch: its features, then seconds and whether it ended a step
         self.model: TimeModel | None = None
@@ -103,6 +107,22 @@ class TimeModelCalibration(pl.Callback):
             log.warning("time model fitted on %d micro-batches (s per unit: %s; rms error %.3g s): %s; use it with "
                         "balance.cost=fitted balance.time_model=%s", self.model.fitted_on, terms,
                         self.model.rms_error, self.path, self.path)
+            if self.balance_model is not None:
+                level, spread = model_agreement(self.balance_model, self.model, table[:, : len(TERMS)])
+                log.warning("balance.time_model predicts this run's timed micro-batches at %.2fx its own fit (a "
+                            "factor common to all does not change the balance) and that ratio varies by %.1f%% "
+                            "between them (coefficient of variation): the balance misweighs micro-batches by about "
+                            "that; when it is large the model no longer describes this machine, use the one just "
+                            "written", level, 100 * spread)
+
+
+def model_agreement(balance: TimeModel, measured: TimeModel, features: np.ndarray) -> tuple[float, float]:
+    """How ``balance`` (the model a run balances by) predicts the micro-batches of ``features`` against
+    ``measured`` (fitted on their measured times): the median of the ratio balance / measured per micro-batch (a
+    common factor, which does not change which rank is heavier), and the ratio's coefficient of variation (how
+    unevenly ``balance`` weighs them, which does; 0 when one model is a multiple of the other)."""
+    ratio = balance.predict(features) / measured.predict(features)
+    return float(np.median(ratio)), float(np.std(ratio) / np.mean(ratio))
 
 
 def _synchronize(device: torch.device) -> None:

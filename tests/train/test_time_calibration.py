@@ -14,7 +14,7 @@ from omnibal_pl.balance.cost import TERMS, TimeModel, sample_features
 from omnibal_pl.cli.train import train
 from omnibal_pl.errors import BalanceError, ConfigError
 from omnibal_pl.lengths import LengthTable
-from omnibal_pl.train.assemble import resolve_run, run_setting
+from omnibal_pl.train.assemble import build_run, resolve_run, run_setting
 from omnibal_pl.train.schemas import parse_run_config
 from omnibal_pl.train.time_calibration import TimeModelCalibration
 
@@ -156,3 +156,27 @@ def test_a_gpu_run_that_starts_processes_anew_reads_the_setting(monkeypatch):
     monkeypatch.setattr("omnibal_pl.train.time_calibration.resolve_backend", lambda *args: "flash")
     cfg = parse_run_config(cfg_of(*FAST, "cluster.accelerator=gpu", "cluster.strategy=ddp"))
     assert run_setting(cfg)["device"] == "NVIDIA-H200" and run_setting(cfg)["attention"] == "flash"
+
+
+@pytest.mark.parametrize("scale, expect_spread", [((1.5, 1.5, 1.5, 1.5), False), ((3.0, 1.0, 1.0, 1.0), True)])
+def test_the_log_holds_the_balances_model_against_the_runs_own_fit(tmp_path, caplog, scale, expect_spread):
+    # a multiple of the truth balances exactly as the truth does (spread 0); weighing tiles 3x does not
+    balance = TimeModel(list(TRUTH * np.array(scale)), fixed_s=FIXED_S * scale[1])
+    table, clock = table_of(), FakeClock()
+    callback = TimeModelCalibration(tmp_path / "time_model.json", table, steps=8, made_for=SETTING, skip_steps=1,
+                                    clock=clock, balance_model=balance)
+    run_steps(callback, table, clock, steps=12, per_step=3)
+    features = np.asarray(callback.rows)[:, : len(TERMS)]
+    ratio = (features @ (TRUTH * np.array(scale)) + FIXED_S * scale[1]) / (features @ TRUTH + FIXED_S)
+    assert (ratio.std() / ratio.mean() > 0.02) == expect_spread
+    assert (f"predicts this run's timed micro-batches at {np.median(ratio):.2f}x its own fit" in caplog.text
+            and f"varies by {100 * ratio.std() / ratio.mean():.1f}% between them" in caplog.text)
+    if not expect_spread:
+        assert "at 1.50x its own fit" in caplog.text and "varies by 0.0%" in caplog.text
+
+
+def test_a_run_balancing_by_a_model_hands_it_to_its_calibration(tmp_path):
+    cfg, _ = fitted_run(tmp_path, None, "trainer.time_model_steps=2", f"run_dir={tmp_path / 'run'}")
+    trainer, _, _ = build_run(resolve_run(cfg, tmp_path / "run"))
+    (calibration,) = [c for c in trainer.callbacks if isinstance(c, TimeModelCalibration)]
+    assert calibration.balance_model == TimeModel.load(tmp_path / "tm.json")
