@@ -356,7 +356,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("model_agreement_spread_unnormalised", "train", "omnibal_pl/train/time_calibration.py",
         "float(np.std(ratio) / np.mean(ratio))", "float(np.std(ratio))", TIME_SETTING),
     one("calibration_not_given_the_balance_model", "train", "omnibal_pl/train/assemble.py",
-        "balance_model=balance_model))", "balance_model=None))", TIME_SETTING),
+        "balance_model=load_time_model(cfg.balance)))", "balance_model=None))", TIME_SETTING),
     one("bench_modelled_rate_at_no_idle", "balance", "scripts/bench_train.py",
         "return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s",
         "return 1 - ideal_s / step_s, samples / ideal_s, samples / ideal_s", "tests/test_bench_timing.py"),

@@ -30,7 +30,7 @@ import lightning as L
 from lightning.pytorch.strategies import StrategyRegistry
 import torch
 
-from omnibal_pl.balance.cost import TimeModel
+from omnibal_pl.balance.cost import TimeModel, load_time_model
 from omnibal_pl.balance.search import micro_batch_shape
 from omnibal_pl.data.datamodule import OmniBalDataModule
 from omnibal_pl.data.training_data import ModelSpec, TrainingData, prepare_training_data
@@ -215,10 +215,9 @@ def build_run(run: ResolvedRun) -> tuple[L.Trainer, VLMTrainingModule, OmniBalDa
             raise ConfigError("trainer.time_model_steps times micro-batches one by one, which the pipeline strategy "
                               "runs inside a step: fit the time model in a run without it (cluster.strategy=auto or "
                               "ddp); the model holds for the same data and model under any strategy")
-        balance_model = TimeModel.load(cfg.balance.time_model) if cfg.balance.time_model else None
         callbacks.append(TimeModelCalibration(run.run_dir / "time_model.json", run.data.lengths,
                                               cfg.trainer.time_model_steps, run_setting(cfg),
-                                              balance_model=balance_model))
+                                              balance_model=load_time_model(cfg.balance)))
     chosen = {"callbacks": cfg.callbacks, "trainer.callbacks": dict(enumerate(cfg.trainer.callbacks))}
     for group, specs in chosen.items():
         callbacks += build_callbacks(group, specs, run.run_dir, bool(loggers), run.data.val is not None)
