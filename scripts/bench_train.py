@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH] [--time-model PATH]
-        [--calibration 48] [--calibration-designs d_optimal random] [--fit-only]
+        [--calibration 48] [--calibration-reps N] [--calibration-designs d_optimal random] [--fit-only]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -25,7 +25,8 @@ same micro-batches can give; the lines under the table compare ``balanced`` with
 Time model: before the samplers run, ``--calibration`` micro-batches of 1 to ``3 x samples-per-group`` samples
 are timed and a :class:`~omnibal_pl.balance.TimeModel` is fitted on them, once per ``--calibration-designs``
 entry (:mod:`omnibal_pl.balance.calibration`: ``d_optimal`` picks micro-batches that separate the model's terms,
-``random`` draws them at random, the baseline); the first design's model is the one ``balanced_fitted`` and
+``random`` draws them at random, the baseline; each timed by its fastest of ``--calibration-reps`` runs, default
+``--reps``); the first design's model is the one ``balanced_fitted`` and
 ``disttrain`` weigh by and ``--save-time-model`` writes. Each model's prediction error is reported on every
 micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured): the table's
 columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
@@ -209,7 +210,7 @@ def fit_on_calibration(model: VLM, cfg: VLMConfig, args: argparse.Namespace, dev
     """The time model fitted on ``design``'s calibration micro-batches (saved to ``path`` when given), or None
     when the fit is refused."""
     batches = calibration_batches(cfg, args, design, args.calibration)
-    seconds = [time_micro_batch(model, b, device, args.reps) for b in batches]
+    seconds = [time_micro_batch(model, b, device, args.calibration_reps or args.reps) for b in batches]
     samples = sum(b.num_samples for b in batches)
     try:
         fitted = fit_time_model(np.array([batch_features(b) for b in batches]), np.array(seconds),
@@ -351,6 +352,9 @@ def main() -> None:
                         help="repeats of the whole measurement (median, spread); 0: only the modelled idle")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per micro-batch (the fastest counts)")
     parser.add_argument("--calibration", type=int, default=48, help="micro-batches timed to fit the model (0: none)")
+    parser.add_argument("--calibration-reps", type=int, default=None,
+                        help="timed runs per calibration micro-batch, the fastest counts (default: --reps); on a "
+                             "noisy machine the fit needs more than the samplers' timing")
     parser.add_argument("--calibration-designs", nargs="+", default=["d_optimal"], choices=DESIGNS,
                         help="how calibration micro-batches are chosen; one model per design, the first is used")
     parser.add_argument("--save-time-model", type=Path, default=None, help="where to write the fitted model JSON")

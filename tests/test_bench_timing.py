@@ -98,3 +98,33 @@ def test_a_time_model_of_another_setting_is_refused_before_any_timing(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "time model loaded" not in done.stdout
     assert "measured in another setting than this run's (model_config: model '0'" in done.stderr
+
+
+def test_calibration_is_timed_with_its_own_runs_per_micro_batch(monkeypatch):
+    """``--calibration-reps`` sets the runs per calibration micro-batch (the samplers keep ``--reps``); unset, the
+    calibration takes ``--reps``. The fit sees the scripted times: 0.3 s per tile, 0.2 s per sample."""
+    import argparse
+
+    bench = load_bench_train()
+    grid = [(tiles, samples) for tiles in range(1, 7) for samples in range(1, 4)]
+    batches = [Modelled(0.0, samples) for _, samples in grid]
+    for batch, (tiles, _) in zip(batches, grid):
+        batch.tiles = tiles
+    reps_seen: list[int] = []
+
+    def fake_time(model, batch, device, reps):
+        reps_seen.append(reps)
+        return 0.3 * batch.tiles + 0.2 * batch.num_samples
+
+    monkeypatch.setattr(bench, "calibration_batches", lambda cfg, args, design, count: batches)
+    monkeypatch.setattr(bench, "batch_features", lambda b: [b.tiles, 0.0, 0.0, b.num_samples])
+    monkeypatch.setattr(bench, "bench_setting", lambda cfg, device: {"device": "cpu"})
+    monkeypatch.setattr(bench, "time_micro_batch", fake_time)
+    args = argparse.Namespace(calibration=len(batches), reps=2, calibration_reps=5)
+    fitted = bench.fit_on_calibration(None, None, args, torch.device("cpu"), "d_optimal", None)
+    assert reps_seen == [5] * len(batches)
+    assert abs(fitted.coefficients[0] - 0.3) < 1e-6 and abs(fitted.coefficients[3] - 0.2) < 1e-6
+    reps_seen.clear()
+    bench.fit_on_calibration(None, None, argparse.Namespace(calibration=len(batches), reps=2, calibration_reps=None),
+                             torch.device("cpu"), "d_optimal", None)
+    assert reps_seen == [2] * len(batches)
