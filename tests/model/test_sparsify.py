@@ -151,15 +151,18 @@ def test_block_chain_carries_the_mask_channel():
         model.llm.layers["1"](torch.zeros(1, 40, cfg.llm.hidden), batch)
 
 
-def test_keep_rate_loss_drives_kept_fraction_to_target():
-    torch.manual_seed(0)
-    cfg = tiny_cfg(output_text_len_for_training=8)
+def _trained_kept_fractions(seed: int, steps: int = 80, draws: int = 100, **knobs) -> tuple[float, float]:
+    """Train only the predictors of the tiny model on one batch for ``steps`` steps (Adam, lr decaying linearly to
+    0, the Gumbel temperature annealed); return the mean kept fractions (vision, output text) over ``draws``
+    sampled decisions afterwards."""
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(output_text_len_for_training=8, **knobs)
     model = VLM(cfg).train()
     for name, p in model.named_parameters():
         p.requires_grad_(".sparsifier." in name)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     batch = dummy_batch(cfg, [14, 20, 12], [6, 8, 5], vit_cap=19, seed=1)
-    steps = 50
     for step in range(steps):
         set_temperature(model, gumbel_tau(step, steps))
         logits, keep = split_output(model(batch), cfg.sparsify)
@@ -168,12 +171,22 @@ def test_keep_rate_loss_drives_kept_fraction_to_target():
         opt.zero_grad()
         (lm + loss.loss).backward()
         opt.step()
-    with torch.no_grad():  # the decisions are samples: average the kept fractions of several draws
+        decay.step()
+    with torch.no_grad():
         kept = [keep_rate_loss(split_output(model(batch), cfg.sparsify)[1], batch, cfg.sparsify, cfg.image_context_id).kept
-                for _ in range(24)]
-    vision = sum(k["vision"] for k in kept) / len(kept)
-    text = sum(k["output_text"] for k in kept) / len(kept)
-    assert abs(vision - 0.2) < 0.05 and abs(text - 0.5) < 0.05, (vision, text)
+                for _ in range(draws)]
+    return sum(k["vision"] for k in kept) / draws, sum(k["output_text"] for k in kept) / draws
+
+
+def test_keep_rate_loss_drives_kept_fraction_to_target():
+    """Each kind's kept fraction goes to its own target: vision 0.2 and output text 0.8 (both start near 0.5,
+    so a lost rule or swapped targets fail). One run ends within about 0.03 (one std over seeds, measured on
+    this model) of its target: the straight-through Gumbel decisions make training noisy, and a single run
+    missed by 0.06 on CI (stop 32). The mean of four seeds has a std near 0.012."""
+    runs = [_trained_kept_fractions(seed, output_text_keep_rate=0.8) for seed in range(4)]
+    vision = sum(v for v, _ in runs) / len(runs)
+    text = sum(t for _, t in runs) / len(runs)
+    assert abs(vision - 0.2) < 0.05 and abs(text - 0.8) < 0.05, runs
 
 
 def _packed(samples: list[tuple[list[int], list[int]]], pad: int) -> PackedBatch:
