@@ -238,6 +238,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "w = (scores - c).clamp_max(0.0).exp() * p", "w = (scores - c).clamp_max(60.0).exp() * p", *SPARSIFY),
     one("output_keep_rate_over_long_answers_only", "sparsify", "omnibal_pl/model/sparsify/loss.py",
         "samples = (counts > 0).sum()", "samples = penalised.sum()", *SPARSIFY),
+    one("output_keep_rate_of_the_instruction", "sparsify", "omnibal_pl/model/sparsify/loss.py",
+        "spans.output, cfg.output_text_keep_rate", "spans.output, cfg.instruct_text_keep_rate", *SPARSIFY),
     one("text_sparsified_in_text_only_samples", "sparsify", "omnibal_pl/model/sparsify/predictors.py",
         "return text_spans_of_image_samples(spans) if cfg.vision_predictor else spans", "return spans", *SPARSIFY),
     one("batched_decoding_one_position", "sparsify", "omnibal_pl/model/generate.py",
@@ -360,6 +362,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     one("bench_modelled_rate_at_no_idle", "balance", "scripts/bench_train.py",
         "return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s",
         "return 1 - ideal_s / step_s, samples / ideal_s, samples / ideal_s", "tests/test_bench_timing.py"),
+    one("bench_calibration_timed_with_sampler_reps", "balance", "scripts/bench_train.py",
+        "time_micro_batch(model, b, device, args.calibration_reps or args.reps)",
+        "time_micro_batch(model, b, device, args.reps)", "tests/test_bench_timing.py"),
     one("fork_strategy_judged_by_its_name", "train", "omnibal_pl/train/assemble.py",
         '["init_params"].get("start_method") == "fork"', ' is not None and strategy == "ddp_fork"', TIME_SETTING),
 )
