@@ -4,6 +4,7 @@
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH] [--time-model PATH]
         [--calibration 48] [--calibration-reps N] [--calibration-designs d_optimal random] [--fit-only]
+        [--save-timings PATH]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -28,8 +29,13 @@ entry (:mod:`omnibal_pl.balance.calibration`: ``d_optimal`` picks micro-batches 
 ``random`` draws them at random, the baseline; each timed by its fastest of ``--calibration-reps`` runs, default
 ``--reps``); the first design's model is the one ``balanced_fitted`` and
 ``disttrain`` weigh by and ``--save-time-model`` writes. Each model's prediction error is reported on every
-micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured): the table's
-columns for the first design, a line per design under it. A fit that fails (too few micro-batches, times the
+micro-batch the samplers run (median and 90th percentile of |predicted - measured| / measured, and the ``bias``,
+the median of the signed (predicted - measured) / measured): the table's columns for the first design, a line per
+design under it. After the table the model is fitted again on every micro-batch the samplers ran (in-sample), with
+each sampler's bias under that refit: a sampler the refit still over- or under-prices has micro-batches whose cost
+the model's terms do not count; one priced right by the refit but not by the calibration's model was priced wrong
+for a time model's ordinary reasons (a stale or noisy calibration). ``--save-timings PATH`` writes every timed run
+(sampler, repeat, step, rank, the model's features, the seconds of each run) as JSON. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
 was measured in this run's setting (model, device, precision, attention kernel, packing: its ``made_for``).
@@ -58,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import statistics
 import sys
@@ -260,6 +267,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
+    measured: dict[str, list[tuple[list[float], float]]] = {a: [] for a in algorithms}  # (features, fastest s)
+    timings: list[dict] = []  # every timed run, for --save-timings
     tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
     samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
     by_runs: dict[str, list[list[float]]] = {a: [] for a in algorithms}  # per repeat: idle by runs per micro-batch
@@ -268,16 +277,50 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         for algo, i in timing_order({a: len(data[a]) for a in algorithms}, r):
             step = data[algo][i]
             timed[algo].append(time_ranks(model, step, device, args.reps))
-            ranks = np.array(fastest(timed[algo][-1], args.reps))
+            ranks = fastest(timed[algo][-1], args.reps)
+            features = [batch_features(b) for b in step]
+            measured[algo].extend(zip(features, ranks))
+            timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "features": f, "seconds": runs}
+                           for k, (f, runs) in enumerate(zip(features, timed[algo][-1])))
             for design in errors:
-                predicted = fits[design].predict(np.array([batch_features(b) for b in step]))
-                errors[design][algo].extend(np.abs(predicted - ranks) / ranks)
+                errors[design][algo].extend(signed_errors(fits[design], features, ranks))
         for algo in algorithms:
             step_s, ideal_s = step_and_ideal([fastest(step, args.reps) for step in timed[algo]])
             runs[algo].append((step_s, ideal_s, tokens[algo], samples[algo], len(data[algo])))
             by_runs[algo].append(idle_by_runs(timed[algo], args.reps))
     if args.repeats:
         report(name, params, cfg, args, device, runs, errors, by_runs)
+        refit_on_runs(measured, bench_setting(cfg, device))
+    if args.save_timings:
+        args.save_timings.write_text(json.dumps({"model": name, "terms": list(TERMS), "runs": timings}))
+        print(f"timings of {len(timings)} micro-batches saved to {args.save_timings}")
+
+
+def signed_errors(model: TimeModel, features: list[list[float]], seconds: list[float]) -> list[float]:
+    """(predicted - measured) / measured of each micro-batch: positive where the model over-prices it."""
+    measured = np.asarray(seconds, np.float64)
+    return ((model.predict(np.array(features)) - measured) / measured).tolist()
+
+
+def refit_on_runs(measured: dict[str, list[tuple[list[float], float]]], setting: dict[str, str]
+                  ) -> dict[str, float] | None:
+    """Fit the time model on every micro-batch the samplers ran (``measured``: per sampler, each micro-batch's
+    features and fastest seconds) and print it with each sampler's median signed error under it (returned; None
+    when the fit is refused). In-sample, so a model whose terms count what the micro-batches cost leaves no sampler
+    with a bias beyond timing noise."""
+    rows = [row for per_sampler in measured.values() for row in per_sampler]
+    try:
+        refit = fit_time_model(np.array([f for f, _ in rows]), np.array([s for _, s in rows]), made_for=setting)
+    except BalanceError as e:
+        print(f"time model refitted on the samplers' micro-batches: fit failed: {e}")
+        return None
+    print(f"time model refitted on the {len(rows)} micro-batches the samplers ran (s per unit): {describe(refit)}; "
+          f"rms error {refit.rms_error * 1e3:.1f} ms of mean {np.mean([s for _, s in rows]) * 1e3:.1f} ms")
+    bias = {algo: float(np.median(signed_errors(refit, [f for f, _ in rs], [s for _, s in rs])))
+            for algo, rs in measured.items()}
+    print("  bias under the refit, median (predicted - measured) / measured: "
+          + ", ".join(f"{algo} {b:+.1%}" for algo, b in bias.items()))
+    return bias
 
 
 def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
@@ -310,7 +353,7 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
           f"{args.steps or 'all'} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
     print(f"{'sampler':<16}{'steps':>6}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
-          f"{'spread':>18}{'vs random':>10}{'no idle':>9}{'model err':>11}{'p90':>6}")
+          f"{'spread':>18}{'vs random':>10}{'no idle':>9}{'model err':>11}{'p90':>6}{'bias':>7}")
     for algo, rs in runs.items():
         n = rs[0][4]
         step = statistics.median(r[0] for r in rs) / n
@@ -320,11 +363,12 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
         spread = f"{min(rate[algo]):.2f}..{max(rate[algo]):.2f}"
         vs = f"{median[algo] / median['random']:.2f}x" if "random" in median and algo != "identical" else "-"
         err = next(iter(errors.values()), {}).get(algo, [])
-        err_s = (f"{np.median(err):>10.1%}{np.percentile(err, 90):>7.0%}" if err else f"{'-':>10}{'-':>7}")
+        err_s = (f"{np.median(np.abs(err)):>10.1%}{np.percentile(np.abs(err), 90):>7.0%}{np.median(err):>+7.1%}"
+                 if err else f"{'-':>10}{'-':>7}{'-':>7}")
         print(f"{algo:<16}{n:>6}{step:>8.3f}{ideal:>9.3f}{idle:>7.1%}{samples:>9.1f}{tokens:>10,.0f}{median[algo]:>10.2f}"
               f"{spread:>18}{vs:>10}{no_idle[algo]:>9.2f}{err_s}")
     for design, per_algo in errors.items():
-        err = [e for algo_err in per_algo.values() for e in algo_err]
+        err = np.abs([e for algo_err in per_algo.values() for e in algo_err])
         print(f"time model ({design}): |predicted - measured| / measured over the {len(err)} micro-batches run: "
               f"median {np.median(err):.1%}, p90 {np.percentile(err, 90):.1%}")
     if args.reps > 1:
@@ -362,6 +406,8 @@ def main() -> None:
     parser.add_argument("--time-model", type=Path, default=None,
                         help="a model saved by an earlier run's --save-time-model, used instead of calibrating "
                              "(--calibration ignored)")
+    parser.add_argument("--save-timings", type=Path, default=None,
+                        help="write every timed run (sampler, step, rank, features, seconds) to this JSON file")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
     parser.add_argument("--samples-per-group", type=int, default=2)
     parser.add_argument("--text-scale", type=float, default=0.25)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
@@ -128,3 +130,30 @@ def test_calibration_is_timed_with_its_own_runs_per_micro_batch(monkeypatch):
     bench.fit_on_calibration(None, None, argparse.Namespace(calibration=len(batches), reps=2, calibration_reps=None),
                              torch.device("cpu"), "d_optimal", None)
     assert reps_seen == [2] * len(batches)
+
+
+def test_refit_on_the_samplers_runs_shows_which_sampler_the_terms_misprice():
+    """Sampler ``a``'s micro-batches cost 0.3 s per tile + 0.2 s per sample, ``b``'s the same plus 25% the terms do
+    not see. Fitted on both, the model sits between: it over-prices ``a`` (positive bias) and under-prices ``b``
+    (negative). A sign reversed, a fit on one sampler's runs only, or an absolute error would each break this."""
+    bench = load_bench_train()
+    plain = [([float(t), 0.0, 0.0, float(n)], 0.3 * t + 0.2 * n) for t in range(1, 7) for n in range(1, 4)]
+    measured = {"a": plain, "b": [(f, 1.25 * s) for f, s in plain]}
+    bias = bench.refit_on_runs(measured, {"device": "cpu"})
+    assert 0.05 < bias["a"] < 0.2 and -0.2 < bias["b"] < -0.05
+    assert bench.refit_on_runs({"a": plain}, {})["a"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_save_timings_writes_every_timed_run(tmp_path):
+    """One step of ``random`` at DP 2, 2 runs per micro-batch: two rows, one per rank, each with the model's four
+    features and both runs' seconds."""
+    out = tmp_path / "timings.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--samples", "64", "--algorithms", "random",
+                           "--dp", "2", "--steps", "1", "--repeats", "1", "--reps", "2", "--calibration", "0",
+                           "--threads", "1", "--save-timings", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(out.read_text())
+    assert saved["terms"] == ["tiles", "tokens", "tokens_sq", "samples"]
+    assert [(r["sampler"], r["step"], r["rank"]) for r in saved["runs"]] == [("random", 0, 0), ("random", 0, 1)]
+    assert all(len(r["features"]) == 4 and r["features"][3] == 2 and len(r["seconds"]) == 2 and min(r["seconds"]) > 0
+               for r in saved["runs"])
