@@ -4,7 +4,7 @@
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH] [--time-model PATH]
         [--calibration 48] [--calibration-reps N] [--calibration-designs d_optimal random] [--fit-only]
-        [--save-timings PATH]
+        [--save-timings PATH] [--allocator system|heap]
 
 For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
 ``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
@@ -56,6 +56,11 @@ Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared mach
 step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs. Under
 the table, each sampler's idle with the fastest of the first 1, 2, .. ``--reps`` runs: where it still falls at
 ``--reps``, timing noise is still part of the idle (the floor's row shows how much).
+Allocator (CPU): ``--allocator system`` (the default) leaves glibc's malloc as it is: an allocation above its mmap
+threshold (at most 32 MiB) is mapped afresh and unmapped on free, so a micro-batch whose activations are that large
+page-faults them in on every run, a cost that grows faster than the micro-batch (``bench_split.py`` measures it).
+``heap`` serves every allocation from the heap and never returns freed memory, as PyTorch's caching allocator does
+on a GPU (:func:`keep_freed_memory`).
 Data: the synthetic dataset shaped by the embedded real-statistics generator, text scaled by
 ``--text-scale`` (CPU budget), image tokens = tiles x the model's tokens per tile. Every sampler packs with
 ``pad_to=multiple`` (varlen attention over the real tokens). On CUDA (``--device cuda``): bf16 autocast.
@@ -63,6 +68,8 @@ Data: the synthetic dataset shaped by the embedded real-statistics generator, te
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import itertools
 import json
 import random
@@ -70,6 +77,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +88,7 @@ from omnibal_pl.balance.cost import TERMS
 from omnibal_pl.balance.calibration import DESIGNS, design_calibration
 from omnibal_pl.batch import PackedBatch
 from omnibal_pl.conf import preset
-from omnibal_pl.data import ModelSpec, OmniBalDataModule, prepare_training_data
+from omnibal_pl.data import ModelSpec, OmniBalDataModule, TrainingData, prepare_training_data
 from omnibal_pl.data.collate import PackingCollate
 from omnibal_pl.data.datamodule import PackingConfig
 from omnibal_pl.errors import BalanceError, OmniBalError
@@ -91,6 +99,20 @@ from omnibal_pl.train.time_calibration import time_model_setting
 
 ALGORITHMS = ("balanced", "balanced_fitted", "isf", "disttrain", "llamafactory", "swift", "random", "identical")
 PACKING = PackingConfig(pad_to="multiple", multiple=64, loss_weighting="square")
+
+
+ALLOCATORS = ("system", "heap")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc serve every allocation from its heap (no mmap) and never trim freed memory back to the OS
+    (``mallopt``: ``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` -1), so a freed activation's pages are reused, not faulted
+    in again next run: what PyTorch's caching allocator does on a GPU. Call before the model allocates. Raises
+    :class:`OmniBalError` where the C library has no ``mallopt`` (not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt") or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1)):
+        raise OmniBalError("--allocator heap needs glibc's mallopt, which this C library lacks; use --allocator system")
 
 
 def load_model_config(name: str) -> VLMConfig:
@@ -148,16 +170,25 @@ def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, mode
     return rank_batches(cfg, balance_config(algorithm, args, model_path), args)
 
 
+def bench_data(cfg: VLMConfig, args: argparse.Namespace) -> TrainingData:
+    """The benchmark's synthetic samples, unbalanced (micro-batches are chosen by the caller)."""
+    return prepare_training_data(dataset_config(args), BalanceConfig(algorithm="random", dp=args.dp), model_spec(cfg))
+
+
+def collate_ids(data: TrainingData, ids: Sequence[int]) -> PackedBatch:
+    """One packed micro-batch of the samples ``ids``, packed as every sampler's are (``PACKING``)."""
+    samples = [data.dataset[int(i)] for i in ids]
+    tokens, tiles = sum(s.num_tokens for s in samples), sum(s.num_tiles for s in samples)
+    collate = PackingCollate(-(-tokens // PACKING.multiple) * PACKING.multiple, tiles, PACKING.pad_to,
+                             PACKING.multiple, PACKING.loss_weighting)
+    return collate(samples)
+
+
 def calibration_batches(cfg: VLMConfig, args: argparse.Namespace, design: str, count: int) -> list[PackedBatch]:
     """``count`` micro-batches of 1 .. 3 x samples-per-group samples, chosen by ``design``."""
-    data = prepare_training_data(dataset_config(args), BalanceConfig(algorithm="random", dp=args.dp), model_spec(cfg))
-    out = []
-    for ids in design_calibration(data.lengths, count, 3 * args.samples_per_group, design, seed=1):
-        samples = [data.dataset[int(i)] for i in ids]
-        tokens, tiles = sum(s.num_tokens for s in samples), sum(s.num_tiles for s in samples)
-        collate = PackingCollate(-(-tokens // 64) * 64, tiles, PACKING.pad_to, PACKING.multiple, PACKING.loss_weighting)
-        out.append(collate(samples))
-    return out
+    data = bench_data(cfg, args)
+    return [collate_ids(data, ids)
+            for ids in design_calibration(data.lengths, count, 3 * args.samples_per_group, design, seed=1)]
 
 
 def time_micro_batch(model: VLM, batch: PackedBatch, device: torch.device, reps: int) -> float:
@@ -408,6 +439,9 @@ def main() -> None:
                              "(--calibration ignored)")
     parser.add_argument("--save-timings", type=Path, default=None,
                         help="write every timed run (sampler, step, rank, features, seconds) to this JSON file")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                        help="CPU memory: glibc's default, or heap: freed memory kept and reused (as a GPU's caching "
+                             "allocator does)")
     parser.add_argument("--samples", type=int, default=20000, help="synthetic samples (embedded statistics)")
     parser.add_argument("--samples-per-group", type=int, default=2)
     parser.add_argument("--text-scale", type=float, default=0.25)
@@ -419,6 +453,8 @@ def main() -> None:
     random.seed(0)
     device = torch.device(args.device)
     try:
+        if args.allocator == "heap":
+            keep_freed_memory()
         for name in args.models:
             bench_model(name, args, device)
     except OmniBalError as e:  # a refused time model or configuration: the message says what to change

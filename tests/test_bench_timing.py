@@ -157,3 +157,38 @@ def test_save_timings_writes_every_timed_run(tmp_path):
     assert [(r["sampler"], r["step"], r["rank"]) for r in saved["runs"]] == [("random", 0, 0), ("random", 0, 1)]
     assert all(len(r["features"]) == 4 and r["features"][3] == 2 and len(r["seconds"]) == 2 and min(r["seconds"]) > 0
                for r in saved["runs"])
+
+
+FAULTS_OF_A_REUSED_ALLOCATION = """
+import ctypes, ctypes.util, resource, sys
+sys.path.insert(0, sys.argv[1])
+import bench_train
+if sys.argv[2] == "heap":
+    bench_train.keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def faults_of_filled_block(size):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
+faults_of_filled_block(64 << 20)
+print(faults_of_filled_block(48 << 20))
+"""
+
+
+def test_heap_allocator_reuses_freed_memory_where_glibc_faults_it_in_again():
+    """64 MiB malloc'd, filled and freed, then 48 MiB (above glibc's largest mmap threshold, 32 MiB): under glibc's
+    default the 48 MiB are mapped afresh and their 12,288 pages fault in; with ``keep_freed_memory`` they come out of
+    the freed 64 MiB, already resident. Dropping either mallopt brings the faults back: without the no-mmap one the
+    block is mapped, without the no-trim one the freed block (the heap's top) is trimmed back to the OS."""
+    faults = {}
+    for allocator in ("system", "heap"):
+        done = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REUSED_ALLOCATION, str(SCRIPT.parent), allocator],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults[allocator] = int(done.stdout.split()[-1])
+    assert faults["system"] > 10000 and faults["heap"] < 1000, faults
