@@ -34,8 +34,11 @@ the median of the signed (predicted - measured) / measured): the table's columns
 design under it. After the table the model is fitted again on every micro-batch the samplers ran (in-sample), with
 each sampler's bias under that refit: a sampler the refit still over- or under-prices has micro-batches whose cost
 the model's terms do not count; one priced right by the refit but not by the calibration's model was priced wrong
-for a time model's ordinary reasons (a stale or noisy calibration). ``--save-timings PATH`` writes every timed run
-(sampler, repeat, step, rank, the model's features, the seconds of each run) as JSON. A fit that fails (too few micro-batches, times the
+for a time model's ordinary reasons (a stale or noisy calibration). Beside the bias, the idle of each sampler's
+steps as the refit prices them: a measured idle above it is timing noise or a cost no term counts, not a grouping
+that a better fit of these terms would even out. ``--save-timings PATH`` writes every timed run
+(sampler, repeat, step, rank, the model's features, the seconds of each run) as JSON; ``--refit-timings PATH`` prints
+that refit again from such a file, timing nothing. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
 was measured in this run's setting (model, device, precision, attention kernel, packing: its ``made_for``).
@@ -79,6 +82,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -298,7 +302,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
-    measured: dict[str, list[tuple[list[float], float]]] = {a: [] for a in algorithms}  # (features, fastest s)
+    measured: dict[str, list[list[tuple[list[float], float]]]] = {a: [] for a in algorithms}  # [step][rank]
     timings: list[dict] = []  # every timed run, for --save-timings
     tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
     samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
@@ -310,7 +314,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
             timed[algo].append(time_ranks(model, step, device, args.reps))
             ranks = fastest(timed[algo][-1], args.reps)
             features = [batch_features(b) for b in step]
-            measured[algo].extend(zip(features, ranks))
+            measured[algo].append(list(zip(features, ranks)))
             timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "features": f, "seconds": runs}
                            for k, (f, runs) in enumerate(zip(features, timed[algo][-1])))
             for design in errors:
@@ -333,13 +337,23 @@ def signed_errors(model: TimeModel, features: list[list[float]], seconds: list[f
     return ((model.predict(np.array(features)) - measured) / measured).tolist()
 
 
-def refit_on_runs(measured: dict[str, list[tuple[list[float], float]]], setting: dict[str, str]
-                  ) -> dict[str, float] | None:
-    """Fit the time model on every micro-batch the samplers ran (``measured``: per sampler, each micro-batch's
-    features and fastest seconds) and print it with each sampler's median signed error under it (returned; None
-    when the fit is refused). In-sample, so a model whose terms count what the micro-batches cost leaves no sampler
-    with a bias beyond timing noise."""
-    rows = [row for per_sampler in measured.values() for row in per_sampler]
+class UnderRefit(NamedTuple):
+    """One sampler seen through the model refitted on every sampler's micro-batches: ``bias``, the median of
+    (predicted - measured) / measured; ``idle``, the idle of its steps with each rank's time the refit's prediction
+    (a fraction). Measured idle above ``idle`` is what no term of the model explains: timing noise, or a cost the
+    terms do not count."""
+
+    bias: float
+    idle: float
+
+
+def refit_on_runs(measured: dict[str, list[list[tuple[list[float], float]]]], setting: dict[str, str]
+                  ) -> dict[str, UnderRefit] | None:
+    """Fit the time model on every micro-batch the samplers ran (``measured``: per sampler, per step, each rank's
+    micro-batch features and fastest seconds) and print it with each sampler's bias and idle under it (returned;
+    None when the fit is refused). In-sample, so a model whose terms count what the micro-batches cost leaves no
+    sampler with a bias beyond timing noise."""
+    rows = [row for steps in measured.values() for step in steps for row in step]
     try:
         refit = fit_time_model(np.array([f for f, _ in rows]), np.array([s for _, s in rows]), made_for=setting)
     except BalanceError as e:
@@ -347,11 +361,26 @@ def refit_on_runs(measured: dict[str, list[tuple[list[float], float]]], setting:
         return None
     print(f"time model refitted on the {len(rows)} micro-batches the samplers ran (s per unit): {describe(refit)}; "
           f"rms error {refit.rms_error * 1e3:.1f} ms of mean {np.mean([s for _, s in rows]) * 1e3:.1f} ms")
-    bias = {algo: float(np.median(signed_errors(refit, [f for f, _ in rs], [s for _, s in rs])))
-            for algo, rs in measured.items()}
-    print("  bias under the refit, median (predicted - measured) / measured: "
-          + ", ".join(f"{algo} {b:+.1%}" for algo, b in bias.items()))
-    return bias
+    under = {}
+    for algo, steps in measured.items():
+        flat = [row for step in steps for row in step]
+        bias = float(np.median(signed_errors(refit, [f for f, _ in flat], [s for _, s in flat])))
+        step_s, ideal_s = step_and_ideal([refit.predict(np.array([f for f, _ in step])).tolist() for step in steps])
+        under[algo] = UnderRefit(bias=bias, idle=1 - ideal_s / step_s)
+    print("  under the refit, bias (median (predicted - measured) / measured) and idle of the steps as it prices "
+          "them: " + ", ".join(f"{algo} {u.bias:+.1%} / {u.idle:.1%}" for algo, u in under.items()))
+    return under
+
+
+def measured_from_timings(saved: dict) -> dict[str, list[list[tuple[list[float], float]]]]:
+    """The per sampler, per step, per rank (features, fastest seconds) that ``refit_on_runs`` takes, from a file
+    ``--save-timings`` wrote; steps in the order they were timed, each repeat's steps apart."""
+    measured: dict[str, dict[tuple[int, int], list[tuple[int, list[float], float]]]] = {}
+    for run in saved["runs"]:
+        step = measured.setdefault(run["sampler"], {}).setdefault((run["repeat"], run["step"]), [])
+        step.append((run["rank"], run["features"], min(run["seconds"])))
+    return {algo: [[(f, s) for _, f, s in sorted(ranks)] for _, ranks in sorted(steps.items())]
+            for algo, steps in measured.items()}
 
 
 def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
@@ -439,6 +468,9 @@ def main() -> None:
                              "(--calibration ignored)")
     parser.add_argument("--save-timings", type=Path, default=None,
                         help="write every timed run (sampler, step, rank, features, seconds) to this JSON file")
+    parser.add_argument("--refit-timings", type=Path, default=None,
+                        help="a file --save-timings wrote: print the model refitted on its micro-batches and each "
+                             "sampler's bias and idle under it, then stop (nothing is timed)")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="system",
                         help="CPU memory: glibc's default, or heap: freed memory kept and reused (as a GPU's caching "
                              "allocator does)")
@@ -448,6 +480,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.refit_timings:
+        saved = json.loads(args.refit_timings.read_text())
+        refit_on_runs(measured_from_timings(saved), {"model": saved["model"]})
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(0)

@@ -138,10 +138,26 @@ def test_refit_on_the_samplers_runs_shows_which_sampler_the_terms_misprice():
     (negative). A sign reversed, a fit on one sampler's runs only, or an absolute error would each break this."""
     bench = load_bench_train()
     plain = [([float(t), 0.0, 0.0, float(n)], 0.3 * t + 0.2 * n) for t in range(1, 7) for n in range(1, 4)]
-    measured = {"a": plain, "b": [(f, 1.25 * s) for f, s in plain]}
-    bias = bench.refit_on_runs(measured, {"device": "cpu"})
-    assert 0.05 < bias["a"] < 0.2 and -0.2 < bias["b"] < -0.05
-    assert bench.refit_on_runs({"a": plain}, {})["a"] == pytest.approx(0.0, abs=1e-9)
+    measured = {"a": [[row] for row in plain], "b": [[(f, 1.25 * s)] for f, s in plain]}
+    under = bench.refit_on_runs(measured, {"device": "cpu"})
+    assert 0.05 < under["a"].bias < 0.2 and -0.2 < under["b"].bias < -0.05
+    assert bench.refit_on_runs({"a": [[row] for row in plain]}, {})["a"].bias == pytest.approx(0.0, abs=1e-9)
+
+
+def test_refit_prices_each_samplers_steps_idle_from_its_predictions():
+    """Sampler ``a``: steps of two ranks whose costs differ by their terms (exactly 0.3 s per tile + 0.2 s per
+    sample), so the exact refit's idle is 1 - sum of step means / sum of step maxima of those costs. Sampler ``b``:
+    every rank of a step the same micro-batch, one rank measured 30% slower (noise no term sees), so the refit prices
+    its steps at no idle although they measure 13% idle. An idle taken from the measured seconds, or a step's sum
+    or mean where its slowest rank belongs, breaks one of the two."""
+    bench = load_bench_train()
+    cost = [([float(t), 0.0, 0.0, float(n)], 0.3 * t + 0.2 * n) for t in range(1, 7) for n in range(1, 4)]
+    steps_a = [[cost[i], cost[-1 - i]] for i in range(len(cost) // 2)]
+    steps_b = [[(f, s), (f, 1.3 * s)] for f, s in cost]
+    under = bench.refit_on_runs({"a": steps_a}, {"device": "cpu"})
+    expected = 1 - sum((x[1] + y[1]) / 2 for x, y in steps_a) / sum(max(x[1], y[1]) for x, y in steps_a)
+    assert expected > 0.2 and under["a"].idle == pytest.approx(expected, abs=1e-9)
+    assert bench.refit_on_runs({"a": steps_a, "b": steps_b}, {"device": "cpu"})["b"].idle == pytest.approx(0.0, abs=1e-9)
 
 
 def test_save_timings_writes_every_timed_run(tmp_path):
@@ -157,6 +173,23 @@ def test_save_timings_writes_every_timed_run(tmp_path):
     assert [(r["sampler"], r["step"], r["rank"]) for r in saved["runs"]] == [("random", 0, 0), ("random", 0, 1)]
     assert all(len(r["features"]) == 4 and r["features"][3] == 2 and len(r["seconds"]) == 2 and min(r["seconds"]) > 0
                for r in saved["runs"])
+
+
+def test_refit_timings_groups_saved_runs_by_sampler_and_step():
+    """A saved file's rows, out of order and over two repeats, come back as each sampler's steps (repeat, step
+    order), ranks in order, each rank's fastest run: what ``refit_on_runs`` needs to price the steps' idle."""
+    bench = load_bench_train()
+
+    def row(algo: str, repeat: int, step: int, rank: int, seconds: list[float]) -> dict:
+        return {"sampler": algo, "repeat": repeat, "step": step, "rank": rank,
+                "features": [float(rank), 0.0, 0.0, 1.0], "seconds": seconds}
+
+    saved = {"model": "tiny", "runs": [row("b", 0, 0, 1, [2.0, 1.5]), row("a", 1, 0, 0, [4.0]), row("b", 0, 0, 0, [3.0]),
+                                       row("a", 0, 0, 1, [1.0, 0.5]), row("a", 0, 0, 0, [0.7])]}
+    measured = bench.measured_from_timings(saved)
+    assert measured == {"b": [[([0.0, 0.0, 0.0, 1.0], 3.0), ([1.0, 0.0, 0.0, 1.0], 1.5)]],
+                        "a": [[([0.0, 0.0, 0.0, 1.0], 0.7), ([1.0, 0.0, 0.0, 1.0], 0.5)],
+                              [([0.0, 0.0, 0.0, 1.0], 4.0)]]}
 
 
 FAULTS_OF_A_REUSED_ALLOCATION = """
