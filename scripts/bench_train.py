@@ -302,8 +302,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
-    measured: dict[str, list[list[tuple[list[float], float]]]] = {a: [] for a in algorithms}  # [step][rank]
-    timings: list[dict] = []  # every timed run, for --save-timings
+    timings: list[dict] = []  # every timed run: the refit's input and what --save-timings writes
     tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
     samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
     by_runs: dict[str, list[list[float]]] = {a: [] for a in algorithms}  # per repeat: idle by runs per micro-batch
@@ -314,20 +313,20 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
             timed[algo].append(time_ranks(model, step, device, args.reps))
             ranks = fastest(timed[algo][-1], args.reps)
             features = [batch_features(b) for b in step]
-            measured[algo].append(list(zip(features, ranks)))
-            timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "features": f, "seconds": runs}
-                           for k, (f, runs) in enumerate(zip(features, timed[algo][-1])))
+            timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "features": f, "seconds": seconds}
+                           for k, (f, seconds) in enumerate(zip(features, timed[algo][-1])))
             for design in errors:
                 errors[design][algo].extend(signed_errors(fits[design], features, ranks))
         for algo in algorithms:
             step_s, ideal_s = step_and_ideal([fastest(step, args.reps) for step in timed[algo]])
             runs[algo].append((step_s, ideal_s, tokens[algo], samples[algo], len(data[algo])))
             by_runs[algo].append(idle_by_runs(timed[algo], args.reps))
+    saved = {"model": name, "terms": list(TERMS), "runs": timings}
     if args.repeats:
         report(name, params, cfg, args, device, runs, errors, by_runs)
-        refit_on_runs(measured, bench_setting(cfg, device))
+        refit_on_runs(measured_from_timings(saved), bench_setting(cfg, device))
     if args.save_timings:
-        args.save_timings.write_text(json.dumps({"model": name, "terms": list(TERMS), "runs": timings}))
+        args.save_timings.write_text(json.dumps(saved))
         print(f"timings of {len(timings)} micro-batches saved to {args.save_timings}")
 
 
