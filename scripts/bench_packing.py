@@ -93,8 +93,9 @@ def measure_row(model: VLM, cfg: VLMConfig, stats: LengthTable, tiles: int | Non
     out = {"tiles": tiles or "mixed", "samples": per_mb}
     for packed in (True, False):
         key = "on" if packed else "off"
-        ranks = [time_ranks(model, [micro_batch([data[int(i)] for i in g], packed, cfg) for g in step], device,
-                            args.reps) for step in groups]
+        ranks = [[min(runs) for runs in time_ranks(model, [micro_batch([data[int(i)] for i in g], packed, cfg)
+                                                           for g in step], device, args.reps)]
+                 for step in groups]  # [step][rank] seconds, each micro-batch's fastest run
         out[f"{key}_one"] = 1e3 * statistics.mean(t for step in ranks for t in step) / per_mb
         out[f"{key}_dp"] = 1e3 * statistics.mean(max(step) for step in ranks) / (per_mb * args.dp)
         out[f"{key}_tokens"] = micro_batch([data[int(i)] for i in groups[0, 0]], packed, cfg).input_ids.shape[1]
