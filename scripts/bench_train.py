@@ -1,20 +1,24 @@
 """Training throughput at simulated DP: the slowest rank sets the step time, so balance is speed.
 
     .venv/bin/python scripts/bench_train.py [--models tiny internvl_100m] [--steps 6] [--repeats 3] [--dp 8]
+        [--micro-batches 1]
         [--algorithms balanced balanced_fitted isf disttrain llamafactory swift random identical]
         [--save-time-model PATH] [--time-model PATH]
         [--calibration 48] [--calibration-reps N] [--calibration-designs d_optimal random] [--fit-only]
         [--save-timings PATH] [--allocator system|heap]
 
-For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batch (from its own
-``OmniBalDataModule``, exactly as in training) really runs forward + backward in turn and is timed; the step's
-time is the slowest rank's (what a synchronous data-parallel step waits for), the ideal is the mean rank's
-over the same micro-batches (perfect balance of the same work, the limit balance can reach).
+For each model and sampler, one process plays all DP ranks: each step, every rank's micro-batches (from its own
+``OmniBalDataModule``, exactly as in training; ``--micro-batches`` per rank and step, as with gradient accumulation)
+really run forward + backward in turn and are timed; a rank's time is the sum of its micro-batches', the step's
+time the slowest rank's (what a synchronous data-parallel step waits for), the ideal the mean rank's over the same
+micro-batches (perfect balance of the same work, the limit balance can reach). DistTrain's LPT deal has something
+to balance only with more than one micro-batch per rank: at ``--micro-batches 1`` it gives each rank one of the
+step's micro-batches, as random does.
 
 Samplers: ``balanced`` (counts), ``balanced_fitted`` (``balance.cost=fitted``: steps formed on the fitted
 time model), ``isf``, ``disttrain`` (LPT on the fitted model when one fits, else on tokens), the
 ``llamafactory`` and ``swift`` packers (the token cap ``balanced`` searched, tiles uncapped) and ``random``.
-``identical`` is no sampler but the timing's floor: ``balanced``'s steps with rank 0's micro-batch run by every
+``identical`` is no sampler but the timing's floor: ``balanced``'s steps with rank 0's micro-batches run by every
 rank, so the ranks' work is equal by construction and the idle it shows is what timing noise alone adds to the
 slowest of ``--dp`` ranks.
 
@@ -37,7 +41,7 @@ the model's terms do not count; one priced right by the refit but not by the cal
 for a time model's ordinary reasons (a stale or noisy calibration). Beside the bias, the idle of each sampler's
 steps as the refit prices them: a measured idle above it is timing noise or a cost no term counts, not a grouping
 that a better fit of these terms would even out. ``--save-timings PATH`` writes every timed run
-(sampler, repeat, step, rank, the model's features, the seconds of each run) as JSON; ``--refit-timings PATH`` prints
+(sampler, repeat, step, rank, micro-batch, the model's features, the seconds of each run) as JSON; ``--refit-timings PATH`` prints
 that refit again from such a file, timing nothing. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
@@ -56,7 +60,8 @@ its whole epoch over the same samples (less the few a sampler's last incomplete 
 compares the same work: the figure to quote.
 
 Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed); in a
-step the runs go round the ranks (rank 0 .. n-1, ``--reps`` times), so a slow spell hits every rank's runs. Under
+step the runs go round the ranks' micro-batches (rank 0's .. rank n-1's, ``--reps`` times), so a slow spell hits
+every rank's runs. Under
 the table, each sampler's idle with the fastest of the first 1, 2, .. ``--reps`` runs: where it still falls at
 ``--reps``, timing noise is still part of the idle (the floor's row shows how much).
 Allocator (CPU): ``--allocator system`` (the default) leaves glibc's malloc as it is: an allocation above its mmap
@@ -146,28 +151,33 @@ def batch_features(batch: PackedBatch) -> list[float]:
 
 def balance_config(algorithm: str, args: argparse.Namespace, model_path: Path | None) -> BalanceConfig:
     if algorithm == "balanced_fitted":
-        return BalanceConfig(dp=args.dp, samples_per_group=args.samples_per_group, cost="fitted",
-                             time_model=str(model_path))
+        return BalanceConfig(dp=args.dp, micro_batches=args.micro_batches, samples_per_group=args.samples_per_group,
+                             cost="fitted", time_model=str(model_path))
     cost = "fitted" if algorithm == "disttrain" and model_path else "counts"
-    return BalanceConfig(algorithm=algorithm, dp=args.dp, samples_per_group=args.samples_per_group, cost=cost,
+    return BalanceConfig(algorithm=algorithm, dp=args.dp, micro_batches=args.micro_batches,
+                         samples_per_group=args.samples_per_group, cost=cost,
                          time_model=str(model_path) if model_path else None)
 
 
-def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespace) -> list[list[PackedBatch]]:
-    """``[step][rank]`` packed micro-batches of the first ``args.steps`` steps (0: the whole epoch), one DataModule
-    per DP rank."""
+Step = list[list[PackedBatch]]  # [rank][micro-batch]: what each DP rank runs in one step
+
+
+def rank_batches(cfg: VLMConfig, balance: BalanceConfig, args: argparse.Namespace) -> list[Step]:
+    """``[step][rank][micro-batch]`` packed micro-batches of the first ``args.steps`` steps (0: the whole epoch),
+    ``balance.micro_batches`` per rank and step in the order the rank runs them, one DataModule per DP rank."""
     data = prepare_training_data(dataset_config(args), balance, model_spec(cfg))  # caps resolved for args.dp ranks
+    m = balance.micro_batches
     per_rank = []
     for rank in range(args.dp):
         dm = OmniBalDataModule(data, PACKING, dp_rank=rank)
         dm.setup("fit")
-        per_rank.append(list(itertools.islice(dm.train_dataloader(), args.steps or None)))
+        batches = list(itertools.islice(dm.train_dataloader(), args.steps * m if args.steps else None))
+        per_rank.append([batches[i:i + m] for i in range(0, len(batches), m)])  # whole steps: every rank yields them
     return [list(step) for step in zip(*per_rank)]
 
 
-def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, model_path: Path | None
-                  ) -> list[list[PackedBatch]]:
-    """``[step][rank]`` micro-batches a sampler gives; for ``identical``, ``balanced``'s rank 0 on every rank."""
+def sampler_steps(algorithm: str, cfg: VLMConfig, args: argparse.Namespace, model_path: Path | None) -> list[Step]:
+    """``[step][rank][micro-batch]`` a sampler gives; for ``identical``, ``balanced``'s rank 0's on every rank."""
     if algorithm == "identical":
         steps = rank_batches(cfg, balance_config("balanced", args, model_path), args)
         return [[step[0]] * len(step) for step in steps]
@@ -225,15 +235,23 @@ def time_ranks(model: VLM, step: list[PackedBatch], device: torch.device, reps: 
     return runs
 
 
-def fastest(runs: list[list[float]], k: int) -> list[float]:
-    """Each rank's fastest of its first ``k`` runs (on a shared machine, the least disturbed)."""
-    return [min(r[:k]) for r in runs]
+def time_step(model: VLM, step: Step, device: torch.device, reps: int) -> list[list[list[float]]]:
+    """Seconds of each of ``reps`` runs of each rank's micro-batches of ``step`` (``[rank][micro-batch][run]``):
+    the step's micro-batches timed by :func:`time_ranks`, the runs going round all of them."""
+    runs = iter(time_ranks(model, [batch for work in step for batch in work], device, reps))
+    return [[next(runs) for _ in work] for work in step]
 
 
-def idle_by_runs(steps: list[list[list[float]]], reps: int) -> list[float]:
-    """For k = 1 .. ``reps``: the idle of ``steps`` (``[step][rank][run]`` seconds), 1 - (sum over steps of the mean
-    rank's time) / (sum of the slowest rank's), each rank's time its fastest of its first k runs. Still falling at
-    k = reps: timing noise is still part of the figure; flat: more runs would not change it."""
+def fastest(runs: list[list[list[float]]], k: int) -> list[float]:
+    """Each rank's time (``runs``: ``[rank][micro-batch][run]`` seconds): the sum over its micro-batches of each
+    one's fastest of its first ``k`` runs (on a shared machine, the least disturbed)."""
+    return [sum(min(r[:k]) for r in work) for work in runs]
+
+
+def idle_by_runs(steps: list[list[list[list[float]]]], reps: int) -> list[float]:
+    """For k = 1 .. ``reps``: the idle of ``steps`` (``[step][rank][micro-batch][run]`` seconds), 1 - (sum over
+    steps of the mean rank's time) / (sum of the slowest rank's), each micro-batch's time its fastest of its first k
+    runs. Still falling at k = reps: timing noise is still part of the figure; flat: more runs would not change it."""
     idles = []
     for k in range(1, reps + 1):
         step_s, ideal_s = step_and_ideal([fastest(step, k) for step in steps])
@@ -298,25 +316,26 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> No
         print("modelled (each micro-batch's time predicted by the model, no timing): idle, samples/s, at no idle")
         for algo in algorithms:
             idle, rate, no_idle = modelled(fitted, data[algo])
-            print(f"  {algo:<16}{idle:>7.2%}{rate:>7.2f}{no_idle:>7.2f}")
+            print(f"  {algo:<16}{idle:>7.2%}{rate:>9.2f}{no_idle:>9.2f}")
 
     runs: dict[str, list[tuple[float, float, int, int, int]]] = {a: [] for a in algorithms}
     errors = {design: {a: [] for a in algorithms} for design, fit in fits.items() if fit is not None}
     timings: list[dict] = []  # every timed run: the refit's input and what --save-timings writes
-    tokens = {a: sum(b.num_tokens for step in data[a] for b in step) for a in algorithms}
-    samples = {a: sum(b.num_samples for step in data[a] for b in step) for a in algorithms}
+    tokens = {a: sum(b.num_tokens for step in data[a] for work in step for b in work) for a in algorithms}
+    samples = {a: sum(b.num_samples for step in data[a] for work in step for b in work) for a in algorithms}
     by_runs: dict[str, list[list[float]]] = {a: [] for a in algorithms}  # per repeat: idle by runs per micro-batch
     for r in range(args.repeats):
-        timed: dict[str, list[list[list[float]]]] = {a: [] for a in algorithms}  # [step][rank][run] seconds
+        timed: dict[str, list[list[list[list[float]]]]] = {a: [] for a in algorithms}  # [step][rank][mb][run] s
         for algo, i in timing_order({a: len(data[a]) for a in algorithms}, r):
             step = data[algo][i]
-            timed[algo].append(time_ranks(model, step, device, args.reps))
-            ranks = fastest(timed[algo][-1], args.reps)
-            features = [batch_features(b) for b in step]
-            timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "features": f, "seconds": seconds}
-                           for k, (f, seconds) in enumerate(zip(features, timed[algo][-1])))
+            timed[algo].append(time_step(model, step, device, args.reps))
+            rows = [(k, m, batch_features(b), seconds) for k, (work, runs) in enumerate(zip(step, timed[algo][-1]))
+                    for m, (b, seconds) in enumerate(zip(work, runs))]
+            timings.extend({"sampler": algo, "repeat": r, "step": i, "rank": k, "micro_batch": m, "features": f,
+                            "seconds": seconds} for k, m, f, seconds in rows)
             for design in errors:
-                errors[design][algo].extend(signed_errors(fits[design], features, ranks))
+                errors[design][algo].extend(signed_errors(fits[design], [f for _, _, f, _ in rows],
+                                                          [min(seconds) for _, _, _, seconds in rows]))
         for algo in algorithms:
             step_s, ideal_s = step_and_ideal([fastest(step, args.reps) for step in timed[algo]])
             runs[algo].append((step_s, ideal_s, tokens[algo], samples[algo], len(data[algo])))
@@ -346,13 +365,15 @@ class UnderRefit(NamedTuple):
     idle: float
 
 
-def refit_on_runs(measured: dict[str, list[list[tuple[list[float], float]]]], setting: dict[str, str]
-                  ) -> dict[str, UnderRefit] | None:
-    """Fit the time model on every micro-batch the samplers ran (``measured``: per sampler, per step, each rank's
-    micro-batch features and fastest seconds) and print it with each sampler's bias and idle under it (returned;
+Measured = dict[str, list[list[list[tuple[list[float], float]]]]]  # sampler: [step][rank][micro-batch] (features, s)
+
+
+def refit_on_runs(measured: Measured, setting: dict[str, str]) -> dict[str, UnderRefit] | None:
+    """Fit the time model on every micro-batch the samplers ran (``measured``: per sampler, per step, per rank, each
+    micro-batch's features and fastest seconds) and print it with each sampler's bias and idle under it (returned;
     None when the fit is refused). In-sample, so a model whose terms count what the micro-batches cost leaves no
     sampler with a bias beyond timing noise."""
-    rows = [row for steps in measured.values() for step in steps for row in step]
+    rows = [row for steps in measured.values() for step in steps for work in step for row in work]
     try:
         refit = fit_time_model(np.array([f for f, _ in rows]), np.array([s for _, s in rows]), made_for=setting)
     except BalanceError as e:
@@ -362,23 +383,26 @@ def refit_on_runs(measured: dict[str, list[list[tuple[list[float], float]]]], se
           f"rms error {refit.rms_error * 1e3:.1f} ms of mean {np.mean([s for _, s in rows]) * 1e3:.1f} ms")
     under = {}
     for algo, steps in measured.items():
-        flat = [row for step in steps for row in step]
+        flat = [row for step in steps for work in step for row in work]
         bias = float(np.median(signed_errors(refit, [f for f, _ in flat], [s for _, s in flat])))
-        step_s, ideal_s = step_and_ideal([refit.predict(np.array([f for f, _ in step])).tolist() for step in steps])
+        priced = [[float(refit.predict(np.array([f for f, _ in work])).sum()) for work in step] for step in steps]
+        step_s, ideal_s = step_and_ideal(priced)
         under[algo] = UnderRefit(bias=bias, idle=1 - ideal_s / step_s)
     print("  under the refit, bias (median (predicted - measured) / measured) and idle of the steps as it prices "
           "them: " + ", ".join(f"{algo} {u.bias:+.1%} / {u.idle:.1%}" for algo, u in under.items()))
     return under
 
 
-def measured_from_timings(saved: dict) -> dict[str, list[list[tuple[list[float], float]]]]:
-    """The per sampler, per step, per rank (features, fastest seconds) that ``refit_on_runs`` takes, from a file
-    ``--save-timings`` wrote; steps in the order they were timed, each repeat's steps apart."""
-    measured: dict[str, dict[tuple[int, int], list[tuple[int, list[float], float]]]] = {}
+def measured_from_timings(saved: dict) -> Measured:
+    """The per sampler, per step, per rank, per micro-batch (features, fastest seconds) that ``refit_on_runs``
+    takes, from a file ``--save-timings`` wrote; steps in the order they were timed, each repeat's steps apart
+    (a file written before ``--micro-batches`` has one micro-batch per rank)."""
+    measured: dict[str, dict[tuple[int, int], dict[int, list[tuple[int, list[float], float]]]]] = {}
     for run in saved["runs"]:
-        step = measured.setdefault(run["sampler"], {}).setdefault((run["repeat"], run["step"]), [])
-        step.append((run["rank"], run["features"], min(run["seconds"])))
-    return {algo: [[(f, s) for _, f, s in sorted(ranks)] for _, ranks in sorted(steps.items())]
+        step = measured.setdefault(run["sampler"], {}).setdefault((run["repeat"], run["step"]), {})
+        step.setdefault(run["rank"], []).append((run.get("micro_batch", 0), run["features"], min(run["seconds"])))
+    return {algo: [[[(f, s) for _, f, s in sorted(work)] for _, work in sorted(ranks.items())]
+                   for _, ranks in sorted(steps.items())]
             for algo, steps in measured.items()}
 
 
@@ -391,13 +415,14 @@ def timing_order(steps: dict[str, int], repeat: int) -> list[tuple[str, int]]:
     return [(name, i) for i in range(max(steps.values(), default=0)) for name in names if i < steps[name]]
 
 
-def modelled(model: TimeModel, steps: list[list[PackedBatch]]) -> tuple[float, float, float]:
+def modelled(model: TimeModel, steps: list[Step]) -> tuple[float, float, float]:
     """What the time model predicts for these micro-batches (each one's time predicted, no timing), as the table
-    measures it: the idle, 1 - (sum over steps of the mean rank's time) / (sum of the slowest rank's); samples/s
-    (samples / the slowest ranks' time); and samples/s at no idle (samples / the mean ranks' time)."""
-    step_s, ideal_s = step_and_ideal([model.predict(np.array([batch_features(b) for b in step])).tolist()
-                                      for step in steps])
-    samples = sum(b.num_samples for step in steps for b in step)
+    measures it, a rank's time the sum of its micro-batches': the idle, 1 - (sum over steps of the mean rank's
+    time) / (sum of the slowest rank's); samples/s (samples / the slowest ranks' time); and samples/s at no idle
+    (samples / the mean ranks' time)."""
+    step_s, ideal_s = step_and_ideal([[float(model.predict(np.array([batch_features(b) for b in work])).sum())
+                                       for work in step] for step in steps])
+    samples = sum(b.num_samples for step in steps for work in step for b in work)
     return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s
 
 
@@ -410,7 +435,8 @@ def report(name: str, params: int, cfg: VLMConfig, args: argparse.Namespace, dev
     median = {a: statistics.median(v) for a, v in rate.items()}
     no_idle = {a: statistics.median(s / ideal for _, ideal, _, s, _ in rs) for a, rs in runs.items()}
     print(f"\n{name}: {params / 1e6:.1f}M parameters, {cfg.tokens_per_tile} tokens/tile, DP={args.dp} simulated, "
-          f"{args.steps or 'all'} steps x {args.repeats} repeats, {device.type}; medians over repeats, spread = min..max")
+          f"{args.micro_batches} micro-batch(es) per rank and step, {args.steps or 'all'} steps x {args.repeats} "
+          f"repeats, {device.type}; medians over repeats, spread = min..max")
     print(f"{'sampler':<16}{'steps':>6}{'step s':>8}{'ideal s':>9}{'idle':>7}{'smp/step':>9}{'tok/step':>10}{'samples/s':>10}"
           f"{'spread':>18}{'vs random':>10}{'no idle':>9}{'model err':>11}{'p90':>6}{'bias':>7}")
     for algo, rs in runs.items():
@@ -448,6 +474,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "internvl_100m"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--dp", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches per DP rank and step (gradient accumulation); a rank's time is their sum")
     parser.add_argument("--steps", type=int, default=6,
                         help="steps measured per sampler and repeat; 0: every step of the epoch, so that with a small "
                              "--samples every sampler runs the same samples")
