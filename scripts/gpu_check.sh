@@ -196,6 +196,17 @@ else
   row "uint8 tiles normalised on the device" FAIL "$(tail -1 "$OUT_DIR/gpu_pixels.log")" "see gpu_pixels.log"
 fi
 
+# 2e. The packing study on the device (issue 13 item 6): packing on vs off, ms per sample, at 1, 8 and 20 tiles and
+#     the mixed draw; the figure is the 20-tile row (packing's smallest gain on the CPU), the baseline the 1-tile row.
+if timeout 120 "$PY" scripts/bench_packing.py --device "$DEVICE" --tiles 1 8 20 --steps 2 --reps 2 \
+    >"$OUT_DIR/bench_packing.log" 2>&1; then
+  row "bench_packing.py --device $DEVICE (tiles off/on ms, DP 4 off/on)" done \
+      "$(grep -E '^ +20 ' "$OUT_DIR/bench_packing.log" | tr -s ' ' | cut -c1-90); mixed: $(grep -m1 '^ *mixed' "$OUT_DIR/bench_packing.log" | tr -s ' ' | cut -c1-80)" \
+      "$(grep -E '^ +1 ' "$OUT_DIR/bench_packing.log" | tr -s ' ' | cut -c1-90)"
+else
+  row "bench_packing.py --device $DEVICE" FAIL "$(tail -1 "$OUT_DIR/bench_packing.log")" "see bench_packing.log"
+fi
+
 # 3. Simulated DP=8 step time per sampler on the device (the balance benchmark), beside random and the timing's
 #    own idle floor (identical ranks): every sampler's whole epoch over the same 128 samples, as on the CPU.
 if timeout 200 "$PY" scripts/bench_train.py --models internvl_100m --device "$DEVICE" --steps 0 --samples 128 \
