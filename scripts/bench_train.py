@@ -41,8 +41,8 @@ the model's terms do not count; one priced right by the refit but not by the cal
 for a time model's ordinary reasons (a stale or noisy calibration). Beside the bias, the idle of each sampler's
 steps as the refit prices them: a measured idle above it is timing noise or a cost no term counts, not a grouping
 that a better fit of these terms would even out. ``--save-timings PATH`` writes every timed run
-(sampler, repeat, step, rank, micro-batch, the model's features, the seconds of each run) as JSON; ``--refit-timings PATH`` prints
-that refit again from such a file, timing nothing. A fit that fails (too few micro-batches, times the
+(sampler, repeat, step, rank, micro-batch, the model's features, the seconds of each run) as JSON;
+``--refit-timings PATH`` prints that refit again from such a file, timing nothing. A fit that fails (too few micro-batches, times the
 terms do not explain) is printed; when the first design's fails, ``balanced_fitted`` is skipped.
 ``--time-model PATH`` uses a model an earlier run saved instead (no calibration; its error is still reported), if it
 was measured in this run's setting (model, device, precision, attention kernel, packing: its ``made_for``).
@@ -61,9 +61,8 @@ compares the same work: the figure to quote.
 
 Timing of one micro-batch: ``--reps`` runs, the fastest counts (on a shared machine, the least disturbed); in a
 step the runs go round the ranks' micro-batches (rank 0's .. rank n-1's, ``--reps`` times), so a slow spell hits
-every rank's runs. Under
-the table, each sampler's idle with the fastest of the first 1, 2, .. ``--reps`` runs: where it still falls at
-``--reps``, timing noise is still part of the idle (the floor's row shows how much).
+every rank's runs. Under the table, each sampler's idle with the fastest of the first 1, 2, .. ``--reps`` runs:
+where it still falls at ``--reps``, timing noise is still part of the idle (the floor's row shows how much).
 Allocator (CPU): ``--allocator system`` (the default) leaves glibc's malloc as it is: an allocation above its mmap
 threshold (at most 32 MiB) is mapped afresh and unmapped on free, so a micro-batch whose activations are that large
 page-faults them in on every run, a cost that grows faster than the micro-batch (``bench_split.py`` measures it).
