@@ -258,6 +258,12 @@ def idle_by_runs(steps: list[list[list[list[float]]]], reps: int) -> list[float]
     return idles
 
 
+def priced(model: TimeModel, steps: list[list[list[list[float]]]]) -> list[list[float]]:
+    """Each rank's seconds per step as ``model`` prices them (``steps``: ``[step][rank][micro-batch]`` features):
+    the sum of its micro-batches' predictions, as a rank's measured time is the sum of theirs."""
+    return [[float(model.predict(np.array(work)).sum()) for work in step] for step in steps]
+
+
 def step_and_ideal(seconds: list[list[float]]) -> tuple[float, float]:
     """Summed over steps (``[step][rank]`` seconds): the slowest rank's time (what a synchronous step waits for)
     and the mean rank's (the ideal: the same work perfectly balanced)."""
@@ -384,8 +390,7 @@ def refit_on_runs(measured: Measured, setting: dict[str, str]) -> dict[str, Unde
     for algo, steps in measured.items():
         flat = [row for step in steps for work in step for row in work]
         bias = float(np.median(signed_errors(refit, [f for f, _ in flat], [s for _, s in flat])))
-        priced = [[float(refit.predict(np.array([f for f, _ in work])).sum()) for work in step] for step in steps]
-        step_s, ideal_s = step_and_ideal(priced)
+        step_s, ideal_s = step_and_ideal(priced(refit, [[[f for f, _ in work] for work in step] for step in steps]))
         under[algo] = UnderRefit(bias=bias, idle=1 - ideal_s / step_s)
     print("  under the refit, bias (median (predicted - measured) / measured) and idle of the steps as it prices "
           "them: " + ", ".join(f"{algo} {u.bias:+.1%} / {u.idle:.1%}" for algo, u in under.items()))
@@ -419,8 +424,8 @@ def modelled(model: TimeModel, steps: list[Step]) -> tuple[float, float, float]:
     measures it, a rank's time the sum of its micro-batches': the idle, 1 - (sum over steps of the mean rank's
     time) / (sum of the slowest rank's); samples/s (samples / the slowest ranks' time); and samples/s at no idle
     (samples / the mean ranks' time)."""
-    step_s, ideal_s = step_and_ideal([[float(model.predict(np.array([batch_features(b) for b in work])).sum())
-                                       for work in step] for step in steps])
+    step_s, ideal_s = step_and_ideal(priced(model, [[[batch_features(b) for b in work] for work in step]
+                                                    for step in steps]))
     samples = sum(b.num_samples for step in steps for work in step for b in work)
     return 1 - ideal_s / step_s, samples / step_s, samples / ideal_s
 
