@@ -300,6 +300,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    return cols * s, rows * s", "    return s, s", "tests/data/test_pixels.py"),
     one("next_epoch_built_without_the_carry", "balance", "omnibal_pl/balance/sampler.py",
         "carried = self.arrangement().leftover", "carried = np.zeros(0, np.int64)", "tests/balance/test_sampler.py"),
+    one("next_epoch_built_in_a_daemon_thread", "balance", "omnibal_pl/balance/sampler.py",
+        'name="omnibal-next-epoch")', 'name="omnibal-next-epoch", daemon=True)', "tests/balance/test_sampler.py"),
     # ---- stop 13: the non-negative time-model fit, the run-end take, the watcher's wake-up ----
     one("time_model_plain_fit_clipped", "balance", "omnibal_pl/balance/cost.py",
         "solution = nonnegative_lstsq(design / scale, seconds)",

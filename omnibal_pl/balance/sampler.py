@@ -74,12 +74,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class _Background:
-    """``fn()`` run in a daemon thread (one that never holds up the interpreter's exit); :meth:`result` waits for it."""
+    """``fn()`` run in a background thread; :meth:`result` waits for it.
+
+    Not a daemon thread: the interpreter's exit waits for the build (seconds at most). A daemon thread still in
+    the C++ grouping, which runs with the GIL released, is ended by the finalising interpreter as it takes the
+    GIL back; that unwinds through pybind11's noexcept GIL guard and aborts the process (``terminate called
+    without an active exception``, exit status 134): a run that stopped early, by ``max_steps`` or a benchmark
+    that returns after one epoch, then fails after its work is done.
+    """
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="omnibal-next-epoch")
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:

@@ -1,6 +1,8 @@
 """Balanced sampler: every sample once per epoch across DP ranks, equal step counts, exact resume."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -62,6 +64,38 @@ def test_the_next_epoch_built_in_the_background_is_the_one_built_in_order():
         fresh.set_epoch(epoch)
         assert batches == list(BalancedBatchSampler(fresh))
         assert len(fresh.arrangement().carried_in) > 0 or epoch == 0  # the carry matters from epoch 1 on
+
+
+EXIT_DURING_THE_NEXT_EPOCH_BUILD = """
+import threading, time
+import omnibal_pl.balance.sampler as sampler_module
+from omnibal_pl.balance import BalanceConfig, BalancedSampler
+from omnibal_pl.data.synthetic_lengths import synthetic_lengths
+
+sampler = BalancedSampler(synthetic_lengths(3_000_000, seed=0), BalanceConfig(dp=8, micro_batches=4, vit_cap=18,
+                                                                               token_cap=5280))
+sampler.arrangement()
+started = threading.Event()
+group_samples = sampler_module.group_samples
+def group_and_signal(*args, **kwargs):
+    started.set()
+    return group_samples(*args, **kwargs)
+sampler_module.group_samples = group_and_signal
+sampler.prefetch_next()
+assert started.wait(120)
+time.sleep(0.1)  # inside the C++ grouping (about a second for 3M samples), GIL released
+print("returning", flush=True)
+"""
+
+
+def test_a_process_that_returns_while_the_next_epoch_is_built_exits_cleanly():
+    """A run that stops early (``max_steps``, a benchmark) returns while the next epoch is still being grouped in
+    C++. As a daemon thread, the build is ended by the finalising interpreter inside pybind11's GIL guard and the
+    process aborts (status 134, ``terminate called without an active exception``) after its work is done."""
+    done = subprocess.run([sys.executable, "-c", EXIT_DURING_THE_NEXT_EPOCH_BUILD], capture_output=True, text=True,
+                          timeout=300)
+    assert "returning" in done.stdout
+    assert done.returncode == 0 and "terminate" not in done.stderr, (done.returncode, done.stderr[-2000:])
 
 
 def test_ranks_of_a_step_carry_equal_work():
