@@ -89,7 +89,7 @@ print("returning", flush=True)
 
 
 def test_a_process_that_returns_while_the_next_epoch_is_built_exits_cleanly():
-    """A run that stops early (``max_steps``, a benchmark) returns while the next epoch is still being grouped in
+    """A process that returns right after an epoch (bench_data did) leaves the next epoch still being grouped in
     C++. As a daemon thread, the build is ended by the finalising interpreter inside pybind11's GIL guard and the
     process aborts (status 134, ``terminate called without an active exception``) after its work is done."""
     done = subprocess.run([sys.executable, "-c", EXIT_DURING_THE_NEXT_EPOCH_BUILD], capture_output=True, text=True,
